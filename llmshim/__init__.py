@@ -1,0 +1,103 @@
+"""llmshim: every LLM call in the process cached, rate-limited by priority, retried and traced.
+
+    import llmshim
+    llmshim.install()          # configuration from LLMSHIM_* environment variables
+
+``install()`` patches the HTTP client libraries the LLM SDKs speak through (see
+``llmshim.adapters.PATCHES``), before or after they are imported. Each recognised LLM request
+then flows as one ``Call`` through the policy pipeline; anything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import threading
+from typing import Any
+
+from . import adapters, config
+from .config import ConfigError, Settings
+from .policies.events import CallRecord, off, on
+from .runtime import STATE, build_pipeline
+
+__all__ = [
+    "CallRecord",
+    "ConfigError",
+    "Settings",
+    "__version__",
+    "install",
+    "is_installed",
+    "off",
+    "on",
+    "status",
+    "uninstall",
+]
+
+try:
+    __version__ = importlib.metadata.version("llmshim")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+_lock = threading.Lock()
+
+
+def install(**overrides: Any) -> Settings:
+    """Patch the client libraries and start handling LLM calls. Idempotent and thread-safe.
+
+    Settings come from ``LLMSHIM_*`` environment variables; keyword ``overrides`` (field names of
+    :class:`Settings`) win. A malformed value raises :class:`ConfigError` here, never later. A
+    second call applies the new settings in place. Returns the effective settings.
+    """
+    settings = config.load(**overrides)
+    with _lock:
+        if not settings.enabled:
+            _uninstall_locked()
+            STATE.settings = settings
+            return settings
+        if STATE.active and settings.libraries != STATE.settings.libraries:
+            _uninstall_locked()  # a different set of libraries: re-patch from scratch
+        STATE.pipeline = build_pipeline(settings)
+        STATE.settings = settings
+        STATE.active = True
+        adapters.apply_all()
+    return settings
+
+
+def uninstall() -> None:
+    """Stop handling calls at once, then restore every method llmshim still wraps outermost."""
+    with _lock:
+        _uninstall_locked()
+
+
+def _uninstall_locked() -> None:
+    STATE.active = False  # every wrapper is a pass-through from this instant
+    adapters.remove_all()
+
+
+def is_installed() -> bool:
+    return STATE.active
+
+
+def status() -> dict[str, Any]:
+    """What is patched (library, version, attributes) and the active settings, secrets masked."""
+    libraries: dict[str, Any] = {}
+    applied = adapters.patched()
+    for library in config.LIBRARIES:
+        modules = {p.module for p in adapters.PATCHES if p.library == library}
+        imported = any(name in sys.modules for name in modules)
+        try:
+            version: str | None = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        libraries[library] = {
+            "version": version,
+            "imported": imported,
+            "enabled": library in STATE.settings.libraries,
+            "patched": [f"{p.module}.{p.owner}.{p.attribute}" for p in applied if p.library == library],
+        }
+    return {
+        "installed": STATE.active,
+        "version": __version__,
+        "libraries": libraries,
+        "settings": STATE.settings.masked(),
+    }

@@ -1,0 +1,143 @@
+"""Adapters: HOW each client library is patched. ``PATCHES`` lists every attribute llmshim touches.
+
+Seams were chosen one level above the attributes vcrpy patches (it replaces the httpx/httpx2
+transports and ``aiohttp.ClientSession._request`` with ``mock.patch``, restoring on exit whatever
+it found on entry), so llmshim and vcrpy never fight over one attribute, in either install order:
+
+| library  | owner                             | attribute              | why this seam                        |
+|----------|-----------------------------------|------------------------|--------------------------------------|
+| httpx    | httpx.Client / AsyncClient        | _send_single_request   | one wire request, after auth, above  |
+| httpx2   | httpx2.Client / AsyncClient       | _send_single_request   |   any transport (OpenAI SDK 3.x)     |
+| requests | requests.adapters.HTTPAdapter     | send                   | PreparedRequest in, Response out     |
+| aiohttp  | aiohttp.ClientSession             | _middlewares           | adds one innermost client middleware |
+
+Patching happens in wrapt post-import hooks, so ``install()`` works before or after the library
+is imported; methods are patched on the classes, so objects made before ``install()`` are covered.
+Only what llmshim put there is ever removed: ``remove_all`` restores an attribute only while our
+replacement is still the outermost one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import wrapt
+
+from ..runtime import STATE
+
+__all__ = ["PATCHES", "Patch", "apply_all", "ensure_hooks", "patched", "remove_all"]
+
+log = logging.getLogger("llmshim")
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One attribute llmshim replaces. ``factory(module, original)`` builds the replacement."""
+
+    library: str
+    module: str
+    owner: str
+    attribute: str
+    factory: str  # "llmshim.adapters.X:function", imported only when the library is
+
+    def build(self, module: Any, original: Any) -> Any:
+        path, _, name = self.factory.partition(":")
+        maker: Callable[[Any, Any], Any] = getattr(importlib.import_module(path), name)
+        return maker(module, original)
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("httpx", "httpx", "Client", "_send_single_request", "llmshim.adapters.httpx:sync_wrapper"),
+    Patch("httpx", "httpx", "AsyncClient", "_send_single_request", "llmshim.adapters.httpx:async_wrapper"),
+    Patch("httpx2", "httpx2", "Client", "_send_single_request", "llmshim.adapters.httpx:sync_wrapper"),
+    Patch("httpx2", "httpx2", "AsyncClient", "_send_single_request", "llmshim.adapters.httpx:async_wrapper"),
+    Patch("requests", "requests.adapters", "HTTPAdapter", "send", "llmshim.adapters.requests:send_wrapper"),
+    Patch("aiohttp", "aiohttp.client", "ClientSession", "_middlewares", "llmshim.adapters.aiohttp:middlewares"),
+)
+
+_lock = threading.RLock()
+_applied: dict[Patch, tuple[Any, Any]] = {}  # patch -> (original or _MISSING, replacement)
+_hooked: set[str] = set()
+_wanted = False  # install() called and not uninstalled: hooks patch modules as they are imported
+
+
+def _owner(patch: Patch, module: Any) -> Any:
+    owner = module
+    for part in patch.owner.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _apply(patch: Patch, module: Any) -> None:
+    if patch in _applied or patch.library not in STATE.settings.libraries:
+        return
+    owner = _owner(patch, module)
+    original = vars(owner).get(patch.attribute, _MISSING)
+    current = getattr(owner, patch.attribute, None) if original is _MISSING else original
+    replacement = patch.build(module, current)
+    setattr(owner, patch.attribute, replacement)
+    _applied[patch] = (original, replacement)
+
+
+def _on_import(module: Any) -> None:
+    """wrapt post-import hook. Never raises: a raising hook would break the user's import."""
+    try:
+        with _lock:
+            if not _wanted:
+                return
+            for patch in PATCHES:
+                if patch.module == module.__name__:
+                    _apply(patch, module)
+    except Exception:
+        log.warning("llmshim: could not patch %s; it is left untouched", module.__name__, exc_info=True)
+
+
+def ensure_hooks() -> None:
+    """Register the post-import hooks once per module (wrapt has no way to unregister them)."""
+    with _lock:
+        for name in {patch.module for patch in PATCHES} - _hooked:
+            _hooked.add(name)
+            wrapt.register_post_import_hook(_on_import, name)
+
+
+def apply_all() -> None:
+    """Patch every enabled library that is already imported; hooks take the rest as they arrive."""
+    global _wanted
+    with _lock:
+        _wanted = True
+        ensure_hooks()
+        for name in {patch.module for patch in PATCHES}:
+            module = sys.modules.get(name)
+            if module is not None:
+                _on_import(module)
+
+
+def remove_all() -> list[str]:
+    """Undo every patch whose replacement is still outermost; report the ones left in place."""
+    global _wanted
+    left: list[str] = []
+    with _lock:
+        _wanted = False
+        for patch, (original, replacement) in list(_applied.items()):
+            owner = _owner(patch, sys.modules[patch.module])
+            if vars(owner).get(patch.attribute, _MISSING) is replacement:
+                if original is _MISSING:
+                    delattr(owner, patch.attribute)
+                else:
+                    setattr(owner, patch.attribute, original)
+            else:  # wrapped again by someone else: stays, as a pass-through (STATE.active is off)
+                left.append(f"{patch.module}.{patch.owner}.{patch.attribute}")
+            del _applied[patch]
+    return left
+
+
+def patched() -> list[Patch]:
+    with _lock:
+        return list(_applied)

@@ -1,0 +1,120 @@
+"""aiohttp: one innermost client middleware, added to every ClientSession.
+
+aiohttp (>= 3.12) runs a session's middlewares around each wire request with a finished
+``ClientRequest``, exactly the seam llmshim needs, and one that vcrpy (which replaces
+``ClientSession._request``) does not touch. Sessions keep their own middleware list; the
+``_middlewares`` attribute is replaced on the class by a descriptor that appends llmshim's
+middleware while llmshim is active, so sessions made before ``install()`` are covered too.
+
+The body tap works on the feeding side: the response's StreamReader is switched to a subclass
+that forwards each piece (already decompressed by aiohttp) to the tap, and its end of stream or
+error ends the call. Whatever arrived together with the headers is taken from the buffer first.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from ..call import Call, Reply, Tap, WireRequest
+from ..runtime import STATE, begin
+
+__all__ = ["middlewares", "to_wire"]
+
+_taps: dict[int, Tap] = {}  # id(StreamReader) -> tap; StreamReader has __slots__ and no weakrefs
+
+
+def to_wire(request: Any) -> WireRequest | None:
+    from aiohttp import payload
+
+    body = request.body
+    if isinstance(body, payload.BytesPayload):
+        data = body._value
+    elif body is None or body is payload.EMPTY_PAYLOAD or getattr(body, "size", None) == 0:
+        data = b""
+    else:
+        return None
+    return WireRequest(request.method, str(request.url), tuple(request.headers.items()), bytes(data))
+
+
+def _end(key: int, error: BaseException | None, completed: bool) -> None:
+    tap = _taps.pop(key, None)
+    if tap is not None:
+        tap.complete() if completed else tap.abort(error)
+
+
+_reader_class: type | None = None
+
+
+def _tap_reader_class() -> type:
+    global _reader_class
+    if _reader_class is None:
+        from aiohttp.streams import StreamReader
+
+        class TapStreamReader(StreamReader):  # type: ignore[misc]
+            __slots__ = ()  # same layout, so an existing reader's __class__ can be switched
+
+            def feed_data(self, data: bytes, *args: Any) -> Any:
+                result = super().feed_data(data, *args)
+                tap = _taps.get(id(self))
+                if tap is not None:
+                    tap.chunk(data)
+                return result
+
+            def feed_eof(self) -> None:
+                super().feed_eof()
+                _end(id(self), None, completed=True)
+
+            def set_exception(self, exc: BaseException, *args: Any) -> None:
+                super().set_exception(exc, *args)
+                _end(id(self), exc, completed=False)
+
+        _reader_class = TapStreamReader
+    return _reader_class
+
+
+def _reply(response: Any) -> Reply:
+    tap = Tap()
+    reader = response.content
+    encoding = (response.headers.get("content-encoding") or "identity").lower()
+    if encoding not in ("identity", "") and not getattr(response, "_auto_decompress", True):
+        tap.opaque()
+    for piece in list(getattr(reader, "_buffer", ())):  # bytes that came with the headers
+        tap.chunk(bytes(piece))
+    if reader.is_eof():
+        tap.complete()
+    elif reader.exception() is not None:
+        tap.abort(reader.exception())
+    else:
+        _taps[id(reader)] = tap
+        reader.__class__ = _tap_reader_class()
+        weakref.finalize(response, _end, id(reader), None, False)
+    return Reply(response.status, response.headers, tap, response)
+
+
+async def _middleware(request: Any, handler: Any) -> Any:
+    call = begin("aiohttp", lambda: to_wire(request))
+    if call is None:
+        return await handler(request)
+
+    async def send(call: Call) -> Any:
+        return _reply(await handler(request))
+
+    return (await STATE.pipeline.arun(call, send)).native
+
+
+class _SessionMiddlewares:
+    """Data descriptor for ClientSession._middlewares: the session's own tuple, plus llmshim's."""
+
+    def __get__(self, session: Any, owner: Any = None) -> Any:
+        if session is None:
+            return self
+        own = session.__dict__.get("_middlewares", ())
+        return (*own, _middleware) if STATE.active else own
+
+    def __set__(self, session: Any, value: Any) -> None:
+        session.__dict__["_middlewares"] = value
+
+
+def middlewares(module: Any, original: Any) -> Any:
+    return _SessionMiddlewares()

@@ -1,0 +1,165 @@
+"""httpx and httpx2: one adapter, parameterised by module.
+
+Patched: ``Client._send_single_request`` and ``AsyncClient._send_single_request`` (one wire
+request, after auth and before redirects are followed). The OpenAI SDK 3.x speaks through
+httpx2; openai<3 and the ``ollama`` client through httpx. The response's byte stream is wrapped
+so the tap sees each piece as the caller reads it; the caller's own bytes are never changed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ..call import Call, Reply, Tap, WireRequest
+from ..runtime import STATE, begin
+from ._decoding import Decoder, decoder_for
+
+__all__ = ["async_wrapper", "sync_wrapper", "to_wire"]
+
+
+def to_wire(request: Any) -> WireRequest | None:
+    """The request as sent; None when its body is a stream we must not consume (uploads)."""
+    try:
+        body = request.content
+    except Exception:  # RequestNotRead: a streaming body, never an LLM call we can read
+        return None
+    return WireRequest(request.method, str(request.url), tuple(request.headers.multi_items()), body)
+
+
+class _Feed:
+    """Shared by the sync and async stream wrappers: decode alongside, feed the tap, end it once."""
+
+    def __init__(self, tap: Tap, decoder: Decoder | None) -> None:
+        self.tap, self.decoder = tap, decoder
+        if decoder is None:
+            tap.opaque()
+
+    def chunk(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.decoder is None:
+            self.tap.chunk(data)  # opaque: only the first-chunk time is recorded
+            return
+        try:
+            self.tap.chunk(self.decoder.decode(data))
+        except Exception:  # a body we cannot decode is a body we do not read
+            self.decoder = None
+            self.tap.opaque()
+
+    def done(self) -> None:
+        if self.decoder is not None:
+            try:
+                self.tap.chunk(self.decoder.flush())
+            except Exception:
+                self.tap.opaque()
+        self.tap.complete()
+
+
+_stream_classes: dict[str, tuple[type, type]] = {}
+
+
+def _streams(module: Any) -> tuple[type, type]:
+    """Tap stream classes subclassing this module's SyncByteStream/AsyncByteStream (httpx checks)."""
+    cached = _stream_classes.get(module.__name__)
+    if cached is not None:
+        return cached
+
+    class TapSyncStream(module.SyncByteStream):  # type: ignore[name-defined,misc]
+        def __init__(self, inner: Any, feed: _Feed) -> None:
+            self._inner, self._feed = inner, feed
+
+        def __iter__(self) -> Iterator[bytes]:
+            try:
+                for chunk in self._inner:
+                    self._feed.chunk(chunk)
+                    yield chunk
+            except GeneratorExit:
+                self._feed.tap.abort(None)
+                raise
+            except BaseException as exc:
+                self._feed.tap.abort(exc)
+                raise
+            self._feed.done()
+
+        def close(self) -> None:
+            try:
+                self._inner.close()
+            finally:
+                self._feed.tap.abort(None)  # no-op when the body already completed
+
+    class TapAsyncStream(module.AsyncByteStream):  # type: ignore[name-defined,misc]
+        def __init__(self, inner: Any, feed: _Feed) -> None:
+            self._inner, self._feed = inner, feed
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            try:
+                async for chunk in self._inner:
+                    self._feed.chunk(chunk)
+                    yield chunk
+            except GeneratorExit:
+                self._feed.tap.abort(None)
+                raise
+            except BaseException as exc:
+                self._feed.tap.abort(exc)
+                raise
+            self._feed.done()
+
+        async def aclose(self) -> None:
+            try:
+                await self._inner.aclose()
+            finally:
+                self._feed.tap.abort(None)
+
+    _stream_classes[module.__name__] = (TapSyncStream, TapAsyncStream)
+    return TapSyncStream, TapAsyncStream
+
+
+def _reply(response: Any, stream_class: type) -> Reply:
+    tap = Tap()
+    feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
+    response.stream = stream_class(response.stream, feed)
+    weakref.finalize(response, tap.abort, None)  # dropped unread: the call still ends
+    return Reply(response.status_code, response.headers, tap, response)
+
+
+def sync_wrapper(module: Any, original: Any) -> Any:
+    sync_stream = _streams(module)[0]
+    library = module.__name__
+
+    def _send_single_request(self: Any, request: Any) -> Any:
+        call = begin(library, lambda: to_wire(request))
+        if call is None:
+            return original(self, request)
+
+        def send(call: Call) -> Reply:
+            return _reply(original(self, request), sync_stream)
+
+        return STATE.pipeline.run(call, send).native
+
+    return _mark(_send_single_request, original)
+
+
+def async_wrapper(module: Any, original: Any) -> Any:
+    async_stream = _streams(module)[1]
+    library = module.__name__
+
+    async def _send_single_request(self: Any, request: Any) -> Any:
+        call = begin(library, lambda: to_wire(request))
+        if call is None:
+            return await original(self, request)
+
+        async def send(call: Call) -> Reply:
+            return _reply(await original(self, request), async_stream)
+
+        return (await STATE.pipeline.arun(call, send)).native
+
+    return _mark(_send_single_request, original)
+
+
+def _mark(function: Any, original: Any) -> Any:
+    function.__wrapped__ = original
+    function.__qualname__ = getattr(original, "__qualname__", function.__qualname__)
+    function.__llmshim__ = True
+    return function

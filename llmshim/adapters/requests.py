@@ -1,0 +1,106 @@
+"""requests: ``HTTPAdapter.send`` is patched (Sessions made before install are covered).
+
+requests reads the body after the adapter returns, through ``response.raw`` (a urllib3
+response): ``raw.stream()`` for ``iter_content``/``.content``, ``raw.read()`` for direct use. The
+tap shadows ``read``, ``stream`` and ``close`` on that one raw object, so it sees exactly the
+bytes the caller reads, decoded by urllib3, and ends when the caller reaches the end or closes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from ..call import Call, Reply, Tap, WireRequest
+from ..runtime import STATE, begin
+
+__all__ = ["send_wrapper", "to_wire"]
+
+
+def to_wire(request: Any) -> WireRequest | None:
+    body = request.body
+    if body is None:
+        body = b""
+    elif isinstance(body, str):
+        body = body.encode("latin-1", "replace")  # what http.client sends for a str body
+    elif not isinstance(body, bytes):
+        return None  # a generator or file upload: never an LLM call we can read
+    return WireRequest(request.method or "GET", request.url or "", tuple(request.headers.items()), body)
+
+
+class _RawTap:
+    """Shadows read/stream/close on one urllib3 response. ``stream()`` calls ``self.read()``
+    internally; ``_streaming`` keeps those inner reads from being counted twice."""
+
+    __slots__ = ("_close", "_encoded", "_read", "_stream", "_streaming", "raw", "tap")
+
+    def __init__(self, raw: Any, tap: Tap) -> None:
+        self.raw, self.tap, self._streaming = raw, tap, False
+        self._read, self._stream, self._close = raw.read, raw.stream, raw.close
+        encoding = (raw.headers.get("content-encoding") or "identity").strip().lower()
+        self._encoded = encoding not in ("identity", "")
+        raw.read, raw.stream, raw.close = self.read, self.stream, self.close
+
+    def _decoded(self, decode_content: bool | None) -> bool:
+        return bool(self.raw.decode_content if decode_content is None else decode_content)
+
+    def read(self, amt: int | None = None, decode_content: bool | None = None, *args: Any, **kw: Any) -> Any:
+        if self._streaming:
+            return self._read(amt, decode_content, *args, **kw)
+        try:
+            data = self._read(amt, decode_content, *args, **kw)
+        except BaseException as exc:
+            self.tap.abort(exc)
+            raise
+        if self._encoded and not self._decoded(decode_content):
+            self.tap.opaque()
+        self.tap.chunk(data)
+        if amt is None or not data:
+            self.tap.complete()
+        return data
+
+    def stream(self, amt: int | None = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
+        if self._encoded and not self._decoded(decode_content):
+            self.tap.opaque()
+        self._streaming = True
+        try:
+            for chunk in self._stream(amt, decode_content=decode_content):
+                self.tap.chunk(chunk)
+                yield chunk
+        except GeneratorExit:
+            self.tap.abort(None)
+            raise
+        except BaseException as exc:
+            self.tap.abort(exc)
+            raise
+        finally:
+            self._streaming = False
+        self.tap.complete()
+
+    def close(self) -> None:
+        try:
+            self._close()
+        finally:
+            self.tap.abort(None)  # no-op when the body already completed
+
+
+def send_wrapper(module: Any, original: Any) -> Any:
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        call = begin("requests", lambda: to_wire(request))
+        if call is None:
+            return original(self, request, *args, **kwargs)
+
+        def send_wire(call: Call) -> Reply:
+            response = original(self, request, *args, **kwargs)
+            tap = Tap()
+            _RawTap(response.raw, tap)
+            weakref.finalize(response, tap.abort, None)
+            return Reply(response.status_code, response.headers, tap, response)
+
+        return STATE.pipeline.run(call, send_wire).native
+
+    send.__wrapped__ = original  # type: ignore[attr-defined]
+    send.__qualname__ = getattr(original, "__qualname__", "send")
+    send.__llmshim__ = True  # type: ignore[attr-defined]
+    return send

@@ -1,0 +1,182 @@
+"""The one data model that flows through llmshim: a wire request, the call made of it, the reply.
+
+Adapters turn a library's request into a :class:`WireRequest` (``to_wire``), dialects say what it
+is (:class:`CallInfo`), and the pipeline carries a :class:`Call` through the policies. What comes
+back is a :class:`Reply`: status and headers at once, the body later through its :class:`Tap`,
+because at the seams llmshim patches every body, streamed or not, is still unread when the
+library hands the response back. Policies learn how the body ended by subscribing to the tap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+log = logging.getLogger("llmshim")
+
+__all__ = ["Call", "CallInfo", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WireRequest:
+    """A request as it goes on the wire: method, absolute URL, headers in sent order, body bytes."""
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return None
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path
+
+    @property
+    def server(self) -> tuple[str, int | None]:
+        """(host, port) with the scheme's default port filled in."""
+        parts = urlsplit(self.url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        return parts.hostname or "", port
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What a dialect recognised in a request."""
+
+    provider: str  # gen_ai.provider.name: openai | ollama | llama_cpp
+    operation: str  # gen_ai.operation.name: chat | text_completion | embeddings
+    endpoint: str  # the dialect's route, e.g. "chat/completions", "api/generate", "completion"
+    model: str | None
+    stream: bool
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class ResponseInfo:
+    """What a dialect read from a response body (streamed or whole)."""
+
+    model: str | None = None
+    id: str | None = None
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    done: bool = False  # the dialect's done marker was seen ([DONE], "done": true, "stop": true, ...)
+    error: str | None = None  # an error event inside a 2xx body (mid-stream error)
+
+
+class TapObserver(Protocol):
+    """Receives a body's bytes as the caller gets them, then exactly one of complete/abort."""
+
+    def on_chunk(self, data: bytes) -> None: ...
+    def on_complete(self) -> None: ...
+    def on_abort(self, error: BaseException | None) -> None: ...
+
+
+class Tap:
+    """Fan-out of one response body to the observers that policies subscribe.
+
+    The adapter feeds it decoded body bytes as the caller reads them (``chunk``) and ends it once
+    (``complete`` when the body was read to its end, ``abort`` on an error, an early close or
+    garbage collection). ``opaque()`` says the bytes could not be decoded (an unknown
+    content-encoding): observers then get no chunks but still get the end. An observer that
+    raises is logged and dropped; it never reaches the caller.
+    """
+
+    __slots__ = ("_observers", "ended", "first_chunk_at", "opaque_body")
+
+    def __init__(self) -> None:
+        self._observers: list[TapObserver] = []
+        self.ended = False
+        self.opaque_body = False
+        self.first_chunk_at: float | None = None
+
+    def subscribe(self, observer: TapObserver) -> None:
+        self._observers.append(observer)
+
+    def opaque(self) -> None:
+        self.opaque_body = True
+
+    def chunk(self, data: bytes) -> None:
+        if self.ended or not data:
+            return
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        if self.opaque_body:
+            return
+        for observer in list(self._observers):
+            try:
+                observer.on_chunk(data)
+            except Exception:  # an observer must never break the caller's read
+                log.warning("llmshim: body observer failed; detaching it", exc_info=True)
+                self._observers.remove(observer)
+
+    def complete(self) -> None:
+        self._end(None, completed=True)
+
+    def abort(self, error: BaseException | None = None) -> None:
+        self._end(error, completed=False)
+
+    def _end(self, error: BaseException | None, *, completed: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        for observer in self._observers:
+            try:
+                if completed:
+                    observer.on_complete()
+                else:
+                    observer.on_abort(error)
+            except Exception:
+                log.warning("llmshim: body observer failed at end of body", exc_info=True)
+        self._observers.clear()
+
+
+@dataclasses.dataclass(slots=True)
+class Reply:
+    """What one wire attempt returned: status and headers now, the body through ``tap``."""
+
+    status: int
+    headers: Mapping[str, str]  # lower-cased names
+    tap: Tap
+    native: Any  # the library's own response object, handed back to the caller unchanged
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    """One logical LLM call as it flows through the pipeline; outcome fields are filled as it ends."""
+
+    request: WireRequest
+    info: CallInfo
+    library: str
+    dialect: Any  # llmshim.dialects.Dialect (typed loosely: dialects import this module)
+    started_at: float = dataclasses.field(default_factory=time.perf_counter)
+    status: int | None = None
+    response: ResponseInfo | None = None
+    ended_at: float | None = None
+    first_chunk_at: float | None = None
+    error: BaseException | None = None
+    outcome: str | None = None  # "ok" | "error" | "aborted"
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    @property
+    def time_to_first_chunk(self) -> float | None:
+        return None if self.first_chunk_at is None else self.first_chunk_at - self.started_at

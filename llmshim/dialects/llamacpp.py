@@ -1,0 +1,81 @@
+"""llama.cpp server's native dialect: ``/completion(s)``, ``/infill``, ``/embedding(s)`` at the root.
+
+Streams are SSE whose last event has ``"stop": true`` with ``tokens_evaluated``,
+``tokens_predicted`` and ``timings``. The same server's ``/v1/...`` routes speak the OpenAI
+dialect. A root ``/completions`` or ``/embeddings`` that names a model is taken as OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..call import CallInfo, ResponseInfo
+from .openai import request_params
+
+_ROUTES = {
+    "/completion": ("completion", "text_completion"),
+    "/completions": ("completion", "text_completion"),
+    "/infill": ("infill", "text_completion"),
+    "/embedding": ("embedding", "embeddings"),
+    "/embeddings": ("embedding", "embeddings"),
+}
+_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "n_predict": "max_tokens",
+    "max_tokens": "max_tokens",
+    "seed": "seed",
+    "stop": "stop_sequences",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+}
+_STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
+
+
+class LlamaCppDialect:
+    name = "llama_cpp"
+
+    def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
+        route = _ROUTES.get(path)  # root routes only: a prefix means an OpenAI-style base URL
+        if route is None or (path in ("/completions", "/embeddings") and "model" in body):
+            return None
+        endpoint, operation = route
+        model = body.get("model")
+        return CallInfo(
+            provider="llama_cpp", operation=operation, endpoint=endpoint,
+            model=model if isinstance(model, str) else None,
+            stream=body.get("stream") is True, params=request_params(body, _PARAMS),
+        )
+
+    def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
+        if info.operation == "embeddings":
+            into.done = True
+            return
+        if not isinstance(message, dict):
+            return
+        if "error" in message and "content" not in message:
+            into.error = "error"
+            return
+        if isinstance(message.get("model"), str):
+            into.model = message["model"]
+        if message.get("stop") is True or not info.stream:
+            into.done = True
+            stop_type = message.get("stop_type")
+            if isinstance(stop_type, str) and stop_type != "none":
+                into.finish_reasons = [_STOP_TYPES.get(stop_type, stop_type)]
+            elif message.get("stopped_limit"):
+                into.finish_reasons = ["length"]
+            else:
+                into.finish_reasons = ["stop"]
+        timings = message.get("timings") if isinstance(message.get("timings"), dict) else {}
+        for fields, attr in (
+            (("tokens_evaluated", "prompt_n"), "input_tokens"),
+            (("tokens_predicted", "predicted_n"), "output_tokens"),
+        ):
+            value = message.get(fields[0], timings.get(fields[1]))
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(into.usage, attr, value)
+
+
+LLAMACPP = LlamaCppDialect()

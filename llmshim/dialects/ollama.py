@@ -1,0 +1,69 @@
+"""Ollama's native dialect: ``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``.
+
+Chat and generate stream NDJSON by default (``"stream"`` absent means true); the last line has
+``"done": true`` with ``prompt_eval_count`` / ``eval_count``. Sampling parameters sit in
+``options``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..call import CallInfo, ResponseInfo
+from .openai import request_params
+
+_ROUTES = {
+    "/api/chat": "chat",
+    "/api/generate": "text_completion",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
+}
+_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "num_predict": "max_tokens",
+    "seed": "seed",
+    "stop": "stop_sequences",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+}
+
+
+class OllamaDialect:
+    name = "ollama"
+
+    def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
+        for route, operation in _ROUTES.items():
+            if path.endswith(route):
+                model = body.get("model")
+                options = body.get("options")
+                streams = operation != "embeddings" and body.get("stream", True) is not False
+                return CallInfo(
+                    provider="ollama", operation=operation, endpoint=route.lstrip("/"),
+                    model=model if isinstance(model, str) else None, stream=streams,
+                    params=request_params(options, _OPTIONS) if isinstance(options, dict) else {},
+                )
+        return None
+
+    def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
+        if not isinstance(message, dict):
+            return
+        if isinstance(message.get("error"), str):
+            into.error = "error"
+            return
+        if isinstance(message.get("model"), str):
+            into.model = message["model"]
+        if info.operation == "embeddings":
+            into.done = True
+        if message.get("done") is True:
+            into.done = True
+            reason = message.get("done_reason")
+            into.finish_reasons = [reason] if isinstance(reason, str) else ["stop"]
+        for field, attr in (("prompt_eval_count", "input_tokens"), ("eval_count", "output_tokens")):
+            value = message.get(field)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(into.usage, attr, value)
+
+
+OLLAMA = OllamaDialect()

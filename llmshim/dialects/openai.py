@@ -1,0 +1,142 @@
+"""The OpenAI wire dialect, spoken by OpenAI, Azure OpenAI and every OpenAI-compatible server.
+
+Routes are recognised by suffix under any base-URL prefix (``/v1``, ``/openai/deployments/X``,
+llama.cpp's and Ollama's ``/v1``, vLLM, ...). Streams are SSE ending in ``data: [DONE]``; the
+Responses API streams typed events ending in ``response.completed``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..call import CallInfo, ResponseInfo
+
+_ROUTES = (
+    ("/chat/completions", "chat/completions", "chat"),
+    ("/completions", "completions", "text_completion"),
+    ("/embeddings", "embeddings", "embeddings"),
+    ("/responses", "responses", "chat"),
+)
+_AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
+
+# request body field -> gen_ai.request.* attribute suffix
+_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "max_output_tokens": "max_tokens",
+    "seed": "seed",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "stop": "stop_sequences",
+    "n": "choice.count",
+    "encoding_format": "encoding_formats",
+    "dimensions": "embeddings.dimension.count",
+}
+
+
+def request_params(body: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """Map known body fields to gen_ai.request.* names; stop/encoding become lists, as the spec wants."""
+    params: dict[str, Any] = {}
+    for field, attr in names.items():
+        value = body.get(field)
+        if value is None or attr in params:
+            continue
+        if attr in ("stop_sequences", "encoding_formats") and isinstance(value, str):
+            value = [value]
+        params[attr] = value
+    return params
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class OpenAIDialect:
+    name = "openai"
+
+    def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
+        for suffix, endpoint, operation in _ROUTES:
+            if not path.endswith(suffix):
+                continue
+            if endpoint == "completions" and path.endswith("/chat/completions"):
+                continue
+            model = body.get("model")
+            if not isinstance(model, str):
+                match = _AZURE_DEPLOYMENT.search(path + "/")
+                model = match.group(1) if match else None
+            if model is None and path.count("/") == 1:
+                return None  # a root /completions or /embeddings without a model is llama.cpp's
+            return CallInfo(
+                provider="openai", operation=operation, endpoint=endpoint, model=model,
+                stream=body.get("stream") is True, params=request_params(body, _PARAMS),
+            )
+        return None
+
+    def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
+        if not isinstance(message, dict):
+            return
+        if info.endpoint == "responses":
+            self._absorb_response(message, into)
+            return
+        if "error" in message and "choices" not in message:
+            into.error = _error_type(message.get("error"))
+            return
+        if isinstance(message.get("model"), str):
+            into.model = message["model"]
+        if isinstance(message.get("id"), str):
+            into.id = message["id"]
+        for choice in message.get("choices") or ():
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            if isinstance(reason, str):
+                into.finish_reasons.append(reason)
+        self._usage(message.get("usage"), into)
+        if not info.stream:
+            into.done = True  # a whole JSON body that parsed is complete
+
+    def _absorb_response(self, message: dict[str, Any], into: ResponseInfo) -> None:
+        kind = message.get("type")
+        if kind == "error":
+            into.error = _error_type(message)
+            return
+        response = message.get("response") if isinstance(kind, str) else message
+        if not isinstance(response, dict):
+            return
+        if isinstance(response.get("model"), str):
+            into.model = response["model"]
+        if isinstance(response.get("id"), str):
+            into.id = response["id"]
+        status = response.get("status")
+        if kind is None or kind in ("response.completed", "response.incomplete", "response.failed"):
+            if status == "failed" or kind == "response.failed":
+                into.error = _error_type(response.get("error")) or "response.failed"
+            elif status == "incomplete":
+                details = response.get("incomplete_details") or {}
+                into.finish_reasons = [str(details.get("reason") or "incomplete")]
+            elif status == "completed":
+                into.finish_reasons = ["stop"]
+            if status in ("completed", "incomplete"):
+                into.done = True
+            self._usage(response.get("usage"), into)
+
+    @staticmethod
+    def _usage(usage: Any, into: ResponseInfo) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        output = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+        if prompt is not None:
+            into.usage.input_tokens = prompt
+        if output is not None:
+            into.usage.output_tokens = output
+
+
+def _error_type(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "error")
+    return "error"
+
+
+OPENAI = OpenAIDialect()

@@ -1,0 +1,174 @@
+"""Event hooks: ``llmshim.on("call_started" | "call_completed" | "call_failed", fn)``.
+
+The seed projects' users wired callbacks for started/completed/failed; this is that, for every
+LLM call in the process. A hook receives a :class:`CallRecord` (plain values, no headers, no
+secrets). ``call_completed``/``call_failed`` fire when the call really ends: for a stream, when
+its last chunk was read, not when the headers arrived. A hook that raises is logged and the call
+goes on untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, overload
+from urllib.parse import urlsplit, urlunsplit
+
+from ..call import Call, Reply
+from ..pipeline import AsyncHandler, Handler
+
+__all__ = ["EVENTS", "CallRecord", "EventsPolicy", "off", "on"]
+
+log = logging.getLogger("llmshim")
+
+Event = Literal["call_started", "call_completed", "call_failed"]
+EVENTS: tuple[str, ...] = ("call_started", "call_completed", "call_failed")
+Hook = Callable[["CallRecord"], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CallRecord:
+    """What a hook sees of one LLM call. Durations are seconds; None where not (yet) known."""
+
+    event: str
+    provider: str
+    operation: str
+    model: str | None
+    stream: bool
+    library: str
+    url: str  # scheme://host:port/path, no query string and no user info
+    status: int | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    duration: float | None = None
+    time_to_first_chunk: float | None = None
+    error_type: str | None = None
+    outcome: str | None = None  # ok | error | aborted
+
+    @classmethod
+    def of(cls, event: str, call: Call) -> CallRecord:
+        info, response = call.info, call.response
+        return cls(
+            event=event, provider=info.provider, operation=info.operation, model=info.model,
+            stream=info.stream, library=call.library, url=_public_url(call.request.url),
+            status=call.status,
+            response_model=response.model if response else None,
+            response_id=response.id if response else None,
+            finish_reasons=tuple(response.finish_reasons) if response else (),
+            input_tokens=response.usage.input_tokens if response else None,
+            output_tokens=response.usage.output_tokens if response else None,
+            duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
+            error_type=error_type(call), outcome=call.outcome,
+        )
+
+
+def error_type(call: Call) -> str | None:
+    """The spec's error.type: exception class, HTTP status, or the error a 2xx body carried."""
+    if call.error is not None:
+        return type(call.error).__qualname__
+    if call.outcome == "aborted":
+        return "aborted"
+    if call.status is not None and call.status >= 400:
+        return str(call.status)
+    if call.response is not None and call.response.error:
+        return call.response.error
+    return None
+
+
+def _public_url(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_lock = threading.Lock()
+_hooks: dict[str, tuple[Hook, ...]] = {event: () for event in EVENTS}
+
+
+@overload
+def on(event: Event, fn: None = None) -> Callable[[Hook], Hook]: ...
+@overload
+def on(event: Event, fn: Hook) -> Hook: ...
+def on(event: Event, fn: Hook | None = None) -> Hook | Callable[[Hook], Hook]:
+    """Register ``fn`` for ``event``; usable as ``on(event, fn)`` or as ``@on(event)``."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown llmshim event {event!r}; expected one of {', '.join(EVENTS)}")
+    if fn is None:
+        return lambda f: on(event, f)
+    with _lock:  # copy-on-write: emitters read the tuple without a lock
+        _hooks[event] = (*_hooks[event], fn)
+    return fn
+
+
+def off(event: Event, fn: Hook | None = None) -> None:
+    """Remove ``fn`` from ``event`` (every hook of the event when ``fn`` is None)."""
+    with _lock:
+        _hooks[event] = () if fn is None else tuple(h for h in _hooks[event] if h is not fn)
+
+
+def _emit(event: str, call: Call) -> None:
+    hooks = _hooks[event]
+    if not hooks:
+        return
+    record = CallRecord.of(event, call)
+    for hook in hooks:
+        try:
+            hook(record)
+        except Exception:
+            log.exception("llmshim: %s hook %r raised; the call is not affected", event, hook)
+
+
+class _EndObserver:
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        _emit("call_completed" if self._call.outcome == "ok" else "call_failed", self._call)
+
+    def on_abort(self, error: BaseException | None) -> None:
+        self.on_complete()  # the tracker already judged the outcome (close after [DONE] is "ok")
+
+
+class EventsPolicy:
+    """Emits call_started before the call and call_completed/call_failed when it truly ends."""
+
+    @staticmethod
+    def _any_hooks() -> bool:
+        return any(_hooks[event] for event in EVENTS)
+
+    def handle(self, call: Call, next: Handler) -> Reply:
+        if not self._any_hooks():
+            return next(call)
+        _emit("call_started", call)
+        try:
+            reply = next(call)
+        except BaseException:
+            _emit("call_failed", call)
+            raise
+        reply.tap.subscribe(_EndObserver(call))
+        return reply
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        if not self._any_hooks():
+            return await anext(call)
+        _emit("call_started", call)
+        try:
+            reply = await anext(call)
+        except BaseException:
+            _emit("call_failed", call)
+            raise
+        reply.tap.subscribe(_EndObserver(call))
+        return reply
