@@ -96,18 +96,32 @@ class Tap:
     garbage collection). ``opaque()`` says the bytes could not be decoded (an unknown
     content-encoding): observers then get no chunks but still get the end. An observer that
     raises is logged and dropped; it never reaches the caller.
+
+    Until ``release()`` the tap holds what it is fed: a body can arrive whole together with its
+    headers (aiohttp reads it before handing the response back), before the policies on the
+    way out of the pipeline have subscribed. The pipeline releases the tap once all have.
     """
 
-    __slots__ = ("_observers", "ended", "first_chunk_at", "opaque_body")
+    __slots__ = ("_held", "_observers", "ended", "first_chunk_at", "opaque_body")
 
     def __init__(self) -> None:
         self._observers: list[TapObserver] = []
+        self._held: list[bytes | tuple[BaseException | None, bool]] | None = []
         self.ended = False
         self.opaque_body = False
         self.first_chunk_at: float | None = None
 
     def subscribe(self, observer: TapObserver) -> None:
         self._observers.append(observer)
+
+    def release(self) -> None:
+        """Deliver what was held, then pass everything straight through."""
+        held, self._held = self._held, None
+        for item in held or ():
+            if isinstance(item, bytes):
+                self._deliver(item)
+            else:
+                self._finish(*item)
 
     def opaque(self) -> None:
         self.opaque_body = True
@@ -119,6 +133,12 @@ class Tap:
             self.first_chunk_at = time.perf_counter()
         if self.opaque_body:
             return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         for observer in list(self._observers):
             try:
                 observer.on_chunk(data)
@@ -136,6 +156,12 @@ class Tap:
         if self.ended:
             return
         self.ended = True
+        if self._held is not None:
+            self._held.append((error, completed))
+            return
+        self._finish(error, completed)
+
+    def _finish(self, error: BaseException | None, completed: bool) -> None:
         for observer in self._observers:
             try:
                 if completed:

@@ -104,7 +104,9 @@ class Pipeline:
         handler: Handler = terminal
         for policy in reversed(self.policies):
             handler = _bind(policy, handler)
-        return handler(call)
+        reply = handler(call)
+        reply.tap.release()  # every policy has subscribed: let held body events through
+        return reply
 
     async def arun(self, call: Call, asend: AsyncHandler) -> Reply:
         async def terminal(call: Call) -> Reply:
@@ -122,7 +124,9 @@ class Pipeline:
         handler: AsyncHandler = terminal
         for policy in reversed(self.policies):
             handler = _abind(policy, handler)
-        return await handler(call)
+        reply = await handler(call)
+        reply.tap.release()
+        return reply
 
 
 def _bind(policy: Policy, next: Handler) -> Handler:

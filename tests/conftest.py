@@ -1,0 +1,72 @@
+"""Shared fixtures: a real local LLM server, llmshim installed for one test, captured hook records."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import llmshim
+from llmshim.policies import events
+from llmshim.testing import FakeLLMServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CASSETTES = ROOT.parent / "shared" / "cassettes"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def shim() -> Iterator[None]:
+    """llmshim installed with a clean environment for the length of one test."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("LLMSHIM_")}
+    for key in saved:
+        del os.environ[key]
+    llmshim.install()
+    try:
+        yield
+    finally:
+        llmshim.uninstall()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def records() -> Iterator[list[llmshim.CallRecord]]:
+    """Every call_* hook record of the test, in order."""
+    seen: list[llmshim.CallRecord] = []
+    for event in events.EVENTS:
+        llmshim.on(event, seen.append)  # type: ignore[arg-type]
+    try:
+        yield seen
+    finally:
+        for event in events.EVENTS:
+            llmshim.off(event, seen.append)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _never_leave_llmshim_installed() -> Iterator[None]:
+    yield
+    if llmshim.is_installed():
+        llmshim.uninstall()
+        pytest.fail("test left llmshim installed")
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Run ``code`` in a fresh interpreter (import order matters there); return stdout, fail on error."""
+    import subprocess
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"subprocess failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
