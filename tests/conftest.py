@@ -70,3 +70,13 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 60
     if done.returncode != 0:
         raise AssertionError(f"subprocess failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.stdout
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    module = sys.modules.get("test_cassettes")
+    report = getattr(module, "REPORT", None)
+    if report and report.get("cassettes"):
+        terminalreporter.write_line(
+            "cassette replay: {cassettes} cassettes, {interactions} LLM interactions, {replays} replays "
+            "(client x interaction), {identical} identical with and without llmshim, "
+            "{usage_checked} model/usage checks".format(**report))
