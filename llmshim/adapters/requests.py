@@ -42,14 +42,18 @@ class _RawTap:
         self._encoded = encoding not in ("identity", "")
         raw.read, raw.stream, raw.close = self.read, self.stream, self.close
 
-    def _decoded(self, decode_content: bool | None) -> bool:
-        return bool(self.raw.decode_content if decode_content is None else decode_content)
+    def _decoded(self, decode_content: Any) -> bool:
+        return bool(getattr(self.raw, "decode_content", True) if decode_content is None else decode_content)
 
-    def read(self, amt: int | None = None, decode_content: bool | None = None, *args: Any, **kw: Any) -> Any:
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        """urllib3's read(amt=None, decode_content=None, ...); arguments are forwarded exactly as
+        given, because the raw object may be another library's stand-in (vcrpy's, for one)."""
         if self._streaming:
-            return self._read(amt, decode_content, *args, **kw)
+            return self._read(*args, **kwargs)
+        amt = args[0] if args else kwargs.get("amt")
+        decode_content = args[1] if len(args) > 1 else kwargs.get("decode_content")
         try:
-            data = self._read(amt, decode_content, *args, **kw)
+            data = self._read(*args, **kwargs)
         except BaseException as exc:
             self.tap.abort(exc)
             raise
@@ -60,12 +64,13 @@ class _RawTap:
             self.tap.complete()
         return data
 
-    def stream(self, amt: int | None = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        decode_content = args[1] if len(args) > 1 else kwargs.get("decode_content")
         if self._encoded and not self._decoded(decode_content):
             self.tap.opaque()
         self._streaming = True
         try:
-            for chunk in self._stream(amt, decode_content=decode_content):
+            for chunk in self._stream(*args, **kwargs):
                 self.tap.chunk(chunk)
                 yield chunk
         except GeneratorExit:
