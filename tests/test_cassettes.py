@@ -10,11 +10,11 @@ ones in the recorded response (read here independently, from the raw recording).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import threading
 import zlib
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,12 +22,12 @@ import aiohttp
 import openai
 import pytest
 import requests
+from conftest import SHARED_CASSETTES
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 
 import llmshim
-from conftest import SHARED_CASSETTES
 from llmshim.call import WireRequest
 from llmshim.dialects import detect
 from llmshim.testing import Answer, FakeLLMServer, Received
@@ -120,10 +120,8 @@ def _expected(interaction: dict[str, Any]) -> tuple[str | None, int | None, int 
         if line.startswith("data:"):
             line = line[5:].strip()
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 objects.append(json.loads(line))
-            except ValueError:
-                pass
     if not objects:
         try:
             objects = [json.loads(text)]
@@ -218,9 +216,10 @@ def test_recorded_traffic_is_identical_and_read_correctly(
         for item, path, raw, info in calls:
             REPORT["interactions"] += 1
             body = json.loads(raw)
-            clients: list[Any] = [lambda: _via_requests(server, path, raw), lambda: _via_aiohttp(server, path, raw)]
+            clients: list[Any] = [lambda p=path, r=raw: _via_requests(server, p, r),
+                                  lambda p=path, r=raw: _via_aiohttp(server, p, r)]
             if info.provider == "openai" and info.endpoint in _SDK_TYPES:
-                clients.insert(0, lambda: _via_openai_sdk(server, path, body, info.endpoint))
+                clients.insert(0, lambda p=path, b=body, e=info.endpoint: _via_openai_sdk(server, p, b, e))
             for client in clients:
                 replayer.pin(item)
                 without = client()

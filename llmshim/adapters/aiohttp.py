@@ -30,7 +30,7 @@ def to_wire(request: Any) -> WireRequest | None:
     body = request.body
     if isinstance(body, payload.BytesPayload):
         data = body._value
-    elif body is None or body is payload.EMPTY_PAYLOAD or getattr(body, "size", None) == 0:
+    elif body is None or getattr(body, "size", None) == 0:
         data = b""
     else:
         return None
@@ -51,7 +51,7 @@ def _tap_reader_class() -> type:
     if _reader_class is None:
         from aiohttp.streams import StreamReader
 
-        class TapStreamReader(StreamReader):  # type: ignore[misc]
+        class TapStreamReader(StreamReader):
             __slots__ = ()  # same layout, so an existing reader's __class__ can be switched
 
             def feed_data(self, data: bytes, *args: Any) -> Any:

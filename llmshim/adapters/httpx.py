@@ -66,7 +66,7 @@ def _streams(module: Any) -> tuple[type, type]:
     if cached is not None:
         return cached
 
-    class TapSyncStream(module.SyncByteStream):  # type: ignore[name-defined,misc]
+    class TapSyncStream(module.SyncByteStream):  # type: ignore[misc]
         def __init__(self, inner: Any, feed: _Feed) -> None:
             self._inner, self._feed = inner, feed
 
@@ -89,7 +89,7 @@ def _streams(module: Any) -> tuple[type, type]:
             finally:
                 self._feed.tap.abort(None)  # no-op when the body already completed
 
-    class TapAsyncStream(module.AsyncByteStream):  # type: ignore[name-defined,misc]
+    class TapAsyncStream(module.AsyncByteStream):  # type: ignore[misc]
         def __init__(self, inner: Any, feed: _Feed) -> None:
             self._inner, self._feed = inner, feed
 

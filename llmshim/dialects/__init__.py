@@ -27,6 +27,9 @@ class Dialect(Protocol):
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None: ...
 
 
+_NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+
+
 class BodyParser:
     """Feeds a response body, piece by piece, through its framing into the dialect's ``absorb``.
 
@@ -40,9 +43,7 @@ class BodyParser:
         self._reader: SseReader | NdjsonReader | JsonBody
         if kind == "text/event-stream":
             self._reader = SseReader()
-        elif kind in ("application/x-ndjson", "application/jsonl", "application/json-lines"):
-            self._reader = NdjsonReader()
-        elif info.provider == "ollama" and info.stream and kind != "application/json":
+        elif kind in _NDJSON_TYPES or (info.provider == "ollama" and info.stream and kind != "application/json"):
             self._reader = NdjsonReader()
         else:
             self._reader = JsonBody()

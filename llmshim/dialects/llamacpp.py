@@ -68,7 +68,8 @@ class LlamaCppDialect:
                 into.finish_reasons = ["length"]
             else:
                 into.finish_reasons = ["stop"]
-        timings = message.get("timings") if isinstance(message.get("timings"), dict) else {}
+        raw_timings = message.get("timings")
+        timings: dict[str, Any] = raw_timings if isinstance(raw_timings, dict) else {}
         for fields, attr in (
             (("tokens_evaluated", "prompt_n"), "input_tokens"),
             (("tokens_predicted", "predicted_n"), "output_tokens"),

@@ -84,7 +84,8 @@ def _prompt(body: dict[str, Any]) -> tuple[str, int]:
 
 
 def _limit(body: dict[str, Any]) -> int | None:
-    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    raw_options = body.get("options")
+    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     for value in (body.get("max_tokens"), body.get("max_completion_tokens"), body.get("max_output_tokens"),
                   body.get("n_predict"), options.get("num_predict")):
         if isinstance(value, int) and value >= 0:

@@ -1,0 +1,161 @@
+"""``llmshim demo``: llmshim doing its job under unmodified client code, against the bundled server.
+
+It starts the local LLM server, installs llmshim, and makes real calls the way applications do:
+the OpenAI SDK (sync, async, streaming; chat, embeddings, Responses), ``requests`` speaking
+Ollama's NDJSON, ``aiohttp`` speaking llama.cpp's SSE, ``httpx`` and the ``ollama`` client. Then it
+prints what llmshim saw of each call. A library that is not installed is skipped, with the
+command that installs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from . import install, off, on, uninstall
+from .policies.events import CallRecord
+from .testing import FakeLLMServer
+
+MSG = [{"role": "user", "content": "Name three colours of the rainbow"}]
+
+
+def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
+    """(title, module it needs, function) for each demo call."""
+    v1 = url + "/v1"
+
+    def openai_chat() -> Any:
+        import openai
+
+        with openai.OpenAI(base_url=v1, api_key="sk-demo") as client:
+            return client.chat.completions.create(model="gpt-4o-mini", messages=MSG).choices[0].message.content
+
+    def openai_stream() -> Any:
+        import openai
+
+        with openai.OpenAI(base_url=v1, api_key="sk-demo") as client:
+            stream = client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True,
+                                                    stream_options={"include_usage": True})
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    def openai_async_stream() -> Any:
+        import openai
+
+        async def go() -> str:
+            async with openai.AsyncOpenAI(base_url=v1, api_key="sk-demo") as client:
+                stream = await client.chat.completions.create(
+                    model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True})
+                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        return asyncio.run(go())
+
+    def openai_embeddings() -> Any:
+        import openai
+
+        with openai.OpenAI(base_url=v1, api_key="sk-demo") as client:
+            data = client.embeddings.create(model="text-embedding-3-small", input=["red", "green"]).data
+            return f"{len(data)} vectors of {len(data[0].embedding)}"
+
+    def openai_responses() -> Any:
+        import openai
+
+        with openai.OpenAI(base_url=v1, api_key="sk-demo") as client:
+            return client.responses.create(model="gpt-4.1", input="Say hi").output_text
+
+    def requests_ollama_stream() -> Any:
+        import requests
+
+        with requests.post(url + "/api/chat", json={"model": "llama3.2", "messages": MSG}, stream=True,
+                           timeout=10) as response:
+            return "".join(json.loads(line)["message"]["content"] for line in response.iter_lines() if line)
+
+    def requests_ollama_generate() -> Any:
+        import requests
+
+        body = {"model": "llama3.2", "prompt": "Why is the sky blue?", "stream": False}
+        return requests.post(url + "/api/generate", json=body, timeout=10).json()["response"]
+
+    def aiohttp_llamacpp_stream() -> Any:
+        import aiohttp
+
+        async def go() -> str:
+            text = []
+            async with aiohttp.ClientSession() as session, session.post(
+                    url + "/completion", json={"prompt": "Once upon a time", "stream": True, "n_predict": 16}) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        text.append(json.loads(line[6:])["content"])
+            return "".join(text)
+
+        return asyncio.run(go())
+
+    def httpx_ollama_embed() -> Any:
+        import httpx
+
+        body = {"model": "nomic-embed-text", "input": "a rainbow"}
+        return f"{len(httpx.post(url + '/api/embed', json=body).json()['embeddings'][0])} dims"
+
+    def ollama_client_chat() -> Any:
+        import ollama
+
+        with ollama.Client(host=url) as client:
+            return client.chat(model="llama3.2", messages=MSG).message.content
+
+    return [
+        ("OpenAI SDK chat", "openai", openai_chat),
+        ("OpenAI SDK chat, streamed", "openai", openai_stream),
+        ("AsyncOpenAI chat, streamed", "openai", openai_async_stream),
+        ("OpenAI SDK embeddings", "openai", openai_embeddings),
+        ("OpenAI SDK Responses API", "openai", openai_responses),
+        ("requests -> Ollama /api/chat (NDJSON)", "requests", requests_ollama_stream),
+        ("requests -> Ollama /api/generate", "requests", requests_ollama_generate),
+        ("aiohttp -> llama.cpp /completion (SSE)", "aiohttp", aiohttp_llamacpp_stream),
+        ("httpx -> Ollama /api/embed", "httpx", httpx_ollama_embed),
+        ("ollama client chat", "ollama", ollama_client_chat),
+    ]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def run(out: TextIO, chunk_delay: float = 0.005) -> int:
+    """Run the demo, writing to ``out``. Returns a process exit code (non-zero if a call failed)."""
+    seen: list[CallRecord] = []
+    on("call_completed", seen.append)
+    on("call_failed", seen.append)
+    failures = 0
+    with FakeLLMServer(chunk_delay=chunk_delay) as server:
+        install()
+        try:
+            out.write(f"llmshim demo: bundled LLM server on {server.url}, llmshim installed\n\n")
+            for title, module, step in _steps(server.url):
+                if importlib.util.find_spec(module) is None:
+                    out.write(f"  skipped {title}: `pip install {module}` to include it\n")
+                    continue
+                before = len(seen)
+                try:
+                    answer = step()
+                except Exception as exc:  # the demo reports and goes on
+                    failures += 1
+                    out.write(f"  FAILED {title}: {type(exc).__name__}: {exc}\n")
+                    continue
+                record = seen[before] if len(seen) > before else None
+                out.write(f"  {title}\n      answer: {str(answer)[:70]!r}\n")
+                if record is None:
+                    failures += 1
+                    out.write("      llmshim saw: nothing (this is a bug)\n")
+                    continue
+                out.write(
+                    f"      llmshim saw: {record.library} | {record.provider} {record.operation} "
+                    f"model={record.model or '-'} stream={str(record.stream).lower()} | "
+                    f"tokens in={record.input_tokens} out={record.output_tokens} | "
+                    f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | {record.outcome}\n")
+        finally:
+            uninstall()
+            off("call_completed", seen.append)
+            off("call_failed", seen.append)
+    out.write(f"\n{len(seen)} LLM calls seen by llmshim, {failures} failures\n")
+    return 1 if failures else 0
