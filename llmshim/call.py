@@ -10,8 +10,10 @@ library hands the response back. Policies learn how the body ended by subscribin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -40,7 +42,32 @@ class WireRequest:
 
     @property
     def path(self) -> str:
-        return urlsplit(self.url).path
+        """The URL's path, by string slicing: it runs for every request a patched library sends."""
+        url = self.url
+        start = url.find("/", url.find("//") + 2) if "//" in url else url.find("/")
+        if start < 0:
+            return "/"
+        end = len(url)
+        for mark in ("?", "#"):
+            found = url.find(mark, start)
+            if found >= 0:
+                end = min(end, found)
+        return url[start:end]
+
+    @property
+    def public_url(self) -> str:
+        """scheme://host:port/path: no user info, no query string (keys can hide in either)."""
+        url = self.url
+        cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+        head = url[:cut]
+        if "@" not in head:
+            return head
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        return f"{parts.scheme}://{netloc}{parts.path}"
 
     @property
     def server(self) -> tuple[str, int | None]:
@@ -50,16 +77,35 @@ class WireRequest:
         return parts.hostname or "", port
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class CallInfo:
-    """What a dialect recognised in a request."""
+    """What a dialect recognised in a request.
+
+    ``params`` (gen_ai.request.* names) is worked out on first use from ``param_source`` (the
+    request body, or Ollama's ``options``) and the dialect's ``param_names`` table: most calls
+    never need it, and every call pays for what is computed eagerly here.
+    """
 
     provider: str  # gen_ai.provider.name: openai | ollama | llama_cpp
     operation: str  # gen_ai.operation.name: chat | text_completion | embeddings
     endpoint: str  # the dialect's route, e.g. "chat/completions", "api/generate", "completion"
     model: str | None
     stream: bool
-    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    param_source: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    param_names: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        source = self.param_source
+        for field, attr in self.param_names.items():
+            value = source.get(field)
+            if value is None or attr in params:
+                continue
+            if attr in ("stop_sequences", "encoding_formats") and isinstance(value, str):
+                value = [value]
+            params[attr] = value
+        return params
 
 
 @dataclasses.dataclass(slots=True)
@@ -113,6 +159,12 @@ class Tap:
 
     def subscribe(self, observer: TapObserver) -> None:
         self._observers.append(observer)
+
+    def abort_when_collected(self, owner: Any) -> weakref.ref[Any]:
+        """A weak reference to ``owner`` (the library's response) that aborts this tap when the
+        response is garbage-collected unread. The caller keeps the returned reference alive on an
+        object the response owns; cheaper than weakref.finalize, and no reference cycle."""
+        return weakref.ref(owner, lambda _ref: self.abort(None))
 
     def release(self) -> None:
         """Deliver what was held, then pass everything straight through."""

@@ -19,7 +19,7 @@ from . import install, off, on, uninstall
 from .policies.events import CallRecord
 from .testing import FakeLLMServer
 
-MSG = [{"role": "user", "content": "Name three colours of the rainbow"}]
+MSG: Any = [{"role": "user", "content": "Name three colours of the rainbow"}]
 
 
 def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
@@ -74,7 +74,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
     def requests_ollama_generate() -> Any:
         import requests
 
-        body = {"model": "llama3.2", "prompt": "Why is the sky blue?", "stream": False}
+        body: Any = {"model": "llama3.2", "prompt": "Why is the sky blue?", "stream": False}
         return requests.post(url + "/api/generate", json=body, timeout=10).json()["response"]
 
     def aiohttp_llamacpp_stream() -> Any:
@@ -94,7 +94,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
     def httpx_ollama_embed() -> Any:
         import httpx
 
-        body = {"model": "nomic-embed-text", "input": "a rainbow"}
+        body: Any = {"model": "nomic-embed-text", "input": "a rainbow"}
         return f"{len(httpx.post(url + '/api/embed', json=body).json()['embeddings'][0])} dims"
 
     def ollama_client_chat() -> Any:

@@ -21,7 +21,9 @@ from ..runtime import STATE, begin
 
 __all__ = ["middlewares", "to_wire"]
 
-_taps: dict[int, Tap] = {}  # id(StreamReader) -> tap; StreamReader has __slots__ and no weakrefs
+# id(StreamReader) -> (tap, weak reference to its response). StreamReader has __slots__ and no
+# weakref slot, so the tap lives here until the body ends or the response is collected.
+_taps: dict[int, tuple[Tap, Any]] = {}
 
 
 def to_wire(request: Any) -> WireRequest | None:
@@ -38,9 +40,9 @@ def to_wire(request: Any) -> WireRequest | None:
 
 
 def _end(key: int, error: BaseException | None, completed: bool) -> None:
-    tap = _taps.pop(key, None)
-    if tap is not None:
-        tap.complete() if completed else tap.abort(error)
+    entry = _taps.pop(key, None)
+    if entry is not None:
+        entry[0].complete() if completed else entry[0].abort(error)
 
 
 _reader_class: type | None = None
@@ -56,9 +58,9 @@ def _tap_reader_class() -> type:
 
             def feed_data(self, data: bytes, *args: Any) -> Any:
                 result = super().feed_data(data, *args)
-                tap = _taps.get(id(self))
-                if tap is not None:
-                    tap.chunk(data)
+                entry = _taps.get(id(self))
+                if entry is not None:
+                    entry[0].chunk(data)
                 return result
 
             def feed_eof(self) -> None:
@@ -86,9 +88,9 @@ def _reply(response: Any) -> Reply:
     elif reader.exception() is not None:
         tap.abort(reader.exception())
     else:
-        _taps[id(reader)] = tap
+        key = id(reader)
+        _taps[key] = (tap, weakref.ref(response, lambda _ref: _end(key, None, False)))
         reader.__class__ = _tap_reader_class()
-        weakref.finalize(response, _end, id(reader), None, False)
     return Reply(response.status, response.headers, tap, response)
 
 

@@ -8,7 +8,6 @@ so the tap sees each piece as the caller reads it; the caller's own bytes are ne
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -119,8 +118,9 @@ def _streams(module: Any) -> tuple[type, type]:
 def _reply(response: Any, stream_class: type) -> Reply:
     tap = Tap()
     feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
-    response.stream = stream_class(response.stream, feed)
-    weakref.finalize(response, tap.abort, None)  # dropped unread: the call still ends
+    stream = stream_class(response.stream, feed)
+    stream._collected = tap.abort_when_collected(response)  # dropped unread: the call still ends
+    response.stream = stream
     return Reply(response.status_code, response.headers, tap, response)
 
 

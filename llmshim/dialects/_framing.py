@@ -15,10 +15,13 @@ from typing import Any
 __all__ = ["JsonBody", "NdjsonReader", "SseReader", "loads_object"]
 
 
+_decode = json.JSONDecoder().decode  # json.loads minus its per-call encoding sniffing and dispatch
+
+
 def loads_object(text: str | bytes) -> Any:
-    """json.loads that answers None instead of raising: a body llmshim cannot read is not an error."""
+    """Parse JSON, answering None instead of raising: a body llmshim cannot read is not an error."""
     try:
-        return json.loads(text)
+        return _decode(text.decode("utf-8") if isinstance(text, bytes) else text)
     except (ValueError, UnicodeDecodeError):
         return None
 

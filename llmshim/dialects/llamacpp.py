@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
-from .openai import request_params
 
 _ROUTES = {
     "/completion": ("completion", "text_completion"),
@@ -45,7 +44,7 @@ class LlamaCppDialect:
         return CallInfo(
             provider="llama_cpp", operation=operation, endpoint=endpoint,
             model=model if isinstance(model, str) else None,
-            stream=body.get("stream") is True, params=request_params(body, _PARAMS),
+            stream=body.get("stream") is True, param_source=body, param_names=_PARAMS,
         )
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:

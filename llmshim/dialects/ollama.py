@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
-from .openai import request_params
 
 _ROUTES = {
     "/api/chat": "chat",
@@ -42,7 +41,7 @@ class OllamaDialect:
                 return CallInfo(
                     provider="ollama", operation=operation, endpoint=route.lstrip("/"),
                     model=model if isinstance(model, str) else None, stream=streams,
-                    params=request_params(options, _OPTIONS) if isinstance(options, dict) else {},
+                    param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS,
                 )
         return None
 

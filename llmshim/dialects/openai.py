@@ -21,7 +21,7 @@ _ROUTES = (
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 
 # request body field -> gen_ai.request.* attribute suffix
-_PARAMS = {
+PARAMS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "max_tokens": "max_tokens",
@@ -35,19 +35,6 @@ _PARAMS = {
     "encoding_format": "encoding_formats",
     "dimensions": "embeddings.dimension.count",
 }
-
-
-def request_params(body: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    """Map known body fields to gen_ai.request.* names; stop/encoding become lists, as the spec wants."""
-    params: dict[str, Any] = {}
-    for field, attr in names.items():
-        value = body.get(field)
-        if value is None or attr in params:
-            continue
-        if attr in ("stop_sequences", "encoding_formats") and isinstance(value, str):
-            value = [value]
-        params[attr] = value
-    return params
 
 
 def _int(value: Any) -> int | None:
@@ -71,7 +58,7 @@ class OpenAIDialect:
                 return None  # a root /completions or /embeddings without a model is llama.cpp's
             return CallInfo(
                 provider="openai", operation=operation, endpoint=endpoint, model=model,
-                stream=body.get("stream") is True, params=request_params(body, _PARAMS),
+                stream=body.get("stream") is True, param_source=body, param_names=PARAMS,
             )
         return None
 

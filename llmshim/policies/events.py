@@ -14,7 +14,6 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Literal, overload
-from urllib.parse import urlsplit, urlunsplit
 
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler
@@ -55,7 +54,7 @@ class CallRecord:
         info, response = call.info, call.response
         return cls(
             event=event, provider=info.provider, operation=info.operation, model=info.model,
-            stream=info.stream, library=call.library, url=_public_url(call.request.url),
+            stream=info.stream, library=call.library, url=call.request.public_url,
             status=call.status,
             response_model=response.model if response else None,
             response_id=response.id if response else None,
@@ -78,15 +77,6 @@ def error_type(call: Call) -> str | None:
     if call.response is not None and call.response.error:
         return call.response.error
     return None
-
-
-def _public_url(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 _lock = threading.Lock()
