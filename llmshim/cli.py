@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -29,10 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from .adapters import PATCHES
 
         for module in sorted({p.module for p in PATCHES}):
-            try:
+            with contextlib.suppress(ImportError):
                 importlib.import_module(module)
-            except ImportError:
-                pass
         try:
             llmshim.install()
         except llmshim.ConfigError as exc:

@@ -1,0 +1,50 @@
+"""The README's front door works: the demo, the examples, the server's command line."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from llmshim import demo
+
+
+def test_demo_sees_every_library_and_dialect_with_tokens_counted() -> None:
+    out = io.StringIO()
+    assert demo.run(out, chunk_delay=0.0) == 0
+    text = out.getvalue()
+    assert "10 LLM calls seen by llmshim, 0 failures" in text
+    for seen in ("httpx2 | openai chat", "httpx2 | openai embeddings", "requests | ollama chat",
+                 "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
+                 "httpx | ollama embeddings", "httpx | ollama chat"):
+        assert seen in text, seen
+    assert "tokens in=None" not in text
+    assert text.count("| ok") == 10
+
+
+@pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])
+def test_examples_run_against_the_bundled_server(script: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_BASE_URL", "OLLAMA_HOST", "LLAMACPP_HOST")}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("[llmshim]") >= 2
+    assert "None in" not in done.stdout and "None+" not in done.stdout
+
+
+def test_cli_status_reports_patches() -> None:
+    done = subprocess.run([sys.executable, "-m", "llmshim", "status"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"requests.adapters.HTTPAdapter.send"' in done.stdout
+
+
+def test_cli_status_rejects_a_bad_setting() -> None:
+    env = {**os.environ, "LLMSHIM_LIBRARIES": "curl"}
+    done = subprocess.run([sys.executable, "-m", "llmshim", "status"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "LLMSHIM_LIBRARIES" in done.stderr and "'curl'" in done.stderr
