@@ -22,12 +22,12 @@ import aiohttp
 import openai
 import pytest
 import requests
-from conftest import SHARED_CASSETTES
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 
 import llmshim
+from conftest import SHARED_CASSETTES
 from llmshim.call import WireRequest
 from llmshim.dialects import detect
 from llmshim.testing import Answer, FakeLLMServer, Received

@@ -7,8 +7,8 @@ import json
 import textwrap
 
 import pytest
-from conftest import run_python
 
+from conftest import run_python
 from llmshim.testing import FakeLLMServer
 
 PRELUDE = """
