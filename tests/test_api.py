@@ -115,3 +115,28 @@ def test_every_option_is_documented_in_the_readme() -> None:
 def test_hook_registration_validates_event_name() -> None:
     with pytest.raises(ValueError, match="call_completed"):
         llmshim.on("call_done", print)  # type: ignore[arg-type]
+
+
+def test_concurrent_install_and_uninstall_never_double_patch() -> None:
+    import threading
+
+    from requests.adapters import HTTPAdapter
+
+    original = HTTPAdapter.__dict__["send"]
+    barrier = threading.Barrier(8)
+
+    def churn() -> None:
+        barrier.wait()
+        for _ in range(50):
+            llmshim.install()
+            llmshim.uninstall()
+
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert HTTPAdapter.__dict__["send"] is original
+    llmshim.install()
+    assert HTTPAdapter.__dict__["send"].__wrapped__ is original  # one layer, not a stack
+    llmshim.uninstall()
