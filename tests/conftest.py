@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_CASSETTES = ROOT.parent / "shared" / "cassettes"
 
 
+def _openai_library() -> str:
+    import openai
+
+    return "httpx2" if int(openai.__version__.split(".")[0]) >= 3 else "httpx"
+
+
+#: The library the OpenAI SDK speaks through: httpx2 for openai 3.x, httpx for 1.x and 2.x.
+OPENAI_LIBRARY = _openai_library()
+
+
 @pytest.fixture
 def server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer() as fake:

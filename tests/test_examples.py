@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import OPENAI_LIBRARY, ROOT
 from llmshim import demo
 
 
@@ -18,7 +18,7 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted() -> None:
     assert demo.run(out, chunk_delay=0.0) == 0
     text = out.getvalue()
     assert "10 LLM calls seen by llmshim, 0 failures" in text
-    for seen in ("httpx2 | openai chat", "httpx2 | openai embeddings", "requests | ollama chat",
+    for seen in (f"{OPENAI_LIBRARY} | openai chat", f"{OPENAI_LIBRARY} | openai embeddings", "requests | ollama chat",
                  "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
                  "httpx | ollama embeddings", "httpx | ollama chat"):
         assert seen in text, seen

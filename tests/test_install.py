@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_python
+from conftest import OPENAI_LIBRARY, run_python
 from llmshim.testing import FakeLLMServer
 
 PRELUDE = """
@@ -31,7 +31,7 @@ def call_all(url):
 """
 
 ALL_SEEN = [["requests", "ollama", "m", 3], ["httpx", "ollama", "m", 3], ["httpx2", "ollama", "m", 3],
-            ["aiohttp", "ollama", "m", 3], ["httpx2", "openai", "m", 3]]
+            ["aiohttp", "ollama", "m", 3], [OPENAI_LIBRARY, "openai", "m", 3]]
 
 
 def _script(body: str) -> str:
@@ -60,7 +60,7 @@ def test_sessions_and_clients_made_before_install_are_covered(server: FakeLLMSer
         client.close(); sdk.close(); session.close()
         print(json.dumps([s[0] for s in seen]))
     """))
-    assert json.loads(out) == ["requests", "httpx", "httpx2"]
+    assert json.loads(out) == ["requests", "httpx", OPENAI_LIBRARY]
 
 
 def test_install_twice_uninstall_twice_restores_exact_originals(server: FakeLLMServer) -> None:
@@ -157,6 +157,6 @@ print(json.dumps({{"same": recorded == replayed, "recorded": recorded_seen, "rep
 """))
     result = json.loads(out)
     assert result["same"] is True
-    expected = [["httpx2", "openai", "m", 4], ["requests", "ollama", "m", 4]]
+    expected = [[OPENAI_LIBRARY, "openai", "m", 4], ["requests", "ollama", "m", 4]]
     assert result["recorded"] == expected
     assert result["replayed"] == expected  # llmshim sits above vcrpy's stubs, so replays are seen too

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 import llmshim
+from conftest import OPENAI_LIBRARY
 from llmshim.testing import FakeLLMServer
 
 
@@ -36,6 +37,8 @@ class Expect:
     input_tokens: int | None
     output_tokens: int | None
 
+
+SDK = OPENAI_LIBRARY
 
 Scenario = Callable[[FakeLLMServer], Any]
 SCENARIOS: dict[str, tuple[Scenario, Expect]] = {}
@@ -66,13 +69,13 @@ MSG = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "s
 
 # -- OpenAI SDK (httpx2), sync ------------------------------------------------------------------
 
-@scenario("openai-sync-chat", Expect("httpx2", "openai", "chat", "gpt-4o", False, 5, 4))
+@scenario("openai-sync-chat", Expect(SDK, "openai", "chat", "gpt-4o", False, 5, 4))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         return _dump(client.chat.completions.create(model="gpt-4o", messages=MSG, temperature=0.2))
 
 
-@scenario("openai-sync-chat-stream", Expect("httpx2", "openai", "chat", "gpt-4o", True, 5, 4))
+@scenario("openai-sync-chat-stream", Expect(SDK, "openai", "chat", "gpt-4o", True, 5, 4))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         stream = client.chat.completions.create(
@@ -80,14 +83,14 @@ def _(server: FakeLLMServer) -> Any:
         return [_dump(chunk) for chunk in stream]
 
 
-@scenario("openai-sync-completions", Expect("httpx2", "openai", "text_completion", "gpt-3.5-turbo-instruct",
+@scenario("openai-sync-completions", Expect(SDK, "openai", "text_completion", "gpt-3.5-turbo-instruct",
                                             False, 2, 2))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         return _dump(client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hello there", max_tokens=2))
 
 
-@scenario("openai-sync-completions-stream", Expect("httpx2", "openai", "text_completion",
+@scenario("openai-sync-completions-stream", Expect(SDK, "openai", "text_completion",
                                                    "gpt-3.5-turbo-instruct", True, None, None))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
@@ -95,27 +98,27 @@ def _(server: FakeLLMServer) -> Any:
         return [_dump(chunk) for chunk in stream]
 
 
-@scenario("openai-sync-embeddings", Expect("httpx2", "openai", "embeddings", "text-embedding-3-small",
+@scenario("openai-sync-embeddings", Expect(SDK, "openai", "embeddings", "text-embedding-3-small",
                                            False, 5, None))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         return _dump(client.embeddings.create(model="text-embedding-3-small", input=["a b c", "d e"]))
 
 
-@scenario("openai-sync-responses", Expect("httpx2", "openai", "chat", "gpt-4.1", False, 3, 4))
+@scenario("openai-sync-responses", Expect(SDK, "openai", "chat", "gpt-4.1", False, 3, 4))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         return _dump(client.responses.create(model="gpt-4.1", input="tell me something"))
 
 
-@scenario("openai-sync-responses-stream", Expect("httpx2", "openai", "chat", "gpt-4.1", True, 3, 4))
+@scenario("openai-sync-responses-stream", Expect(SDK, "openai", "chat", "gpt-4.1", True, 3, 4))
 def _(server: FakeLLMServer) -> Any:
     with _oai(server) as client:
         stream = client.responses.create(model="gpt-4.1", input="tell me something", stream=True)
         return [_dump(event) for event in stream]
 
 
-@scenario("openai-sync-chat-via-ollama-v1", Expect("httpx2", "openai", "chat", "llama3.2", False, 5, 4))
+@scenario("openai-sync-chat-via-ollama-v1", Expect(SDK, "openai", "chat", "llama3.2", False, 5, 4))
 def _(server: FakeLLMServer) -> Any:
     with openai.OpenAI(base_url=server.url + "/ollama/v1", api_key="ollama", max_retries=0) as client:
         return _dump(client.chat.completions.create(model="llama3.2", messages=MSG))
@@ -123,7 +126,7 @@ def _(server: FakeLLMServer) -> Any:
 
 # -- OpenAI SDK (httpx2), async -----------------------------------------------------------------
 
-@scenario("openai-async-chat", Expect("httpx2", "openai", "chat", "gpt-4o-mini", False, 5, 4))
+@scenario("openai-async-chat", Expect(SDK, "openai", "chat", "gpt-4o-mini", False, 5, 4))
 def _(server: FakeLLMServer) -> Any:
     async def go() -> Any:
         async with _aoai(server) as client:
@@ -131,7 +134,7 @@ def _(server: FakeLLMServer) -> Any:
     return asyncio.run(go())
 
 
-@scenario("openai-async-chat-stream", Expect("httpx2", "openai", "chat", "gpt-4o-mini", True, 5, 4))
+@scenario("openai-async-chat-stream", Expect(SDK, "openai", "chat", "gpt-4o-mini", True, 5, 4))
 def _(server: FakeLLMServer) -> Any:
     async def go() -> Any:
         async with _aoai(server) as client:
@@ -141,7 +144,7 @@ def _(server: FakeLLMServer) -> Any:
     return asyncio.run(go())
 
 
-@scenario("openai-async-responses-stream", Expect("httpx2", "openai", "chat", "gpt-4.1", True, 3, 4))
+@scenario("openai-async-responses-stream", Expect(SDK, "openai", "chat", "gpt-4.1", True, 3, 4))
 def _(server: FakeLLMServer) -> Any:
     async def go() -> Any:
         async with _aoai(server) as client:
@@ -150,7 +153,7 @@ def _(server: FakeLLMServer) -> Any:
     return asyncio.run(go())
 
 
-@scenario("openai-async-embeddings", Expect("httpx2", "openai", "embeddings", "text-embedding-3-small",
+@scenario("openai-async-embeddings", Expect(SDK, "openai", "embeddings", "text-embedding-3-small",
                                             False, 1, None))
 def _(server: FakeLLMServer) -> Any:
     async def go() -> Any:
