@@ -18,6 +18,7 @@ from typing import Any
 from . import adapters, config
 from .config import ConfigError, Settings
 from .policies.events import CallRecord, off, on
+from .policies.stats import STATS
 from .runtime import STATE, build_pipeline
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "is_installed",
     "off",
     "on",
+    "stats",
     "status",
     "uninstall",
 ]
@@ -41,12 +43,13 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 _lock = threading.Lock()
 
 
-def install(**overrides: Any) -> Settings:
+def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overrides: Any) -> Settings:
     """Patch the client libraries and start handling LLM calls. Idempotent and thread-safe.
 
     Settings come from ``LLMSHIM_*`` environment variables; keyword ``overrides`` (field names of
     :class:`Settings`) win. A malformed value raises :class:`ConfigError` here, never later. A
-    second call applies the new settings in place. Returns the effective settings.
+    second call applies the new settings in place. ``tracer_provider`` / ``meter_provider``:
+    OpenTelemetry providers to use instead of the global ones. Returns the effective settings.
     """
     settings = config.load(**overrides)
     with _lock:
@@ -56,7 +59,7 @@ def install(**overrides: Any) -> Settings:
             return settings
         if STATE.active and settings.libraries != STATE.settings.libraries:
             _uninstall_locked()  # a different set of libraries: re-patch from scratch
-        STATE.pipeline = build_pipeline(settings)
+        STATE.pipeline = build_pipeline(settings, tracer_provider, meter_provider)
         STATE.settings = settings
         STATE.active = True
         adapters.apply_all()
@@ -76,6 +79,15 @@ def _uninstall_locked() -> None:
 
 def is_installed() -> bool:
     return STATE.active
+
+
+def stats(reset: bool = False) -> dict[str, Any]:
+    """In-process counters since start (or the last reset): calls, outcomes, cache, throttling,
+    retries, average latency, tokens in/out and saved, per provider/model."""
+    snapshot = STATS.snapshot()
+    if reset:
+        STATS.reset()
+    return snapshot
 
 
 def status() -> dict[str, Any]:

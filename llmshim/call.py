@@ -93,6 +93,7 @@ class CallInfo:
     stream: bool
     param_source: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    body: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def params(self) -> dict[str, Any]:
@@ -124,6 +125,15 @@ class ResponseInfo:
     usage: Usage = dataclasses.field(default_factory=Usage)
     done: bool = False  # the dialect's done marker was seen ([DONE], "done": true, "stop": true, ...)
     error: str | None = None  # an error event inside a 2xx body (mid-stream error)
+    output: list[str] | None = None  # the answer's text pieces, collected only when content is captured
+    chunks: int = 0  # messages read (SSE events, NDJSON lines; 1 for a whole body)
+
+    def add_text(self, text: Any) -> None:
+        if self.output is not None and isinstance(text, str) and text:
+            self.output.append(text)
+
+
+_WATCHED: set[weakref.ref[Any]] = set()  # see Tap.abort_when_collected
 
 
 class TapObserver(Protocol):
@@ -148,9 +158,10 @@ class Tap:
     way out of the pipeline have subscribed. The pipeline releases the tap once all have.
     """
 
-    __slots__ = ("_held", "_observers", "ended", "first_chunk_at", "opaque_body")
+    __slots__ = ("_held", "_observers", "_ref", "ended", "first_chunk_at", "opaque_body")
 
     def __init__(self) -> None:
+        self._ref: weakref.ref[Any] | None = None
         self._observers: list[TapObserver] = []
         self._held: list[bytes | tuple[BaseException | None, bool]] | None = []
         self.ended = False
@@ -160,11 +171,20 @@ class Tap:
     def subscribe(self, observer: TapObserver) -> None:
         self._observers.append(observer)
 
-    def abort_when_collected(self, owner: Any) -> weakref.ref[Any]:
-        """A weak reference to ``owner`` (the library's response) that aborts this tap when the
-        response is garbage-collected unread. The caller keeps the returned reference alive on an
-        object the response owns; cheaper than weakref.finalize, and no reference cycle."""
-        return weakref.ref(owner, lambda _ref: self.abort(None))
+    def abort_when_collected(self, owner: Any) -> None:
+        """Abort this tap if ``owner`` (the library's response) is garbage-collected unread.
+
+        The weak reference lives in a module-level registry until the body ends or the response
+        dies: a weakref that is itself garbage (say, stored on an object in the response's own
+        reference cycle) is cleared by the cyclic collector *without* calling its callback. This is
+        weakref.finalize's idea, without its per-call bookkeeping."""
+        ref = weakref.ref(owner, self._collected)
+        self._ref = ref
+        _WATCHED.add(ref)
+
+    def _collected(self, ref: weakref.ref[Any]) -> None:
+        _WATCHED.discard(ref)
+        self.abort(None)
 
     def release(self) -> None:
         """Deliver what was held, then pass everything straight through."""
@@ -208,6 +228,9 @@ class Tap:
         if self.ended:
             return
         self.ended = True
+        if self._ref is not None:
+            _WATCHED.discard(self._ref)
+            self._ref = None
         if self._held is not None:
             self._held.append((error, completed))
             return
@@ -250,6 +273,8 @@ class Call:
     first_chunk_at: float | None = None
     error: BaseException | None = None
     outcome: str | None = None  # "ok" | "error" | "aborted"
+    capture_content: bool = False  # set by telemetry before sending: read the answer's text too
+    chunk_times: list[float] | None = None  # arrival of each body piece, kept when telemetry asks
 
     @property
     def duration(self) -> float | None:

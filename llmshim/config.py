@@ -75,9 +75,27 @@ OPTIONS: tuple[Option, ...] = (
         f"all, none, or a comma-separated subset of {', '.join(LIBRARIES)}",
         "Which client libraries to patch. The OpenAI SDK 3.x rides on httpx2; openai<3 and ollama on httpx.",
     ),
+    Option(
+        "telemetry", "LLMSHIM_TELEMETRY", _parse_bool, "true", "true/false (also 1/0, yes/no, on/off)",
+        "OpenTelemetry spans and metrics for every LLM call, through the application's providers.",
+    ),
+    Option(
+        "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
+        "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
+        "for `llmshim stats`. Empty: no file.",
+    ),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _parse_path(raw: Any) -> str | None:
+    text = str(raw).strip() if raw is not None else ""
+    if not text:
+        return None
+    if "\0" in text:
+        raise ValueError("a file path")
+    return os.path.expanduser(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +104,8 @@ class Settings:
 
     enabled: bool = True
     libraries: frozenset[str] = frozenset(LIBRARIES)
+    telemetry: bool = True
+    stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:
         """The settings as plain values for display, secrets replaced by ``***``."""

@@ -34,29 +34,35 @@ class Policy(Protocol):
 
 
 class ResponseTracker:
-    """Reads one reply's body through the call's dialect and records how the call ended."""
+    """Reads one reply's body through the call's dialect and records how the call ended.
 
-    __slots__ = ("_call", "_parser", "_reply")
+    Holds the tap, never the reply: the reply carries the library's response object, and a tap
+    observer that reached it would keep an unread response alive (the tap is reachable from
+    the registry that notices responses dropped unread)."""
+
+    __slots__ = ("_call", "_parser", "_tap")
 
     def __init__(self, call: Call, reply: Reply) -> None:
-        self._call, self._reply = call, reply
+        self._call, self._tap = call, reply.tap
         call.status = reply.status
         ok = 200 <= reply.status < 300
         content_type = reply.headers.get("content-type")
-        self._parser = BodyParser(call.dialect, call.info, content_type) if ok else None
+        self._parser = BodyParser(call.dialect, call.info, content_type, call.capture_content) if ok else None
 
     def on_chunk(self, data: bytes) -> None:
+        if self._call.chunk_times is not None:
+            self._call.chunk_times.append(time.perf_counter())
         if self._parser is not None:
             self._parser.feed(data)
 
     def on_complete(self) -> None:
         call = self._call
         call.ended_at = time.perf_counter()
-        call.first_chunk_at = self._reply.tap.first_chunk_at
+        call.first_chunk_at = self._tap.first_chunk_at
         if self._parser is None:
             call.outcome = "error"
             return
-        if self._reply.tap.opaque_body:
+        if self._tap.opaque_body:
             call.outcome = "ok"  # status says success; the body could not be read for details
             return
         call.response = info = self._parser.finish()
@@ -64,14 +70,14 @@ class ResponseTracker:
 
     def on_abort(self, error: BaseException | None) -> None:
         parser = self._parser
-        if error is None and parser is not None and parser.result.done and not self._reply.tap.opaque_body:
+        if error is None and parser is not None and parser.result.done and not self._tap.opaque_body:
             # Closed without an error after the done marker: SDKs stop reading at `[DONE]` and
             # close, leaving only the chunked terminator unread. That call completed.
             self.on_complete()
             return
         call = self._call
         call.ended_at = time.perf_counter()
-        call.first_chunk_at = self._reply.tap.first_chunk_at
+        call.first_chunk_at = self._tap.first_chunk_at
         call.error = error
         call.outcome = "aborted"
 

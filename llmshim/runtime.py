@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from .call import Call, WireRequest
 from .config import Settings
@@ -17,6 +18,7 @@ from .context import in_call
 from .dialects import detect
 from .pipeline import Pipeline
 from .policies.events import EventsPolicy
+from .policies.stats import STATS, StatsPolicy
 
 __all__ = ["STATE", "State", "begin", "build_pipeline"]
 
@@ -35,9 +37,17 @@ class State:
 STATE = State()
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """The policy chain for these settings, outermost first."""
-    return Pipeline([EventsPolicy()])
+def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provider: Any = None) -> Pipeline:
+    """The policy chain for these settings, outermost first: telemetry wraps everything, so the
+    span is current while hooks run and while every wire attempt is made."""
+    policies: list[Any] = []
+    if settings.telemetry:
+        from .policies.telemetry import TelemetryPolicy
+
+        policies.append(TelemetryPolicy(tracer_provider, meter_provider))
+    policies += [StatsPolicy(), EventsPolicy()]
+    STATS.write_to(settings.stats_file)
+    return Pipeline(policies)
 
 
 def begin(library: str, to_wire: Callable[[], WireRequest | None]) -> Call | None:

@@ -10,7 +10,7 @@ from llmshim import config
 
 PUBLIC = [
     "CallRecord", "ConfigError", "Settings", "__version__", "install", "is_installed", "off", "on",
-    "status", "uninstall",
+    "stats", "status", "uninstall",
 ]
 
 
@@ -55,7 +55,8 @@ def test_status_reports_patched_attributes_and_versions(shim: None) -> None:
     lib = info["libraries"]["requests"]
     assert lib["version"] == requests.__version__
     assert lib["patched"] == ["requests.adapters.HTTPAdapter.send"]
-    assert info["settings"] == {"enabled": True, "libraries": ["aiohttp", "httpx", "httpx2", "requests"]}
+    assert info["settings"] == {"enabled": True, "libraries": ["aiohttp", "httpx", "httpx2", "requests"],
+                                "telemetry": True, "stats_file": None}
 
 
 def test_disabled_by_environment_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

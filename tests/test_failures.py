@@ -215,3 +215,28 @@ def test_hook_records_carry_no_secrets(server: FakeLLMServer, shim: None,
     for record in records:
         text = repr(record)
         assert "sk-very-secret" not in text and "pw@" not in text and "key=q" not in text
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_llmshim_keeps_no_response_alive(server: FakeLLMServer, shim: None,
+                                        records: list[llmshim.CallRecord]) -> None:
+    """Responses dropped unread are collected (and their calls end); finished ones leave nothing
+    behind in llmshim's registry of watched responses."""
+    import weakref
+
+    from llmshim import call as call_module
+
+    body = {"model": "m", "messages": MSG}
+    dropped = [requests.post(server.url + "/api/chat", json=body, stream=True, timeout=5)]
+    client = httpx.Client()
+    dropped.append(client.send(client.build_request("POST", server.url + "/api/chat", json=body), stream=True))
+    refs = [weakref.ref(r) for r in dropped]
+    del dropped
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert [r.outcome for r in records if r.event == "call_failed"] == ["aborted", "aborted"]
+    client.close()
+    for _ in range(3):
+        requests.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=5).json()
+    gc.collect()
+    assert set() == call_module._WATCHED

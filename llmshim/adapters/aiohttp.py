@@ -13,7 +13,6 @@ error ends the call. Whatever arrived together with the headers is taken from th
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from ..call import Call, Reply, Tap, WireRequest
@@ -21,9 +20,9 @@ from ..runtime import STATE, begin
 
 __all__ = ["middlewares", "to_wire"]
 
-# id(StreamReader) -> (tap, weak reference to its response). StreamReader has __slots__ and no
-# weakref slot, so the tap lives here until the body ends or the response is collected.
-_taps: dict[int, tuple[Tap, Any]] = {}
+# id(StreamReader) -> tap. StreamReader has __slots__ and no weakref slot, so the tap lives here
+# until the body ends or the response is collected.
+_taps: dict[int, Tap] = {}
 
 
 def to_wire(request: Any) -> WireRequest | None:
@@ -40,9 +39,9 @@ def to_wire(request: Any) -> WireRequest | None:
 
 
 def _end(key: int, error: BaseException | None, completed: bool) -> None:
-    entry = _taps.pop(key, None)
-    if entry is not None:
-        entry[0].complete() if completed else entry[0].abort(error)
+    tap = _taps.pop(key, None)
+    if tap is not None:
+        tap.complete() if completed else tap.abort(error)
 
 
 _reader_class: type | None = None
@@ -58,9 +57,9 @@ def _tap_reader_class() -> type:
 
             def feed_data(self, data: bytes, *args: Any) -> Any:
                 result = super().feed_data(data, *args)
-                entry = _taps.get(id(self))
-                if entry is not None:
-                    entry[0].chunk(data)
+                tap = _taps.get(id(self))
+                if tap is not None:
+                    tap.chunk(data)
                 return result
 
             def feed_eof(self) -> None:
@@ -89,9 +88,27 @@ def _reply(response: Any) -> Reply:
         tap.abort(reader.exception())
     else:
         key = id(reader)
-        _taps[key] = (tap, weakref.ref(response, lambda _ref: _end(key, None, False)))
+        _taps[key] = tap
+        tap.abort_when_collected(response)
+        tap.subscribe(_Forget(key))  # however the tap ends, drop its entry here
         reader.__class__ = _tap_reader_class()
     return Reply(response.status, response.headers, tap, response)
+
+
+class _Forget:
+    __slots__ = ("_key",)
+
+    def __init__(self, key: int) -> None:
+        self._key = key
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        _taps.pop(self._key, None)
+
+    def on_abort(self, error: BaseException | None) -> None:
+        _taps.pop(self._key, None)
 
 
 async def _middleware(request: Any, handler: Any) -> Any:

@@ -118,9 +118,8 @@ def _streams(module: Any) -> tuple[type, type]:
 def _reply(response: Any, stream_class: type) -> Reply:
     tap = Tap()
     feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
-    stream = stream_class(response.stream, feed)
-    stream._collected = tap.abort_when_collected(response)  # dropped unread: the call still ends
-    response.stream = stream
+    response.stream = stream_class(response.stream, feed)
+    tap.abort_when_collected(response)  # dropped unread: the call still ends
     return Reply(response.status_code, response.headers, tap, response)
 
 

@@ -32,11 +32,10 @@ class _RawTap:
     """Shadows read/stream/close on one urllib3 response. ``stream()`` calls ``self.read()``
     internally; ``_streaming`` keeps those inner reads from being counted twice."""
 
-    __slots__ = ("_close", "_collected", "_encoded", "_read", "_stream", "_streaming", "raw", "tap")
+    __slots__ = ("_close", "_encoded", "_read", "_stream", "_streaming", "raw", "tap")
 
     def __init__(self, raw: Any, tap: Tap) -> None:
         self.raw, self.tap, self._streaming = raw, tap, False
-        self._collected: Any = None
         self._read, self._stream, self._close = raw.read, raw.stream, raw.close
         encoding = (raw.headers.get("content-encoding") or "identity").strip().lower()
         self._encoded = encoding not in ("identity", "")
@@ -99,8 +98,8 @@ def send_wrapper(module: Any, original: Any) -> Any:
         def send_wire(call: Call) -> Reply:
             response = original(self, request, *args, **kwargs)
             tap = Tap()
-            raw_tap = _RawTap(response.raw, tap)
-            raw_tap._collected = tap.abort_when_collected(response)  # dropped unread: the call ends
+            _RawTap(response.raw, tap)
+            tap.abort_when_collected(response)  # dropped unread: the call still ends
             return Reply(response.status_code, response.headers, tap, response)
 
         return STATE.pipeline.run(call, send_wire).native

@@ -37,8 +37,10 @@ class BodyParser:
     answer errors as plain JSON even to a streamed request.
     """
 
-    def __init__(self, dialect: Dialect, info: CallInfo, content_type: str | None) -> None:
+    def __init__(self, dialect: Dialect, info: CallInfo, content_type: str | None, capture: bool = False) -> None:
         self.dialect, self.call_info, self.result = dialect, info, ResponseInfo()
+        if capture:
+            self.result.output = []
         kind = (content_type or "").split(";")[0].strip().lower()
         self._reader: SseReader | NdjsonReader | JsonBody
         if kind == "text/event-stream":
@@ -66,6 +68,7 @@ class BodyParser:
                 message = loads_object(data)
                 if message is None:
                     continue
+            self.result.chunks += 1
             self.dialect.absorb(self.call_info, message, event, self.result)
 
 

@@ -44,7 +44,7 @@ class LlamaCppDialect:
         return CallInfo(
             provider="llama_cpp", operation=operation, endpoint=endpoint,
             model=model if isinstance(model, str) else None,
-            stream=body.get("stream") is True, param_source=body, param_names=_PARAMS,
+            stream=body.get("stream") is True, param_source=body, param_names=_PARAMS, body=body,
         )
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
@@ -58,6 +58,7 @@ class LlamaCppDialect:
             return
         if isinstance(message.get("model"), str):
             into.model = message["model"]
+        into.add_text(message.get("content"))
         if message.get("stop") is True or not info.stream:
             into.done = True
             stop_type = message.get("stop_type")

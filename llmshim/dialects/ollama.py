@@ -41,7 +41,7 @@ class OllamaDialect:
                 return CallInfo(
                     provider="ollama", operation=operation, endpoint=route.lstrip("/"),
                     model=model if isinstance(model, str) else None, stream=streams,
-                    param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS,
+                    param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS, body=body,
                 )
         return None
 
@@ -55,6 +55,9 @@ class OllamaDialect:
             into.model = message["model"]
         if info.operation == "embeddings":
             into.done = True
+        elif into.output is not None:
+            chat_message = message.get("message")
+            into.add_text(chat_message.get("content") if isinstance(chat_message, dict) else message.get("response"))
         if message.get("done") is True:
             into.done = True
             reason = message.get("done_reason")

@@ -58,7 +58,7 @@ class OpenAIDialect:
                 return None  # a root /completions or /embeddings without a model is llama.cpp's
             return CallInfo(
                 provider="openai", operation=operation, endpoint=endpoint, model=model,
-                stream=body.get("stream") is True, param_source=body, param_names=PARAMS,
+                stream=body.get("stream") is True, param_source=body, param_names=PARAMS, body=body,
             )
         return None
 
@@ -76,9 +76,14 @@ class OpenAIDialect:
         if isinstance(message.get("id"), str):
             into.id = message["id"]
         for choice in message.get("choices") or ():
-            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict):
+                continue
+            reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 into.finish_reasons.append(reason)
+            if into.output is not None:
+                part = choice.get("message") or choice.get("delta")
+                into.add_text(part.get("content") if isinstance(part, dict) else choice.get("text"))
         self._usage(message.get("usage"), into)
         if not info.stream:
             into.done = True  # a whole JSON body that parsed is complete
@@ -87,6 +92,9 @@ class OpenAIDialect:
         kind = message.get("type")
         if kind == "error":
             into.error = _error_type(message)
+            return
+        if kind == "response.output_text.delta":
+            into.add_text(message.get("delta"))
             return
         response = message.get("response") if isinstance(kind, str) else message
         if not isinstance(response, dict):
@@ -107,6 +115,11 @@ class OpenAIDialect:
             if status in ("completed", "incomplete"):
                 into.done = True
             self._usage(response.get("usage"), into)
+            if kind is None and into.output is not None:  # a whole response: its text is in `output`
+                for item in response.get("output") or ():
+                    for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+                        if isinstance(part, dict) and part.get("type") == "output_text":
+                            into.add_text(part.get("text"))
 
     @staticmethod
     def _usage(usage: Any, into: ResponseInfo) -> None:

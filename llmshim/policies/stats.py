@@ -1,0 +1,141 @@
+"""``llmshim.stats()``: in-process counters, the numbers the seed projects' users read.
+
+total calls, completed, failed, aborted, cache hits/misses, throttled calls, retries, average
+latency, tokens in and out, tokens saved by the cache, per provider and model too. Cheap enough to
+be always on: one lock-protected update when a call ends. With ``LLMSHIM_STATS_FILE`` set, a JSON
+snapshot is written there (atomically, at most once a second, and at exit) for ``llmshim stats``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from ..call import Call, Reply
+from ..pipeline import AsyncHandler, Handler
+
+__all__ = ["STATS", "Stats", "StatsPolicy"]
+
+_FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "throttled_calls",
+           "retries", "input_tokens", "output_tokens", "tokens_saved")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._written = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts: dict[str, int] = dict.fromkeys(_FIELDS, 0)
+            self._latency_total = 0.0
+            self._latency_count = 0
+            self._models: dict[str, dict[str, int]] = {}
+            self._started = time.time()
+
+    def add(self, **increments: int) -> None:
+        """Count events from other policies (cache_hits=1, retries=1, throttled_calls=1, ...)."""
+        with self._lock:
+            for name, value in increments.items():
+                self._counts[name] += value
+
+    def call_started(self) -> None:
+        with self._lock:
+            self._counts["total_calls"] += 1
+
+    def call_ended(self, call: Call) -> None:
+        outcome = {"ok": "completed", "aborted": "aborted"}.get(call.outcome or "", "failed")
+        usage = call.response.usage if call.response is not None else None
+        key = f"{call.info.provider}/{call.info.model or '-'}"
+        with self._lock:
+            self._counts[outcome] += 1
+            if call.duration is not None:
+                self._latency_total += call.duration
+                self._latency_count += 1
+            model = self._models.setdefault(key, {"calls": 0, "input_tokens": 0, "output_tokens": 0})
+            model["calls"] += 1
+            if usage is not None:
+                self._counts["input_tokens"] += usage.input_tokens or 0
+                self._counts["output_tokens"] += usage.output_tokens or 0
+                model["input_tokens"] += usage.input_tokens or 0
+                model["output_tokens"] += usage.output_tokens or 0
+        if self._path is not None and time.monotonic() - self._written >= 1.0:
+            self.write()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            looked_up = counts["cache_hits"] + counts["cache_misses"]
+            return {
+                **counts,
+                "average_latency_s": self._latency_total / self._latency_count if self._latency_count else None,
+                "cache_hit_rate": counts["cache_hits"] / looked_up if looked_up else None,
+                "by_model": {k: dict(v) for k, v in sorted(self._models.items())},
+                "since": self._started,
+                "pid": os.getpid(),
+            }
+
+    def write_to(self, path: str | None) -> None:
+        self._path = path
+        if path is not None:
+            atexit.register(self.write)
+
+    def write(self) -> None:
+        path = self._path
+        if path is None:
+            return
+        self._written = time.monotonic()
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as handle:
+                json.dump(self.snapshot(), handle)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a stats file we cannot write never affects a call
+
+
+STATS = Stats()
+
+
+class _End:
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        STATS.call_ended(self._call)
+
+    def on_abort(self, error: BaseException | None) -> None:
+        STATS.call_ended(self._call)
+
+
+class StatsPolicy:
+    def handle(self, call: Call, next: Handler) -> Reply:
+        STATS.call_started()
+        try:
+            reply = next(call)
+        except BaseException:
+            STATS.call_ended(call)
+            raise
+        reply.tap.subscribe(_End(call))
+        return reply
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        STATS.call_started()
+        try:
+            reply = await anext(call)
+        except BaseException:
+            STATS.call_ended(call)
+            raise
+        reply.tap.subscribe(_End(call))
+        return reply

@@ -1,0 +1,343 @@
+"""OpenTelemetry, following the GenAI semantic conventions: one CLIENT span and the client metrics
+for every LLM call, whatever library made it and whatever dialect it speaks.
+
+Flow. ``handle`` starts the span as a child of the caller's current context, with the attributes
+samplers look at (operation, provider, model, server) set at start, and makes it current while the
+request is sent, so HTTP client spans of OpenTelemetry's httpx/requests/aiohttp instrumentations
+nest under it. It then subscribes to the reply's body tap; the span and the duration run to the
+end of the body (the last chunk of a stream), where usage, response model and finish reasons are
+known. An early close or garbage collection ends the span too, exactly once (the tap guarantees
+it), marked ``llmshim.outcome=aborted``.
+
+Cost. With no SDK providers configured (the API's proxies), the policy is a pass-through. Every
+exporter or processor failure is caught: it becomes a warning and ``llmshim.telemetry.errors``,
+never an exception in the caller's call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ..call import Call, Reply
+from ..pipeline import AsyncHandler, Handler
+
+__all__ = ["CONTENT_ENV", "Instruments", "TelemetryPolicy", "content_capture_mode"]
+
+log = logging.getLogger("llmshim")
+
+CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+# Explicit bucket boundaries from the GenAI metrics conventions.
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
+FIRST_CHUNK_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+PER_CHUNK_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+
+
+def content_capture_mode(environ: Mapping[str, str] | None = None) -> tuple[bool, bool]:
+    """(on the span, as a span event) from OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT:
+    ``true``/``SPAN_ONLY`` → span attributes, ``EVENT_ONLY`` → an event, ``SPAN_AND_EVENT`` → both;
+    unset, ``false`` or ``NO_CONTENT`` → nothing (the default: prompts can be sensitive)."""
+    value = (environ if environ is not None else os.environ).get(CONTENT_ENV, "").strip().upper()
+    return value in ("TRUE", "1", "SPAN_ONLY", "SPAN_AND_EVENT"), value in ("EVENT_ONLY", "SPAN_AND_EVENT")
+
+
+class Instruments:
+    """The metric instruments, created once per meter provider. Names are part of the contract."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.tokens = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s",
+            description="Time to receive the first chunk of a streamed response.",
+            explicit_bucket_boundaries_advisory=FIRST_CHUNK_BUCKETS)
+        self.per_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_per_output_chunk", unit="s",
+            description="Time between consecutive chunks of a streamed response.",
+            explicit_bucket_boundaries_advisory=PER_CHUNK_BUCKETS)
+        # llmshim's own, named now so that the cache, retry and rate-limit policies fill them in.
+        self.cache_hits = meter.create_counter("llmshim.cache.hits", unit="{call}", description="Cache hits.")
+        self.cache_misses = meter.create_counter("llmshim.cache.misses", unit="{call}", description="Cache misses.")
+        self.cache_errors = meter.create_counter(
+            "llmshim.cache.errors", unit="{error}", description="Cache store failures (the call went on).")
+        self.retry_attempts = meter.create_counter(
+            "llmshim.retry.attempts", unit="{attempt}", description="Retried wire attempts.")
+        self.ratelimit_wait = meter.create_histogram(
+            "llmshim.ratelimit.wait", unit="s", description="Time a call waited for rate-limit permits.",
+            explicit_bucket_boundaries_advisory=FIRST_CHUNK_BUCKETS)
+        self.telemetry_errors = meter.create_counter(
+            "llmshim.telemetry.errors", unit="{error}",
+            description="Failures of span processors or exporters, caught by llmshim.")
+
+
+def _start_attributes(call: Call) -> dict[str, Any]:
+    info = call.info
+    host, port = call.request.server
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": info.operation,
+        "gen_ai.provider.name": info.provider,
+        "server.address": host,
+        "gen_ai.request.stream": info.stream,
+        "llmshim.client.library": call.library,
+    }
+    if port is not None:
+        attributes["server.port"] = port
+    if info.model:
+        attributes["gen_ai.request.model"] = info.model
+    for name, value in info.params.items():
+        if isinstance(value, (str, bool, int, float)) or (
+                isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value)):
+            attributes[f"gen_ai.request.{name}"] = value
+    return attributes
+
+
+def _input_messages(call: Call) -> list[dict[str, Any]]:
+    """The prompt in the spec's message shape: [{"role", "parts": [{"type": "text", "content"}]}]."""
+    body = call.info.body
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        out = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            parts = ([{"type": "text", "content": content}] if isinstance(content, str) else
+                     [{"type": "text", "content": p.get("text", "")} for p in content
+                      if isinstance(p, dict) and "text" in p] if isinstance(content, list) else [])
+            out.append({"role": str(message.get("role", "user")), "parts": parts})
+        return out
+    prompt = body.get("prompt", body.get("input", body.get("content")))
+    if isinstance(prompt, str):
+        return [{"role": "user", "parts": [{"type": "text", "content": prompt}]}]
+    if isinstance(prompt, list):
+        return [{"role": "user", "parts": [{"type": "text", "content": p}]} for p in prompt if isinstance(p, str)]
+    return []
+
+
+class _SpanEnd:
+    """Ends the span and records metrics when the reply's body ends (complete or aborted)."""
+
+    __slots__ = ("_call", "_policy", "_span")
+
+    def __init__(self, policy: TelemetryPolicy, span: trace.Span, call: Call) -> None:
+        self._policy, self._span, self._call = policy, span, call
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        self._policy.finish(self._span, self._call)
+
+    def on_abort(self, error: BaseException | None) -> None:
+        self._policy.finish(self._span, self._call)
+
+
+class TelemetryPolicy:
+    """The outermost policy: a span per logical call, metrics when it ends."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None,
+                 meter_provider: metrics.MeterProvider | None = None) -> None:
+        from .. import __version__
+
+        self._version = __version__
+        self._fixed_tracer_provider = tracer_provider
+        self._fixed_meter_provider = meter_provider
+        self._tracer: tuple[Any, trace.Tracer] | None = None
+        self._instruments: tuple[Any, Instruments] | None = None
+        self.capture_span, self.capture_event = content_capture_mode()
+
+    # -- providers: resolved per call, so an SDK configured after install() is picked up ---------
+    def _resolve(self) -> tuple[trace.Tracer, Instruments] | None:
+        tracer_provider = self._fixed_tracer_provider or trace.get_tracer_provider()
+        meter_provider = self._fixed_meter_provider or metrics.get_meter_provider()
+        if (isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+                and isinstance(meter_provider, (metrics.NoOpMeterProvider, _ProxyMeterProvider))):
+            return None  # nothing configured: near-zero cost
+        if self._tracer is None or self._tracer[0] is not tracer_provider:
+            self._tracer = (tracer_provider, tracer_provider.get_tracer(
+                "llmshim", self._version, schema_url="https://opentelemetry.io/schemas/1.37.0"))
+        if self._instruments is None or self._instruments[0] is not meter_provider:
+            self._instruments = (meter_provider, Instruments(meter_provider.get_meter("llmshim", self._version)))
+        return self._tracer[1], self._instruments[1]
+
+    @property
+    def instruments(self) -> Instruments | None:
+        resolved = self._resolve()
+        return resolved[1] if resolved else None
+
+    # -- the seam ------------------------------------------------------------------------------
+    def _begin(self, call: Call) -> tuple[trace.Span, Any] | None:
+        resolved = self._resolve()
+        if resolved is None:
+            return None
+        tracer = resolved[0]
+        try:
+            info = call.info
+            span = tracer.start_span(f"{info.operation} {info.model}" if info.model else info.operation,
+                                     kind=SpanKind.CLIENT, attributes=_start_attributes(call))
+            call.started_at = time.perf_counter()  # durations and time to first chunk count from here
+            if span.is_recording():
+                call.capture_content = self.capture_span or self.capture_event
+                if info.stream:
+                    call.chunk_times = []
+            token = otel_context.attach(trace.set_span_in_context(span))
+        except Exception:
+            self._failed("starting a span")
+            return None
+        return span, token
+
+    def handle(self, call: Call, next: Handler) -> Reply:
+        begun = self._begin(call)
+        if begun is None:
+            return next(call)
+        span, token = begun
+        try:
+            reply = next(call)
+        except BaseException:
+            otel_context.detach(token)
+            self.finish(span, call)
+            raise
+        otel_context.detach(token)
+        reply.tap.subscribe(_SpanEnd(self, span, call))
+        return reply
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        begun = self._begin(call)
+        if begun is None:
+            return await anext(call)
+        span, token = begun
+        try:
+            reply = await anext(call)
+        except BaseException:
+            otel_context.detach(token)
+            self.finish(span, call)
+            raise
+        otel_context.detach(token)
+        reply.tap.subscribe(_SpanEnd(self, span, call))
+        return reply
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self, span: trace.Span, call: Call) -> None:
+        """Set the outcome on the span, end it, record the metrics. Never raises."""
+        try:
+            attributes = self._end_attributes(call)
+            if span.is_recording():
+                span.set_attributes(attributes)
+                self._content(span, call)
+                if call.outcome == "error":
+                    description = f"{type(call.error).__name__}: {call.error}" if call.error else attributes.get(
+                        "error.type")
+                    span.set_status(Status(StatusCode.ERROR, str(description)))
+            span.end()
+        except Exception:
+            self._failed("ending a span")
+        try:
+            self._record_metrics(call, attributes)
+        except Exception:
+            self._failed("recording metrics")
+
+    @staticmethod
+    def _end_attributes(call: Call) -> dict[str, Any]:
+        attributes: dict[str, Any] = {"llmshim.outcome": call.outcome or "error"}
+        response = call.response
+        if response is not None:
+            if response.model:
+                attributes["gen_ai.response.model"] = response.model
+            if response.id:
+                attributes["gen_ai.response.id"] = response.id
+            if response.finish_reasons:
+                attributes["gen_ai.response.finish_reasons"] = list(response.finish_reasons)
+            if response.usage.input_tokens is not None:
+                attributes["gen_ai.usage.input_tokens"] = response.usage.input_tokens
+            if response.usage.output_tokens is not None:
+                attributes["gen_ai.usage.output_tokens"] = response.usage.output_tokens
+        if call.status is not None:
+            attributes["http.response.status_code"] = call.status
+        if call.info.stream and call.time_to_first_chunk is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = call.time_to_first_chunk
+        if call.outcome == "error":
+            if call.error is not None:
+                attributes["error.type"] = type(call.error).__qualname__
+            elif call.status is not None and call.status >= 400:
+                attributes["error.type"] = str(call.status)
+            elif response is not None and response.error:
+                attributes["error.type"] = response.error
+            else:
+                attributes["error.type"] = "_OTHER"
+        elif call.outcome == "aborted" and call.error is not None:
+            attributes["error.type"] = type(call.error).__qualname__
+        return attributes
+
+    def _content(self, span: trace.Span, call: Call) -> None:
+        if not (self.capture_span or self.capture_event):
+            return
+        content: dict[str, Any] = {"gen_ai.input.messages": json.dumps(_input_messages(call), ensure_ascii=False)}
+        response = call.response
+        if response is not None and response.output is not None:
+            output = [{"role": "assistant", "parts": [{"type": "text", "content": "".join(response.output)}],
+                       "finish_reason": response.finish_reasons[0] if response.finish_reasons else None}]
+            content["gen_ai.output.messages"] = json.dumps(output, ensure_ascii=False)
+        if self.capture_span:
+            span.set_attributes(content)
+        if self.capture_event:
+            span.add_event("gen_ai.client.inference.operation.details", content)
+
+    def _record_metrics(self, call: Call, end: dict[str, Any]) -> None:
+        resolved = self._instruments
+        if resolved is None:
+            return
+        instruments = resolved[1]
+        info = call.info
+        host, port = call.request.server
+        attributes: dict[str, Any] = {"gen_ai.operation.name": info.operation, "gen_ai.provider.name": info.provider,
+                                      "server.address": host}
+        if port is not None:
+            attributes["server.port"] = port
+        if info.model:
+            attributes["gen_ai.request.model"] = info.model
+        if "gen_ai.response.model" in end:
+            attributes["gen_ai.response.model"] = end["gen_ai.response.model"]
+        if "error.type" in end:
+            attributes["error.type"] = end["error.type"]
+        if call.duration is not None:
+            instruments.duration.record(call.duration, attributes)
+        if call.response is not None:
+            usage = call.response.usage
+            for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
+                if count is not None:
+                    instruments.tokens.record(count, {**attributes, "gen_ai.token.type": token_type})
+        if info.stream and call.time_to_first_chunk is not None:
+            instruments.first_chunk.record(call.time_to_first_chunk, attributes)
+            times = call.chunk_times or []
+            for earlier, later in zip(times, times[1:]):
+                instruments.per_chunk.record(later - earlier, attributes)
+
+    def _failed(self, what: str) -> None:
+        log.warning("llmshim: OpenTelemetry failed while %s; the call is not affected", what, exc_info=True)
+        try:
+            resolved = self._instruments
+            if resolved is not None:
+                resolved[1].telemetry_errors.add(1, {"llmshim.telemetry.stage": what})
+        except Exception:
+            pass
+
+
+try:  # the API's proxy meter provider: "no SDK configured" for metrics
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+except ImportError:  # pragma: no cover - older API layouts
+    class _ProxyMeterProvider:  # type: ignore[no-redef]
+        pass
