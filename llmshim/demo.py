@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from . import install, off, on, uninstall
+from . import install, off, on, stats, uninstall
 from .policies.events import CallRecord
 from .testing import FakeLLMServer
+
+#: Where the demo writes its stats snapshot (read by `llmshim stats` when LLMSHIM_STATS_FILE is unset).
+DEMO_STATS_FILE = os.path.join(tempfile.gettempdir(), "llmshim-demo-stats.json")
 
 MSG: Any = [{"role": "user", "content": "Name three colours of the rainbow"}]
 
@@ -121,14 +126,50 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
+def _span_tree(spans: list[Any]) -> list[str]:
+    """Finished spans as an indented tree: name, duration and the attributes worth a glance."""
+    children: dict[Any, list[Any]] = {}
+    ids = {span.context.span_id for span in spans}
+    for span in spans:
+        parent = span.parent.span_id if span.parent is not None and span.parent.span_id in ids else None
+        children.setdefault(parent, []).append(span)
+    keys = {"gen_ai.provider.name": "provider", "gen_ai.usage.input_tokens": "tokens_in",
+            "gen_ai.usage.output_tokens": "tokens_out", "gen_ai.response.time_to_first_chunk": "first_chunk_s",
+            "llmshim.client.library": "library", "llmshim.outcome": "outcome"}
+    lines: list[str] = []
+
+    def walk(parent: Any, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: s.start_time):
+            attributes = span.attributes or {}
+            shown = " ".join(f"{label}={attributes[k]:.4f}" if isinstance(attributes[k], float)
+                             else f"{label}={attributes[k]}" for k, label in keys.items() if k in attributes)
+            millis = (span.end_time - span.start_time) / 1e6
+            lines.append(f"  {'  ' * depth}{span.name} ({millis:.1f} ms) {shown}")
+            walk(span.context.span_id, depth + 1)
+
+    walk(None, 0)
+    return lines
+
+
 def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     """Run the demo, writing to ``out``. Returns a process exit code (non-zero if a call failed)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from .cli import format_stats
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app_tracer = tracer_provider.get_tracer("llmshim.demo")
     seen: list[CallRecord] = []
     on("call_completed", seen.append)
     on("call_failed", seen.append)
     failures = 0
+    stats(reset=True)
     with FakeLLMServer(chunk_delay=chunk_delay) as server:
-        install()
+        install(tracer_provider=tracer_provider, stats_file=os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE)
         try:
             out.write(f"llmshim demo: bundled LLM server on {server.url}, llmshim installed\n\n")
             for title, module, step in _steps(server.url):
@@ -137,7 +178,8 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     continue
                 before = len(seen)
                 try:
-                    answer = step()
+                    with app_tracer.start_as_current_span(f"demo: {title}"):
+                        answer = step()
                 except Exception as exc:  # the demo reports and goes on
                     failures += 1
                     out.write(f"  FAILED {title}: {type(exc).__name__}: {exc}\n")
@@ -154,8 +196,14 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     f"tokens in={record.input_tokens} out={record.output_tokens} | "
                     f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | {record.outcome}\n")
         finally:
+            from .policies.stats import STATS
+
+            STATS.write()
             uninstall()
             off("call_completed", seen.append)
             off("call_failed", seen.append)
+    out.write("\nOpenTelemetry spans llmshim emitted (under the demo's own spans):\n")
+    out.write("\n".join(_span_tree(list(exporter.get_finished_spans()))) + "\n")
+    out.write("\n" + format_stats(stats(), source=f"this demo (also in {DEMO_STATS_FILE}: `llmshim stats`)") + "\n")
     out.write(f"\n{len(seen)} LLM calls seen by llmshim, {failures} failures\n")
     return 1 if failures else 0

@@ -25,6 +25,9 @@ import requests
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import llmshim
 from conftest import SHARED_CASSETTES
@@ -34,7 +37,12 @@ from llmshim.testing import Answer, FakeLLMServer, Received
 
 yaml = pytest.importorskip("yaml")
 
-REPORT: dict[str, int] = {"cassettes": 0, "interactions": 0, "replays": 0, "identical": 0, "usage_checked": 0}
+REPORT: dict[str, int] = {"cassettes": 0, "interactions": 0, "replays": 0, "identical": 0, "usage_checked": 0,
+                          "spans_checked": 0}
+
+SPANS = InMemorySpanExporter()
+TRACER_PROVIDER = TracerProvider()
+TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(SPANS))
 
 
 def _catalog() -> list[dict[str, Any]]:
@@ -225,7 +233,8 @@ def test_recorded_traffic_is_identical_and_read_correctly(
                 without = client()
                 replayer.pin(item)
                 records.clear()
-                llmshim.install()
+                SPANS.clear()
+                llmshim.install(tracer_provider=TRACER_PROVIDER)
                 try:
                     with_shim = client()
                 finally:
@@ -235,9 +244,12 @@ def test_recorded_traffic_is_identical_and_read_correctly(
                 REPORT["identical"] += 1
                 done = [r for r in records if r.event != "call_started"]
                 assert len(done) == 1, records
+                (span,) = SPANS.get_finished_spans()
+                span_attributes = dict(span.attributes or {})
                 status = int(item["response"]["status"]["code"])
                 if status >= 400:
                     assert done[0].event == "call_failed" and done[0].error_type == str(status)
+                    assert span_attributes["error.type"] == str(status)
                     continue
                 body_error = _body_error(item)
                 if body_error is not None:  # a 2xx whose body is an error (Azure content filter)
@@ -248,6 +260,11 @@ def test_recorded_traffic_is_identical_and_read_correctly(
                 assert done[0].response_model == model
                 assert (done[0].input_tokens, done[0].output_tokens) == (input_tokens, output_tokens)
                 REPORT["usage_checked"] += 1
+                assert span_attributes.get("gen_ai.response.model") == model
+                assert span_attributes.get("gen_ai.usage.input_tokens") == input_tokens
+                assert span_attributes.get("gen_ai.usage.output_tokens") == output_tokens
+                assert span_attributes["gen_ai.provider.name"] == info.provider
+                REPORT["spans_checked"] += 1
 
 
 def test_replay_counts_are_reported() -> None:
@@ -255,3 +272,4 @@ def test_replay_counts_are_reported() -> None:
     assert REPORT["replays"] == REPORT["identical"]
     if REPORT["cassettes"]:
         assert REPORT["interactions"] > 100 and REPORT["usage_checked"] > 200, REPORT
+        assert REPORT["spans_checked"] == REPORT["usage_checked"]

@@ -24,6 +24,9 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted() -> None:
         assert seen in text, seen
     assert "tokens in=None" not in text
     assert text.count("| ok") == 10
+    assert text.count("outcome=ok") == 10  # one llmshim span per call in the printed span tree
+    assert "  demo: OpenAI SDK chat (" in text and "\n    chat gpt-4o-mini (" in text  # nested under the app span
+    assert "total_calls        10" in text
 
 
 @pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])

@@ -258,7 +258,8 @@ def test_content_capture_when_asked(server: FakeLLMServer, monkeypatch: pytest.M
     assert "sk-secret-key" not in json.dumps({**dict(span.attributes or {}), **where})
 
 
-def test_a_failing_span_processor_never_reaches_the_call(server: FakeLLMServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_span_processor_never_reaches_the_call(server: FakeLLMServer,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     class Broken(SpanProcessor):
         def on_end(self, span: ReadableSpan) -> None:
             raise RuntimeError("exporter down")
@@ -335,3 +336,106 @@ def test_opentelemetry_instrument_traces_an_unmodified_app(server: FakeLLMServer
     genai = [s for s in spans if s["name"] == "chat gpt-4o"]
     assert len(genai) == 1 and genai[0]["attributes"]["gen_ai.usage.output_tokens"] == 2
     assert "sk-app-secret" not in done.stdout
+
+
+def test_spans_and_metrics_reach_an_otlp_http_receiver(server: FakeLLMServer) -> None:
+    """The real OTLP/HTTP exporters send to a local receiver, which decodes the protobuf."""
+    import gzip as gzip_module
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    received: dict[str, list[Any]] = {"/v1/traces": [], "/v1/metrics": []}
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                raw = gzip_module.decompress(raw)
+            message = ExportTraceServiceRequest() if self.path == "/v1/traces" else ExportMetricsServiceRequest()
+            message.ParseFromString(raw)
+            received[self.path].append(message)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint + "/v1/traces")))
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint + "/v1/metrics"),
+                                           export_interval_millis=60_000)
+    meter_provider = MeterProvider(metric_readers=[reader])
+    llmshim.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    try:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="sk-otlp-secret", max_retries=0) as client:
+            client.chat.completions.create(model="gpt-4o", messages=MSG)
+    finally:
+        llmshim.uninstall()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+        receiver.shutdown()
+        receiver.server_close()
+    spans = [span for request in received["/v1/traces"] for rs in request.resource_spans
+             for ss in rs.scope_spans if ss.scope.name == "llmshim" for span in ss.spans]
+    assert [span.name for span in spans] == ["chat gpt-4o"]
+    attributes = {a.key: a.value for a in spans[0].attributes}
+    assert attributes["gen_ai.usage.input_tokens"].int_value == 5
+    assert attributes["gen_ai.response.model"].string_value == "gpt-4o"
+    metric_names = {m.name for request in received["/v1/metrics"] for rm in request.resource_metrics
+                    for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"gen_ai.client.operation.duration", "gen_ai.client.token.usage"} <= metric_names
+    assert b"sk-otlp-secret" not in b"".join(r.SerializeToString() for r in received["/v1/traces"])
+
+
+def test_stats_count_calls_outcomes_tokens_and_latency(server: FakeLLMServer, shim: None, tmp_path: Any) -> None:
+    from llmshim.policies.stats import STATS
+
+    llmshim.stats(reset=True)
+    STATS.write_to(str(tmp_path / "stats.json"))
+    try:
+        body = {"model": "llama3.2", "messages": MSG, "stream": False}
+        for _ in range(3):
+            requests.post(server.url + "/api/chat", json=body, timeout=5)
+        server.inject(Fault(status=500))
+        requests.post(server.url + "/api/chat", json=body, timeout=5)
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as client:
+            client.embeddings.create(model="e", input="a b")
+        snapshot = llmshim.stats()
+        STATS.write()
+        assert (snapshot["total_calls"], snapshot["completed"], snapshot["failed"]) == (5, 4, 1)
+        assert snapshot["input_tokens"] == 3 * 5 + 2 and snapshot["output_tokens"] == 3 * 4
+        assert 0 < snapshot["average_latency_s"] < 1
+        assert snapshot["by_model"]["ollama/llama3.2"] == {"calls": 4, "input_tokens": 15, "output_tokens": 12}
+        assert json.loads((tmp_path / "stats.json").read_text())["total_calls"] == 5
+        assert llmshim.stats(reset=True)["total_calls"] == 5 and llmshim.stats()["total_calls"] == 0
+    finally:
+        STATS.write_to(None)
+
+
+def test_cli_stats_prints_a_snapshot(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"total_calls": 7, "completed": 6, "failed": 1, "pid": 1,
+                                "by_model": {"openai/gpt-4o": {"calls": 7, "input_tokens": 3, "output_tokens": 4}}}))
+    done = subprocess.run([sys.executable, "-m", "llmshim", "stats", "--file", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0
+    assert "total_calls        7" in done.stdout and "openai/gpt-4o" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "llmshim", "stats", "--file", str(tmp_path / "none.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "LLMSHIM_STATS_FILE" in missing.stderr

@@ -16,6 +16,7 @@ never an exception in the caller's call.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -323,7 +324,7 @@ class TelemetryPolicy:
         if info.stream and call.time_to_first_chunk is not None:
             instruments.first_chunk.record(call.time_to_first_chunk, attributes)
             times = call.chunk_times or []
-            for earlier, later in zip(times, times[1:]):
+            for earlier, later in itertools.pairwise(times):
                 instruments.per_chunk.record(later - earlier, attributes)
 
     def _failed(self, what: str) -> None:
