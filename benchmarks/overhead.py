@@ -1,16 +1,22 @@
 """What llmshim adds to each call, measured side by side in one run.
 
-    python benchmarks/overhead.py [--calls 3000] [--block 100]
+    python benchmarks/overhead.py [--calls 3000] [--block 50]
 
-The bundled LLM server runs in its own process (so it does not share the client's GIL). For each
-client (OpenAI SDK sync, AsyncOpenAI, requests -> Ollama), blocks of calls alternate between
-llmshim off and llmshim installed (all features off, one event hook registered), so drift in the
-machine's speed hits both sides alike. Reported: calls per second, median and p99 latency per
-side, and the added microseconds per call (difference of medians and of p99s).
+Each mode runs in its own worker process, so that one mode's imports and patches cannot slow
+another's (openllmetry's instrumentor, for one, leaves the SDK slower after ``uninstrument()``).
+The parent hands out blocks of calls round-robin over the modes, one worker at a time, so all
+modes see the same moment-to-moment machine; workers share one core, the bundled LLM server has the
+other. Modes, for each client:
 
-A second table isolates llmshim's own work per call without a network (adapter wrapper, dialect
-detection, pipeline, tap, body parsing, hook), against a stand-in send, which is the figure the
-end-to-end difference is noisy around.
+- off: no llmshim;
+- llmshim with every feature off and one ``call_completed`` hook (recognition, body reading, record);
+- llmshim with OpenTelemetry on (real SDK, in-memory exporter and metric reader);
+- for the OpenAI SDK: openllmetry's openai instrumentation, and the official
+  ``opentelemetry-instrumentation-openai-v2``, on the same SDK setup, when installed and able to
+  instrument this openai version (otherwise the reason is printed).
+
+Reported per mode: calls per second, median and p99 latency, and the difference to "off". A last
+line isolates llmshim's own work per call without sockets, in a hot loop.
 """
 
 from __future__ import annotations
@@ -24,25 +30,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-import llmshim
-
-MSG = [{"role": "user", "content": "benchmark me please"}]
-
-
-def start_server() -> tuple[subprocess.Popen[str], str]:
-    """The server in its own process, pinned to the last core while this process takes the first:
-    on a small machine, sharing cores made the scheduler's noise larger than what is measured."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) >= 2:
-        os.sched_setaffinity(proc.pid, {cores[-1]})
-        os.sched_setaffinity(0, {cores[0]})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    url = line.split(" on ", 1)[1].split()[0]
-    return proc, url
+MSG: Any = [{"role": "user", "content": "benchmark me please"}]
+CLIENTS = ("openai-sync", "openai-async", "requests-ollama")
+MODES = ("off", "llmshim-hook", "llmshim-otel", "openllmetry", "openai-v2")
+LABELS = {
+    "off": "off", "llmshim-hook": "llmshim (features off, 1 hook)", "llmshim-otel": "llmshim + OpenTelemetry",
+    "openllmetry": "openllmetry openai instrumentation", "openai-v2": "opentelemetry-instrumentation-openai-v2",
+    "openai-sync": "OpenAI SDK sync -> /v1/chat", "openai-async": "AsyncOpenAI -> /v1/chat",
+    "requests-ollama": "requests -> Ollama /api/chat",
+}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -50,112 +48,176 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(run_block: Callable[[int], list[float]], calls: int, block: int) -> dict[str, list[float]]:
-    """Alternate blocks off/on; returns per-call latencies (s) for each side."""
-    sides: dict[str, list[float]] = {"off": [], "on": []}
-    run_block(20)  # warm up connections and imports
-    for i in range(2 * (calls // block)):
-        side = "on" if i % 2 else "off"
-        if side == "on":
-            llmshim.install()
-        try:
-            sides[side] += run_block(block)
-        finally:
-            llmshim.uninstall()
-    return sides
+# -- worker side ---------------------------------------------------------------------------------
+
+def _sdk() -> tuple[Any, Any]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    return tracer_provider, MeterProvider(metric_readers=[InMemoryMetricReader()])
 
 
-def report(name: str, sides: dict[str, list[float]]) -> dict[str, float]:
-    off, on = sides["off"], sides["on"]
-    row = {
-        "off_rps": len(off) / sum(off), "on_rps": len(on) / sum(on),
-        "off_p50_us": statistics.median(off) * 1e6, "on_p50_us": statistics.median(on) * 1e6,
-        "off_p99_us": pct(off, 0.99) * 1e6, "on_p99_us": pct(on, 0.99) * 1e6,
-    }
-    row["added_p50_us"] = row["on_p50_us"] - row["off_p50_us"]
-    row["added_p99_us"] = row["on_p99_us"] - row["off_p99_us"]
-    print(f"| {name:<34} | {row['off_rps']:8.0f} | {row['on_rps']:8.0f} | {row['off_p50_us']:8.0f} | "
-          f"{row['on_p50_us']:8.0f} | {row['added_p50_us']:+7.0f} | {row['off_p99_us']:8.0f} | "
-          f"{row['on_p99_us']:8.0f} | {row['added_p99_us']:+7.0f} |", flush=True)
-    return row
+def set_up_mode(mode: str) -> None:
+    """Switch the mode on for the life of this worker; raise if it cannot be."""
+    if mode == "off":
+        return
+    if mode.startswith("llmshim"):
+        import llmshim
+
+        llmshim.on("call_completed", lambda record: None)
+        if mode == "llmshim-hook":
+            llmshim.install(telemetry=False)
+        else:
+            tracer_provider, meter_provider = _sdk()
+            llmshim.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        return
+    module = {"openllmetry": "opentelemetry.instrumentation.openai",
+              "openai-v2": "opentelemetry.instrumentation.openai_v2"}[mode]
+    instrumentor = __import__(module, fromlist=["OpenAIInstrumentor"]).OpenAIInstrumentor()
+    tracer_provider, meter_provider = _sdk()
+    instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        raise RuntimeError("instrument() returned without instrumenting")
 
 
-def openai_sync(url: str) -> Callable[[int], list[float]]:
+def make_client(client: str, url: str) -> Callable[[int], list[float]]:
+    if client == "requests-ollama":
+        import requests
+
+        session = requests.Session()
+        body = {"model": "llama3.2", "messages": MSG, "stream": False}
+
+        def block(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                start = time.perf_counter()
+                session.post(url + "/api/chat", json=body, timeout=10).json()
+                out.append(time.perf_counter() - start)
+            return out
+
+        return block
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0)
+    if client == "openai-sync":
+        sync_client = openai.OpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0)
 
-    def block(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            client.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
-            out.append(time.perf_counter() - start)
-        return out
+        def sync_block(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                start = time.perf_counter()
+                sync_client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+                out.append(time.perf_counter() - start)
+            return out
 
-    return block
-
-
-def openai_async(url: str) -> Callable[[int], list[float]]:
-    import openai
-
+        return sync_block
     loop = asyncio.new_event_loop()
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0)
+    async_client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0)
 
     async def many(n: int) -> list[float]:
         out = []
         for _ in range(n):
             start = time.perf_counter()
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
+            await async_client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
             out.append(time.perf_counter() - start)
         return out
 
     return lambda n: loop.run_until_complete(many(n))
 
 
-def requests_ollama(url: str) -> Callable[[int], list[float]]:
-    import requests
-
-    session = requests.Session()
-    body = {"model": "llama3.2", "messages": MSG, "stream": False}
-
-    def block(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            session.post(url + "/api/chat", json=body, timeout=10).json()
-            out.append(time.perf_counter() - start)
-        return out
-
-    return block
+def worker(mode: str, client: str, url: str) -> int:
+    """Serve blocks: read a count per line, answer one JSON list of latencies per line."""
+    try:
+        set_up_mode(mode)
+        run = make_client(client, url)
+        run(20)  # warm up
+    except Exception as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 0
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(run(int(line))), flush=True)
+    return 0
 
 
-def in_process_cost(iterations: int) -> dict[str, float]:
-    """llmshim's own per-call work with a stand-in send: no sockets, same code path otherwise."""
-    from llmshim.call import Reply, Tap
+# -- parent side ---------------------------------------------------------------------------------
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().split(" on ", 1)[1].split()[0]
+
+
+def pin(pid: int, core_index: int) -> None:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:
+        os.sched_setaffinity(pid, {cores[core_index]})
+
+
+def bench_client(client: str, url: str, calls: int, block: int) -> None:
+    modes = MODES if client.startswith("openai") else MODES[:3]
+    workers: dict[str, subprocess.Popen[str]] = {}
+    for mode in modes:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", mode, client, url], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        pin(proc.pid, 0)
+        assert proc.stdout is not None
+        answer = json.loads(proc.stdout.readline())
+        if "error" in answer:
+            print(f"- {LABELS[client]}: {LABELS[mode]} not measured ({answer['error']})")
+            proc.communicate()
+            continue
+        workers[mode] = proc
+    samples: dict[str, list[float]] = {mode: [] for mode in workers}
+    try:
+        for _ in range(calls // block):
+            for mode, proc in workers.items():  # one worker at a time: they never compete
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(f"{block}\n")
+                proc.stdin.flush()
+                samples[mode] += json.loads(proc.stdout.readline())
+    finally:
+        for proc in workers.values():
+            proc.communicate("")
+    off = samples["off"]
+    off_p50, off_p99 = statistics.median(off) * 1e6, pct(off, 0.99) * 1e6
+    for mode, values in samples.items():
+        p50, p99 = statistics.median(values) * 1e6, pct(values, 0.99) * 1e6
+        added = "       - |        -" if mode == "off" else f"{p50 - off_p50:+8.0f} | {p99 - off_p99:+8.0f}"
+        print(f"| {LABELS[client]:<28} | {LABELS[mode]:<40} | {len(values) / sum(values):7.0f} | {p50:7.0f} | "
+              f"{p99:7.0f} | {added} |", flush=True)
+
+
+def in_process_cost(iterations: int) -> tuple[float, float]:
+    """llmshim's own per-call work with a stand-in send, hot: no sockets, same code path otherwise."""
+    import llmshim
+    from llmshim.call import Call, Reply, Tap, WireRequest
     from llmshim.runtime import STATE, begin
 
     body = json.dumps({"model": "gpt-4o-mini", "messages": MSG}).encode()
     answer = json.dumps({"id": "x", "model": "gpt-4o-mini", "choices": [{"finish_reason": "stop"}],
                          "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
     headers = {"content-type": "application/json"}
-    from llmshim.call import WireRequest
-
     wire = WireRequest("POST", "http://127.0.0.1:1/v1/chat/completions", (("content-type", "application/json"),),
                        body)
+
+    def send(call: Call) -> Reply:
+        return Reply(200, headers, Tap(), None)
 
     def one() -> None:
         call = begin("bench", lambda: wire)
         assert call is not None
-
-        def send(call: object) -> Reply:
-            return Reply(200, headers, Tap(), None)
-
-        reply = STATE.pipeline.run(call, send)  # type: ignore[arg-type]
+        reply = STATE.pipeline.run(call, send)
         reply.tap.chunk(answer)
         reply.tap.complete()
 
-    llmshim.install()
+    llmshim.on("call_completed", lambda record: None)
+    llmshim.install(telemetry=False)
     try:
         for _ in range(1000):
             one()
@@ -166,35 +228,37 @@ def in_process_cost(iterations: int) -> dict[str, float]:
             samples.append(time.perf_counter() - start)
     finally:
         llmshim.uninstall()
-    return {"p50_us": statistics.median(samples) * 1e6, "p99_us": pct(samples, 0.99) * 1e6}
+    return statistics.median(samples) * 1e6, pct(samples, 0.99) * 1e6
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker(*sys.argv[2:5])
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=3000, help="calls per side per client")
-    parser.add_argument("--block", type=int, default=50, help="calls per alternating block")
+    parser.add_argument("--calls", type=int, default=3000, help="calls per mode per client")
+    parser.add_argument("--block", type=int, default=50, help="calls per block; blocks go round-robin over modes")
     args = parser.parse_args()
-    hooks_seen = []
-    llmshim.on("call_completed", hooks_seen.append)
-    proc, url = start_server()
+    import openai
+
+    import llmshim
+
+    server, url = start_server()
+    pin(server.pid, -1)
     try:
-        print(f"llmshim {llmshim.__version__}, python {sys.version.split()[0]}, {args.calls} calls per side, "
-              f"blocks of {args.block}, server in a separate process at {url}\n")
-        print("| client -> dialect                  | off rps  | on rps   | off p50  | on p50   | +p50 us "
-              "| off p99  | on p99   | +p99 us |")
-        print("|------------------------------------|----------|----------|----------|----------|---------"
-              "|----------|----------|---------|")
-        rows = {}
-        for name, make in (("OpenAI SDK sync -> /v1/chat", openai_sync), ("AsyncOpenAI -> /v1/chat", openai_async),
-                           ("requests -> Ollama /api/chat", requests_ollama)):
-            rows[name] = report(name, measure(make(url), args.calls, args.block))
-        cost = in_process_cost(20000)
-        print(f"\nllmshim's own work per call, no network (20000 calls, hook on): "
-              f"p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us")
-        print(f"hook records received: {len(hooks_seen)}")
+        print(f"llmshim {llmshim.__version__}, openai {openai.__version__}, python {sys.version.split()[0]}; "
+              f"{args.calls} calls per mode in blocks of {args.block}, round-robin; one process per mode\n")
+        print("| client -> dialect            | mode                                     |     rps |  p50 us |"
+              "  p99 us |  +p50 us |  +p99 us |")
+        print("|------------------------------|------------------------------------------|---------|---------|"
+              "---------|----------|----------|")
+        for client in CLIENTS:
+            bench_client(client, url, args.calls, args.block)
+        p50, p99 = in_process_cost(20000)
+        print(f"\nllmshim's own work per call, no sockets, hot loop (20000 calls, 1 hook): p50 {p50:.1f} us, "
+              f"p99 {p99:.1f} us")
     finally:
-        proc.terminate()
-        proc.wait()
+        server.terminate()
+        server.wait()
     return 0
 
 

@@ -51,3 +51,15 @@ def test_cli_status_rejects_a_bad_setting() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "LLMSHIM_LIBRARIES" in done.stderr and "'curl'" in done.stderr
+
+
+def test_otel_export_example_prints_spans_and_metrics() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPENAI_"))}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "otel_export.py")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count('"name": "chat gpt-4o-mini"') == 2 and '"name": "answer a question"' in out
+    for metric in ("gen_ai.client.operation.duration", "gen_ai.client.token.usage",
+                   "gen_ai.client.operation.time_to_first_chunk"):
+        assert f'"name": "{metric}"' in out
