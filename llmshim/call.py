@@ -275,6 +275,7 @@ class Call:
     outcome: str | None = None  # "ok" | "error" | "aborted"
     capture_content: bool = False  # set by telemetry before sending: read the answer's text too
     chunk_times: list[float] | None = None  # arrival of each body piece, kept when telemetry asks
+    span_attributes: dict[str, Any] = dataclasses.field(default_factory=dict)  # llmshim.* set by policies
 
     @property
     def duration(self) -> float | None:

@@ -439,3 +439,26 @@ def test_cli_stats_prints_a_snapshot(tmp_path: Any) -> None:
     missing = subprocess.run([sys.executable, "-m", "llmshim", "stats", "--file", str(tmp_path / "none.json")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "LLMSHIM_STATS_FILE" in missing.stderr
+
+
+def test_llmshim_span_attribute_names_are_pinned_and_carried(server: FakeLLMServer, otel: Otel) -> None:
+    from llmshim.pipeline import Policy  # noqa: F401  (the seam other policies implement)
+    from llmshim.policies.telemetry import LLMSHIM_ATTRIBUTES
+
+    assert sorted(LLMSHIM_ATTRIBUTES) == [
+        "llmshim.cache.age_s", "llmshim.cache.hit", "llmshim.client.library", "llmshim.outcome",
+        "llmshim.priority", "llmshim.ratelimit.wait_s", "llmshim.retry.count"]
+
+    class Marks:  # stands in for a later policy that records its own attributes on the call
+        def handle(self, call: Any, next: Any) -> Any:
+            call.span_attributes["llmshim.priority"] = "high"
+            return next(call)
+
+        async def ahandle(self, call: Any, anext: Any) -> Any:
+            return await anext(call)
+
+    pipeline = llmshim.runtime.STATE.pipeline
+    pipeline.policies = (*pipeline.policies, Marks())
+    requests.post(server.url + "/api/chat", json={"model": "m", "messages": MSG, "stream": False}, timeout=5)
+    (span,) = otel.spans()
+    assert span.attributes["llmshim.priority"] == "high"

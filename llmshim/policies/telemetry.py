@@ -31,11 +31,23 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler
 
-__all__ = ["CONTENT_ENV", "Instruments", "TelemetryPolicy", "content_capture_mode"]
+__all__ = ["CONTENT_ENV", "LLMSHIM_ATTRIBUTES", "Instruments", "TelemetryPolicy", "content_capture_mode"]
 
 log = logging.getLogger("llmshim")
 
 CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+#: llmshim's own span attributes. The names are a contract: the cache, retry and rate-limit
+#: policies set them on ``call.span_attributes`` and telemetry copies them onto the span at its end.
+LLMSHIM_ATTRIBUTES = {
+    "llmshim.cache.hit": "bool: the answer came from llmshim's cache",
+    "llmshim.cache.age_s": "float: age of the cached answer, seconds",
+    "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
+    "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
+    "llmshim.priority": "str: the call's priority class",
+    "llmshim.client.library": "str: the patched library that made the call",
+    "llmshim.outcome": "str: ok | error | aborted",
+}
 
 # Explicit bucket boundaries from the GenAI metrics conventions.
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -253,7 +265,7 @@ class TelemetryPolicy:
 
     @staticmethod
     def _end_attributes(call: Call) -> dict[str, Any]:
-        attributes: dict[str, Any] = {"llmshim.outcome": call.outcome or "error"}
+        attributes: dict[str, Any] = {**call.span_attributes, "llmshim.outcome": call.outcome or "error"}
         response = call.response
         if response is not None:
             if response.model:
