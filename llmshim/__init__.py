@@ -17,6 +17,7 @@ from typing import Any
 
 from . import adapters, config
 from .config import ConfigError, Settings
+from .policies.cache import cache_control
 from .policies.events import CallRecord, off, on
 from .policies.stats import STATS
 from .runtime import STATE, build_pipeline
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "Settings",
     "__version__",
+    "cache_control",
     "install",
     "is_installed",
     "off",

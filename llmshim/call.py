@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -276,6 +276,10 @@ class Call:
     capture_content: bool = False  # set by telemetry before sending: read the answer's text too
     chunk_times: list[float] | None = None  # arrival of each body piece, kept when telemetry asks
     span_attributes: dict[str, Any] = dataclasses.field(default_factory=dict)  # llmshim.* set by policies
+    controls: dict[str, str] = dataclasses.field(default_factory=dict)  # x-llmshim-* request headers, stripped
+    # The adapter's builder of its library's own response type from (status, headers, body), for
+    # answers that do not come from the upstream (cache hits, synthetic errors). None: not supported.
+    replay: Callable[[int, list[tuple[str, str]], bytes], Reply] | None = None
 
     @property
     def duration(self) -> float | None:

@@ -80,6 +80,40 @@ OPTIONS: tuple[Option, ...] = (
         "OpenTelemetry spans and metrics for every LLM call, through the application's providers.",
     ),
     Option(
+        "cache", "LLMSHIM_CACHE", lambda raw: _choice("off", "on", "readonly", "refresh", "replay")(raw), "on",
+        "off, on, readonly, refresh or replay",
+        "Response cache mode. readonly: serve hits, store nothing; refresh: never serve, store; replay: only "
+        "serve from the cache, a miss answers 504 naming the request (deterministic offline tests).",
+    ),
+    Option(
+        "cache_path", "LLMSHIM_CACHE_PATH", lambda raw: _parse_path(raw), "", "a file path, or empty for the default",
+        "The SQLite cache file. Default: $XDG_CACHE_HOME/llmshim/cache.sqlite3 (~/.cache/llmshim/...).",
+    ),
+    Option(
+        "cache_ttl", "LLMSHIM_CACHE_TTL", lambda raw: _parse_duration(raw), "", "seconds or 90s/30m/12h/7d; empty: none",
+        "How long an answer stays valid. Empty: until evicted.",
+    ),
+    Option(
+        "cache_max_entries", "LLMSHIM_CACHE_MAX_ENTRIES", lambda raw: _parse_count(raw), "", "a number or empty",
+        "Evict least recently used answers beyond this many entries. Empty: no limit.",
+    ),
+    Option(
+        "cache_max_bytes", "LLMSHIM_CACHE_MAX_BYTES", lambda raw: _parse_count(raw, sizes=True), "1GiB",
+        "a size such as 500MB or 2GiB, or empty",
+        "Evict least recently used answers beyond this total size. Empty: no limit.",
+    ),
+    Option(
+        "cache_scope", "LLMSHIM_CACHE_SCOPE", lambda raw: _choice("credential", "shared")(raw), "credential",
+        "credential or shared",
+        "credential: answers are shared only between callers with the same API key (an HMAC of it is in the "
+        "key, never the key). shared: one answer for everyone (opt in knowingly).",
+    ),
+    Option(
+        "cache_nondeterministic", "LLMSHIM_CACHE_NONDETERMINISTIC", lambda raw: _choice("cache", "skip")(raw),
+        "cache", "cache or skip",
+        "skip: leave calls with temperature > 0 (or unset) and no seed uncached. Embeddings are always cached.",
+    ),
+    Option(
         "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
         "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
         "for `llmshim stats`. Empty: no file.",
@@ -87,6 +121,53 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _parse_duration(raw: Any) -> float | None:
+    """Seconds, with an optional unit (s, m, h, d); empty, 0 or 'none' mean no limit."""
+    text = str(raw).strip().lower() if raw is not None else ""
+    if text in ("", "0", "none", "never"):
+        return None
+    unit = text[-1] if text[-1] in "smhd" else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError("seconds, optionally with a unit: 3600, 90s, 30m, 12h, 7d; or empty for none") from None
+    if value <= 0:
+        raise ValueError("a positive duration: 3600, 90s, 30m, 12h, 7d; or empty for none")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_count(raw: Any, sizes: bool = False) -> int | None:
+    text = str(raw).strip().lower().replace(" ", "") if raw is not None else ""
+    if text in ("", "0", "none"):
+        return None
+    number = text.rstrip("kmgib")
+    unit = text[len(number):]
+    try:
+        value = int(float(number) * (_SIZE_UNITS[unit] if sizes else {"": 1, "k": 10**3, "m": 10**6}[unit]))
+    except (ValueError, KeyError):
+        raise ValueError("a size such as 500MB, 2GiB or 1000000; or empty for none" if sizes
+                         else "a whole number such as 100000 or 100k; or empty for none") from None
+    if value <= 0:
+        raise ValueError("a positive number, or empty for none")
+    return value
 
 
 def _parse_path(raw: Any) -> str | None:
@@ -105,6 +186,13 @@ class Settings:
     enabled: bool = True
     libraries: frozenset[str] = frozenset(LIBRARIES)
     telemetry: bool = True
+    cache: str = "on"
+    cache_path: str | None = None
+    cache_ttl: float | None = None
+    cache_max_entries: int | None = None
+    cache_max_bytes: int | None = 2**30
+    cache_scope: str = "credential"
+    cache_nondeterministic: str = "cache"
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:

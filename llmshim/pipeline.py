@@ -21,7 +21,7 @@ from .call import Call, Reply
 from .context import in_call
 from .dialects import BodyParser
 
-__all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker"]
+__all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker", "track"]
 
 Handler = Callable[[Call], Reply]
 AsyncHandler = Callable[[Call], Awaitable[Reply]]
@@ -82,6 +82,14 @@ class ResponseTracker:
         call.outcome = "aborted"
 
 
+def track(call: Call, reply: Reply) -> Reply:
+    """Subscribe the call's tracker to a reply: done for every reply, whether the upstream sent it
+    (the pipeline's terminal) or a policy made it (a cache hit). Must come before any other
+    observer, so theirs see the call's outcome."""
+    reply.tap.subscribe(ResponseTracker(call, reply))
+    return reply
+
+
 def _failed(call: Call, exc: BaseException) -> None:
     call.ended_at = time.perf_counter()
     call.error = exc
@@ -104,8 +112,7 @@ class Pipeline:
                 raise
             finally:
                 in_call.reset(token)
-            reply.tap.subscribe(ResponseTracker(call, reply))
-            return reply
+            return track(call, reply)
 
         handler: Handler = terminal
         for policy in reversed(self.policies):
@@ -124,8 +131,7 @@ class Pipeline:
                 raise
             finally:
                 in_call.reset(token)
-            reply.tap.subscribe(ResponseTracker(call, reply))
-            return reply
+            return track(call, reply)
 
         handler: AsyncHandler = terminal
         for policy in reversed(self.policies):

@@ -8,6 +8,7 @@ the request passes through untouched, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -41,26 +42,50 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
     """The policy chain for these settings, outermost first: telemetry wraps everything, so the
     span is current while hooks run and while every wire attempt is made."""
     policies: list[Any] = []
+    telemetry = None
     if settings.telemetry:
         from .policies.telemetry import TelemetryPolicy
 
-        policies.append(TelemetryPolicy(tracer_provider, meter_provider))
+        telemetry = TelemetryPolicy(tracer_provider, meter_provider)
+        policies.append(telemetry)
     policies += [StatsPolicy(), EventsPolicy()]
+    if settings.cache != "off":
+        from .policies.cache import CachePolicy
+        from .store.sqlite import SQLiteStore, default_path
+
+        store = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
+                            max_bytes=settings.cache_max_bytes)
+        policies.append(CachePolicy(
+            store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
+            nondeterministic=settings.cache_nondeterministic,
+            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     STATS.write_to(settings.stats_file)
     return Pipeline(policies)
 
 
-def begin(library: str, to_wire: Callable[[], WireRequest | None]) -> Call | None:
-    """A Call for this request if llmshim should handle it, else None (the caller passes through)."""
+CONTROL_PREFIX = "x-llmshim-"
+
+
+def begin(library: str, to_wire: Callable[[], WireRequest | None],
+          strip: Callable[[list[str]], None] | None = None) -> Call | None:
+    """A Call for this request if llmshim should handle it, else None (the caller passes through).
+
+    ``x-llmshim-*`` request headers are llmshim's per-call controls: they are removed from the
+    library's request (through ``strip``) before it is sent, and kept on ``call.controls``."""
     if not STATE.active or in_call.get():
         return None
     try:
         wire = to_wire()
         found = detect(wire) if wire is not None else None
+        if found is None or wire is None:
+            return None
+        controls = {name.lower(): value for name, value in wire.headers if name.lower().startswith(CONTROL_PREFIX)}
+        if controls and strip is not None:
+            strip([name for name, _ in wire.headers if name.lower().startswith(CONTROL_PREFIX)])
+            wire = dataclasses.replace(wire, headers=tuple(
+                (n, v) for n, v in wire.headers if not n.lower().startswith(CONTROL_PREFIX)))
     except Exception:
         log.warning("llmshim: could not read a %s request; passing it through", library, exc_info=True)
         return None
-    if found is None or wire is None:
-        return None
     dialect, info = found
-    return Call(request=wire, info=info, library=library, dialect=dialect)
+    return Call(request=wire, info=info, library=library, dialect=dialect, controls=controls)

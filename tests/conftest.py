@@ -33,18 +33,24 @@ def server() -> Iterator[FakeLLMServer]:
         yield fake
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No LLMSHIM_* from the outside; a cache directory of the test's own; the cache off unless
+    the test turns it on (the tests about passing calls through must see every call go out)."""
+    for key in [k for k in os.environ if k.startswith("LLMSHIM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("LLMSHIM_CACHE", "off")
+
+
 @pytest.fixture
 def shim() -> Iterator[None]:
-    """llmshim installed with a clean environment for the length of one test."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("LLMSHIM_")}
-    for key in saved:
-        del os.environ[key]
+    """llmshim installed for the length of one test."""
     llmshim.install()
     try:
         yield
     finally:
         llmshim.uninstall()
-        os.environ.update(saved)
 
 
 @pytest.fixture

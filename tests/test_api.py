@@ -9,7 +9,7 @@ import llmshim
 from llmshim import config
 
 PUBLIC = [
-    "CallRecord", "ConfigError", "Settings", "__version__", "install", "is_installed", "off", "on",
+    "CallRecord", "ConfigError", "Settings", "__version__", "cache_control", "install", "is_installed", "off", "on",
     "stats", "status", "uninstall",
 ]
 
@@ -55,8 +55,10 @@ def test_status_reports_patched_attributes_and_versions(shim: None) -> None:
     lib = info["libraries"]["requests"]
     assert lib["version"] == requests.__version__
     assert lib["patched"] == ["requests.adapters.HTTPAdapter.send"]
-    assert info["settings"] == {"enabled": True, "libraries": ["aiohttp", "httpx", "httpx2", "requests"],
-                                "telemetry": True, "stats_file": None}
+    settings = info["settings"]
+    assert settings["libraries"] == ["aiohttp", "httpx", "httpx2", "requests"]
+    assert (settings["enabled"], settings["telemetry"], settings["cache"]) == (True, True, "off")  # conftest: off
+    assert settings["cache_scope"] == "credential" and settings["cache_max_bytes"] == 2**30
 
 
 def test_disabled_by_environment_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,7 +130,7 @@ spans = sorted((by_id[s.parent.span_id].name if s.parent else "-") + " > " + s.n
 llmshim.uninstall(); otel_off()
 restored = (vars(httpx.Client)["_send_single_request"], vars(requests.adapters.HTTPAdapter)["send"]) == orig
 print(json.dumps({{"seen": [s[0] for s in seen], "spans": spans, "restored": restored}}))
-"""))
+"""), env={"LLMSHIM_CACHE": "off"})  # two identical requests: with the cache on, the second is a hit
     result = json.loads(out)
     assert result["seen"] == ["requests", "httpx"]
     # One GenAI span and one HTTP span per call, no duplicates. httpx: OTel's HTTP span (on the
@@ -165,7 +165,7 @@ recorded_seen = list(seen); seen.clear()
 with vcr.use_cassette({cassette!r}, record_mode="none"):
     replayed = calls()
 print(json.dumps({{"same": recorded == replayed, "recorded": recorded_seen, "replayed": seen}}))
-"""))
+"""), env={"LLMSHIM_CACHE": "off"})  # the second round must reach vcrpy, not llmshim's cache
     result = json.loads(out)
     assert result["same"] is True
     expected = [[OPENAI_LIBRARY, "openai", "m", 4], ["requests", "ollama", "m", 4]]

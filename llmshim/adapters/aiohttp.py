@@ -111,10 +111,68 @@ class _Forget:
         _taps.pop(self._key, None)
 
 
+def _strip(request: Any) -> Any:
+    def strip(names: list[str]) -> None:
+        for name in names:
+            request.headers.popall(name, None)
+
+    return strip
+
+
+class _NoConnection:
+    """Stands in for the protocol a StreamReader expects: a replayed body has no connection."""
+
+    _reading_paused = False
+    connected = False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _replayer(request: Any) -> Any:
+    """Builds aiohttp's own ClientResponse over stored bytes: status, headers, and a real
+    StreamReader holding the body, so every reading method behaves as aiohttp's own."""
+    def replay(status: int, headers: list[tuple[str, str]], body: bytes) -> Reply:
+        import asyncio
+        import http
+        import inspect
+        import types
+
+        from aiohttp import ClientResponse
+        from aiohttp.streams import StreamReader
+        from multidict import CIMultiDict, CIMultiDictProxy
+
+        loop = asyncio.get_running_loop()
+        extra: dict[str, Any] = {}
+        if "stream_writer" in inspect.signature(ClientResponse.__init__).parameters:
+            extra["stream_writer"] = types.SimpleNamespace(output_size=0)
+        extra.update(writer=None, continue100=None, timer=None, request_info=request.request_info, traces=[],
+                     loop=loop, session=getattr(request, "_session", None))
+        response = ClientResponse(request.method, request.url, **extra)
+        response.status = status
+        try:
+            response.reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            response.reason = ""
+        response._headers = CIMultiDictProxy(CIMultiDict(headers))
+        response._raw_headers = tuple((k.encode(), v.encode()) for k, v in headers)
+        reader = StreamReader(_NoConnection(), max(len(body), 2**16), loop=loop)  # type: ignore[arg-type]
+        reader.feed_data(body)
+        reader.feed_eof()
+        response.content = reader
+        return _reply(response)
+
+    return replay
+
+
 async def _middleware(request: Any, handler: Any) -> Any:
-    call = begin("aiohttp", lambda: to_wire(request))
+    call = begin("aiohttp", lambda: to_wire(request), _strip(request))
     if call is None:
         return await handler(request)
+    call.replay = _replayer(request)
 
     async def send(call: Call) -> Any:
         return _reply(await handler(request))

@@ -8,6 +8,7 @@ so the tap sees each piece as the caller reads it; the caller's own bytes are ne
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -57,6 +58,49 @@ class _Feed:
 
 
 _stream_classes: dict[str, tuple[type, type]] = {}
+_body_classes: dict[str, tuple[type, type]] = {}
+
+
+def _bodies(module: Any) -> tuple[type, type]:
+    """Byte streams for replayed bodies. Not ``ByteStream``: httpx reads those at construction,
+    and a replayed body must flow through the tap like a live one."""
+    cached = _body_classes.get(module.__name__)
+    if cached is None:
+        class ReplaySyncBody(module.SyncByteStream):  # type: ignore[misc]
+            def __init__(self, body: bytes) -> None:
+                self._body = body
+
+            def __iter__(self) -> Iterator[bytes]:
+                yield self._body
+
+        class ReplayAsyncBody(module.AsyncByteStream):  # type: ignore[misc]
+            def __init__(self, body: bytes) -> None:
+                self._body = body
+
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                yield self._body
+
+        cached = _body_classes[module.__name__] = (ReplaySyncBody, ReplayAsyncBody)
+    return cached
+
+
+def _strip(request: Any) -> Any:
+    def strip(names: list[str]) -> None:
+        for name in names:
+            if name in request.headers:
+                del request.headers[name]
+
+    return strip
+
+
+def _replayer(module: Any, client: Any, request: Any, body_class: type, stream_class: type) -> Any:
+    def replay(status: int, headers: list[tuple[str, str]], body: bytes) -> Reply:
+        response = module.Response(status, headers=headers, stream=body_class(body), request=request)
+        response.default_encoding = getattr(client, "_default_encoding", "utf-8")
+        response.elapsed = datetime.timedelta(0)
+        return _reply(response, stream_class)
+
+    return replay
 
 
 def _streams(module: Any) -> tuple[type, type]:
@@ -125,12 +169,14 @@ def _reply(response: Any, stream_class: type) -> Reply:
 
 def sync_wrapper(module: Any, original: Any) -> Any:
     sync_stream = _streams(module)[0]
+    sync_body = _bodies(module)[0]
     library = module.__name__
 
     def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request))
+        call = begin(library, lambda: to_wire(request), _strip(request))
         if call is None:
             return original(self, request)
+        call.replay = _replayer(module, self, request, sync_body, sync_stream)
 
         def send(call: Call) -> Reply:
             return _reply(original(self, request), sync_stream)
@@ -142,12 +188,14 @@ def sync_wrapper(module: Any, original: Any) -> Any:
 
 def async_wrapper(module: Any, original: Any) -> Any:
     async_stream = _streams(module)[1]
+    async_body = _bodies(module)[1]
     library = module.__name__
 
     async def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request))
+        call = begin(library, lambda: to_wire(request), _strip(request))
         if call is None:
             return await original(self, request)
+        call.replay = _replayer(module, self, request, async_body, async_stream)
 
         async def send(call: Call) -> Reply:
             return _reply(await original(self, request), async_stream)

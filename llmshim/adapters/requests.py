@@ -8,6 +8,8 @@ bytes the caller reads, decoded by urllib3, and ends when the caller reaches the
 
 from __future__ import annotations
 
+import http
+import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,18 +91,48 @@ class _RawTap:
             self.tap.abort(None)  # no-op when the body already completed
 
 
+def _reply(response: Any) -> Reply:
+    tap = Tap()
+    _RawTap(response.raw, tap)
+    tap.abort_when_collected(response)  # dropped unread: the call still ends
+    return Reply(response.status_code, response.headers, tap, response)
+
+
+def _strip(request: Any) -> Any:
+    def strip(names: list[str]) -> None:
+        for name in names:
+            request.headers.pop(name, None)
+
+    return strip
+
+
+def _replayer(adapter: Any, request: Any) -> Any:
+    """Builds requests' own Response around a urllib3 response over the stored bytes, exactly as
+    HTTPAdapter.send does around a live one."""
+    def replay(status: int, headers: list[tuple[str, str]], body: bytes) -> Reply:
+        from urllib3 import HTTPHeaderDict, HTTPResponse
+
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        raw = HTTPResponse(body=io.BytesIO(body), headers=HTTPHeaderDict(headers), status=status, reason=reason,
+                           preload_content=False, decode_content=False, request_method=request.method,
+                           request_url=request.url)
+        return _reply(adapter.build_response(request, raw))
+
+    return replay
+
+
 def send_wrapper(module: Any, original: Any) -> Any:
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        call = begin("requests", lambda: to_wire(request))
+        call = begin("requests", lambda: to_wire(request), _strip(request))
         if call is None:
             return original(self, request, *args, **kwargs)
+        call.replay = _replayer(self, request)
 
         def send_wire(call: Call) -> Reply:
-            response = original(self, request, *args, **kwargs)
-            tap = Tap()
-            _RawTap(response.raw, tap)
-            tap.abort_when_collected(response)  # dropped unread: the call still ends
-            return Reply(response.status_code, response.headers, tap, response)
+            return _reply(original(self, request, *args, **kwargs))
 
         return STATE.pipeline.run(call, send_wire).native
 

@@ -48,6 +48,7 @@ class CallRecord:
     time_to_first_chunk: float | None = None
     error_type: str | None = None
     outcome: str | None = None  # ok | error | aborted
+    cache_hit: bool | None = None  # None: the cache was not consulted
 
     @classmethod
     def of(cls, event: str, call: Call) -> CallRecord:
@@ -63,6 +64,7 @@ class CallRecord:
             output_tokens=response.usage.output_tokens if response else None,
             duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
             error_type=error_type(call), outcome=call.outcome,
+            cache_hit=call.span_attributes.get("llmshim.cache.hit"),
         )
 
 

@@ -20,8 +20,8 @@ from ..pipeline import AsyncHandler, Handler
 
 __all__ = ["STATS", "Stats", "StatsPolicy"]
 
-_FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "throttled_calls",
-           "retries", "input_tokens", "output_tokens", "tokens_saved")
+_FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
+           "throttled_calls", "retries", "input_tokens", "output_tokens", "tokens_saved")
 
 
 class Stats:

@@ -1,0 +1,1 @@
+"""Stores: WHERE llmshim keeps things. ``sqlite`` (embedded default); ``keys`` makes cache keys."""
