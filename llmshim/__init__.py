@@ -61,7 +61,8 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overri
             return settings
         if STATE.active and settings.libraries != STATE.settings.libraries:
             _uninstall_locked()  # a different set of libraries: re-patch from scratch
-        STATE.pipeline = build_pipeline(settings, tracer_provider, meter_provider)
+        previous, STATE.pipeline = STATE.pipeline, build_pipeline(settings, tracer_provider, meter_provider)
+        previous.close()
         STATE.settings = settings
         STATE.active = True
         adapters.apply_all()
@@ -77,6 +78,7 @@ def uninstall() -> None:
 def _uninstall_locked() -> None:
     STATE.active = False  # every wrapper is a pass-through from this instant
     adapters.remove_all()
+    STATE.pipeline.close()
 
 
 def is_installed() -> bool:

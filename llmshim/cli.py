@@ -17,6 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="print the stats snapshot a process wrote to LLMSHIM_STATS_FILE")
     stats.add_argument("--file", default=None, help="snapshot path (default: $LLMSHIM_STATS_FILE, else the demo's)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON")
+    cache = sub.add_parser("cache", help="inspect and maintain the response cache (LLMSHIM_CACHE_PATH)")
+    cache.add_argument("--path", default=None, help="cache file (default: LLMSHIM_CACHE_PATH, else the XDG default)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_sub.add_parser("stats", help="entries, bytes, hit rate, tokens saved")
+    listing = cache_sub.add_parser("ls", help="the newest entries (redacted)")
+    listing.add_argument("--limit", type=int, default=20)
+    show = cache_sub.add_parser("show", help="one entry: redacted request and the stored response")
+    show.add_argument("key", help="the key, or a unique prefix of it")
+    purge = cache_sub.add_parser("purge", help="remove entries")
+    purge.add_argument("--expired", action="store_true", required=True, help="remove expired entries")
+    cache_sub.add_parser("clear", help="remove every entry and reset the counters")
     serve = sub.add_parser("serve", help="run the bundled local LLM server (see python -m llmshim.testing)")
     serve.add_argument("--port", type=int, default=8080)
     args, rest = parser.parse_known_args(argv)
@@ -44,9 +55,64 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "stats":
         return _print_stats(args.file, args.json)
+    if args.command == "cache":
+        return _cache(args)
     from .testing.__main__ import main as serve_main
 
     return serve_main(["serve", "--port", str(args.port), *rest])
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import os
+    import sqlite3
+    import time
+
+    from .config import ConfigError, load
+    from .store.sqlite import SQLiteStore, default_path
+
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"llmshim: {exc}", file=sys.stderr)
+        return 2
+    path = args.path or settings.cache_path or default_path()
+    if not os.path.exists(path):
+        print(f"llmshim: no cache at {path}", file=sys.stderr)
+        return 1
+    store = SQLiteStore(path)
+    try:
+        if args.cache_command == "stats":
+            stats = store.stats()
+            rate = stats["hit_rate"]
+            print(f"cache {stats['path']}\n  entries      {stats['entries']}\n  bytes        {stats['bytes']}\n"
+                  f"  hits         {stats['hits']}\n  misses       {stats['misses']}\n"
+                  f"  hit rate     {'-' if rate is None else f'{rate:.1%}'}\n  tokens saved {stats['tokens_saved']}")
+        elif args.cache_command == "ls":
+            for row in store.list(args.limit):
+                usage = row.get("usage") or {}
+                print(f"{row['key'][:16]}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['created_at']))}  "
+                      f"{row.get('provider')} {row.get('endpoint')} model={row.get('model')} "
+                      f"stream={row.get('stream')} tokens={usage.get('input_tokens')}+{usage.get('output_tokens')} "
+                      f"{row['size']} B  {row.get('url')}")
+        elif args.cache_command == "show":
+            entry = store.find(args.key)
+            if entry is None:
+                print(f"llmshim: no single entry with key {args.key!r}", file=sys.stderr)
+                return 1
+            print(json.dumps({"key": entry.key, "created_at": entry.created_at, "expires_at": entry.expires_at,
+                              "request": entry.meta, "response": {"status": entry.status, "headers": entry.headers}},
+                             indent=2, default=str))
+            print(entry.body.decode("utf-8", "replace"))
+        elif args.cache_command == "purge":
+            print(f"removed {store.purge_expired(time.time())} expired entries")
+        elif args.cache_command == "clear":
+            print(f"removed {store.clear()} entries")
+    except (sqlite3.Error, OSError) as exc:
+        print(f"llmshim: cache {path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
 
 
 def _print_stats(path: str | None, raw: bool) -> int:

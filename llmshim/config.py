@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
         "The SQLite cache file. Default: $XDG_CACHE_HOME/llmshim/cache.sqlite3 (~/.cache/llmshim/...).",
     ),
     Option(
-        "cache_ttl", "LLMSHIM_CACHE_TTL", lambda raw: _parse_duration(raw), "", "seconds or 90s/30m/12h/7d; empty: none",
+        "cache_ttl", "LLMSHIM_CACHE_TTL", lambda raw: _parse_duration(raw), "",
+        "seconds or 90s/30m/12h/7d; empty: none",
         "How long an answer stays valid. Empty: until evicted.",
     ),
     Option(

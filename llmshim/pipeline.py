@@ -102,6 +102,13 @@ class Pipeline:
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
         self.policies = tuple(policies)
 
+    def close(self) -> None:
+        """Release what policies hold (store connections, pending counters)."""
+        for policy in self.policies:
+            close = getattr(policy, "close", None)
+            if close is not None:
+                close()
+
     def run(self, call: Call, send: Handler) -> Reply:
         def terminal(call: Call) -> Reply:
             token = in_call.set(True)

@@ -106,6 +106,17 @@ def _strip(request: Any) -> Any:
     return strip
 
 
+class _ReplayBody(io.BytesIO):
+    """A stored body that closes itself at its end, as a socket-backed response's file does:
+    urllib3's ``stream()`` reads until its file reports closed."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if size is None or size < 0 or len(data) < size:
+            self.close()
+        return data
+
+
 def _replayer(adapter: Any, request: Any) -> Any:
     """Builds requests' own Response around a urllib3 response over the stored bytes, exactly as
     HTTPAdapter.send does around a live one."""
@@ -116,7 +127,7 @@ def _replayer(adapter: Any, request: Any) -> Any:
             reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-        raw = HTTPResponse(body=io.BytesIO(body), headers=HTTPHeaderDict(headers), status=status, reason=reason,
+        raw = HTTPResponse(body=_ReplayBody(body), headers=HTTPHeaderDict(headers), status=status, reason=reason,
                            preload_content=False, decode_content=False, request_method=request.method,
                            request_url=request.url)
         return _reply(adapter.build_response(request, raw))

@@ -201,6 +201,11 @@ class CachePolicy:
         self._lock = threading.Lock()
         self._warned_at = 0.0
 
+    def close(self) -> None:
+        """At uninstall or re-install: write pending counters, close the connections."""
+        with contextlib.suppress(Exception):
+            self.store.close()
+
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
         STATS.add(cache_errors=1)

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "Entry", "SQLiteStore", "default_path"]
@@ -147,13 +147,13 @@ class SQLiteStore:
         conn.execute("COMMIT")
 
     def close(self) -> None:
+        """Write pending counters and close every connection this store opened."""
+        self._flush_at_exit()
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
-            try:
+            with suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:
-                pass
         self._local = threading.local()
 
     # -- the salt for credential scopes ----------------------------------------------------------
@@ -212,9 +212,11 @@ class SQLiteStore:
                 (now, EVICT_BATCH)).rowcount
             if expired:
                 continue
-            excess = max(1, min(EVICT_BATCH, entries - (self.max_entries or entries)))
+            extra = entries - self.max_entries if self.max_entries is not None else 0
+            # Over the entry count: exactly the excess (at most a batch). Over bytes only: a few at a time.
+            batch = min(EVICT_BATCH, extra) if extra > 0 else 10
             conn.execute("DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY last_access LIMIT ?)",
-                         (excess if self.max_bytes is None else EVICT_BATCH,))
+                         (batch,))
 
     # -- counters --------------------------------------------------------------------------------
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
