@@ -110,6 +110,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
 
     return [
         ("OpenAI SDK chat", "openai", openai_chat),
+        ("OpenAI SDK chat, same question again", "openai", openai_chat),
         ("OpenAI SDK chat, streamed", "openai", openai_stream),
         ("AsyncOpenAI chat, streamed", "openai", openai_async_stream),
         ("OpenAI SDK embeddings", "openai", openai_embeddings),
@@ -133,7 +134,8 @@ def _span_tree(spans: list[Any]) -> list[str]:
     for span in spans:
         parent = span.parent.span_id if span.parent is not None and span.parent.span_id in ids else None
         children.setdefault(parent, []).append(span)
-    keys = {"gen_ai.provider.name": "provider", "gen_ai.usage.input_tokens": "tokens_in",
+    keys = {"gen_ai.provider.name": "provider", "llmshim.cache.hit": "cache_hit",
+            "gen_ai.usage.input_tokens": "tokens_in",
             "gen_ai.usage.output_tokens": "tokens_out", "gen_ai.response.time_to_first_chunk": "first_chunk_s",
             "llmshim.client.library": "library", "llmshim.outcome": "outcome"}
     lines: list[str] = []
@@ -169,7 +171,10 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     failures = 0
     stats(reset=True)
     with FakeLLMServer(chunk_delay=chunk_delay) as server:
-        install(tracer_provider=tracer_provider, stats_file=os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE)
+        cache_dir = tempfile.mkdtemp(prefix="llmshim-demo-")  # a fresh cache: the first call is a miss
+        install(tracer_provider=tracer_provider, stats_file=os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE,
+                cache=os.environ.get("LLMSHIM_CACHE", "on"),
+                cache_path=os.environ.get("LLMSHIM_CACHE_PATH") or os.path.join(cache_dir, "cache.sqlite3"))
         try:
             out.write(f"llmshim demo: bundled LLM server on {server.url}, llmshim installed\n\n")
             for title, module, step in _steps(server.url):
@@ -194,7 +199,8 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     f"      llmshim saw: {record.library} | {record.provider} {record.operation} "
                     f"model={record.model or '-'} stream={str(record.stream).lower()} | "
                     f"tokens in={record.input_tokens} out={record.output_tokens} | "
-                    f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | {record.outcome}\n")
+                    f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | "
+                    f"{'cache hit' if record.cache_hit else 'live'} | {record.outcome}\n")
         finally:
             from .policies.stats import STATS
 

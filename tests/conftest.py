@@ -95,4 +95,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             "cassette replay: {cassettes} cassettes, {interactions} LLM interactions, {replays} replays "
             "(client x interaction), {identical} identical with and without llmshim, "
-            "{usage_checked} model/usage checks, {spans_checked} spans checked against the recording".format(**report))
+            "{usage_checked} model/usage checks, {spans_checked} spans checked against the recording, "
+            "{cache_hits_identical} second replays served from the cache identically".format(**report))

@@ -417,7 +417,8 @@ if pid == 0:
     except Exception:
         os._exit(4)
 _, status = os.waitpid(pid, 0)
-print(json.dumps({{"child": os.waitstatus_to_exitcode(status), "sees_child": store.get("child", time.time()).body.decode()}}))
+seen = store.get("child", time.time()).body.decode()
+print(json.dumps({{"child": os.waitstatus_to_exitcode(status), "sees_child": seen}}))
 """)
     assert json.loads(out) == {"child": 0, "sees_child": "from child"}
 

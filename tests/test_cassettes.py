@@ -15,6 +15,7 @@ import gzip
 import json
 import threading
 import zlib
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +39,7 @@ from llmshim.testing import Answer, FakeLLMServer, Received
 yaml = pytest.importorskip("yaml")
 
 REPORT: dict[str, int] = {"cassettes": 0, "interactions": 0, "replays": 0, "identical": 0, "usage_checked": 0,
-                          "spans_checked": 0}
+                          "spans_checked": 0, "cache_hits_identical": 0}
 
 SPANS = InMemorySpanExporter()
 TRACER_PROVIDER = TracerProvider()
@@ -213,13 +214,14 @@ def _llm_interactions(interactions: list[dict[str, Any]]) -> list[tuple[dict[str
 
 @pytest.mark.parametrize("entry", CATALOG, ids=[e["file"].rsplit("/", 1)[-1] for e in CATALOG])
 def test_recorded_traffic_is_identical_and_read_correctly(
-        entry: dict[str, Any], records: list[llmshim.CallRecord]) -> None:
+        entry: dict[str, Any], records: list[llmshim.CallRecord], tmp_path: Path) -> None:
     interactions = _load(entry)
     calls = _llm_interactions(interactions)
     if not calls:
         pytest.skip("no LLM interaction in this cassette (assistants/threads or third-party traffic)")
     replayer = Replayer(interactions)
     REPORT["cassettes"] += 1
+    replays = 0
     with FakeLLMServer(responder=replayer) as server:
         for item, path, raw, info in calls:
             REPORT["interactions"] += 1
@@ -234,11 +236,27 @@ def test_recorded_traffic_is_identical_and_read_correctly(
                 replayer.pin(item)
                 records.clear()
                 SPANS.clear()
-                llmshim.install(tracer_provider=TRACER_PROVIDER)
+                replays += 1  # a cache of its own: some cassettes ask the same question twice, differently answered
+                llmshim.install(tracer_provider=TRACER_PROVIDER, cache="on",
+                                cache_path=str(tmp_path / f"cache-{replays}.sqlite3"))
                 try:
                     with_shim = client()
+                    done_live = [r for r in records if r.event != "call_started"]
+                    spans_live = list(SPANS.get_finished_spans())
+                    received = len(server.received)
+                    replayer.pin(item)
+                    again = client()  # the same request: a hit if the first answer was storable
+                    second = [r for r in records if r.event != "call_started"][len(done_live):]
                 finally:
                     llmshim.uninstall()
+                if second and second[0].cache_hit:
+                    assert again == with_shim, f"{entry['file']} {path}: a cache hit parsed differently"
+                    assert len(server.received) == received, "a cache hit reached the server"
+                    REPORT["cache_hits_identical"] += 1
+                records[:] = done_live
+                SPANS.clear()
+                for span in spans_live:
+                    SPANS.export([span])
                 REPORT["replays"] += 1
                 assert with_shim == without, f"{entry['file']} {path}: parsed result changed under llmshim"
                 REPORT["identical"] += 1
@@ -273,3 +291,5 @@ def test_replay_counts_are_reported() -> None:
     if REPORT["cassettes"]:
         assert REPORT["interactions"] > 100 and REPORT["usage_checked"] > 200, REPORT
         assert REPORT["spans_checked"] == REPORT["usage_checked"]
+        # Every successful, complete recorded answer (usage checked) came back from the cache identically.
+        assert REPORT["cache_hits_identical"] >= REPORT["usage_checked"] - 5, REPORT

@@ -13,20 +13,22 @@ from conftest import OPENAI_LIBRARY, ROOT
 from llmshim import demo
 
 
-def test_demo_sees_every_library_and_dialect_with_tokens_counted() -> None:
+def test_demo_sees_every_library_and_dialect_with_tokens_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMSHIM_CACHE")  # the demo's own default: on, in a fresh cache
     out = io.StringIO()
     assert demo.run(out, chunk_delay=0.0) == 0
     text = out.getvalue()
-    assert "10 LLM calls seen by llmshim, 0 failures" in text
+    assert "11 LLM calls seen by llmshim, 0 failures" in text
+    assert text.count("| cache hit |") == 1 and "same question again" in text
     for seen in (f"{OPENAI_LIBRARY} | openai chat", f"{OPENAI_LIBRARY} | openai embeddings", "requests | ollama chat",
                  "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
                  "httpx | ollama embeddings", "httpx | ollama chat"):
         assert seen in text, seen
     assert "tokens in=None" not in text
-    assert text.count("| ok") == 10
-    assert text.count("outcome=ok") == 10  # one llmshim span per call in the printed span tree
+    assert text.count("| ok") == 11
+    assert text.count("outcome=ok") == 11  # one llmshim span per call in the printed span tree
     assert "  demo: OpenAI SDK chat (" in text and "\n    chat gpt-4o-mini (" in text  # nested under the app span
-    assert "total_calls        10" in text
+    assert "total_calls        11" in text and "cache_hits         1" in text
 
 
 @pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])
