@@ -1,0 +1,220 @@
+"""The response cache, measured side by side in one run.
+
+    pip install requests-cache   # for the comparison row
+    python benchmarks/cache.py [--calls 2000] [--sizes 1000,100000,1000000]
+
+1. A hit through the OpenAI SDK vs a live call to the local server (target: a hit >= 10x faster).
+2. A hit of llmshim vs a hit of requests-cache (SQLite backend) for the same raw ``requests`` call.
+3. llmshim's store lookup vs a bare ``sqlite3`` primary-key read of the same row shape (the
+   floor; target: within 2x).
+4. Store lookup latency at 1k, 100k and 1M entries (it must stay flat).
+
+Calls alternate between the sides in blocks, so drift hits both alike. The server runs in its own
+process pinned to one core, this process on the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llmshim
+from llmshim.store.sqlite import SQLiteStore
+
+MSG: Any = [{"role": "user", "content": "benchmark the cache"}]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def row(name: str, values: list[float], baseline: list[float] | None = None) -> None:
+    p50, p99 = statistics.median(values) * 1e6, pct(values, 0.99) * 1e6
+    ratio = f"{statistics.median(baseline) / statistics.median(values):8.1f}x" if baseline else "         "
+    print(f"| {name:<52} | {p50:9.1f} | {p99:9.1f} | {ratio} |", flush=True)
+
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().split(" on ", 1)[1].split()[0]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:
+        os.sched_setaffinity(proc.pid, {cores[-1]})
+        os.sched_setaffinity(0, {cores[0]})
+    return proc, url
+
+
+def sdk_hit_vs_live(url: str, calls: int, block: int, workdir: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0)
+    counter = [0]
+
+    def live() -> None:  # a new question each time: always a miss, always the server
+        counter[0] += 1
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{counter[0]}"}])
+
+    def hit() -> None:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+
+    # The SDK's own floor: the same call answered in memory by httpx2.MockTransport (no socket,
+    # no llmshim). No cache can answer faster than this through the SDK.
+    import httpx2
+
+    answer = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG).http_response
+    stored, stored_headers = answer.content, {"content-type": "application/json"}
+    mock = openai.OpenAI(base_url=url + "/v1", api_key="sk-bench", max_retries=0, http_client=httpx2.Client(
+        transport=httpx2.MockTransport(lambda request: httpx2.Response(200, headers=stored_headers, content=stored))))
+
+    def floor() -> None:
+        mock.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+
+    lives: list[float] = []
+    hits: list[float] = []
+    floors: list[float] = []
+    llmshim.install(cache="on", cache_path=os.path.join(workdir, "sdk.sqlite3"), telemetry=False)
+    hit()  # store it
+    llmshim.uninstall()
+    for _ in range(calls // block):
+        floors += timed(floor, block)
+        llmshim.install(cache="on", cache_path=os.path.join(workdir, "sdk.sqlite3"), telemetry=False)
+        try:
+            lives += timed(live, block)
+            hits += timed(hit, block)
+        finally:
+            llmshim.uninstall()
+    row("OpenAI SDK: live call to the local server (miss + store)", lives)
+    row("OpenAI SDK: llmshim cache hit", hits, baseline=lives)
+    row("OpenAI SDK: in-memory MockTransport, no llmshim (SDK floor)", floors, baseline=lives)
+    print(f"|   llmshim's share of a hit above the SDK floor: "
+          f"{(statistics.median(hits) - statistics.median(floors)) * 1e6:.0f} us", flush=True)
+
+
+def llmshim_vs_requests_cache(url: str, calls: int, block: int, workdir: str) -> None:
+    import requests
+
+    body = {"model": "llama3.2", "messages": MSG, "stream": False}
+    session = requests.Session()
+    plain = lambda: session.post(url + "/api/chat", json=body, timeout=10).json()  # noqa: E731
+    try:
+        import requests_cache
+    except ImportError:
+        requests_cache = None
+        print("- requests-cache not installed: `pip install requests-cache` for its row")
+    cached_session = None
+    if requests_cache is not None:
+        cached_session = requests_cache.CachedSession(os.path.join(workdir, "rc"), backend="sqlite",
+                                                      allowable_methods=("GET", "POST"))
+        cached_session.post(url + "/api/chat", json=body, timeout=10).json()
+    llmshim.install(cache="on", cache_path=os.path.join(workdir, "raw.sqlite3"), telemetry=False)
+    plain()
+    llmshim.uninstall()
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(calls // block):
+        llmshim.install(cache="on", cache_path=os.path.join(workdir, "raw.sqlite3"), telemetry=False)
+        ours += timed(plain, block)
+        llmshim.uninstall()
+        if cached_session is not None:
+            theirs += timed(lambda: cached_session.post(url + "/api/chat", json=body, timeout=10).json(), block)
+    if theirs:
+        row("requests -> Ollama: requests-cache (SQLite) hit", theirs)
+    row("requests -> Ollama: llmshim hit", ours, baseline=theirs or None)
+
+
+def populate(path: str, entries: int) -> list[str]:
+    """A store with ``entries`` rows, written in bulk (the store's schema, realistic row sizes)."""
+    store = SQLiteStore(path)
+    _ = store.salt  # creates the schema
+    store.close()
+    conn = sqlite3.connect(path)
+    now = time.time()
+    headers = json.dumps([["content-type", "application/json"]])
+    meta = json.dumps({"provider": "openai", "model": "gpt-4o-mini"})
+    keys = [f"{i:064x}" for i in range(entries)]
+    body = b"x" * 600
+    conn.execute("BEGIN")
+    for start in range(0, entries, 50_000):
+        conn.executemany(
+            "INSERT INTO entries (key, created_at, expires_at, last_access, status, headers, body, meta, size) "
+            "VALUES (?, ?, NULL, ?, 200, ?, ?, ?, 700)",
+            ((k, now, now, headers, body, meta) for k in keys[start:start + 50_000]))
+    conn.execute("COMMIT")
+    conn.close()
+    return keys
+
+
+def store_vs_floor(calls: int, workdir: str, sizes: list[int]) -> None:
+    for size in sizes:
+        path = os.path.join(workdir, f"n{size}.sqlite3")
+        keys = populate(path, size)
+        store = SQLiteStore(path)
+        floor = sqlite3.connect(path, isolation_level=None)
+        picks = [random.choice(keys) for _ in range(calls)]
+        ours: list[float] = []
+        bare: list[float] = []
+        now = time.time()
+        for start in range(0, calls, 100):
+            for key in picks[start:start + 100]:
+                t = time.perf_counter()
+                store.get(key, now)
+                ours.append(time.perf_counter() - t)
+            for key in picks[start:start + 100]:
+                t = time.perf_counter()
+                floor.execute("SELECT status, headers, body, created_at, expires_at, meta FROM entries WHERE key = ?",
+                              (key,)).fetchone()
+                bare.append(time.perf_counter() - t)
+        row(f"store lookup, {size:,} entries: bare sqlite3 PK read (floor)", bare)
+        row(f"store lookup, {size:,} entries: llmshim SQLiteStore.get", ours)
+        print(f"|   ratio llmshim / floor at {size:,} entries: "
+              f"{statistics.median(ours) / statistics.median(bare):.2f}x", flush=True)
+        store.close()
+        floor.close()
+        os.remove(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--sizes", default="1000,100000,1000000")
+    args = parser.parse_args()
+    server, url = start_server()
+    workdir = tempfile.mkdtemp(prefix="llmshim-bench-")
+    try:
+        print(f"llmshim {llmshim.__version__}, python {sys.version.split()[0]}, {args.calls} calls per side\n")
+        print("| what                                                 |   p50 us  |   p99 us  |  speed-up |")
+        print("|------------------------------------------------------|-----------|-----------|-----------|")
+        sdk_hit_vs_live(url, args.calls, args.block, workdir)
+        llmshim_vs_requests_cache(url, args.calls, args.block, workdir)
+        store_vs_floor(args.calls * 5, workdir, [int(s) for s in args.sizes.split(",")])
+    finally:
+        server.terminate()
+        server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
