@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -248,14 +248,24 @@ class Tap:
         self._observers.clear()
 
 
+async def _nothing() -> None:
+    return None
+
+
 @dataclasses.dataclass(slots=True)
 class Reply:
-    """What one wire attempt returned: status and headers now, the body through ``tap``."""
+    """What one wire attempt returned: status and headers now, the body through ``tap``.
+
+    ``discard``/``adiscard`` release an attempt that will not reach the caller (a retried one);
+    ``peek`` reads a small error body synchronously where the library can (None where it cannot)."""
 
     status: int
-    headers: Mapping[str, str]  # lower-cased names
+    headers: Mapping[str, str]  # case-insensitive
     tap: Tap
     native: Any  # the library's own response object, handed back to the caller unchanged
+    discard: Callable[[], None] = lambda: None
+    adiscard: Callable[[], Awaitable[None]] = _nothing
+    peek: Callable[[], bytes] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -280,6 +290,8 @@ class Call:
     # The adapter's builder of its library's own response type from (status, headers, body), for
     # answers that do not come from the upstream (cache hits, synthetic errors). None: not supported.
     replay: Callable[[int, list[tuple[str, str]], bytes], Reply] | None = None
+    # Exceptions of the adapter's library that mean "no response arrived" (retryable).
+    transport_errors: tuple[type[BaseException], ...] = ()
 
     @property
     def duration(self) -> float | None:

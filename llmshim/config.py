@@ -115,6 +115,20 @@ OPTIONS: tuple[Option, ...] = (
         "skip: leave calls with temperature > 0 (or unset) and no seed uncached. Embeddings are always cached.",
     ),
     Option(
+        "retry_mode", "LLMSHIM_RETRY_MODE", lambda raw: _choice("auto", "llmshim", "sdk", "off")(raw), "auto",
+        "auto, llmshim, sdk or off",
+        "auto: llmshim retries, except requests from the OpenAI SDK's own retry loop (they carry "
+        "x-stainless-retry-count), so attempts never multiply. llmshim: always. sdk/off: never.",
+    ),
+    Option(
+        "retry_max_attempts", "LLMSHIM_RETRY_MAX_ATTEMPTS", lambda raw: _parse_count(raw) or 1, "3",
+        "a whole number >= 1", "Total attempts per call, the first included.",
+    ),
+    Option(
+        "retry_max_delay", "LLMSHIM_RETRY_MAX_DELAY", lambda raw: _parse_duration(raw) or 20.0, "20",
+        "seconds or 90s/2m", "Cap of one backoff (a server's retry-after is honoured as a floor even above it).",
+    ),
+    Option(
         "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
         "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
         "for `llmshim stats`. Empty: no file.",
@@ -194,6 +208,9 @@ class Settings:
     cache_max_bytes: int | None = 2**30
     cache_scope: str = "credential"
     cache_nondeterministic: str = "cache"
+    retry_mode: str = "auto"
+    retry_max_attempts: int = 3
+    retry_max_delay: float = 20.0
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:

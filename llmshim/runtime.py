@@ -59,6 +59,12 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             nondeterministic=settings.cache_nondeterministic,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
+    if settings.retry_mode != "off":
+        from .policies.retry import RetryPolicy
+
+        policies.append(RetryPolicy(
+            mode=settings.retry_mode, max_attempts=settings.retry_max_attempts, max_delay=settings.retry_max_delay,
+            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     STATS.write_to(settings.stats_file)
     return Pipeline(policies)
 

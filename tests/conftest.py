@@ -35,12 +35,14 @@ def server() -> Iterator[FakeLLMServer]:
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LLMSHIM_* from the outside; a cache directory of the test's own; the cache off unless
-    the test turns it on (the tests about passing calls through must see every call go out)."""
+    """No LLMSHIM_* from the outside; a cache directory of the test's own; the cache and retries off
+    unless the test turns them on (the tests about passing calls through must see every call go
+    out exactly once: transparency is promised with every feature off)."""
     for key in [k for k in os.environ if k.startswith("LLMSHIM_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("LLMSHIM_CACHE", "off")
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "off")  # likewise: a retried 500 is not a pass-through
 
 
 @pytest.fixture

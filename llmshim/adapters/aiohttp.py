@@ -92,7 +92,10 @@ def _reply(response: Any) -> Reply:
         tap.abort_when_collected(response)
         tap.subscribe(_Forget(key))  # however the tap ends, drop its entry here
         reader.__class__ = _tap_reader_class()
-    return Reply(response.status, response.headers, tap, response)
+    async def discard() -> None:
+        response.close()
+
+    return Reply(response.status, response.headers, tap, response, adiscard=discard)
 
 
 class _Forget:
@@ -173,6 +176,11 @@ async def _middleware(request: Any, handler: Any) -> Any:
     if call is None:
         return await handler(request)
     call.replay = _replayer(request)
+    import asyncio
+
+    import aiohttp
+
+    call.transport_errors = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
     async def send(call: Call) -> Any:
         return _reply(await handler(request))

@@ -164,7 +164,9 @@ def _reply(response: Any, stream_class: type) -> Reply:
     feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
     response.stream = stream_class(response.stream, feed)
     tap.abort_when_collected(response)  # dropped unread: the call still ends
-    return Reply(response.status_code, response.headers, tap, response)
+    if hasattr(response.stream, "aclose"):
+        return Reply(response.status_code, response.headers, tap, response, adiscard=response.aclose)
+    return Reply(response.status_code, response.headers, tap, response, discard=response.close, peek=response.read)
 
 
 def sync_wrapper(module: Any, original: Any) -> Any:
@@ -177,6 +179,7 @@ def sync_wrapper(module: Any, original: Any) -> Any:
         if call is None:
             return original(self, request)
         call.replay = _replayer(module, self, request, sync_body, sync_stream)
+        call.transport_errors = (module.TransportError,)
 
         def send(call: Call) -> Reply:
             return _reply(original(self, request), sync_stream)
@@ -196,6 +199,7 @@ def async_wrapper(module: Any, original: Any) -> Any:
         if call is None:
             return await original(self, request)
         call.replay = _replayer(module, self, request, async_body, async_stream)
+        call.transport_errors = (module.TransportError,)
 
         async def send(call: Call) -> Reply:
             return _reply(await original(self, request), async_stream)

@@ -95,7 +95,8 @@ def _reply(response: Any) -> Reply:
     tap = Tap()
     _RawTap(response.raw, tap)
     tap.abort_when_collected(response)  # dropped unread: the call still ends
-    return Reply(response.status_code, response.headers, tap, response)
+    return Reply(response.status_code, response.headers, tap, response, discard=response.close,
+                 peek=lambda: response.content)
 
 
 def _strip(request: Any) -> Any:
@@ -136,11 +137,16 @@ def _replayer(adapter: Any, request: Any) -> Any:
 
 
 def send_wrapper(module: Any, original: Any) -> Any:
+    from requests import exceptions
+
+    transport_errors = (exceptions.ConnectionError, exceptions.Timeout)
+
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         call = begin("requests", lambda: to_wire(request), _strip(request))
         if call is None:
             return original(self, request, *args, **kwargs)
         call.replay = _replayer(self, request)
+        call.transport_errors = transport_errors
 
         def send_wire(call: Call) -> Reply:
             return _reply(original(self, request, *args, **kwargs))

@@ -44,6 +44,7 @@ class Received:
     path: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    at: float = dataclasses.field(default_factory=time.monotonic, compare=False)  # arrival, monotonic
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)

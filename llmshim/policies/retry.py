@@ -1,0 +1,211 @@
+"""Retries: one layer, full-jitter exponential backoff, the server's delay as a floor, a budget.
+
+``decide`` is a pure function of the attempt, what came back and the settings; ``RetryBudget`` is a
+token bucket with an explicit clock; ``RetryPolicy`` acts on them. The rules:
+
+- Retry connection errors and timeouts that happen before a response is handed over, and
+  408/409/429/5xx. Never 400/401/403/404/422, never OpenAI's ``insufficient_quota``, never when the
+  server says ``x-should-retry: false`` (and always when it says ``true``, within the attempts).
+- Never after the response reached the caller: at llmshim's seam a reply is returned only once,
+  so a reset mid-stream is raised to the caller, not retried (nothing is ever duplicated).
+- One retry layer. Requests carrying ``x-stainless-retry-count`` come from the OpenAI SDK's own
+  retry loop: in ``auto`` mode llmshim rate-limits each of those attempts but does not retry
+  them, so an always-failing upstream sees the SDK's 3 attempts, not 3 × 3.
+- A budget per origin: retries may add at most ~10% to the requests (plus a floor of 10 a minute),
+  so an outage does not become a retry storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..call import Call, Reply
+from ..pipeline import AsyncHandler, Handler
+from .stats import STATS
+
+__all__ = ["Decision", "RetryBudget", "RetryPolicy", "decide", "server_delay"]
+
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504}) | frozenset(range(520, 530))
+NEVER_STATUSES = frozenset({400, 401, 403, 404, 422})
+BASE_DELAY = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    retry: bool
+    delay: float
+    reason: str
+
+
+def server_delay(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds the server asked to wait: ``retry-after-ms``, or ``retry-after`` (seconds or date)."""
+    if not headers:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            try:
+                parsed = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None  # neither seconds nor a date: ignore it, as servers' clients do
+            return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
+    return None
+
+
+def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | None = None,
+           headers: Mapping[str, str] | None = None, body_error: str | None = None,
+           transport_error: bool = False, sdk_attempt: bool = False, mode: str = "auto",
+           budget_ok: bool = True, rand: float = 0.5) -> Decision:
+    """Whether attempt number ``attempt`` (1-based) is followed by another, and after how long.
+
+    ``rand`` in [0, 1) is the jitter draw, passed in so the function stays pure."""
+    if mode in ("off", "sdk") or (mode == "auto" and sdk_attempt):
+        return Decision(False, 0.0, "the SDK retries" if sdk_attempt or mode == "sdk" else "retries off")
+    if not transport_error:
+        if status is None or status < 400:
+            return Decision(False, 0.0, "success")
+        should = (headers or {}).get("x-should-retry")
+        if should == "false":
+            return Decision(False, 0.0, "x-should-retry: false")
+        if body_error == "insufficient_quota":
+            return Decision(False, 0.0, "insufficient_quota")
+        if status in NEVER_STATUSES or (status not in RETRY_STATUSES and should != "true"):
+            return Decision(False, 0.0, f"status {status} is not retried")
+    if attempt >= max_attempts:
+        return Decision(False, 0.0, f"{max_attempts} attempts made")
+    if not budget_ok:
+        return Decision(False, 0.0, "retry budget exhausted")
+    backoff = rand * min(max_delay, BASE_DELAY * 2 ** (attempt - 1))  # full jitter
+    floor = server_delay(headers) if not transport_error else None
+    delay = max(backoff, floor) if floor is not None else backoff
+    return Decision(True, delay, "transport error" if transport_error else f"status {status}")
+
+
+class RetryBudget:
+    """Per origin: each request deposits 0.1 retry token (at most 10 banked), each retry spends one,
+    and at least ``floor_per_minute`` retries are always allowed."""
+
+    def __init__(self, ratio: float = 0.1, floor_per_minute: int = 10) -> None:
+        self.ratio, self.floor = ratio, floor_per_minute
+        self._lock = threading.Lock()
+        self._tokens: dict[str, float] = {}
+        self._recent: dict[str, list[float]] = {}
+
+    def deposit(self, origin: str) -> None:
+        with self._lock:
+            self._tokens[origin] = min(10.0, self._tokens.get(origin, 0.0) + self.ratio)
+
+    def withdraw(self, origin: str, now: float) -> bool:
+        with self._lock:
+            recent = [t for t in self._recent.get(origin, []) if now - t < 60.0]
+            self._recent[origin] = recent
+            if len(recent) < self.floor:
+                recent.append(now)
+                return True
+            if self._tokens.get(origin, 0.0) >= 1.0:
+                self._tokens[origin] -= 1.0
+                recent.append(now)
+                return True
+            return False
+
+
+def _origin(call: Call) -> str:
+    host, port = call.request.server
+    return f"{host}:{port}"
+
+
+class RetryPolicy:
+    def __init__(self, *, mode: str, max_attempts: int, max_delay: float,
+                 instruments: Callable[[], Any] = lambda: None, sleep: Callable[[float], None] = time.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.mode, self.max_attempts, self.max_delay = mode, max_attempts, max_delay
+        self.budget = RetryBudget()
+        self._instruments, self._sleep, self._rand = instruments, sleep, rand
+
+    def _decide(self, call: Call, attempt: int, reply: Reply | None, error: BaseException | None) -> Decision:
+        transport = error is not None and isinstance(error, call.transport_errors)
+        if error is not None and not transport:
+            return Decision(False, 0.0, "not a transport error")
+        decision = decide(
+            attempt=attempt, max_attempts=self.max_attempts, max_delay=self.max_delay,
+            status=reply.status if reply else None, headers=reply.headers if reply else None,
+            body_error=_quota_error(reply), transport_error=transport,
+            sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
+            budget_ok=True, rand=self._rand())
+        if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
+            return Decision(False, 0.0, "retry budget exhausted")
+        return decision
+
+    def _count(self, call: Call, retries: int) -> None:
+        call.span_attributes["llmshim.retry.count"] = retries
+        STATS.add(retries=1)
+        try:
+            instruments = self._instruments()
+            if instruments is not None:
+                instruments.retry_attempts.add(1, {"gen_ai.provider.name": call.info.provider})
+        except Exception:
+            pass
+
+    def handle(self, call: Call, next: Handler) -> Reply:
+        self.budget.deposit(_origin(call))
+        attempt = 1
+        while True:
+            try:
+                reply = next(call)
+            except Exception as exc:
+                decision = self._decide(call, attempt, None, exc)
+                if not decision.retry:
+                    raise
+            else:
+                decision = self._decide(call, attempt, reply, None)
+                if not decision.retry:
+                    return reply
+                reply.discard()
+            self._count(call, attempt)
+            self._sleep(decision.delay)
+            attempt += 1
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        self.budget.deposit(_origin(call))
+        attempt = 1
+        while True:
+            try:
+                reply = await anext(call)
+            except Exception as exc:
+                decision = self._decide(call, attempt, None, exc)
+                if not decision.retry:
+                    raise
+            else:
+                decision = self._decide(call, attempt, reply, None)
+                if not decision.retry:
+                    return reply
+                await reply.adiscard()
+            self._count(call, attempt)
+            await asyncio.sleep(decision.delay)
+            attempt += 1
+
+
+def _quota_error(reply: Reply | None) -> str | None:
+    """OpenAI answers an exhausted quota with a 429 that must not be retried; its code is in the body."""
+    if reply is None or reply.status != 429 or reply.peek is None:
+        return None
+    try:
+        body = reply.peek()
+    except Exception:
+        return None
+    return "insufficient_quota" if b"insufficient_quota" in body else None
