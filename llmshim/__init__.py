@@ -19,6 +19,7 @@ from . import adapters, config
 from .config import ConfigError, Settings
 from .policies.cache import cache_control
 from .policies.events import CallRecord, off, on
+from .policies.ratelimit import priority
 from .policies.stats import STATS
 from .runtime import STATE, build_pipeline
 
@@ -32,6 +33,7 @@ __all__ = [
     "is_installed",
     "off",
     "on",
+    "priority",
     "stats",
     "status",
     "uninstall",

@@ -129,6 +129,35 @@ OPTIONS: tuple[Option, ...] = (
         "seconds or 90s/2m", "Cap of one backoff (a server's retry-after is honoured as a floor even above it).",
     ),
     Option(
+        "rpm", "LLMSHIM_RPM", lambda raw: _parse_count(raw), "", "a number of requests per minute, or empty",
+        "Requests per minute for every (origin, credential, model) without a more specific limit. Empty: none.",
+    ),
+    Option(
+        "tpm", "LLMSHIM_TPM", lambda raw: _parse_count(raw), "", "a number of tokens per minute (30000, 30k)",
+        "Tokens per minute, likewise (input estimated, output reserved, reconciled from the real usage).",
+    ),
+    Option(
+        "limits", "LLMSHIM_LIMITS", lambda raw: _parse_limits(raw), "", "model=NUMBERrpm,NUMBERtpm;...",
+        "Per-model limits, e.g. gpt-4o=500rpm,30000tpm;llama3.2=60rpm. They replace LLMSHIM_RPM/TPM for that model.",
+    ),
+    Option(
+        "ratelimit_burst", "LLMSHIM_RATELIMIT_BURST", lambda raw: _parse_duration(raw) or 10.0, "10",
+        "seconds", "How many seconds' worth of the limit may go at once after a quiet spell.",
+    ),
+    Option(
+        "priority", "LLMSHIM_PRIORITY", lambda raw: _parse_priority(raw), "normal",
+        "critical, high, normal or low (also urgent, medium, 0-3)",
+        "The default priority class; `with llmshim.priority(...)` or an x-llmshim-priority header override it.",
+    ),
+    Option(
+        "queue_timeout", "LLMSHIM_QUEUE_TIMEOUT", lambda raw: _parse_duration(raw) or 60.0, "60",
+        "seconds or 90s/5m", "How long a call may wait for a permit; then it gets a 429 (x-should-retry: false).",
+    ),
+    Option(
+        "token_reservation", "LLMSHIM_TOKEN_RESERVATION", lambda raw: _parse_count(raw) or 1024, "1024",
+        "a number of tokens", "Output tokens reserved for a request that sets no max_tokens-style limit.",
+    ),
+    Option(
         "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
         "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
         "for `llmshim stats`. Empty: no file.",
@@ -185,6 +214,21 @@ def _parse_count(raw: Any, sizes: bool = False) -> int | None:
     return value
 
 
+def _parse_limits(raw: Any) -> dict[str, Any]:
+    from .policies.ratelimit import parse_limits
+
+    return parse_limits(str(raw or ""))
+
+
+def _parse_priority(raw: Any) -> str:
+    from .policies.ratelimit import resolve_priority
+
+    try:
+        return resolve_priority(str(raw))
+    except ValueError:
+        raise ValueError("critical, high, normal or low (also urgent, medium, 0-3)") from None
+
+
 def _parse_path(raw: Any) -> str | None:
     text = str(raw).strip() if raw is not None else ""
     if not text:
@@ -211,6 +255,13 @@ class Settings:
     retry_mode: str = "auto"
     retry_max_attempts: int = 3
     retry_max_delay: float = 20.0
+    rpm: int | None = None
+    tpm: int | None = None
+    limits: Any = dataclasses.field(default_factory=dict)
+    ratelimit_burst: float = 10.0
+    priority: str = "normal"
+    queue_timeout: float = 60.0
+    token_reservation: int = 1024
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:
@@ -222,6 +273,8 @@ class Settings:
                 value = "***"
             elif isinstance(value, frozenset):
                 value = sorted(value)
+            elif option.name == "limits":
+                value = {model: dataclasses.asdict(limit) for model, limit in value.items()}
             shown[option.name] = value
         return shown
 

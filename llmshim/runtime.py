@@ -65,6 +65,14 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         policies.append(RetryPolicy(
             mode=settings.retry_mode, max_attempts=settings.retry_max_attempts, max_delay=settings.retry_max_delay,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
+    if settings.rpm or settings.tpm or settings.limits:
+        from .policies.ratelimit import RateLimitPolicy
+
+        policies.append(RateLimitPolicy(
+            rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
+            default_priority=settings.priority, queue_timeout=settings.queue_timeout,
+            default_output_tokens=settings.token_reservation,
+            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     STATS.write_to(settings.stats_file)
     return Pipeline(policies)
 

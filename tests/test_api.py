@@ -10,7 +10,7 @@ from llmshim import config
 
 PUBLIC = [
     "CallRecord", "ConfigError", "Settings", "__version__", "cache_control", "install", "is_installed", "off", "on",
-    "stats", "status", "uninstall",
+    "priority", "stats", "status", "uninstall",
 ]
 
 

@@ -10,7 +10,7 @@ token bucket with an explicit clock; ``RetryPolicy`` acts on them. The rules:
   so a reset mid-stream is raised to the caller, not retried (nothing is ever duplicated).
 - One retry layer. Requests carrying ``x-stainless-retry-count`` come from the OpenAI SDK's own
   retry loop: in ``auto`` mode llmshim rate-limits each of those attempts but does not retry
-  them, so an always-failing upstream sees the SDK's 3 attempts, not 3 × 3.
+  them, so an always-failing upstream sees the SDK's 3 attempts, not 3 x 3.
 - A budget per origin: retries may add at most ~10% to the requests (plus a floor of 10 a minute),
   so an outage does not become a retry storm.
 """

@@ -1,0 +1,435 @@
+"""Priority rate limiting: requests and tokens per minute, four classes, a 429 blocks the key.
+
+Pure parts, tested without sockets or sleeps:
+
+- ``Gcra``: the generic cell rate algorithm, one float of state per dimension: a "theoretical
+  arrival time". A cost fits when it would not push that time more than ``burst`` seconds ahead.
+- ``Limiter.pump(now)``: hands permits out in priority order — the oldest waiter of the highest
+  waiting class first, first-come-first-served within a class whatever its size; a lower class gets
+  every Nth grant while it waits (its guaranteed share), so it never starves completely. It
+  returns when the next permit is due, and the caller arranges one wake-up then: no polling.
+
+Acting parts: sync threads wait on an Event, asyncio tasks on a future resolved thread-safely;
+one shared ``threading.Timer`` re-runs ``pump`` when the next permit is due. A waiter that gives up
+(queue timeout, task cancelled) is removed from the queue at once. Keys are (origin, credential
+scope, model); token costs are estimated (characters / 4 plus the output reservation) and
+reconciled from the real usage when the answer ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from ..call import Call, Reply
+from ..pipeline import AsyncHandler, Handler, track
+from ..store.keys import credential_of
+from .stats import STATS
+
+__all__ = ["PRIORITIES", "Gcra", "Limiter", "Limits", "RateLimitPolicy", "estimate_tokens", "parse_limits",
+           "parse_reset", "priority", "resolve_priority"]
+
+PRIORITIES = ("critical", "high", "normal", "low")
+_ALIASES = {"urgent": "critical", "medium": "normal", "0": "critical", "1": "high", "2": "normal", "3": "low"}
+#: A waiting class gets one grant in this many while higher classes are being served.
+SHARE_EVERY = {"high": 4, "normal": 10, "low": 20}
+HEADER = "x-llmshim-priority"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def resolve_priority(value: str) -> str:
+    name = _ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    if name not in PRIORITIES:
+        raise ValueError(f"priority {value!r}: expected one of {', '.join(PRIORITIES)} (or urgent, medium, 0-3)")
+    return name
+
+
+_priority: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmshim_priority", default=None)
+
+
+class priority(contextlib.ContextDecorator):  # used like a function: `with llmshim.priority("high"):`
+    """Priority for LLM calls made inside the block or decorated function (contextvar: follows
+    awaits, and threads that copy the context)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = resolve_priority(name)
+        self._tokens: list[contextvars.Token[str | None]] = []
+
+    def __enter__(self) -> priority:
+        self._tokens.append(_priority.set(self.name))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _priority.reset(self._tokens.pop())
+
+    def __call__(self, fn: F) -> F:
+        if asyncio.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                with priority(self.name):
+                    return await fn(*args, **kwargs)
+            return wrapper  # type: ignore[return-value]
+        return super().__call__(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    rpm: float | None = None
+    tpm: float | None = None
+
+
+_LIMIT_PART = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k?)\s*(rpm|tpm)\s*$", re.IGNORECASE)
+
+
+def parse_limits(spec: str) -> dict[str, Limits]:
+    """``"gpt-4o=500rpm,30000tpm;llama3=60rpm"`` → {model: Limits}. Raises ValueError on bad input."""
+    out: dict[str, Limits] = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        model, sep, rest = item.partition("=")
+        if not sep or not model.strip():
+            raise ValueError("model=NUMBERrpm,NUMBERtpm;... such as gpt-4o=500rpm,30000tpm")
+        rpm = tpm = None
+        for part in rest.split(","):
+            match = _LIMIT_PART.match(part)
+            if not match:
+                raise ValueError("model=NUMBERrpm,NUMBERtpm;... such as gpt-4o=500rpm,30000tpm")
+            value = float(match.group(1)) * (1000 if match.group(2) else 1)
+            if match.group(3).lower() == "rpm":
+                rpm = value
+            else:
+                tpm = value
+        out[model.strip()] = Limits(rpm, tpm)
+    return out
+
+
+_RESET = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_reset(value: str | None) -> float | None:
+    """OpenAI's ``x-ratelimit-reset-*`` durations: ``6m0s``, ``1.5s``, ``12ms`` → seconds."""
+    if not value:
+        return None
+    parts = _RESET.findall(value.strip())
+    if not parts:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def estimate_tokens(body: Mapping[str, Any], default_output: int) -> tuple[int, int]:
+    """(input estimate, output reservation) for a request body: characters / 4 of its text, and
+    its max_tokens-style field (or the configured default)."""
+    text = json.dumps([body.get(k) for k in ("messages", "prompt", "input", "content", "system", "instructions")
+                       if body.get(k) is not None], ensure_ascii=False)
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    output = None
+    for value in (body.get("max_completion_tokens"), body.get("max_tokens"), body.get("max_output_tokens"),
+                  body.get("n_predict"), (options or {}).get("num_predict")):
+        if isinstance(value, int) and value > 0:
+            output = value
+            break
+    return max(1, len(text) // 4), output if output is not None else default_output
+
+
+class Gcra:
+    """One dimension of one key: ``rate`` per second, ``burst`` seconds of tolerance."""
+
+    __slots__ = ("burst", "rate", "tat")
+
+    def __init__(self, per_minute: float, burst_seconds: float) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = max(burst_seconds, 1.0 / self.rate)  # at least one unit always fits an idle bucket
+        self.tat = 0.0
+
+    def wait(self, now: float, cost: float) -> float:
+        """Seconds until ``cost`` fits (0: now). Pure: does not take it."""
+        if cost * 1.0 / self.rate > self.burst:  # bigger than the whole burst: let it through alone
+            cost = self.burst * self.rate
+        return max(0.0, max(self.tat, now) + cost / self.rate - self.burst - now)
+
+    def take(self, now: float, cost: float) -> None:
+        self.tat = max(self.tat, now) + min(cost, self.burst * self.rate) / self.rate
+
+    def give_back(self, cost: float) -> None:
+        self.tat -= cost / self.rate
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    priority: str
+    requests: float
+    tokens: float
+    enqueued: float
+    granted: bool = False
+    event: threading.Event | None = None
+    future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def wake(self) -> None:
+        self.granted = True
+        if self.event is not None:
+            self.event.set()
+        if self.future is not None:
+            loop, future = self.future
+            loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Key:
+    def __init__(self, limits: Limits, burst: float) -> None:
+        self.requests = Gcra(limits.rpm, burst) if limits.rpm else None
+        self.tokens = Gcra(limits.tpm, burst) if limits.tpm else None
+        self.queues: dict[str, collections.deque[Waiter]] = {p: collections.deque() for p in PRIORITIES}
+        self.passed_over = dict.fromkeys(PRIORITIES, 0)
+        self.blocked_until = 0.0
+
+    def wait(self, now: float, waiter: Waiter) -> float:
+        waits = [self.blocked_until - now]
+        if self.requests is not None:
+            waits.append(self.requests.wait(now, waiter.requests))
+        if self.tokens is not None:
+            waits.append(self.tokens.wait(now, waiter.tokens))
+        return max(0.0, *waits)
+
+    def next_waiter(self) -> Waiter | None:
+        """Highest waiting class, unless a lower waiting class is owed its share."""
+        waiting = [p for p in PRIORITIES if self.queues[p]]
+        if not waiting:
+            return None
+        top = waiting[0]
+        for lower in reversed(waiting[1:]):
+            if self.passed_over[lower] >= SHARE_EVERY.get(lower, 10) - 1:
+                return self.queues[lower][0]
+        return self.queues[top][0]
+
+    def granted(self, waiter: Waiter, now: float) -> None:
+        self.queues[waiter.priority].popleft()
+        if self.requests is not None:
+            self.requests.take(now, waiter.requests)
+        if self.tokens is not None:
+            self.tokens.take(now, waiter.tokens)
+        self.passed_over[waiter.priority] = 0
+        for name, queue in self.queues.items():
+            if queue and name != waiter.priority:
+                self.passed_over[name] += 1
+
+
+class Limiter:
+    """All keys of one process. ``clock`` and ``schedule`` are injectable for tests."""
+
+    def __init__(self, burst: float, clock: Callable[[], float] = time.monotonic,
+                 schedule: Callable[[float, Callable[[], None]], None] | None = None) -> None:
+        self.burst = burst
+        self.clock = clock
+        self._schedule = schedule or self._timer
+        self._lock = threading.RLock()
+        self._keys: dict[tuple[str, Limits], _Key] = {}
+        self._timer_at: float | None = None
+        self._timer_obj: threading.Timer | None = None
+
+    def key(self, name: str, limits: Limits) -> _Key:
+        with self._lock:
+            found = self._keys.get((name, limits))
+            if found is None:
+                found = self._keys[(name, limits)] = _Key(limits, self.burst)
+            return found
+
+    def enqueue(self, key: _Key, waiter: Waiter) -> None:
+        with self._lock:
+            key.queues[waiter.priority].append(waiter)
+        self.pump()
+
+    def withdraw(self, key: _Key, waiter: Waiter) -> bool:
+        """Remove a waiter that gives up; False if it was granted meanwhile (it then owns a permit)."""
+        with self._lock:
+            if waiter.granted:
+                return False
+            with contextlib.suppress(ValueError):
+                key.queues[waiter.priority].remove(waiter)
+            return True
+
+    def block(self, key: _Key, until: float) -> None:
+        with self._lock:
+            key.blocked_until = max(key.blocked_until, until)
+        self.pump()
+
+    def pump(self) -> None:
+        """Grant every permit that is due now; arrange one wake-up for the next one."""
+        with self._lock:
+            now = self.clock()
+            soonest: float | None = None
+            for key in self._keys.values():
+                while (waiter := key.next_waiter()) is not None:
+                    wait = key.wait(now, waiter)
+                    if wait > 0:
+                        soonest = wait if soonest is None else min(soonest, wait)
+                        break
+                    key.granted(waiter, now)
+                    waiter.wake()
+            if soonest is not None:
+                due = now + soonest
+                if self._timer_at is None or due < self._timer_at - 1e-4:
+                    self._timer_at = due
+                    self._schedule(soonest, self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer_at = None
+        self.pump()
+
+    def _timer(self, delay: float, fn: Callable[[], None]) -> None:
+        if self._timer_obj is not None:
+            self._timer_obj.cancel()
+        timer = threading.Timer(delay, fn)
+        timer.daemon = True
+        timer.start()
+        self._timer_obj = timer
+
+
+class RateLimitPolicy:
+    """Takes a permit for every wire attempt (it sits below the retry layer), by priority."""
+
+    def __init__(self, *, rpm: float | None, tpm: float | None, per_model: Mapping[str, Limits], burst: float,
+                 default_priority: str, queue_timeout: float, default_output_tokens: int,
+                 instruments: Callable[[], Any] = lambda: None) -> None:
+        self.default = Limits(rpm, tpm)
+        self.per_model = dict(per_model)
+        self.default_priority = default_priority
+        self.queue_timeout = queue_timeout
+        self.default_output_tokens = default_output_tokens
+        self.limiter = Limiter(burst)
+        self._instruments = instruments
+
+    def _plan(self, call: Call) -> tuple[_Key, Waiter] | None:
+        limits = self.per_model.get(call.info.model or "", self.default)
+        if limits.rpm is None and limits.tpm is None:
+            return None
+        host, port = call.request.server
+        credential = credential_of(call.request.headers)
+        scope = hashlib.sha256(credential.encode()).hexdigest()[:12] if credential else "-"
+        name = f"{host}:{port}|{scope}|{call.info.model or '-'}"
+        header = call.controls.get(HEADER)
+        try:
+            level = resolve_priority(header) if header else (_priority.get() or self.default_priority)
+        except ValueError:
+            level = self.default_priority
+        tokens_in, tokens_out = estimate_tokens(call.info.body, self.default_output_tokens)
+        call.span_attributes["llmshim.priority"] = level
+        waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock())
+        return self.limiter.key(name, limits), waiter
+
+    def _waited(self, call: Call, waiter: Waiter) -> None:
+        waited = max(0.0, self.limiter.clock() - waiter.enqueued)
+        call.span_attributes["llmshim.ratelimit.wait_s"] = call.span_attributes.get(
+            "llmshim.ratelimit.wait_s", 0.0) + waited
+        if waited > 0.001:
+            STATS.add(throttled_calls=1)
+        with contextlib.suppress(Exception):
+            instruments = self._instruments()
+            if instruments is not None:
+                instruments.ratelimit_wait.record(waited, {"llmshim.priority": waiter.priority})
+
+    def _timed_out(self, call: Call) -> Reply:
+        body = json.dumps({"error": {
+            "message": f"llmshim rate limit: no permit within {self.queue_timeout:g}s for {call.request.method} "
+                       f"{call.request.public_url} (model {call.info.model or '-'}); raise LLMSHIM_QUEUE_TIMEOUT "
+                       "or the limits", "type": "llmshim_queue_timeout", "code": "llmshim_queue_timeout"}}).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                   ("retry-after", "1"), ("x-should-retry", "false")]
+        if call.replay is None:
+            raise TimeoutError(json.loads(body)["error"]["message"])
+        return track(call, call.replay(429, headers, body))
+
+    def _learn(self, key: _Key, reply: Reply) -> None:
+        """A 429 blocks the key for every caller until its retry-after; an exhausted window
+        (``x-ratelimit-remaining-requests: 0``) until its reset."""
+        from .retry import server_delay
+
+        headers = reply.headers
+        pause = None
+        if reply.status == 429:
+            pause = server_delay(headers)
+        elif headers.get("x-ratelimit-remaining-requests") == "0":
+            pause = parse_reset(headers.get("x-ratelimit-reset-requests"))
+        if pause:
+            self.limiter.block(key, self.limiter.clock() + pause)
+
+    def _reconcile(self, key: _Key, waiter: Waiter, reply: Reply, call: Call) -> None:
+        if key.tokens is None:
+            return
+        policy = self
+
+        class Reconcile:
+            def on_chunk(self, data: bytes) -> None:
+                pass
+
+            def on_complete(self) -> None:
+                usage = call.response.usage if call.response else None
+                if usage is not None and usage.input_tokens is not None:
+                    actual = usage.input_tokens + (usage.output_tokens or 0)
+                    with policy.limiter._lock:
+                        assert key.tokens is not None
+                        key.tokens.give_back(waiter.tokens - actual)
+                    policy.limiter.pump()
+
+            def on_abort(self, error: BaseException | None) -> None:
+                self.on_complete()
+
+        reply.tap.subscribe(Reconcile())
+
+    def handle(self, call: Call, next: Handler) -> Reply:
+        planned = self._plan(call)
+        if planned is None:
+            return next(call)
+        key, waiter = planned
+        waiter.event = threading.Event()
+        self.limiter.enqueue(key, waiter)
+        if not waiter.event.wait(self.queue_timeout) and self.limiter.withdraw(key, waiter):
+            return self._timed_out(call)
+        self._waited(call, waiter)
+        reply = next(call)
+        self._learn(key, reply)
+        self._reconcile(key, waiter, reply, call)
+        return reply
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        planned = self._plan(call)
+        if planned is None:
+            return await anext(call)
+        key, waiter = planned
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter.future = (loop, future)
+        self.limiter.enqueue(key, waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.queue_timeout)
+        except asyncio.TimeoutError:
+            if self.limiter.withdraw(key, waiter):
+                return self._timed_out(call)
+        except asyncio.CancelledError:
+            self.limiter.withdraw(key, waiter)  # cancelled while waiting: leave the queue at once
+            raise
+        self._waited(call, waiter)
+        reply = await anext(call)
+        self._learn(key, reply)
+        self._reconcile(key, waiter, reply, call)
+        return reply
+

@@ -1,0 +1,226 @@
+"""Priority rate limiting: the pure bucket and scheduler with a fake clock, then real clients
+against the bundled server (which timestamps every request that reaches it)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+import llmshim
+from llmshim.policies.ratelimit import (
+    Gcra,
+    Limiter,
+    Limits,
+    Waiter,
+    estimate_tokens,
+    parse_limits,
+    parse_reset,
+    resolve_priority,
+)
+from llmshim.testing import FakeLLMServer, Fault
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}
+
+
+def test_gcra_rate_and_burst() -> None:
+    bucket = Gcra(per_minute=60, burst_seconds=3)
+    assert [bucket.wait(0.0, 1) for _ in range(1)] == [0.0]
+    for _ in range(3):
+        assert bucket.wait(0.0, 1) == 0.0
+        bucket.take(0.0, 1)
+    assert bucket.wait(0.0, 1) == pytest.approx(1.0)  # the burst is spent: one a second
+    assert bucket.wait(1.0, 1) == 0.0
+    bucket.give_back(2)  # reconciled: the call used less than reserved
+    assert bucket.wait(0.0, 1) == 0.0
+
+
+def test_parsing() -> None:
+    assert parse_limits("gpt-4o=500rpm,30ktpm; llama3=60rpm") == {
+        "gpt-4o": Limits(500, 30000), "llama3": Limits(60, None)}
+    with pytest.raises(ValueError, match="gpt-4o=500rpm"):
+        parse_limits("gpt-4o:500")
+    assert parse_reset("6m0s") == 360 and parse_reset("1.5s") == 1.5 and parse_reset("12ms") == pytest.approx(0.012)
+    assert [resolve_priority(p) for p in ("urgent", "HIGH", "medium", "3")] == ["critical", "high", "normal", "low"]
+    assert estimate_tokens({"messages": [{"content": "x" * 400}], "max_tokens": 50}, 1024)[1] == 50
+    assert estimate_tokens({"prompt": "hi", "options": {"num_predict": 9}}, 1024)[1] == 9
+    assert estimate_tokens({"input": "x" * 4000}, 1024) == (1001, 1024)  # (4000 + 4) // 4
+
+
+def _limiter() -> tuple[Limiter, list[float], Callable[[float], None]]:
+    now = [0.0]
+    limiter = Limiter(burst=1.0, clock=lambda: now[0], schedule=lambda delay, fn: None)
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+        limiter.pump()
+
+    return limiter, now, advance
+
+
+def test_higher_classes_first_fifo_within_a_class() -> None:
+    limiter, now, advance = _limiter()
+    key = limiter.key("k", Limits(rpm=60))
+    granted: list[str] = []
+
+    def waiter(name: str, level: str, tokens: float = 0) -> Waiter:
+        w = Waiter(level, 1, tokens, now[0])
+        w.wake = lambda name=name, w=w: (granted.append(name), setattr(w, "granted", True))  # type: ignore[method-assign]
+        return w
+
+    limiter.enqueue(key, waiter("first", "low"))  # takes the one permit there is
+    for name, level in (("low-a", "low"), ("normal-big", "normal"), ("normal-small", "normal"),
+                        ("critical", "critical"), ("high", "high")):
+        limiter.enqueue(key, waiter(name, level))
+    assert granted == ["first"]
+    for _ in range(5):
+        advance(1.0)
+    assert granted == ["first", "critical", "high", "normal-big", "normal-small", "low-a"]
+
+
+def test_a_lower_class_gets_its_share_under_saturation() -> None:
+    limiter, _now, advance = _limiter()
+    key = limiter.key("k", Limits(rpm=60))
+    granted: list[str] = []
+    for i in range(40):
+        w = Waiter("critical", 1, 0, 0.0)
+        w.wake = lambda i=i: granted.append(f"c{i}")  # type: ignore[method-assign]
+        key.queues["critical"].append(w)
+    low = Waiter("low", 1, 0, 0.0)
+    low.wake = lambda: granted.append("low")  # type: ignore[method-assign]
+    key.queues["low"].append(low)
+    for _ in range(30):
+        advance(1.0)
+    assert "low" in granted and granted.index("low") <= 20  # served within its share, not starved
+
+
+def test_a_withdrawn_waiter_leaves_the_queue() -> None:
+    limiter, _now, _advance = _limiter()
+    key = limiter.key("k", Limits(rpm=60))
+    limiter.enqueue(key, Waiter("normal", 1, 0, 0.0))
+    waiting = Waiter("normal", 1, 0, 0.0)
+    limiter.enqueue(key, waiting)
+    assert limiter.withdraw(key, waiting) is True
+    assert not any(key.queues.values())
+
+
+def _queued() -> int:
+    limiter = llmshim.runtime.STATE.pipeline.policies[-1].limiter  # type: ignore[attr-defined]
+    with limiter._lock:
+        return sum(len(q) for key in limiter._keys.values() for q in key.queues.values())
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state change llmshim makes (a waiter entering its queue), not for time to pass."""
+    done = threading.Event()
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        done.wait(0.005)
+    raise AssertionError("condition not reached")
+
+
+def _limited(**settings: str) -> None:
+    llmshim.install(**{"ratelimit_burst": "0.2", **settings})
+
+
+def test_requests_per_minute_hold_with_many_threads(server: FakeLLMServer) -> None:
+    _limited(rpm="600")  # 10 a second, 2 at once
+    try:
+        threads = [threading.Thread(target=lambda: [requests.post(server.url + "/api/chat", json=BODY, timeout=10)
+                                                    for _ in range(5)]) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        llmshim.uninstall()
+    times = sorted(r.at for r in server.received)
+    assert len(times) == 25
+    assert times[-1] - times[0] >= 2.0  # 25 requests at 10/s after a burst of 2
+    for start in times:
+        assert sum(1 for t in times if start <= t < start + 1.0) <= 12  # never above the limit (+ burst)
+    assert llmshim.stats()["throttled_calls"] >= 15
+
+
+def test_priority_jumps_the_queue(server: FakeLLMServer) -> None:
+    _limited(rpm="120")  # one every 0.5 s
+    try:
+        def low(i: int) -> None:
+            requests.post(server.url + "/api/chat", json={**BODY, "model": "m", "messages": [
+                {"role": "user", "content": f"low {i}"}]}, headers={"x-llmshim-priority": "low"}, timeout=10)
+
+        lows = [threading.Thread(target=low, args=(i,)) for i in range(4)]
+        for thread in lows:
+            thread.start()
+        _wait_until(lambda: _queued() >= 3)  # the low ones are queued behind the first
+        with llmshim.priority("critical"):
+            requests.post(server.url + "/api/chat", json={**BODY, "messages": [{"role": "user", "content": "VIP"}]},
+                          timeout=10)
+        for thread in lows:
+            thread.join()
+    finally:
+        llmshim.uninstall()
+    order = [r.json()["messages"][0]["content"] for r in server.received]
+    assert order.index("VIP") <= 1, order  # only the low call already holding a permit went first
+    assert all(r.header("x-llmshim-priority") is None for r in server.received)  # stripped
+
+
+def test_a_429_blocks_the_key_for_every_caller(server: FakeLLMServer) -> None:
+    _limited(rpm="6000")
+    try:
+        server.inject(Fault(status=429, headers={"retry-after-ms": "800"}))
+        assert requests.post(server.url + "/api/chat", json=BODY, timeout=10).status_code == 429
+        assert requests.post(server.url + "/api/chat", json=BODY, timeout=10).status_code == 200
+    finally:
+        llmshim.uninstall()
+    assert server.received[1].at - server.received[0].at >= 0.8
+
+
+def test_queue_timeout_answers_a_429_the_sdk_raises_without_retrying(server: FakeLLMServer) -> None:
+    _limited(rpm="1", queue_timeout="0.3")
+    try:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=2) as client:
+            client.chat.completions.create(model="gpt-4o", messages=BODY["messages"])
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model="gpt-4o", messages=BODY["messages"])
+    finally:
+        llmshim.uninstall()
+    assert "llmshim rate limit: no permit within 0.3s" in str(caught.value)
+    assert len(server.received) == 1
+
+
+def test_a_cancelled_waiting_task_leaves_the_queue(server: FakeLLMServer) -> None:
+    _limited(rpm="1")
+    try:
+        async def go() -> Any:
+            async with openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as client:
+                await client.chat.completions.create(model="gpt-4o", messages=BODY["messages"])
+                waiting = asyncio.create_task(client.chat.completions.create(model="gpt-4o",
+                                                                             messages=BODY["messages"]))
+                await asyncio.to_thread(_wait_until, lambda: _queued() == 1)  # it is in the queue
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+
+        asyncio.run(go())
+        assert _queued() == 0
+    finally:
+        llmshim.uninstall()
+    assert len(server.received) == 1
+
+
+def test_tokens_per_minute_with_reconciliation(server: FakeLLMServer) -> None:
+    _limited(tpm="6000", ratelimit_burst="1")  # 100 tokens a second, 100 at once
+    try:
+        body = {**BODY, "options": {"num_predict": 90}}
+        requests.post(server.url + "/api/chat", json=body, timeout=10)  # reserves ~95, uses ~5
+        requests.post(server.url + "/api/chat", json=body, timeout=10)  # fits at once: reconciled
+    finally:
+        llmshim.uninstall()
+    assert server.received[1].at - server.received[0].at < 0.5
