@@ -123,6 +123,56 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
     ]
 
 
+def _retry_and_priorities(out: TextIO, server: FakeLLMServer, tracer_provider: Any) -> int:
+    """A 503 injected into the server and retried by llmshim; then four low-priority calls and one
+    critical call under a 120 requests/minute limit, in the order the server saw them."""
+    import threading
+
+    import requests
+
+    from .testing import Fault
+
+    url = server.url
+    server.inject(Fault(status=503, body="server busy, please try again", path="/api/generate"))
+    before = len(server.received)
+    body: Any = {"model": "llama3.2", "prompt": "Retry me", "stream": False}
+    answer = requests.post(url + "/api/generate", json=body, timeout=10)
+    attempts = len(server.received) - before
+    out.write(f"\n  Injected fault: the server answered 503 once; llmshim retried\n"
+              f"      caller saw: HTTP {answer.status_code}, {answer.json().get('response')!r} "
+              f"after {attempts} attempts on the wire\n")
+    install(tracer_provider=tracer_provider, limits="llama-limited=120rpm", ratelimit_burst="0.5", cache="off",
+            retry_mode="auto")
+    from .runtime import STATE
+
+    limiter = STATE.pipeline.policies[-1].limiter  # type: ignore[attr-defined]
+
+    def queued() -> int:
+        with limiter._lock:
+            return sum(len(q) for key in limiter._keys.values() for q in key.queues.values())
+
+    def ask(label: str, level: str) -> None:
+        requests.post(url + "/api/chat", json={"model": "llama-limited", "stream": False, "messages": [
+            {"role": "user", "content": label}]}, headers={"x-llmshim-priority": level}, timeout=30)
+
+    start = len(server.received)
+    threads = [threading.Thread(target=ask, args=(f"low #{i}", "low")) for i in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    ready = threading.Event()
+    for _ in range(2000):  # until three low calls wait behind the first (a state, not a duration)
+        if queued() >= 3:
+            break
+        ready.wait(0.005)
+    ask("critical", "critical")
+    for thread in threads:
+        thread.join()
+    order = [json.loads(r.body)["messages"][0]["content"] for r in server.received[start:]]
+    out.write("\n  Priorities under a limit of 120 requests/minute: four low calls queued, then one critical\n"
+              f"      order the server saw: {', '.join(order)}\n")
+    return 0 if answer.status_code == 200 and attempts == 2 and order.index("critical") <= 1 else 1
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -173,7 +223,7 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     with FakeLLMServer(chunk_delay=chunk_delay) as server:
         cache_dir = tempfile.mkdtemp(prefix="llmshim-demo-")  # a fresh cache: the first call is a miss
         install(tracer_provider=tracer_provider, stats_file=os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE,
-                cache=os.environ.get("LLMSHIM_CACHE", "on"),
+                cache=os.environ.get("LLMSHIM_CACHE", "on"), retry_mode="auto",
                 cache_path=os.environ.get("LLMSHIM_CACHE_PATH") or os.path.join(cache_dir, "cache.sqlite3"))
         try:
             out.write(f"llmshim demo: bundled LLM server on {server.url}, llmshim installed\n\n")
@@ -201,6 +251,8 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     f"tokens in={record.input_tokens} out={record.output_tokens} | "
                     f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | "
                     f"{'cache hit' if record.cache_hit else 'live'} | {record.outcome}\n")
+            if importlib.util.find_spec("requests") is not None:
+                failures += _retry_and_priorities(out, server, tracer_provider)
         finally:
             from .policies.stats import STATS
 

@@ -18,7 +18,10 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted(monkeypatch: py
     out = io.StringIO()
     assert demo.run(out, chunk_delay=0.0) == 0
     text = out.getvalue()
-    assert "11 LLM calls seen by llmshim, 0 failures" in text
+    assert "LLM calls seen by llmshim, 0 failures" in text
+    assert "caller saw: HTTP 200, 'Echo: Retry me' after 2 attempts on the wire" in text
+    order = text.split("order the server saw: ")[1].split("\n")[0].split(", ")
+    assert len(order) == 5 and order.index("critical") <= 1
     assert text.count("| cache hit |") == 1 and "same question again" in text
     for seen in (f"{OPENAI_LIBRARY} | openai chat", f"{OPENAI_LIBRARY} | openai embeddings", "requests | ollama chat",
                  "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
@@ -26,9 +29,9 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted(monkeypatch: py
         assert seen in text, seen
     assert "tokens in=None" not in text
     assert text.count("| ok") == 11
-    assert text.count("outcome=ok") == 11  # one llmshim span per call in the printed span tree
+    assert text.count("outcome=ok") == 17  # one span per call: 11 above, the retried one, 5 prioritised
     assert "  demo: OpenAI SDK chat (" in text and "\n    chat gpt-4o-mini (" in text  # nested under the app span
-    assert "total_calls        11" in text and "cache_hits         1" in text
+    assert "total_calls        17" in text and "cache_hits         1" in text and "retries            1" in text
 
 
 @pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])
