@@ -154,6 +154,12 @@ OPTIONS: tuple[Option, ...] = (
         "seconds or 90s/5m", "How long a call may wait for a permit; then it gets a 429 (x-should-retry: false).",
     ),
     Option(
+        "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", lambda raw: _parse_store(raw), "memory",
+        "memory or sqlite:///path/to/limits.sqlite3",
+        "Where the rate-limit budget lives: this process (memory), or a SQLite file shared by every "
+        "process on the machine.",
+    ),
+    Option(
         "token_reservation", "LLMSHIM_TOKEN_RESERVATION", lambda raw: _parse_count(raw) or 1024, "1024",
         "a number of tokens", "Output tokens reserved for a request that sets no max_tokens-style limit.",
     ),
@@ -229,6 +235,13 @@ def _parse_priority(raw: Any) -> str:
         raise ValueError("critical, high, normal or low (also urgent, medium, 0-3)") from None
 
 
+def _parse_store(raw: Any) -> str:
+    text = str(raw).strip()
+    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
+        return text
+    raise ValueError("memory or sqlite:///path/to/limits.sqlite3")
+
+
 def _parse_path(raw: Any) -> str | None:
     text = str(raw).strip() if raw is not None else ""
     if not text:
@@ -262,6 +275,7 @@ class Settings:
     priority: str = "normal"
     queue_timeout: float = 60.0
     token_reservation: int = 1024
+    ratelimit_store: str = "memory"
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:

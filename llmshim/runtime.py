@@ -68,7 +68,12 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
     if settings.rpm or settings.tpm or settings.limits:
         from .policies.ratelimit import RateLimitPolicy
 
-        policies.append(RateLimitPolicy(
+        shared = None
+        if settings.ratelimit_store.startswith("sqlite:///"):
+            from .store.limits import SQLiteLimitStore
+
+            shared = SQLiteLimitStore("/" + settings.ratelimit_store[len("sqlite:///"):].lstrip("/"))
+        policies.append(RateLimitPolicy(shared=shared,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
             default_priority=settings.priority, queue_timeout=settings.queue_timeout,
             default_output_tokens=settings.token_reservation,

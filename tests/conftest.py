@@ -43,6 +43,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("LLMSHIM_CACHE", "off")
     monkeypatch.setenv("LLMSHIM_RETRY_MODE", "off")  # likewise: a retried 500 is not a pass-through
+    llmshim.stats(reset=True)  # process-wide counters: each test counts its own
 
 
 @pytest.fixture

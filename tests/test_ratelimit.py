@@ -224,3 +224,73 @@ def test_tokens_per_minute_with_reconciliation(server: FakeLLMServer) -> None:
     finally:
         llmshim.uninstall()
     assert server.received[1].at - server.received[0].at < 0.5
+
+
+def test_processes_share_one_budget_through_sqlite(server: FakeLLMServer, tmp_path: Any) -> None:
+    """4 processes x 4 threads against a server that allows 10 requests a second: with the shared
+    store, no 429 reaches any caller; without llmshim, the same load gets 429s."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    server.rpm_limit, server.rpm_window = 10, 1.0
+    script = f"""
+import json, threading, requests, llmshim
+if {{use}}:
+    llmshim.install(rpm="540", ratelimit_burst="0.1", ratelimit_store="sqlite:///{tmp_path}/limits.sqlite3",
+                    retry_mode="off", cache="off")
+codes = []
+def work():
+    for i in range(4):
+        codes.append(requests.post({server.url!r} + "/v1/chat/completions",
+                                   json={{"model": "m", "messages": []}}, timeout=30).status_code)
+threads = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(json.dumps(codes))
+"""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}, "PYTHONPATH": str(ROOT)}
+
+    def run(use: bool) -> list[int]:
+        procs = [subprocess.Popen([sys.executable, "-c", script.replace("{use}", str(use))], stdout=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(4)]
+        return [code for p in procs for code in json.loads(p.communicate(timeout=120)[0])]
+
+    without = run(False)
+    assert 429 in without  # the load really exceeds the server's limit
+    server.reset()
+    with_shim = run(True)
+    assert with_shim == [200] * 64, sorted(set(with_shim))
+    times = sorted(r.at for r in server.received)
+    for start in times:
+        assert sum(1 for t in times if start <= t < start + 1.0) <= 10
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 0.9 * 9 <= rate <= 10, rate  # 90-100% of the 9/s configured
+
+
+def test_shared_store_reserves_headroom_for_higher_classes_and_blocks(tmp_path: Any) -> None:
+    from llmshim.store.limits import SQLiteLimitStore
+
+    store = SQLiteLimitStore(str(tmp_path / "l.sqlite3"))
+    dims = [("r", 1.0, 10.0, 1.0)]  # 60/min, 10 s of burst
+    taken_low = sum(store.try_take("k", 0.0, dims, "low") == 0 for _ in range(10))
+    assert taken_low == 7  # low leaves 30% of the burst to the others
+    assert store.try_take("k", 0.0, dims, "high") == 0 and store.try_take("k", 0.0, dims, "critical") == 0
+    assert store.try_take("k", 0.0, dims, "low") > 0
+    other = SQLiteLimitStore(str(tmp_path / "l.sqlite3"))  # another process's view of the same file
+    other.block("k2", 50.0)
+    assert store.try_take("k2", 49.0, dims, "critical") == pytest.approx(1.0)
+
+
+def test_an_unusable_shared_store_fails_open_to_the_local_budget(server: FakeLLMServer, tmp_path: Any) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    llmshim.install(rpm="6000", ratelimit_store=f"sqlite:///{blocker}/limits.sqlite3")
+    try:
+        for _ in range(3):
+            assert requests.post(server.url + "/api/chat", json=BODY, timeout=5).status_code == 200
+    finally:
+        llmshim.uninstall()
+    assert llmshim.stats()["store_errors"] >= 1

@@ -194,7 +194,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class _Key:
-    def __init__(self, limits: Limits, burst: float) -> None:
+    def __init__(self, limits: Limits, burst: float, name: str = "", shared: Any = None) -> None:
+        self.name, self.shared = name, shared
         self.requests = Gcra(limits.rpm, burst) if limits.rpm else None
         self.tokens = Gcra(limits.tpm, burst) if limits.tpm else None
         self.queues: dict[str, collections.deque[Waiter]] = {p: collections.deque() for p in PRIORITIES}
@@ -209,6 +210,29 @@ class _Key:
             waits.append(self.tokens.wait(now, waiter.tokens))
         return max(0.0, *waits)
 
+    def try_take(self, now: float, waiter: Waiter) -> float:
+        """Take the waiter's permits and answer 0, or take nothing and answer the seconds to wait.
+        With a shared store, the machine-wide budget decides; if the store fails, this process's
+        own buckets do (fail open: a warning, ``llmshim.store.errors``, and the call goes on)."""
+        if self.shared is not None:
+            dims = []
+            if self.requests is not None:
+                dims.append(("r", self.requests.rate, self.requests.burst, waiter.requests))
+            if self.tokens is not None and waiter.tokens:
+                dims.append(("t", self.tokens.rate, self.tokens.burst, waiter.tokens))
+            try:
+                shared_wait: float = self.shared.try_take(self.name, time.time(), dims, waiter.priority)
+                return max(shared_wait, self.blocked_until - now)
+            except Exception as exc:  # sqlite3.Error, OSError: fall back to the local buckets
+                _store_failed(exc)
+        wait = self.wait(now, waiter)
+        if wait <= 0:
+            if self.requests is not None:
+                self.requests.take(now, waiter.requests)
+            if self.tokens is not None:
+                self.tokens.take(now, waiter.tokens)
+        return wait
+
     def next_waiter(self) -> Waiter | None:
         """Highest waiting class, unless a lower waiting class is owed its share."""
         waiting = [p for p in PRIORITIES if self.queues[p]]
@@ -220,24 +244,36 @@ class _Key:
                 return self.queues[lower][0]
         return self.queues[top][0]
 
-    def granted(self, waiter: Waiter, now: float) -> None:
+    def granted(self, waiter: Waiter) -> None:
         self.queues[waiter.priority].popleft()
-        if self.requests is not None:
-            self.requests.take(now, waiter.requests)
-        if self.tokens is not None:
-            self.tokens.take(now, waiter.tokens)
         self.passed_over[waiter.priority] = 0
         for name, queue in self.queues.items():
             if queue and name != waiter.priority:
                 self.passed_over[name] += 1
 
 
+_last_warning = [0.0]
+
+
+def _store_failed(exc: BaseException) -> None:
+    import logging
+
+    STATS.add(store_errors=1)
+    now = time.monotonic()
+    if now - _last_warning[0] >= 60:
+        _last_warning[0] = now
+        logging.getLogger("llmshim").warning(
+            "llmshim: the shared rate-limit store failed (%s: %s); this process limits on its own until it "
+            "recovers (warned once a minute)", type(exc).__name__, exc)
+
+
 class Limiter:
     """All keys of one process. ``clock`` and ``schedule`` are injectable for tests."""
 
     def __init__(self, burst: float, clock: Callable[[], float] = time.monotonic,
-                 schedule: Callable[[float, Callable[[], None]], None] | None = None) -> None:
+                 schedule: Callable[[float, Callable[[], None]], None] | None = None, shared: Any = None) -> None:
         self.burst = burst
+        self.shared = shared
         self.clock = clock
         self._schedule = schedule or self._timer
         self._lock = threading.RLock()
@@ -249,7 +285,7 @@ class Limiter:
         with self._lock:
             found = self._keys.get((name, limits))
             if found is None:
-                found = self._keys[(name, limits)] = _Key(limits, self.burst)
+                found = self._keys[(name, limits)] = _Key(limits, self.burst, name, self.shared)
             return found
 
     def enqueue(self, key: _Key, waiter: Waiter) -> None:
@@ -269,6 +305,11 @@ class Limiter:
     def block(self, key: _Key, until: float) -> None:
         with self._lock:
             key.blocked_until = max(key.blocked_until, until)
+            if key.shared is not None:
+                try:
+                    key.shared.block(key.name, time.time() + (until - self.clock()))
+                except Exception as exc:
+                    _store_failed(exc)
         self.pump()
 
     def pump(self) -> None:
@@ -278,11 +319,11 @@ class Limiter:
             soonest: float | None = None
             for key in self._keys.values():
                 while (waiter := key.next_waiter()) is not None:
-                    wait = key.wait(now, waiter)
+                    wait = key.try_take(now, waiter)
                     if wait > 0:
                         soonest = wait if soonest is None else min(soonest, wait)
                         break
-                    key.granted(waiter, now)
+                    key.granted(waiter)
                     waiter.wake()
             if soonest is not None:
                 due = now + soonest
@@ -309,13 +350,13 @@ class RateLimitPolicy:
 
     def __init__(self, *, rpm: float | None, tpm: float | None, per_model: Mapping[str, Limits], burst: float,
                  default_priority: str, queue_timeout: float, default_output_tokens: int,
-                 instruments: Callable[[], Any] = lambda: None) -> None:
+                 instruments: Callable[[], Any] = lambda: None, shared: Any = None) -> None:
         self.default = Limits(rpm, tpm)
         self.per_model = dict(per_model)
         self.default_priority = default_priority
         self.queue_timeout = queue_timeout
         self.default_output_tokens = default_output_tokens
-        self.limiter = Limiter(burst)
+        self.limiter = Limiter(burst, shared=shared)
         self._instruments = instruments
 
     def _plan(self, call: Call) -> tuple[_Key, Waiter] | None:
@@ -388,6 +429,9 @@ class RateLimitPolicy:
                     with policy.limiter._lock:
                         assert key.tokens is not None
                         key.tokens.give_back(waiter.tokens - actual)
+                        if key.shared is not None:
+                            with contextlib.suppress(Exception):
+                                key.shared.give_back(key.name, "t", (waiter.tokens - actual) / key.tokens.rate)
                     policy.limiter.pump()
 
             def on_abort(self, error: BaseException | None) -> None:

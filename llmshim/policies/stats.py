@@ -21,7 +21,7 @@ from ..pipeline import AsyncHandler, Handler
 __all__ = ["STATS", "Stats", "StatsPolicy"]
 
 _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
-           "throttled_calls", "retries", "input_tokens", "output_tokens", "tokens_saved")
+           "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved")
 
 
 class Stats:

@@ -240,11 +240,13 @@ class FakeLLMServer:
         *,
         chunk_delay: float = 0.0,
         rpm_limit: int | None = None,
+        rpm_window: float = 60.0,
         compress: bool = False,
         responder: Callable[[Received], Answer | None] | None = None,
     ) -> None:
         self.chunk_delay = chunk_delay
         self.rpm_limit = rpm_limit
+        self.rpm_window = rpm_window  # the limit counts requests in a sliding window this long
         self.compress = compress
         self.responder = responder
         self.received: list[Received] = []
@@ -313,14 +315,14 @@ class FakeLLMServer:
         """(allowed, remaining, seconds until a slot frees) under the sliding 60 s RPM window."""
         now = time.monotonic()
         with self._lock:
-            while self._recent and now - self._recent[0] >= 60.0:
+            while self._recent and now - self._recent[0] >= self.rpm_window:
                 self._recent.popleft()
             limit = self.rpm_limit
             if limit is None:
                 self._recent.append(now)
                 return True, 9999, 0.0
             if len(self._recent) >= limit:
-                return False, 0, 60.0 - (now - self._recent[0])
+                return False, 0, self.rpm_window - (now - self._recent[0])
             self._recent.append(now)
             return True, limit - len(self._recent), 0.0
 

@@ -1,0 +1,89 @@
+"""The rate-limit budget shared by every process on one machine: GCRA state in a SQLite file.
+
+Each take is one short ``BEGIN IMMEDIATE`` transaction (read the key's theoretical arrival times,
+decide, write them back), never held while anyone sleeps. Time is the wall clock (``time.time``),
+the one clock all processes share. Lower priority classes keep a reserve of the burst free for
+higher ones (critical 0%, high 10%, normal 20%, low 30%): across processes there is no shared
+queue, so the reserve is what lets a critical call in one process pass the low calls of another.
+A 429 block is a row too, so it pauses the key for every process.
+
+Raises ``sqlite3.Error`` / ``OSError``; the rate-limit policy fails open to its in-process share.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Any
+
+__all__ = ["RESERVES", "SQLiteLimitStore"]
+
+RESERVES = {"critical": 0.0, "high": 0.1, "normal": 0.2, "low": 0.3}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (name TEXT NOT NULL, dim TEXT NOT NULL, tat REAL NOT NULL,
+                                    PRIMARY KEY (name, dim));
+"""
+
+
+class SQLiteLimitStore:
+    def __init__(self, path: str, busy_timeout_ms: int = 2000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and local.pid == os.getpid():
+            return conn
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+        local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def try_take(self, name: str, now: float, dims: list[tuple[str, float, float, float]], level: str) -> float:
+        """``dims``: (dimension, rate per second, burst seconds, cost). Takes every dimension and
+        answers 0, or takes nothing and answers the seconds until all would fit."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows: dict[str, Any] = {dim: tat for dim, tat in conn.execute(
+                "SELECT dim, tat FROM buckets WHERE name = ?", (name,))}
+            wait = max(0.0, rows.get("block", 0.0) - now)
+            reserve = RESERVES.get(level, 0.2)
+            news = []
+            for dim, rate, burst, cost in dims:
+                cost = min(cost, burst * rate)
+                tat = max(rows.get(dim, 0.0), now)
+                new_tat = tat + cost / rate
+                # The reserve narrows the tolerance, but one call always fits an idle bucket.
+                tolerance = max(burst * (1.0 - reserve), cost / rate)
+                wait = max(wait, new_tat - tolerance - now)
+                news.append((name, dim, new_tat))
+            if wait <= 0:
+                conn.executemany("INSERT INTO buckets (name, dim, tat) VALUES (?, ?, ?) "
+                                 "ON CONFLICT(name, dim) DO UPDATE SET tat = excluded.tat", news)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return float(max(0.0, wait))
+
+    def give_back(self, name: str, dim: str, seconds: float) -> None:
+        conn = self._conn()
+        conn.execute("UPDATE buckets SET tat = tat - ? WHERE name = ? AND dim = ?", (seconds, name, dim))
+
+    def block(self, name: str, until: float) -> None:
+        conn = self._conn()
+        conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
+                     "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))
