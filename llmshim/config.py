@@ -154,6 +154,16 @@ OPTIONS: tuple[Option, ...] = (
         "seconds or 90s/5m", "How long a call may wait for a permit; then it gets a 429 (x-should-retry: false).",
     ),
     Option(
+        "max_concurrency", "LLMSHIM_MAX_CONCURRENCY", lambda raw: _parse_count(raw), "", "a number, or empty",
+        "At most this many calls in flight to a local server (loopback or LLMSHIM_LOCAL_HOSTS); halved on each "
+        "503, regrown by one per window of successes. Empty: no limit.",
+    ),
+    Option(
+        "local_hosts", "LLMSHIM_LOCAL_HOSTS", lambda raw: frozenset(h.strip().lower() for h in str(raw or "").split(",")
+                                                                   if h.strip()), "",
+        "comma-separated host names", "Hosts treated as local servers besides loopback (e.g. gpu-box,ollama.lan).",
+    ),
+    Option(
         "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", lambda raw: _parse_store(raw), "memory",
         "memory or sqlite:///path/to/limits.sqlite3",
         "Where the rate-limit budget lives: this process (memory), or a SQLite file shared by every "
@@ -276,6 +286,8 @@ class Settings:
     queue_timeout: float = 60.0
     token_reservation: int = 1024
     ratelimit_store: str = "memory"
+    max_concurrency: int | None = None
+    local_hosts: frozenset[str] = frozenset()
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:

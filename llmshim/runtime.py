@@ -65,7 +65,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         policies.append(RetryPolicy(
             mode=settings.retry_mode, max_attempts=settings.retry_max_attempts, max_delay=settings.retry_max_delay,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
-    if settings.rpm or settings.tpm or settings.limits:
+    if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency:
         from .policies.ratelimit import RateLimitPolicy
 
         shared = None
@@ -73,7 +73,8 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             from .store.limits import SQLiteLimitStore
 
             shared = SQLiteLimitStore("/" + settings.ratelimit_store[len("sqlite:///"):].lstrip("/"))
-        policies.append(RateLimitPolicy(shared=shared,
+        policies.append(RateLimitPolicy(shared=shared, max_concurrency=settings.max_concurrency,
+                                        local_hosts=settings.local_hosts,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
             default_priority=settings.priority, queue_timeout=settings.queue_timeout,
             default_output_tokens=settings.token_reservation,

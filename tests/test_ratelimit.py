@@ -227,8 +227,9 @@ def test_tokens_per_minute_with_reconciliation(server: FakeLLMServer) -> None:
 
 
 def test_processes_share_one_budget_through_sqlite(server: FakeLLMServer, tmp_path: Any) -> None:
-    """4 processes x 4 threads against a server that allows 10 requests a second: with the shared
-    store, no 429 reaches any caller; without llmshim, the same load gets 429s."""
+    """4 processes x 8 threads plus one asyncio process x 32 tasks, against a server that allows 10
+    requests a second: with the shared store no 429 reaches any caller and the rate stays within
+    90-100% of the configured 9/s; without llmshim the same load gets 429s."""
     import json
     import os
     import subprocess
@@ -237,32 +238,46 @@ def test_processes_share_one_budget_through_sqlite(server: FakeLLMServer, tmp_pa
     from conftest import ROOT
 
     server.rpm_limit, server.rpm_window = 10, 1.0
-    script = f"""
-import json, threading, requests, llmshim
+    setup = f"""
+import asyncio, json, threading, aiohttp, requests, llmshim
 if {{use}}:
     llmshim.install(rpm="540", ratelimit_burst="0.1", ratelimit_store="sqlite:///{tmp_path}/limits.sqlite3",
                     retry_mode="off", cache="off")
+url = {server.url!r} + "/v1/chat/completions"
+body = {{"model": "m", "messages": []}}
+"""
+    threads = setup + """
 codes = []
 def work():
-    for i in range(4):
-        codes.append(requests.post({server.url!r} + "/v1/chat/completions",
-                                   json={{"model": "m", "messages": []}}, timeout=30).status_code)
-threads = [threading.Thread(target=work) for _ in range(4)]
+    for i in range(2):
+        codes.append(requests.post(url, json=body, timeout=60).status_code)
+threads = [threading.Thread(target=work) for _ in range(8)]
 [t.start() for t in threads]; [t.join() for t in threads]
 print(json.dumps(codes))
+"""
+    tasks = setup + """
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async def one():
+            async with session.post(url, json=body) as response:
+                await response.read()
+                return response.status
+        return await asyncio.gather(*(one() for _ in range(32)))
+print(json.dumps(asyncio.run(main())))
 """
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}, "PYTHONPATH": str(ROOT)}
 
     def run(use: bool) -> list[int]:
+        scripts = [threads] * 4 + [tasks]
         procs = [subprocess.Popen([sys.executable, "-c", script.replace("{use}", str(use))], stdout=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(4)]
-        return [code for p in procs for code in json.loads(p.communicate(timeout=120)[0])]
+                                  text=True, env=env) for script in scripts]
+        return [code for p in procs for code in json.loads(p.communicate(timeout=180)[0])]
 
     without = run(False)
     assert 429 in without  # the load really exceeds the server's limit
     server.reset()
     with_shim = run(True)
-    assert with_shim == [200] * 64, sorted(set(with_shim))
+    assert with_shim == [200] * 96, sorted(set(with_shim))
     times = sorted(r.at for r in server.received)
     for start in times:
         assert sum(1 for t in times if start <= t < start + 1.0) <= 10
@@ -294,3 +309,63 @@ def test_an_unusable_shared_store_fails_open_to_the_local_budget(server: FakeLLM
     finally:
         llmshim.uninstall()
     assert llmshim.stats()["store_errors"] >= 1
+
+
+def test_local_servers_get_a_concurrency_limit_that_halves_on_503(server: FakeLLMServer) -> None:
+    server.chunk_delay = 0.05  # each streamed answer holds its slot for a while
+    llmshim.install(max_concurrency="2")
+    try:
+        policy = llmshim.runtime.STATE.pipeline.policies[-1]
+        peak = [0]
+
+        def ask() -> None:
+            with requests.post(server.url + "/api/chat", json={**BODY, "stream": True}, stream=True,
+                               timeout=10) as response:
+                key = next(iter(policy.limiter._keys.values()))  # type: ignore[attr-defined]
+                peak[0] = max(peak[0], key.in_flight)
+                list(response.iter_lines())
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        key = next(iter(policy.limiter._keys.values()))  # type: ignore[attr-defined]
+        assert peak[0] <= 2 and key.in_flight == 0
+        server.inject(Fault(status=503, body="server busy"))
+        assert requests.post(server.url + "/api/chat", json=BODY, timeout=10).status_code == 503
+        assert key.capacity == 1.0  # halved
+        for _ in range(3):
+            requests.post(server.url + "/api/chat", json=BODY, timeout=10)
+        assert key.capacity == 2.0  # regrown, never above the maximum
+    finally:
+        llmshim.uninstall()
+    starts = sorted(r.at for r in server.received[:6])
+    assert starts[2] - starts[0] >= 0.2  # the third stream waited for a slot
+
+
+def test_limits_tighten_to_the_servers_own(server: FakeLLMServer) -> None:
+    server.rpm_limit = 30  # the server says x-ratelimit-limit-requests: 30
+    llmshim.install(rpm="6000")
+    try:
+        requests.post(server.openai_base_url + "/chat/completions", json=BODY, timeout=10)
+        key = next(iter(llmshim.runtime.STATE.pipeline.policies[-1].limiter._keys.values()))  # type: ignore[attr-defined]
+        assert key.requests.rate == pytest.approx(0.5)
+    finally:
+        llmshim.uninstall()
+
+
+def test_llamacpp_loading_model_waits_for_health(server: FakeLLMServer) -> None:
+    server.inject(Fault(status=503, body="Loading model", path="/completion"))
+    server.inject(Fault(status=503, body="Loading model", path="/health"), times=3)
+    llmshim.install(max_concurrency="4", retry_mode="auto", retry_max_delay="0.01")
+    try:
+        response = requests.post(server.url + "/completion", json={"prompt": "x"}, timeout=30)
+    finally:
+        llmshim.uninstall()
+    assert response.status_code == 200
+    paths = [r.path for r in server.received]
+    assert paths[0] == "/completion" and paths[-1] == "/completion"
+    assert paths.count("/health") == 4  # three 503s while loading, then 200
+    healthy = max(r.at for r in server.received if r.path == "/health")
+    assert server.received[-1].at >= healthy  # the retry went out only once the model was loaded

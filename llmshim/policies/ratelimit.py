@@ -176,6 +176,7 @@ class Waiter:
     tokens: float
     enqueued: float
     granted: bool = False
+    holds_slot: bool = False
     event: threading.Event | None = None
     future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
@@ -194,8 +195,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class _Key:
-    def __init__(self, limits: Limits, burst: float, name: str = "", shared: Any = None) -> None:
+    def __init__(self, limits: Limits, burst: float, name: str = "", shared: Any = None,
+                 concurrency: int | None = None) -> None:
         self.name, self.shared = name, shared
+        # Local servers: at most ``capacity`` calls in flight; halved on 503, regrown by one per
+        # ``capacity`` successes (AIMD), never above the configured maximum.
+        self.max_concurrency = concurrency
+        self.capacity = float(concurrency) if concurrency else None
+        self.in_flight = 0
         self.requests = Gcra(limits.rpm, burst) if limits.rpm else None
         self.tokens = Gcra(limits.tpm, burst) if limits.tpm else None
         self.queues: dict[str, collections.deque[Waiter]] = {p: collections.deque() for p in PRIORITIES}
@@ -211,9 +218,44 @@ class _Key:
         return max(0.0, *waits)
 
     def try_take(self, now: float, waiter: Waiter) -> float:
-        """Take the waiter's permits and answer 0, or take nothing and answer the seconds to wait.
-        With a shared store, the machine-wide budget decides; if the store fails, this process's
-        own buckets do (fail open: a warning, ``llmshim.store.errors``, and the call goes on)."""
+        """Take the waiter's permits and answer 0, or take nothing and answer the seconds to wait
+        (``inf``: until a call in flight ends). With a shared store, the machine-wide budget
+        decides; if the store fails, this process's own buckets do (fail open: a warning, the
+        ``store_errors`` stat, and the call goes on)."""
+        if self.capacity is not None and self.in_flight >= max(1, int(self.capacity)):
+            return float("inf")
+        wait = self._take_rate(now, waiter)
+        if wait <= 0 and self.capacity is not None:
+            self.in_flight += 1
+            waiter.holds_slot = True
+        return wait
+
+    def release(self, outcome_status: int | None) -> None:
+        """A call holding a concurrency slot ended; adapt the capacity to what the server said."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.capacity is None or self.max_concurrency is None:
+            return
+        if outcome_status == 503:
+            self.capacity = max(1.0, self.capacity / 2)
+        elif outcome_status is not None and outcome_status < 500:
+            self.capacity = min(float(self.max_concurrency), self.capacity + 1.0 / self.capacity)
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """Tighten to the server's own limits (``x-ratelimit-limit-requests/-tokens``, per minute)."""
+        pairs = (("x-ratelimit-limit-requests", self.requests), ("x-ratelimit-limit-tokens", self.tokens))
+        for header, bucket in pairs:
+            raw = headers.get(header)
+            if bucket is None or not raw:
+                continue
+            try:
+                rate = float(raw) / 60.0
+            except ValueError:
+                continue
+            if 0 < rate < bucket.rate:
+                bucket.tat = max(bucket.tat, 0.0)
+                bucket.rate = rate
+
+    def _take_rate(self, now: float, waiter: Waiter) -> float:
         if self.shared is not None:
             dims = []
             if self.requests is not None:
@@ -281,16 +323,21 @@ class Limiter:
         self._timer_at: float | None = None
         self._timer_obj: threading.Timer | None = None
 
-    def key(self, name: str, limits: Limits) -> _Key:
+    def key(self, name: str, limits: Limits, concurrency: int | None = None) -> _Key:
         with self._lock:
             found = self._keys.get((name, limits))
             if found is None:
-                found = self._keys[(name, limits)] = _Key(limits, self.burst, name, self.shared)
+                found = self._keys[(name, limits)] = _Key(limits, self.burst, name, self.shared, concurrency)
             return found
 
     def enqueue(self, key: _Key, waiter: Waiter) -> None:
         with self._lock:
             key.queues[waiter.priority].append(waiter)
+        self.pump()
+
+    def release(self, key: _Key, status: int | None) -> None:
+        with self._lock:
+            key.release(status)
         self.pump()
 
     def withdraw(self, key: _Key, waiter: Waiter) -> bool:
@@ -321,7 +368,8 @@ class Limiter:
                 while (waiter := key.next_waiter()) is not None:
                     wait = key.try_take(now, waiter)
                     if wait > 0:
-                        soonest = wait if soonest is None else min(soonest, wait)
+                        if wait != float("inf"):  # inf: woken by a release, not by time
+                            soonest = wait if soonest is None else min(soonest, wait)
                         break
                     key.granted(waiter)
                     waiter.wake()
@@ -350,7 +398,10 @@ class RateLimitPolicy:
 
     def __init__(self, *, rpm: float | None, tpm: float | None, per_model: Mapping[str, Limits], burst: float,
                  default_priority: str, queue_timeout: float, default_output_tokens: int,
-                 instruments: Callable[[], Any] = lambda: None, shared: Any = None) -> None:
+                 instruments: Callable[[], Any] = lambda: None, shared: Any = None,
+                 max_concurrency: int | None = None, local_hosts: frozenset[str] = frozenset()) -> None:
+        self.max_concurrency = max_concurrency
+        self.local_hosts = local_hosts
         self.default = Limits(rpm, tpm)
         self.per_model = dict(per_model)
         self.default_priority = default_priority
@@ -359,11 +410,15 @@ class RateLimitPolicy:
         self.limiter = Limiter(burst, shared=shared)
         self._instruments = instruments
 
+    def _local(self, host: str) -> bool:
+        return host in self.local_hosts or host in ("localhost", "::1") or host.startswith("127.")
+
     def _plan(self, call: Call) -> tuple[_Key, Waiter] | None:
         limits = self.per_model.get(call.info.model or "", self.default)
-        if limits.rpm is None and limits.tpm is None:
-            return None
         host, port = call.request.server
+        concurrency = self.max_concurrency if self.max_concurrency and self._local(host) else None
+        if limits.rpm is None and limits.tpm is None and concurrency is None:
+            return None
         credential = credential_of(call.request.headers)
         scope = hashlib.sha256(credential.encode()).hexdigest()[:12] if credential else "-"
         name = f"{host}:{port}|{scope}|{call.info.model or '-'}"
@@ -375,7 +430,7 @@ class RateLimitPolicy:
         tokens_in, tokens_out = estimate_tokens(call.info.body, self.default_output_tokens)
         call.span_attributes["llmshim.priority"] = level
         waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock())
-        return self.limiter.key(name, limits), waiter
+        return self.limiter.key(name, limits, concurrency), waiter
 
     def _waited(self, call: Call, waiter: Waiter) -> None:
         waited = max(0.0, self.limiter.clock() - waiter.enqueued)
@@ -405,6 +460,11 @@ class RateLimitPolicy:
         from .retry import server_delay
 
         headers = reply.headers
+        with self.limiter._lock:
+            key.learn(headers)
+        if reply.status == 503 and self._loading(reply):
+            self._await_health(key, reply)
+            return
         pause = None
         if reply.status == 429:
             pause = server_delay(headers)
@@ -412,6 +472,66 @@ class RateLimitPolicy:
             pause = parse_reset(headers.get("x-ratelimit-reset-requests"))
         if pause:
             self.limiter.block(key, self.limiter.clock() + pause)
+
+    @staticmethod
+    def _loading(reply: Reply) -> bool:
+        """llama.cpp answers 503 "Loading model" while it loads; its body says so."""
+        if reply.peek is None:
+            return False
+        try:
+            return b"Loading model" in reply.peek()
+        except Exception:
+            return False
+
+    def _await_health(self, key: _Key, reply: Reply) -> None:
+        """Block the key until the server's ``/health`` answers 200 (polled: llama.cpp has no push),
+        at most the queue timeout. One watcher per key."""
+        if getattr(key, "watching", False):
+            return
+        key.watching = True  # type: ignore[attr-defined]
+        host, port = key.name.split("|", 1)[0].rsplit(":", 1)
+        url = f"http://{host}:{port}/health"
+        limiter, deadline = self.limiter, self.queue_timeout
+        limiter.block(key, limiter.clock() + deadline)
+
+        def watch() -> None:
+            import urllib.request
+
+            end = time.monotonic() + deadline
+            try:
+                while time.monotonic() < end:
+                    try:
+                        with urllib.request.urlopen(url, timeout=2) as response:
+                            if response.status == 200:
+                                break
+                    except Exception:
+                        pass
+                    threading.Event().wait(0.25)
+            finally:
+                with limiter._lock:
+                    key.blocked_until = 0.0
+                    key.watching = False  # type: ignore[attr-defined]
+                limiter.pump()
+
+        threading.Thread(target=watch, name="llmshim-health", daemon=True).start()
+
+    def _hold(self, key: _Key, waiter: Waiter, reply: Reply) -> None:
+        """A concurrency slot is held until the body ends, however it ends."""
+        if not waiter.holds_slot:
+            return
+        limiter, status = self.limiter, reply.status
+
+        class Release:
+            def on_chunk(self, data: bytes) -> None:
+                pass
+
+            def on_complete(self) -> None:
+                limiter.release(key, status)
+
+            def on_abort(self, error: BaseException | None) -> None:
+                limiter.release(key, status)
+
+        reply.tap.subscribe(Release())
 
     def _reconcile(self, key: _Key, waiter: Waiter, reply: Reply, call: Call) -> None:
         if key.tokens is None:
@@ -449,8 +569,14 @@ class RateLimitPolicy:
         if not waiter.event.wait(self.queue_timeout) and self.limiter.withdraw(key, waiter):
             return self._timed_out(call)
         self._waited(call, waiter)
-        reply = next(call)
+        try:
+            reply = next(call)
+        except BaseException:
+            if waiter.holds_slot:
+                self.limiter.release(key, None)
+            raise
         self._learn(key, reply)
+        self._hold(key, waiter, reply)
         self._reconcile(key, waiter, reply, call)
         return reply
 
@@ -472,8 +598,14 @@ class RateLimitPolicy:
             self.limiter.withdraw(key, waiter)  # cancelled while waiting: leave the queue at once
             raise
         self._waited(call, waiter)
-        reply = await anext(call)
+        try:
+            reply = await anext(call)
+        except BaseException:
+            if waiter.holds_slot:
+                self.limiter.release(key, None)
+            raise
         self._learn(key, reply)
+        self._hold(key, waiter, reply)
         self._reconcile(key, waiter, reply, call)
         return reply
 
