@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("llmshim")
 
-__all__ = ["Call", "CallInfo", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
+__all__ = ["Call", "CallInfo", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +142,25 @@ class TapObserver(Protocol):
     def on_chunk(self, data: bytes) -> None: ...
     def on_complete(self) -> None: ...
     def on_abort(self, error: BaseException | None) -> None: ...
+
+
+class OnEnd:
+    """A tap observer that only cares that the body ended (completed or aborted): it calls ``fn``.
+    Judge the outcome from ``call.outcome``, which the tracker set before this runs."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        self._fn()
+
+    def on_abort(self, error: BaseException | None) -> None:
+        self._fn()
 
 
 class Tap:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..call import Call, Reply, Tap, WireRequest
+from ..call import Call, OnEnd, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
 
 __all__ = ["middlewares", "to_wire"]
@@ -36,6 +36,10 @@ def to_wire(request: Any) -> WireRequest | None:
     else:
         return None
     return WireRequest(request.method, str(request.url), tuple(request.headers.items()), bytes(data))
+
+
+def _forget(key: int) -> None:
+    _taps.pop(key, None)
 
 
 def _end(key: int, error: BaseException | None, completed: bool) -> None:
@@ -90,28 +94,12 @@ def _reply(response: Any) -> Reply:
         key = id(reader)
         _taps[key] = tap
         tap.abort_when_collected(response)
-        tap.subscribe(_Forget(key))  # however the tap ends, drop its entry here
+        tap.subscribe(OnEnd(lambda: _forget(key)))  # however the tap ends, drop its entry
         reader.__class__ = _tap_reader_class()
     async def discard() -> None:
         response.close()
 
     return Reply(response.status, response.headers, tap, response, adiscard=discard)
-
-
-class _Forget:
-    __slots__ = ("_key",)
-
-    def __init__(self, key: int) -> None:
-        self._key = key
-
-    def on_chunk(self, data: bytes) -> None:
-        pass
-
-    def on_complete(self) -> None:
-        _taps.pop(self._key, None)
-
-    def on_abort(self, error: BaseException | None) -> None:
-        _taps.pop(self._key, None)
 
 
 def _strip(request: Any) -> Any:

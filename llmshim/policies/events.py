@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
-from ..call import Call, Reply
+from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
 __all__ = ["EVENTS", "CallRecord", "EventsPolicy", "off", "on"]
@@ -118,20 +118,8 @@ def _emit(event: str, call: Call) -> None:
             log.exception("llmshim: %s hook %r raised; the call is not affected", event, hook)
 
 
-class _EndObserver:
-    __slots__ = ("_call",)
-
-    def __init__(self, call: Call) -> None:
-        self._call = call
-
-    def on_chunk(self, data: bytes) -> None:
-        pass
-
-    def on_complete(self) -> None:
-        _emit("call_completed" if self._call.outcome == "ok" else "call_failed", self._call)
-
-    def on_abort(self, error: BaseException | None) -> None:
-        self.on_complete()  # the tracker already judged the outcome (close after [DONE] is "ok")
+def _emit_end(call: Call) -> None:
+    _emit("call_completed" if call.outcome == "ok" else "call_failed", call)
 
 
 class EventsPolicy:
@@ -150,7 +138,7 @@ class EventsPolicy:
         except BaseException:
             _emit("call_failed", call)
             raise
-        reply.tap.subscribe(_EndObserver(call))
+        reply.tap.subscribe(OnEnd(lambda: _emit_end(call)))
         return reply
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
@@ -162,5 +150,5 @@ class EventsPolicy:
         except BaseException:
             _emit("call_failed", call)
             raise
-        reply.tap.subscribe(_EndObserver(call))
+        reply.tap.subscribe(OnEnd(lambda: _emit_end(call)))
         return reply

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from ..call import Call, Reply
+from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store.keys import credential_of
 from .stats import STATS
@@ -520,44 +520,26 @@ class RateLimitPolicy:
         if not waiter.holds_slot:
             return
         limiter, status = self.limiter, reply.status
-
-        class Release:
-            def on_chunk(self, data: bytes) -> None:
-                pass
-
-            def on_complete(self) -> None:
-                limiter.release(key, status)
-
-            def on_abort(self, error: BaseException | None) -> None:
-                limiter.release(key, status)
-
-        reply.tap.subscribe(Release())
+        reply.tap.subscribe(OnEnd(lambda: limiter.release(key, status)))
 
     def _reconcile(self, key: _Key, waiter: Waiter, reply: Reply, call: Call) -> None:
         if key.tokens is None:
             return
-        policy = self
+        limiter = self.limiter
 
-        class Reconcile:
-            def on_chunk(self, data: bytes) -> None:
-                pass
+        def reconcile() -> None:
+            usage = call.response.usage if call.response else None
+            if usage is None or usage.input_tokens is None or key.tokens is None:
+                return
+            unused = waiter.tokens - (usage.input_tokens + (usage.output_tokens or 0))
+            with limiter._lock:
+                key.tokens.give_back(unused)
+                if key.shared is not None:
+                    with contextlib.suppress(Exception):
+                        key.shared.give_back(key.name, "t", unused / key.tokens.rate)
+            limiter.pump()
 
-            def on_complete(self) -> None:
-                usage = call.response.usage if call.response else None
-                if usage is not None and usage.input_tokens is not None:
-                    actual = usage.input_tokens + (usage.output_tokens or 0)
-                    with policy.limiter._lock:
-                        assert key.tokens is not None
-                        key.tokens.give_back(waiter.tokens - actual)
-                        if key.shared is not None:
-                            with contextlib.suppress(Exception):
-                                key.shared.give_back(key.name, "t", (waiter.tokens - actual) / key.tokens.rate)
-                    policy.limiter.pump()
-
-            def on_abort(self, error: BaseException | None) -> None:
-                self.on_complete()
-
-        reply.tap.subscribe(Reconcile())
+        reply.tap.subscribe(OnEnd(reconcile))
 
     def handle(self, call: Call, next: Handler) -> Reply:
         planned = self._plan(call)

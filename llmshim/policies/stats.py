@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from ..call import Call, Reply
+from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
 __all__ = ["STATS", "Stats", "StatsPolicy"]
@@ -103,22 +103,6 @@ class Stats:
 STATS = Stats()
 
 
-class _End:
-    __slots__ = ("_call",)
-
-    def __init__(self, call: Call) -> None:
-        self._call = call
-
-    def on_chunk(self, data: bytes) -> None:
-        pass
-
-    def on_complete(self) -> None:
-        STATS.call_ended(self._call)
-
-    def on_abort(self, error: BaseException | None) -> None:
-        STATS.call_ended(self._call)
-
-
 class StatsPolicy:
     def handle(self, call: Call, next: Handler) -> Reply:
         STATS.call_started()
@@ -127,7 +111,7 @@ class StatsPolicy:
         except BaseException:
             STATS.call_ended(call)
             raise
-        reply.tap.subscribe(_End(call))
+        reply.tap.subscribe(OnEnd(lambda: STATS.call_ended(call)))
         return reply
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
@@ -137,5 +121,5 @@ class StatsPolicy:
         except BaseException:
             STATS.call_ended(call)
             raise
-        reply.tap.subscribe(_End(call))
+        reply.tap.subscribe(OnEnd(lambda: STATS.call_ended(call)))
         return reply

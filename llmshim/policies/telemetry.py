@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..call import Call, Reply
+from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
 __all__ = ["CONTENT_ENV", "LLMSHIM_ATTRIBUTES", "Instruments", "TelemetryPolicy", "content_capture_mode"]
@@ -141,24 +141,6 @@ def _input_messages(call: Call) -> list[dict[str, Any]]:
     return []
 
 
-class _SpanEnd:
-    """Ends the span and records metrics when the reply's body ends (complete or aborted)."""
-
-    __slots__ = ("_call", "_policy", "_span")
-
-    def __init__(self, policy: TelemetryPolicy, span: trace.Span, call: Call) -> None:
-        self._policy, self._span, self._call = policy, span, call
-
-    def on_chunk(self, data: bytes) -> None:
-        pass
-
-    def on_complete(self) -> None:
-        self._policy.finish(self._span, self._call)
-
-    def on_abort(self, error: BaseException | None) -> None:
-        self._policy.finish(self._span, self._call)
-
-
 class TelemetryPolicy:
     """The outermost policy: a span per logical call, metrics when it ends."""
 
@@ -225,7 +207,7 @@ class TelemetryPolicy:
             self.finish(span, call)
             raise
         otel_context.detach(token)
-        reply.tap.subscribe(_SpanEnd(self, span, call))
+        reply.tap.subscribe(OnEnd(lambda: self.finish(span, call)))
         return reply
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
@@ -240,7 +222,7 @@ class TelemetryPolicy:
             self.finish(span, call)
             raise
         otel_context.detach(token)
-        reply.tap.subscribe(_SpanEnd(self, span, call))
+        reply.tap.subscribe(OnEnd(lambda: self.finish(span, call)))
         return reply
 
     # -- the end -------------------------------------------------------------------------------
