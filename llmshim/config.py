@@ -174,6 +174,25 @@ OPTIONS: tuple[Option, ...] = (
         "a number of tokens", "Output tokens reserved for a request that sets no max_tokens-style limit.",
     ),
     Option(
+        "async_workers", "LLMSHIM_ASYNC_WORKERS",
+        lambda raw: _parse_count(raw) or min(32, (os.cpu_count() or 1) * 4 + 4),
+        "", "a number of threads, or empty for 4 x CPUs + 4 (at most 32)",
+        "Threads of llmshim.aio's shared pool (I/O-bound work: threads mostly wait on sockets).",
+    ),
+    Option(
+        "async_queue_size", "LLMSHIM_ASYNC_QUEUE_SIZE", lambda raw: _parse_count(raw) or 0, "100",
+        "a number (0: no queue beyond the running calls)",
+        "Calls that may wait for a thread; beyond it, callers wait asynchronously for a slot (back-pressure).",
+    ),
+    Option(
+        "async_timeout", "LLMSHIM_ASYNC_TIMEOUT", lambda raw: _parse_duration(raw), "", "seconds, or empty for none",
+        "Per call: the awaiting task gets TimeoutError at once; the thread finishes in the background.",
+    ),
+    Option(
+        "async_enabled", "LLMSHIM_ASYNC_ENABLED", _parse_bool, "true", "true/false",
+        "false: llmshim.aio runs calls inline in the event loop's thread (for debugging).",
+    ),
+    Option(
         "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
         "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
         "for `llmshim stats`. Empty: no file.",
@@ -288,6 +307,10 @@ class Settings:
     ratelimit_store: str = "memory"
     max_concurrency: int | None = None
     local_hosts: frozenset[str] = frozenset()
+    async_workers: int = 8
+    async_queue_size: int = 100
+    async_timeout: float | None = None
+    async_enabled: bool = True
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:

@@ -68,3 +68,13 @@ def test_otel_export_example_prints_spans_and_metrics() -> None:
     for metric in ("gen_ai.client.operation.duration", "gen_ai.client.token.usage",
                    "gen_ai.client.operation.time_to_first_chunk"):
         assert f'"name": "{metric}"' in out
+
+
+def test_aio_example_runs_calls_concurrently() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST" and not k.startswith("LLMSHIM_")}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "aio_local_client.py")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("-> 'Echo: Give me fact number") == 8
+    seconds = float(done.stdout.split(" answers in ")[1].split("s;")[0])
+    assert seconds < 1.2  # 8 calls of 0.2 s each, concurrently (sequential would take 1.6 s)

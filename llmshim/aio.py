@@ -1,0 +1,291 @@
+"""Await sync-only LLM code safely: a shared, bounded, context-preserving thread pool.
+
+    import llmshim.aio
+
+    chat_async = llmshim.aio.to_async(client.chat)      # or @llmshim.aio.asyncify
+    aclient = llmshim.aio.wrap(client)                   # aclient.chat_async(...), original untouched
+    results = await llmshim.aio.batch(client.chat, prompts, max_concurrency=8)
+
+What the hand-rolled versions got wrong, and this does not:
+
+- **Context**: ``run_in_executor`` drops contextvars; here each call runs in a copy of the caller's
+  context, so ``llmshim.priority(...)``, cache controls and the OpenTelemetry parent span reach the
+  worker thread.
+- **Back-pressure**: at most ``LLMSHIM_ASYNC_WORKERS`` running plus ``LLMSHIM_ASYNC_QUEUE_SIZE``
+  queued; further callers wait (asynchronously) for a slot, so memory stays flat however much is
+  submitted.
+- **Timeouts**: ``LLMSHIM_ASYNC_TIMEOUT`` gives the awaiting task ``TimeoutError`` at once. A
+  running thread cannot be killed: it finishes in the background and keeps its slot until then
+  (``active`` and the slot count say so), so the bound stays true.
+- **run_sync** works with and without a running event loop (Jupyter, async web frameworks): inside
+  one it runs the coroutine on a loop of its own in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextvars
+import functools
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar
+
+from . import config
+
+__all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
+           "shutdown", "to_async", "wrap"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncPool:
+    """The thread pool and its slots. Slots are counted across event loops and threads."""
+
+    def __init__(self, workers: int, queue_size: int, timeout: float | None, enabled: bool = True) -> None:
+        self.workers, self.queue_size, self.timeout, self.enabled = workers, queue_size, timeout, enabled
+        self.capacity = workers + queue_size
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix="llmshim-aio")
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.active = 0  # calls running in a thread now (including ones whose caller timed out)
+        self.peak_taken = 0
+        self._instruments = _Instruments()
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._waiting) + max(0, self._taken - self.workers)
+
+    async def _acquire(self) -> float:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._taken < self.capacity and not self._waiting:
+                self._taken += 1
+                self.peak_taken = max(self.peak_taken, self._taken)
+                return 0.0
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiting.append((loop, future))
+        self._instruments.depth(1)
+        try:
+            await future
+        except asyncio.CancelledError:
+            with self._lock:
+                if (loop, future) in self._waiting:
+                    self._waiting.remove((loop, future))
+                    raise
+            self._release()  # the slot was handed over just as we were cancelled: pass it on
+            raise
+        finally:
+            self._instruments.depth(-1)
+        return time.perf_counter() - start
+
+    def _release(self) -> None:
+        with self._lock:
+            while self._waiting:
+                loop, future = self._waiting.pop(0)
+                if not future.done():
+                    loop.call_soon_threadsafe(_hand_over, future)
+                    return  # the slot passes to that waiter: _taken unchanged
+            self._taken -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self.enabled:  # LLMSHIM_ASYNC_ENABLED=false: inline, for debugging
+            return fn(*args, **kwargs)
+        waited = await self._acquire()
+        self._instruments.wait(waited)
+        context = contextvars.copy_context()
+        try:
+            job = self._executor.submit(self._call, context, fn, args, kwargs)
+        except BaseException:
+            self._release()
+            raise
+        job.add_done_callback(lambda _: self._release())  # the slot is freed when the thread is done
+        waiting = asyncio.wrap_future(job)
+        if self.timeout is None:
+            return await waiting
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{getattr(fn, '__qualname__', fn)!s} did not finish within {self.timeout:g}s "
+                "(LLMSHIM_ASYNC_TIMEOUT); it keeps running in its thread and holds its slot until it ends"
+            ) from None
+
+    def _call(self, context: contextvars.Context, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
+        with self._lock:
+            self.active += 1
+        self._instruments.active(1)
+        try:
+            return context.run(fn, *args, **kwargs)
+        finally:
+            with self._lock:
+                self.active -= 1
+            self._instruments.active(-1)
+
+    def shutdown(self, wait: bool = False) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+def _hand_over(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Instruments:
+    """llmshim.aio.queue.depth, llmshim.aio.active, llmshim.aio.wait, on the global meter provider."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics
+
+        meter = metrics.get_meter("llmshim.aio")
+        self._depth = meter.create_up_down_counter("llmshim.aio.queue.depth", unit="{call}",
+                                                   description="Calls waiting for a pool slot.")
+        self._active = meter.create_up_down_counter("llmshim.aio.active", unit="{call}",
+                                                    description="Calls running in pool threads.")
+        self._wait = meter.create_histogram("llmshim.aio.wait", unit="s", description="Time waited for a slot.")
+
+    def depth(self, delta: int) -> None:
+        self._depth.add(delta)
+
+    def active(self, delta: int) -> None:
+        self._active.add(delta)
+
+    def wait(self, seconds: float) -> None:
+        self._wait.record(seconds)
+
+
+_pool: AsyncPool | None = None
+_pool_lock = threading.Lock()
+
+
+def pool() -> AsyncPool:
+    """The shared pool, made on first use from ``LLMSHIM_ASYNC_*``."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            settings = config.load()
+            _pool = AsyncPool(settings.async_workers, settings.async_queue_size, settings.async_timeout,
+                              settings.async_enabled)
+        return _pool
+
+
+def shutdown(wait: bool = False) -> None:
+    """Stop the shared pool (queued calls are cancelled); the next use makes a new one."""
+    global _pool
+    with _pool_lock:
+        current, _pool = _pool, None
+    if current is not None:
+        current.shutdown(wait=wait)
+
+
+atexit.register(shutdown)
+
+
+def to_async(fn: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A coroutine function running ``fn`` in the shared pool, in a copy of the caller's context."""
+    @functools.wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await pool().run(fn, *args, **kwargs)
+
+    return run
+
+
+asyncify = to_async
+
+
+class _Wrapped:
+    """``obj`` with ``NAME_async`` for each public method; everything else is the object's own."""
+
+    def __init__(self, obj: Any) -> None:
+        object.__setattr__(self, "_obj", obj)
+
+    def __getattr__(self, name: str) -> Any:
+        obj = object.__getattribute__(self, "_obj")
+        if name.endswith("_async") and not name.startswith("_"):
+            method = getattr(obj, name[: -len("_async")], None)
+            if callable(method):
+                return to_async(method)
+        return getattr(obj, name)
+
+    def __dir__(self) -> list[str]:
+        obj = object.__getattribute__(self, "_obj")
+        names = [n for n in dir(obj) if not n.startswith("_")]
+        return sorted(set(names) | {f"{n}_async" for n in names if callable(getattr(obj, n, None))})
+
+    def __repr__(self) -> str:
+        return f"llmshim.aio.wrap({object.__getattribute__(self, '_obj')!r})"
+
+
+def wrap(obj: Any) -> Any:
+    """A proxy of a sync client adding ``NAME_async`` for each public method (``client.chat`` ->
+    ``client.chat_async``); the original object is left untouched."""
+    return _Wrapped(obj)
+
+
+async def gather_with_limit(*aws: Awaitable[T], limit: int) -> list[T]:
+    """``asyncio.gather`` with at most ``limit`` awaitables running at once; results in order."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[T]) -> T:
+        async with semaphore:
+            return await aw
+
+    return list(await asyncio.gather(*(one(aw) for aw in aws)))
+
+
+async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
+    """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after)."""
+    return await asyncio.wait_for(aw, timeout)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from sync code, with or without a running event loop in this thread (inside
+    one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    context = contextvars.copy_context()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync") as runner:
+        return runner.submit(context.run, asyncio.run, coro).result()
+
+
+async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurrency: int = 8,
+                return_exceptions: bool = False, progress: bool | None = None) -> list[Any]:
+    """``fn(item)`` for every item (sync functions in the shared pool, coroutine functions as they
+    are), at most ``max_concurrency`` at once; results in input order. With ``return_exceptions``
+    a failure is returned in its place instead of raised. A progress bar goes to stderr when it is
+    a terminal (or ``progress=True``)."""
+    values = list(items)
+    show = sys.stderr.isatty() if progress is None else progress
+    done = [0]
+    semaphore = asyncio.Semaphore(max_concurrency)
+    run = fn if asyncio.iscoroutinefunction(fn) else to_async(fn)
+
+    async def one(item: Any) -> Any:
+        async with semaphore:
+            try:
+                return await run(item)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+            finally:
+                done[0] += 1
+                if show:
+                    width = 30
+                    filled = int(width * done[0] / max(1, len(values)))
+                    sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {done[0]}/{len(values)}")
+                    if done[0] == len(values):
+                        sys.stderr.write("\n")
+                    sys.stderr.flush()
+
+    return list(await asyncio.gather(*(one(item) for item in values)))
