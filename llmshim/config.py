@@ -90,6 +90,15 @@ OPTIONS: tuple[Option, ...] = (
         "The SQLite cache file. Default: $XDG_CACHE_HOME/llmshim/cache.sqlite3 (~/.cache/llmshim/...).",
     ),
     Option(
+        "cache_url", "LLMSHIM_CACHE_URL", lambda raw: _parse_redis_url(raw), "",
+        "redis://host:port/db, rediss://..., unix:///path.sock, or empty",
+        "A Redis shared by every host for the cache (same keys and format). Empty: the SQLite file only.",
+    ),
+    Option(
+        "cache_local", "LLMSHIM_CACHE_LOCAL", _parse_bool, "false", "true/false",
+        "With LLMSHIM_CACHE_URL: keep a local SQLite front (LLMSHIM_CACHE_PATH) for hits, Redis behind it.",
+    ),
+    Option(
         "cache_ttl", "LLMSHIM_CACHE_TTL", lambda raw: _parse_duration(raw), "",
         "seconds or 90s/30m/12h/7d; empty: none",
         "How long an answer stays valid. Empty: until evicted.",
@@ -165,9 +174,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", lambda raw: _parse_store(raw), "memory",
-        "memory or sqlite:///path/to/limits.sqlite3",
-        "Where the rate-limit budget lives: this process (memory), or a SQLite file shared by every "
-        "process on the machine.",
+        "memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db",
+        "Where the rate-limit budget lives: this process (memory), a SQLite file shared by every "
+        "process on the machine, or a Redis shared by every host.",
     ),
     Option(
         "token_reservation", "LLMSHIM_TOKEN_RESERVATION", lambda raw: _parse_count(raw) or 1024, "1024",
@@ -264,11 +273,25 @@ def _parse_priority(raw: Any) -> str:
         raise ValueError("critical, high, normal or low (also urgent, medium, 0-3)") from None
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _parse_store(raw: Any) -> str:
     text = str(raw).strip()
     if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
         return text
-    raise ValueError("memory or sqlite:///path/to/limits.sqlite3")
+    if text.startswith(_REDIS_SCHEMES) and len(text) > len("unix://"):
+        return text
+    raise ValueError("memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (rediss://, unix://)")
+
+
+def _parse_redis_url(raw: Any) -> str | None:
+    text = str(raw or "").strip()
+    if not text:
+        return None
+    if text.startswith(_REDIS_SCHEMES):
+        return text
+    raise ValueError("redis://host:port/db, rediss://..., unix:///path/redis.sock, or empty")
 
 
 def _parse_path(raw: Any) -> str | None:
@@ -289,6 +312,8 @@ class Settings:
     telemetry: bool = True
     cache: str = "on"
     cache_path: str | None = None
+    cache_url: str | None = None
+    cache_local: bool = False
     cache_ttl: float | None = None
     cache_max_entries: int | None = None
     cache_max_bytes: int | None = 2**30

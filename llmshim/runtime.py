@@ -53,8 +53,13 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         from .policies.cache import CachePolicy
         from .store.sqlite import SQLiteStore, default_path
 
-        store = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
-                            max_bytes=settings.cache_max_bytes)
+        store: Any = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
+                                 max_bytes=settings.cache_max_bytes)
+        if settings.cache_url:
+            from .store.redis import RedisCacheStore, TieredStore
+
+            redis_store = RedisCacheStore(settings.cache_url)
+            store = TieredStore(store, redis_store) if settings.cache_local else redis_store
         policies.append(CachePolicy(
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             nondeterministic=settings.cache_nondeterministic,
@@ -68,11 +73,15 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
     if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency:
         from .policies.ratelimit import RateLimitPolicy
 
-        shared = None
+        shared: Any = None
         if settings.ratelimit_store.startswith("sqlite:///"):
             from .store.limits import SQLiteLimitStore
 
             shared = SQLiteLimitStore("/" + settings.ratelimit_store[len("sqlite:///"):].lstrip("/"))
+        elif settings.ratelimit_store != "memory":
+            from .store.redis import RedisLimitStore
+
+            shared = RedisLimitStore(settings.ratelimit_store)
         policies.append(RateLimitPolicy(shared=shared, max_concurrency=settings.max_concurrency,
                                         local_hosts=settings.local_hosts,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,

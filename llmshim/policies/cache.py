@@ -26,7 +26,6 @@ import contextvars
 import dataclasses
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from typing import Any
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store import keys
-from ..store.sqlite import Entry, SQLiteStore
+from ..store.sqlite import Entry
 from .stats import STATS
 
 __all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "plan", "storable"]
@@ -191,7 +190,7 @@ class _Flight:
 
 
 class CachePolicy:
-    def __init__(self, store: SQLiteStore, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
+    def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
                  instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 600.0) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
         self.nondeterministic = nondeterministic
@@ -208,7 +207,7 @@ class CachePolicy:
 
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
-        STATS.add(cache_errors=1)
+        STATS.add(cache_errors=1, store_errors=1)
         with contextlib.suppress(Exception):
             instruments = self._instruments()
             if instruments is not None:
@@ -223,14 +222,15 @@ class CachePolicy:
     def _key(self, call: Call) -> str | None:
         try:
             return keys.cache_key(call, self.store.salt, self.shared)
-        except (sqlite3.Error, OSError, ValueError) as exc:
+        except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("open", exc)
             return None
 
     def _lookup(self, key: str) -> Entry | None:
         try:
-            return self.store.get(key, CLOCK())
-        except (sqlite3.Error, OSError, ValueError) as exc:
+            entry: Entry | None = self.store.get(key, CLOCK())
+            return entry
+        except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
             return None
 
@@ -243,7 +243,7 @@ class CachePolicy:
         try:
             self.store.put(Entry(key, int(call.status or 200), headers, body, now, now + ttl if ttl else None, meta),
                            now)
-        except (sqlite3.Error, OSError, ValueError) as exc:
+        except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("write", exc)
 
     def _count(self, hit: bool, call: Call, entry: Entry | None = None) -> None:
@@ -261,7 +261,7 @@ class CachePolicy:
                     1, {"gen_ai.provider.name": call.info.provider})
         try:
             self.store.note(hits=int(hit), misses=int(not hit), tokens_saved=saved)
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
             self._failed("write", exc)
 
     # -- replies built without the upstream ------------------------------------------------------

@@ -265,8 +265,12 @@ class _Key:
             try:
                 shared_wait: float = self.shared.try_take(self.name, time.time(), dims, waiter.priority)
                 return max(shared_wait, self.blocked_until - now)
-            except Exception as exc:  # sqlite3.Error, OSError: fall back to the local buckets
+            except Exception as exc:  # sqlite3.Error, OSError, RedisError: fall back to the local buckets
                 _store_failed(exc)
+                share = max(1, int(getattr(self.shared, "instances", 1)))
+                if share > 1:  # this process's share: the limit divided by the live instances last seen
+                    waiter = dataclasses.replace(waiter, requests=waiter.requests * share,
+                                                 tokens=waiter.tokens * share)
         wait = self.wait(now, waiter)
         if wait <= 0:
             if self.requests is not None:
@@ -354,7 +358,7 @@ class Limiter:
             key.blocked_until = max(key.blocked_until, until)
             if key.shared is not None:
                 try:
-                    key.shared.block(key.name, time.time() + (until - self.clock()))
+                    key.shared.block_for(key.name, until - self.clock())
                 except Exception as exc:
                     _store_failed(exc)
         self.pump()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from typing import Any
 
 __all__ = ["RESERVES", "SQLiteLimitStore"]
@@ -82,6 +83,9 @@ class SQLiteLimitStore:
     def give_back(self, name: str, dim: str, seconds: float) -> None:
         conn = self._conn()
         conn.execute("UPDATE buckets SET tat = tat - ? WHERE name = ? AND dim = ?", (seconds, name, dim))
+
+    def block_for(self, name: str, seconds: float) -> None:
+        self.block(name, time.time() + seconds)
 
     def block(self, name: str, until: float) -> None:
         conn = self._conn()

@@ -1,0 +1,224 @@
+"""Redis as the shared cache and the shared rate-limit budget, for many processes on many machines.
+
+Cache: the same keys and entry format as SQLite (JSON headers/metadata, raw body bytes, never
+pickle) in one hash per entry; expiry is Redis' own (``PEXPIRE``); size is bounded by Redis' own
+eviction (configure ``maxmemory`` with ``maxmemory-policy allkeys-lru``). ``TieredStore`` puts a
+local SQLite file in front: hits are local, misses fall through to Redis and are copied locally.
+
+Rate limits: every take is one Lua script that reads the Redis server's clock (``TIME``), so hosts
+with skewed clocks agree; the key has a hash tag (``{...}``) so the script's keys live in one
+Cluster slot; blocks after a 429 are relative durations measured on that same clock.
+
+Timeouts are short (50 ms by default): a slow or absent Redis raises quickly, and the policies
+fail open — a cache miss, or this process's own share of the limit (the limit divided by the live
+instances last seen).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from typing import Any
+
+from .sqlite import Entry, SQLiteStore
+
+__all__ = ["RedisCacheStore", "RedisLimitStore", "TieredStore"]
+
+
+def _client(url: str, timeout: float) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                health_check_interval=0)
+
+
+class RedisCacheStore:
+    prefix = "llmshim:cache:"
+
+    def __init__(self, url: str, timeout: float = 0.05) -> None:
+        self.url = url
+        self.client = _client(url, timeout)
+        self._salt: bytes | None = None
+
+    @property
+    def salt(self) -> bytes:
+        if self._salt is None:
+            name = self.prefix + "salt"
+            self.client.setnx(name, secrets.token_bytes(32))
+            self._salt = bytes(self.client.get(name))
+        return self._salt
+
+    def get(self, key: str, now: float) -> Entry | None:
+        row = self.client.hgetall(self.prefix + key)
+        if not row:
+            return None
+        expires = row.get(b"expires_at")
+        expires_at = float(expires) if expires else None
+        if expires_at is not None and expires_at <= now:
+            return None
+        return Entry(key, int(row[b"status"]), [tuple(h) for h in json.loads(row[b"headers"])], bytes(row[b"body"]),
+                     float(row[b"created_at"]), expires_at, json.loads(row[b"meta"]))
+
+    def put(self, entry: Entry, now: float) -> None:
+        name = self.prefix + entry.key
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(name, mapping={"status": entry.status, "headers": json.dumps(entry.headers), "body": entry.body,
+                                 "created_at": entry.created_at, "expires_at": entry.expires_at or "",
+                                 "meta": json.dumps(entry.meta, default=str)})
+        if entry.expires_at is not None:
+            pipe.pexpireat(name, int(entry.expires_at * 1000))
+        pipe.execute()
+
+    def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
+        if hits or misses or tokens_saved:
+            pipe = self.client.pipeline(transaction=False)
+            for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved)):
+                if value:
+                    pipe.hincrby(self.prefix + "totals", field, value)
+            pipe.execute()
+
+    def stats(self) -> dict[str, Any]:
+        totals = {k.decode(): int(v) for k, v in self.client.hgetall(self.prefix + "totals").items()}
+        entries = sum(1 for _ in self.client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000))
+        hits, misses = totals.get("hits", 0), totals.get("misses", 0)
+        return {"path": self.url, "entries": entries, "bytes": None, "hits": hits, "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "tokens_saved": totals.get("tokens_saved", 0)}
+
+    def clear(self) -> int:
+        names = list(self.client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000))
+        if names:
+            self.client.delete(*names)
+        self.client.delete(self.prefix + "totals")
+        return len(names)
+
+    def purge_expired(self, now: float) -> int:
+        return 0  # Redis expires entries itself
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class TieredStore:
+    """A local SQLite front for hits, Redis behind it for every host."""
+
+    def __init__(self, front: SQLiteStore, back: RedisCacheStore) -> None:
+        self.front, self.back = front, back
+
+    @property
+    def salt(self) -> bytes:
+        return self.back.salt  # one salt for every host, or hosts would never share an answer
+
+    def get(self, key: str, now: float) -> Entry | None:
+        entry = self.front.get(key, now)
+        if entry is None:
+            entry = self.back.get(key, now)
+            if entry is not None:
+                self.front.put(entry, now)
+        return entry
+
+    def put(self, entry: Entry, now: float) -> None:
+        self.front.put(entry, now)
+        self.back.put(entry, now)
+
+    def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
+        self.front.note(hits, misses, tokens_saved)
+        self.back.note(hits, misses, tokens_saved)
+
+    def stats(self) -> dict[str, Any]:
+        return self.back.stats()
+
+    def clear(self) -> int:
+        self.front.clear()
+        return self.back.clear()
+
+    def purge_expired(self, now: float) -> int:
+        return self.front.purge_expired(now)
+
+    def close(self) -> None:
+        self.front.close()
+        self.back.close()
+
+
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local reserve = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local block = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
+local wait = math.max(0, block - now)
+local news = {}
+for i = 0, n - 1 do
+  local dim = ARGV[3 + i * 4]
+  local rate = tonumber(ARGV[4 + i * 4])
+  local burst = tonumber(ARGV[5 + i * 4])
+  local cost = math.min(tonumber(ARGV[6 + i * 4]), burst * rate)
+  local tat = math.max(tonumber(redis.call('HGET', KEYS[1], dim) or '0'), now)
+  local new = tat + cost / rate
+  local tolerance = math.max(burst * (1 - reserve), cost / rate)
+  wait = math.max(wait, new - tolerance - now)
+  news[#news + 1] = dim
+  news[#news + 1] = tostring(new)
+end
+if wait <= 0 and #news > 0 then
+  redis.call('HSET', KEYS[1], unpack(news))
+  redis.call('EXPIRE', KEYS[1], 3600)
+end
+return tostring(wait)
+"""
+
+_BLOCK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local until_ = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
+if until_ > current then redis.call('HSET', KEYS[1], 'block', tostring(until_)) end
+redis.call('EXPIRE', KEYS[1], 3600)
+return 1
+"""
+
+
+class RedisLimitStore:
+    """The shared budget: GCRA state per key in a Redis hash, every take one script on Redis' clock."""
+
+    def __init__(self, url: str, timeout: float = 0.05) -> None:
+        from .limits import RESERVES
+
+        self.client = _client(url, timeout)
+        self._take = self.client.register_script(_TAKE)
+        self._block = self.client.register_script(_BLOCK)
+        self._reserves = RESERVES
+        self.instance = uuid.uuid4().hex
+        self.instances = 1  # live instances last seen: this process's share when Redis is away
+        self._seen_at = 0.0
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "{llmshim:rl:" + name + "}"  # the hash tag keeps one key's data in one Cluster slot
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        if now - self._seen_at < 5:
+            return
+        self._seen_at = now
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd("llmshim:rl:instances", {self.instance: now})
+        pipe.zremrangebyscore("llmshim:rl:instances", 0, now - 15)
+        pipe.zcard("llmshim:rl:instances")
+        self.instances = max(1, int(pipe.execute()[-1]))
+
+    def try_take(self, name: str, now: float, dims: list[tuple[str, float, float, float]], level: str) -> float:
+        args: list[Any] = [self._reserves.get(level, 0.2), len(dims)]
+        for dim, rate, burst, cost in dims:
+            args += [dim, rate, burst, cost]
+        wait = float(self._take(keys=[self._key(name)], args=args))
+        self._heartbeat()
+        return max(0.0, wait)
+
+    def give_back(self, name: str, dim: str, seconds: float) -> None:
+        self.client.hincrbyfloat(self._key(name), dim, -seconds)
+
+    def block_for(self, name: str, seconds: float) -> None:
+        self._block(keys=[self._key(name)], args=[seconds])

@@ -1,0 +1,147 @@
+"""Redis as the shared cache and rate-limit budget, against a real redis-server started here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+from llmshim.testing import FakeLLMServer
+
+if os.environ.get("CI"):
+    import redis  # in CI these tests must run: a missing package or server is a failure, not a skip
+else:
+    redis = pytest.importorskip("redis")
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None and not os.environ.get("CI"),
+                                reason="redis-server not on PATH (apt-get install -y redis-server)")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None, "redis-server must be installed in CI"
+        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(500):
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.01)  # the server process is starting: nothing to wait on but the port
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _python(script: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}, "PYTHONPATH": str(ROOT),
+            **(env or {})}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_an_answer_on_host_a_is_a_hit_on_host_b(server: FakeLLMServer, redis_server: RedisServer,
+                                                tmp_path: Path) -> None:
+    script = f"""
+import json, requests, llmshim
+llmshim.install(cache="on", cache_url={redis_server.url!r}, cache_local=True, cache_path=CACHE)
+r = requests.post({server.url!r} + "/api/chat", json={{"model": "m", "messages": [], "stream": False}}, timeout=5)
+print(json.dumps({{"hit": r.headers.get("x-llmshim-cache"), "body": r.json()}}))
+"""
+    host_a = _python(script.replace("CACHE", repr(str(tmp_path / "a.sqlite3"))))
+    host_b = _python(script.replace("CACHE", repr(str(tmp_path / "b.sqlite3"))))
+    assert host_a["hit"] is None and host_b["hit"] == "hit" and host_a["body"] == host_b["body"]
+    assert len(server.received) == 1
+    raw = b"".join(redis.Redis.from_url(redis_server.url).dump(k) or b""
+                   for k in redis.Redis.from_url(redis_server.url).keys("llmshim:cache:*"))
+    assert b"pickle" not in raw
+
+
+def test_hosts_with_skewed_clocks_share_one_budget(server: FakeLLMServer, redis_server: RedisServer) -> None:
+    server.rpm_limit, server.rpm_window = 10, 1.0
+    script = f"""
+import json, threading, time, requests, llmshim
+real = time.time
+time.time = lambda: real() + OFFSET  # this host's clock is off; Redis' TIME decides
+llmshim.install(rpm="540", ratelimit_burst="0.1", ratelimit_store={redis_server.url!r}, retry_mode="off")
+codes = []
+def work():
+    for _ in range(3):
+        codes.append(requests.post({server.url!r} + "/v1/chat/completions", json={{"model": "m", "messages": []}},
+                                   timeout=60).status_code)
+threads = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(json.dumps(codes))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", script.replace("OFFSET", str(offset))], stdout=subprocess.PIPE,
+                              text=True, env=env) for offset in (-2.0, -1.0, 1.0, 2.0)]
+    codes = [c for p in procs for c in json.loads(p.communicate(timeout=120)[0])]
+    assert codes == [200] * 48, sorted(set(codes))
+    times = sorted(r.at for r in server.received)
+    for start in times:
+        assert sum(1 for t in times if start <= t < start + 1.0) <= 10
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 0.9 * 9 <= rate <= 10, rate
+
+
+def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis_server: RedisServer,
+                                                    tmp_path: Path) -> None:
+    import requests
+
+    import llmshim
+
+    llmshim.install(cache="on", cache_url=redis_server.url, rpm="60000", ratelimit_store=redis_server.url)
+    try:
+        def ask(i: int) -> int:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}], "stream": False}
+            return int(requests.post(server.url + "/api/chat", json=body, timeout=10).status_code)
+
+        assert [ask(i) for i in range(3)] == [200] * 3
+        redis_server.stop()
+        assert [ask(i) for i in range(3, 8)] == [200] * 5  # no call fails while Redis is down
+        errors = llmshim.stats()["store_errors"]
+        assert errors > 0
+        redis_server.start()  # same port, empty (no persistence): llmshim must resume using it
+        assert [ask(i) for i in range(8, 11)] == [200] * 3
+        client = redis.Redis.from_url(redis_server.url)
+        assert len(client.keys("llmshim:cache:[0-9a-f]*")) == 3  # the cache is used again
+        assert client.keys("{llmshim:rl:*")  # and so is the shared budget
+    finally:
+        llmshim.uninstall()
