@@ -98,7 +98,8 @@ def test_hosts_with_skewed_clocks_share_one_budget(server: FakeLLMServer, redis_
 import json, threading, time, requests, llmshim
 real = time.time
 time.time = lambda: real() + OFFSET  # this host's clock is off; Redis' TIME decides
-llmshim.install(rpm="540", ratelimit_burst="0.1", ratelimit_store={redis_server.url!r}, retry_mode="off")
+llmshim.install(rpm="540", ratelimit_burst="0.1", ratelimit_store={redis_server.url!r}, retry_mode="off",
+                cache="off")  # identical requests: with the cache on they would be hits, not load
 codes = []
 def work():
     for _ in range(3):
