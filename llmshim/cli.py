@@ -28,10 +28,29 @@ def main(argv: list[str] | None = None) -> int:
     purge = cache_sub.add_parser("purge", help="remove entries")
     purge.add_argument("--expired", action="store_true", required=True, help="remove expired entries")
     cache_sub.add_parser("clear", help="remove every entry and reset the counters")
+    run_parser = sub.add_parser("run", help="run a program with llmshim installed from the start: "
+                                "llmshim run -- python app.py")
+    run_parser.add_argument("--cache", choices=("off", "on", "readonly", "refresh", "replay"), default=None)
+    run_parser.add_argument("--priority", default=None, help="default priority class (critical, high, normal, low)")
+    run_parser.add_argument("--otel-exporter", choices=("console", "otlp"), default=None,
+                     help="export spans to the console or over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    run_parser.add_argument("program", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    sub.add_parser("doctor", help="what is installed and patched, settings, cache and store health, conflicts")
     serve = sub.add_parser("serve", help="run the bundled local LLM server (see python -m llmshim.testing)")
     serve.add_argument("--port", type=int, default=8080)
     args, rest = parser.parse_known_args(argv)
 
+    if args.command == "run":
+        from .run import main as run_main
+
+        program = list(args.program)
+        if program[:1] == ["--"]:
+            program = program[1:]
+        return run_main(program, cache=args.cache, priority=args.priority, exporter=args.otel_exporter)
+    if args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(sys.stdout)
     if args.command == "demo":
         from .demo import run
 

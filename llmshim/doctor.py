@@ -1,0 +1,166 @@
+"""``llmshim doctor``: what is installed, what is patched and why not, the effective settings, the
+cache and rate-limit store health, the OpenTelemetry providers, and known conflicts.
+
+Exit code: 0 healthy (warnings allowed), 1 something is broken (cache unreadable, store
+unreachable), 2 a setting is invalid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import sys
+from typing import Any, TextIO
+
+from . import config
+
+__all__ = ["main"]
+
+#: Other instrumentations that emit GenAI spans for the same calls (duplicates with llmshim's).
+CONFLICTS = {
+    "opentelemetry-instrumentation-openai": "openllmetry's openai instrumentation",
+    "opentelemetry-instrumentation-openai-v2": "the official openai-v2 instrumentation",
+    "opentelemetry-instrumentation-ollama": "openllmetry's ollama instrumentation",
+    "openinference-instrumentation-openai": "OpenInference's openai instrumentation",
+    "traceloop-sdk": "Traceloop's SDK",
+}
+TESTED = {"openai": (1, 3), "httpx": (0, 0), "httpx2": (2, 2), "requests": (2, 2), "aiohttp": (3, 3)}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def main(out: TextIO) -> int:
+    broken = False
+
+    def line(text: str = "") -> None:
+        out.write(text + "\n")
+
+    line(f"llmshim {_version('llmshim') or 'source tree'} on Python {sys.version.split()[0]}")
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        line(f"\nSETTINGS ERROR: {exc}")
+        return 2
+
+    line("\nclient libraries:")
+    for name in ("openai", "ollama", *config.LIBRARIES):
+        version = _version(name)
+        if version is None:
+            line(f"  {name:<9} not installed")
+            continue
+        note = ""
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else None
+        tested = TESTED.get(name)
+        if tested and major is not None and not tested[0] <= major <= tested[1]:
+            note = f"  WARNING: outside the tested range ({tested[0]}.x-{tested[1]}.x)"
+        if name == "aiohttp" and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (3, 12):
+            note = "  WARNING: < 3.12 has no client middlewares; aiohttp calls will not be seen"
+        line(f"  {name:<9} {version}{note}")
+
+    import llmshim
+
+    for module in ("httpx", "httpx2", "requests.adapters", "aiohttp.client"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    was_installed = llmshim.is_installed()
+    llmshim.install()
+    try:
+        status = llmshim.status()
+    finally:
+        if not was_installed:
+            llmshim.uninstall()
+    line("\npatched (install() in this process):")
+    for name, info in status["libraries"].items():
+        if info["patched"]:
+            line(f"  {name:<9} {', '.join(info['patched'])}")
+        elif not info["enabled"]:
+            line(f"  {name:<9} not patched: left out by LLMSHIM_LIBRARIES")
+        elif info["version"] is None:
+            line(f"  {name:<9} not patched: not installed")
+        else:
+            line(f"  {name:<9} not patched: import failed or unsupported version")
+
+    line("\nsettings (secrets masked):")
+    for key, value in settings.masked().items():
+        line(f"  {key:<24} {value}")
+
+    line("\ncache:")
+    if settings.cache == "off":
+        line("  off")
+    else:
+        broken |= _check_cache(settings, line)
+
+    line("\nrate-limit store:")
+    broken |= _check_limits(settings, line)
+
+    from opentelemetry import metrics, trace
+
+    line("\nOpenTelemetry:")
+    line(f"  tracer provider  {type(trace.get_tracer_provider()).__name__}"
+         + ("  (no SDK configured: llmshim emits no spans)"
+            if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider" else ""))
+    line(f"  meter provider   {type(metrics.get_meter_provider()).__name__}")
+    found = [f"{label} ({package} {_version(package)})" for package, label in CONFLICTS.items() if _version(package)]
+    line("\nconflicts:")
+    if found:
+        for item in found:
+            line(f"  WARNING: {item} is installed: if it is active, the same calls get two GenAI spans")
+    else:
+        line("  none found")
+    line("\n" + ("BROKEN: see above" if broken else "ok"))
+    return 1 if broken else 0
+
+
+def _check_cache(settings: Any, line: Any) -> bool:
+    import os
+
+    from .store.sqlite import SQLiteStore, default_path
+
+    path = settings.cache_path or default_path()
+    line(f"  mode {settings.cache}, file {path}")
+    if settings.cache_url:
+        line(f"  redis {settings.cache_url}" + (" (behind a local SQLite front)" if settings.cache_local else ""))
+        try:
+            from .store.redis import RedisCacheStore
+
+            RedisCacheStore(settings.cache_url, timeout=1).client.ping()
+            line("  redis reachable")
+        except Exception as exc:
+            line(f"  BROKEN: redis unreachable: {exc}")
+            return True
+    if not os.path.exists(path):
+        line("  not created yet (it will be on the first cached call)")
+        return False
+    try:
+        store = SQLiteStore(path)
+        stats = store.stats()
+        check = store._conn().execute("PRAGMA quick_check").fetchone()[0]
+        store.close()
+    except Exception as exc:
+        line(f"  BROKEN: cannot read the cache: {type(exc).__name__}: {exc}")
+        return True
+    rate = "-" if stats["hit_rate"] is None else f"{stats['hit_rate']:.1%}"
+    line(f"  {stats['entries']} entries, {stats['bytes']} bytes, hit rate {rate}, integrity {check}")
+    return bool(check != "ok")
+
+
+def _check_limits(settings: Any, line: Any) -> bool:
+    store = settings.ratelimit_store
+    line(f"  {store}" + ("" if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency
+                         else "  (no limits configured: the limiter is off)"))
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from .store.redis import RedisLimitStore
+
+            RedisLimitStore(store, timeout=1).client.ping()
+            line("  redis reachable")
+        except Exception as exc:
+            line(f"  BROKEN: redis unreachable: {exc}")
+            return True
+    return False
