@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,36 @@ def test_aio_example_runs_calls_concurrently() -> None:
     assert done.stdout.count("-> 'Echo: Give me fact number") == 8
     seconds = float(done.stdout.split(" answers in ")[1].split("s;")[0])
     assert seconds < 1.2  # 8 calls of 0.2 s each, concurrently (sequential would take 1.6 s)
+
+
+def test_llm_test_suite_example_replays_offline_from_committed_cassettes() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSHIM_", "LLM_", "OPENAI_"))}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "examples/llm_tests", "--llmshim-replay",
+                           "-p", "no:cacheprovider", "--rootdir", str(ROOT)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr  # nothing listens on the recorded port: offline
+    assert "2 passed" in done.stdout
+    text = "".join(p.read_text() for p in (ROOT / "cassettes" / "test_answers").glob("*.json"))
+    assert "sk-local" not in text and "Authorization" not in text
+
+
+def test_unmodified_client_under_llmshim_run_is_cached(tmp_path: Path) -> None:
+    import json as json_module
+
+    from llmshim.testing import FakeLLMServer
+
+    with FakeLLMServer() as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
+        env.update(LLM_HOST=server.url, LLMSHIM_CACHE_PATH=str(tmp_path / "c.sqlite3"),
+                   LLMSHIM_STATS_FILE=str(tmp_path / "stats.json"))
+        outputs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-m", "llmshim", "run", "--", sys.executable,
+                                   str(ROOT / "examples" / "unmodified_client.py")], capture_output=True, text=True,
+                                  env=env, timeout=60)
+            assert done.returncode == 0, done.stderr
+            outputs.append(done.stdout)
+        assert outputs[0] == outputs[1] and "Echo: Why is the sky blue?" in outputs[0]
+        assert len(server.received) == 2  # the second run was answered from the cache
+        stats = json_module.loads((tmp_path / "stats.json").read_text())
+        assert stats["cache_hits"] == 2 and stats["tokens_saved"] > 0
