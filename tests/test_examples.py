@@ -112,3 +112,12 @@ def test_unmodified_client_under_llmshim_run_is_cached(tmp_path: Path) -> None:
         assert len(server.received) == 2  # the second run was answered from the cache
         stats = json_module.loads((tmp_path / "stats.json").read_text())
         assert stats["cache_hits"] == 2 and stats["tokens_saved"] > 0
+
+
+def test_batch_priorities_example_serves_the_critical_call_early() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSHIM_", "LLM_", "OPENAI_"))}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "batch_priorities.py")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    position = int(done.stdout.split("critical finished ")[1].split(" of ")[0])
+    assert position <= 4  # 13 calls at 4/s: the critical one does not wait behind the batch
