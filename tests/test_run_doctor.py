@@ -98,3 +98,40 @@ def test_doctor_reports_and_judges(tmp_path: Path) -> None:
     assert invalid.returncode == 2 and "LLMSHIM_CACHE" in invalid.stdout
     unreachable = _run(["doctor"], _env(LLMSHIM_RATELIMIT_STORE="redis://127.0.0.1:9/0", LLMSHIM_CACHE="off"))
     assert unreachable.returncode == 1 and "BROKEN: redis unreachable" in unreachable.stdout
+
+
+def test_run_reaches_uvicorn_workers(server: FakeLLMServer, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    pytest = __import__("pytest")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = _env(LLM_HOST=server.url, LLMSHIM_CACHE_PATH=str(tmp_path / "c.sqlite3"),
+               PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "llmshim", "run", "--", sys.executable, "-m", "uvicorn",
+                             "examples.fastapi_app:app", "--workers", "2", "--port", str(port), "--log-level",
+                             "warning"], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        answers = []
+        for _ in range(600):  # until the workers accept connections (their start-up, not a fixed sleep)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ask?q=hello", timeout=5) as response:
+                    answers.append(json.loads(response.read()))
+                break
+            except OSError:
+                import threading
+
+                threading.Event().wait(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ask?q=hello", timeout=5) as response:
+            answers.append(json.loads(response.read()))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert [a["answer"] for a in answers] == ["Echo: hello", "Echo: hello"]
+    assert all(a["llmshim_active_in_worker"] for a in answers)
+    assert answers[1]["cached"] == "hit" and len(server.received) == 1
