@@ -331,6 +331,16 @@ class CachePolicy:
         reply.tap.subscribe(_Recorder(self, call, key, reply, decided.ttl))
         return reply
 
+    def _late_hit(self, call: Call, decided: Plan, key: str | None, flight: _Flight | None) -> Reply | None:
+        """A new leader looks again: the previous one may have stored the answer and landed
+        between our first lookup and our joining (otherwise two identical calls go upstream)."""
+        if key is None or flight is not None or not decided.store or not decided.lookup:
+            return None
+        hit = self._after_wait(call, decided, key)
+        if hit is not None:
+            self.landed(key)
+        return hit
+
     def _after_wait(self, call: Call, decided: Plan, key: str) -> Reply | None:
         """After the request we waited for landed: its stored answer, if there is one."""
         entry = self._lookup(key) if decided.lookup else None
@@ -341,6 +351,9 @@ class CachePolicy:
         if answer is not None:
             return answer
         flight = self._join(key) if key is not None and decided.store else None
+        late = self._late_hit(call, decided, key, flight)
+        if late is not None:
+            return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)  # the leader's miss; a follower counts the hit it gets
         if flight is not None and key is not None:
@@ -360,6 +373,9 @@ class CachePolicy:
         if answer is not None:
             return answer
         flight = self._join(key) if key is not None and decided.store else None
+        late = self._late_hit(call, decided, key, flight)
+        if late is not None:
+            return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)
         if flight is not None and key is not None:

@@ -98,6 +98,7 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._init_lock = threading.Lock()
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
         self._flushed_at = time.monotonic()
         self._salt: bytes | None = None
@@ -121,15 +122,25 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
                                check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(
-                f"cache schema version {version} is not this llmshim's ({SCHEMA_VERSION}); "
-                f"use another LLMSHIM_CACHE_PATH or `llmshim cache clear`")
-        if version == 0:  # idempotent: two processes creating it at once both succeed
-            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+        # First-time set-up is serialised between this process's threads; the switch to WAL can
+        # answer "locked" without waiting while another process switches it, so it is retried.
+        with self._init_lock:
+            for attempt in range(50):
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.01)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(
+                    f"cache schema version {version} is not this llmshim's ({SCHEMA_VERSION}); "
+                    f"use another LLMSHIM_CACHE_PATH or `llmshim cache clear`")
+            if version == 0:  # idempotent: two processes creating it at once both succeed
+                conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
         local.conn, local.pid = conn, os.getpid()
         with self._lock:
             self._connections.append(conn)
