@@ -55,3 +55,19 @@ def test_untouched():
     assert not llmshim.is_installed()
 """)
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_marker_sets_settings_for_one_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_marked="""
+import pytest, llmshim
+
+@pytest.mark.llmshim(priority="high", cache="off", rpm="60")
+def test_marked():
+    settings = llmshim.status()["settings"]
+    assert llmshim.is_installed()
+    assert (settings["priority"], settings["cache"], settings["rpm"]) == ("high", "off", 60)
+
+def test_unmarked():
+    assert not llmshim.is_installed()
+""")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
