@@ -21,12 +21,12 @@ import os
 import random
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
+
+from _common import pct, start_server, timed
 
 import llmshim
 from llmshim.store.sqlite import SQLiteStore
@@ -34,18 +34,10 @@ from llmshim.store.sqlite import SQLiteStore
 MSG: Any = [{"role": "user", "content": "benchmark the cache"}]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+
+
 
 
 def row(name: str, values: list[float], baseline: list[float] | None = None) -> None:
@@ -54,16 +46,7 @@ def row(name: str, values: list[float], baseline: list[float] | None = None) -> 
     print(f"| {name:<52} | {p50:9.1f} | {p99:9.1f} | {ratio} |", flush=True)
 
 
-def start_server() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().split(" on ", 1)[1].split()[0]
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) >= 2:
-        os.sched_setaffinity(proc.pid, {cores[-1]})
-        os.sched_setaffinity(0, {cores[0]})
-    return proc, url
+
 
 
 def sdk_hit_vs_live(url: str, calls: int, block: int, workdir: str) -> None:

@@ -23,13 +23,10 @@ import tempfile
 import threading
 import time
 
+from _common import pct
+
 from llmshim.policies.ratelimit import Limiter, Limits, Waiter
 from llmshim.store.limits import SQLiteLimitStore
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def in_process_acquire(n: int) -> list[float]:

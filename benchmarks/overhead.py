@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from _common import pct, pin, start_server
 
 MSG: Any = [{"role": "user", "content": "benchmark me please"}]
 CLIENTS = ("openai-sync", "openai-async", "requests-ollama")
@@ -43,9 +44,7 @@ LABELS = {
 }
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
 
 
 # -- worker side ---------------------------------------------------------------------------------
@@ -146,17 +145,10 @@ def worker(mode: str, client: str, url: str) -> int:
 
 # -- parent side ---------------------------------------------------------------------------------
 
-def start_server() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().split(" on ", 1)[1].split()[0]
 
 
-def pin(pid: int, core_index: int) -> None:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) >= 2:
-        os.sched_setaffinity(pid, {cores[core_index]})
+
+
 
 
 def bench_client(client: str, url: str, calls: int, block: int) -> None:
@@ -242,8 +234,7 @@ def main() -> int:
 
     import llmshim
 
-    server, url = start_server()
-    pin(server.pid, -1)
+    server, url = start_server()  # pinned to the last core
     try:
         print(f"llmshim {llmshim.__version__}, openai {openai.__version__}, python {sys.version.split()[0]}; "
               f"{args.calls} calls per mode in blocks of {args.block}, round-robin; one process per mode\n")
