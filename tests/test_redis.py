@@ -146,3 +146,17 @@ def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis
         assert client.keys("{llmshim:rl:*")  # and so is the shared budget
     finally:
         llmshim.uninstall()
+
+
+@pytest.mark.parametrize("seconds", [99999.0, 1e300])
+def test_a_redis_block_is_capped_also_when_an_older_process_wrote_more(redis_server: RedisServer,
+                                                                      seconds: float) -> None:
+    from llmshim.store.limits import MAX_BLOCK
+    from llmshim.store.redis import RedisLimitStore
+
+    store = RedisLimitStore(redis_server.url, timeout=1.0)
+    store.block_for("k", seconds)
+    assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
+    # A block written without the cap (an earlier llmshim) is read capped.
+    store.client.hset(store._key("k"), "block", str(time.time() + 86400 * 365))
+    assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK

@@ -48,7 +48,9 @@ def test_full_jitter_with_the_server_delay_as_a_floor() -> None:
     assert _decide(status=500, attempt=2, rand=0.999).delay == pytest.approx(0.999)
     assert _decide(status=500, attempt=10, max_attempts=20, rand=0.999, max_delay=8).delay == pytest.approx(7.992)
     assert _decide(status=429, rand=0.0, headers={"retry-after-ms": "1500"}).delay == 1.5
-    assert _decide(status=429, rand=0.0, headers={"retry-after": "30"}, max_delay=5).delay == 30.0
+    assert _decide(status=429, rand=0.0, headers={"retry-after": "5"}, max_delay=5).delay == 5.0
+    # Above the cap the 429 goes back to the caller at once (issue 12: no hang on an absurd delay).
+    assert not _decide(status=429, rand=0.0, headers={"retry-after": "30"}, max_delay=5).retry
 
 
 def test_server_delay_forms() -> None:
@@ -101,6 +103,7 @@ def test_raw_requests_get_exactly_max_attempts(server: FakeLLMServer, monkeypatc
 
 
 def test_429_retry_after_is_honoured(server: FakeLLMServer, retrying: None) -> None:
+    llmshim.install(retry_max_delay="1")  # a server delay is honoured up to the cap (above it: handed back)
     server.inject(Fault(status=429, headers={"retry-after-ms": "400"}))
     response = requests.post(server.url + "/api/chat", json=BODY, timeout=5)
     assert response.status_code == 200 and len(server.received) == 2

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store.keys import credential_of
+from ..store.limits import MAX_BLOCK
 from .stats import STATS
 
 __all__ = ["PRIORITIES", "Gcra", "Limiter", "Limits", "RateLimitPolicy", "estimate_tokens", "parse_limits",
@@ -353,7 +354,10 @@ class Limiter:
                 key.queues[waiter.priority].remove(waiter)
             return True
 
-    def block(self, key: _Key, until: float) -> None:
+    def block(self, key: _Key, until: float, cap: float = MAX_BLOCK) -> None:
+        """Pause the key for every caller until ``until``, at most ``cap`` seconds from now (a
+        server's delay: ``MAX_BLOCK``; llama.cpp's loading wait: the queue timeout)."""
+        until = min(until, self.clock() + cap)
         with self._lock:
             key.blocked_until = max(key.blocked_until, until)
             if key.shared is not None:
@@ -474,8 +478,8 @@ class RateLimitPolicy:
             pause = server_delay(headers)
         elif headers.get("x-ratelimit-remaining-requests") == "0":
             pause = parse_reset(headers.get("x-ratelimit-reset-requests"))
-        if pause:
-            self.limiter.block(key, self.limiter.clock() + pause)
+        if pause is not None and pause > 0:  # capped at MAX_BLOCK by block()
+            self.limiter.block(key, self.limiter.clock() + min(pause, MAX_BLOCK))
 
     @staticmethod
     def _loading(reply: Reply) -> bool:
@@ -496,7 +500,7 @@ class RateLimitPolicy:
         host, port = key.name.split("|", 1)[0].rsplit(":", 1)
         url = f"http://{host}:{port}/health"
         limiter, deadline = self.limiter, self.queue_timeout
-        limiter.block(key, limiter.clock() + deadline)
+        limiter.block(key, limiter.clock() + deadline, cap=deadline)
 
         def watch() -> None:
             import urllib.request

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import math
 import random
 import threading
 import time
@@ -45,35 +46,55 @@ class Decision:
 
 
 def server_delay(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """Seconds the server asked to wait: ``retry-after-ms``, or ``retry-after`` (seconds or date)."""
+    """Seconds the server asked to wait: ``retry-after-ms``, or ``retry-after`` (seconds or an HTTP
+    date). Never raises: an unreadable value (``nan``, garbage) is ignored as clients ignore it; an
+    absurd one (``inf``, ``1e300``, a date in 2100) comes back as it is, possibly ``inf``, so that
+    ``decide`` can refuse to wait for it."""
     if not headers:
         return None
     raw_ms = headers.get("retry-after-ms")
     if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
+        seconds = _seconds(raw_ms, 0.001)
+        if seconds is not None:
+            return seconds
     raw = headers.get("retry-after")
-    if raw:
-        try:
-            return max(0.0, float(raw))
-        except ValueError:
-            try:
-                parsed = email.utils.parsedate_to_datetime(raw)
-            except (TypeError, ValueError):
-                return None  # neither seconds nor a date: ignore it, as servers' clients do
-            return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
-    return None
+    if not raw:
+        return None
+    seconds = _seconds(raw, 1.0)
+    if seconds is not None:
+        return seconds
+    try:
+        parsed = email.utils.parsedate_to_datetime(raw)
+        return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None  # neither seconds nor a date: ignore it, as servers' clients do
+
+
+def _seconds(raw: str, scale: float) -> float | None:
+    """A non-negative number of seconds (``inf`` allowed) from a header's text, or None (``nan``,
+    not a number, non-ASCII digits)."""
+    text = raw.strip()
+    if not text.isascii():
+        return None
+    try:
+        value = float(text) * scale
+    except (ValueError, OverflowError):
+        return None
+    if math.isnan(value):
+        return None
+    return max(0.0, value)
 
 
 def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | None = None,
            headers: Mapping[str, str] | None = None, body_error: str | None = None,
            transport_error: bool = False, sdk_attempt: bool = False, mode: str = "auto",
-           budget_ok: bool = True, rand: float = 0.5) -> Decision:
+           budget_ok: bool = True, rand: float = 0.5, time_left: float | None = None) -> Decision:
     """Whether attempt number ``attempt`` (1-based) is followed by another, and after how long.
 
-    ``rand`` in [0, 1) is the jitter draw, passed in so the function stays pure."""
+    ``rand`` in [0, 1) is the jitter draw, passed in so the function stays pure. A server that asks
+    for more than ``max_delay`` gets its 429/503 handed back to the caller at once (the OpenAI SDK
+    likewise ignores a retry-after above 60 s); no wait may outlast ``time_left``, the seconds the
+    caller's own timeout leaves (None: unknown)."""
     if mode in ("off", "sdk") or (mode == "auto" and sdk_attempt):
         return Decision(False, 0.0, "the SDK retries" if sdk_attempt or mode == "sdk" else "retries off")
     if not transport_error:
@@ -90,9 +111,13 @@ def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | N
         return Decision(False, 0.0, f"{max_attempts} attempts made")
     if not budget_ok:
         return Decision(False, 0.0, "retry budget exhausted")
-    backoff = rand * min(max_delay, BASE_DELAY * 2 ** (attempt - 1))  # full jitter
     floor = server_delay(headers) if not transport_error else None
+    if floor is not None and floor > max_delay:
+        return Decision(False, 0.0, f"the server asked to wait {floor:.6g} s, more than the {max_delay:g} s cap")
+    backoff = rand * min(max_delay, BASE_DELAY * 2 ** min(attempt - 1, 64))  # full jitter
     delay = max(backoff, floor) if floor is not None else backoff
+    if time_left is not None and delay >= time_left:
+        return Decision(False, 0.0, f"a {delay:.3g} s wait would outlast the caller's timeout")
     return Decision(True, delay, "transport error" if transport_error else f"status {status}")
 
 

@@ -5,7 +5,8 @@ decide, write them back), never held while anyone sleeps. Time is the wall clock
 the one clock all processes share. Lower priority classes keep a reserve of the burst free for
 higher ones (critical 0%, high 10%, normal 20%, low 30%): across processes there is no shared
 queue, so the reserve is what lets a critical call in one process pass the low calls of another.
-A 429 block is a row too, so it pauses the key for every process.
+A 429 block is a row too, so it pauses the key for every process; no block lasts more than
+``MAX_BLOCK`` seconds from now, whatever a server asked or an older process wrote.
 
 Raises ``sqlite3.Error`` / ``OSError``; the rate-limit policy fails open to its in-process share.
 """
@@ -18,9 +19,12 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["RESERVES", "SQLiteLimitStore"]
+__all__ = ["MAX_BLOCK", "RESERVES", "SQLiteLimitStore"]
 
 RESERVES = {"critical": 0.0, "high": 0.1, "normal": 0.2, "low": 0.3}
+#: Seconds a key may be blocked at most after a 429 or an exhausted window (one absurd
+#: ``retry-after`` must not stop every caller for a day); the next 429 blocks it again.
+MAX_BLOCK = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (name TEXT NOT NULL, dim TEXT NOT NULL, tat REAL NOT NULL,
@@ -60,7 +64,7 @@ class SQLiteLimitStore:
         try:
             rows: dict[str, Any] = {dim: tat for dim, tat in conn.execute(
                 "SELECT dim, tat FROM buckets WHERE name = ?", (name,))}
-            wait = max(0.0, rows.get("block", 0.0) - now)
+            wait = min(max(0.0, rows.get("block", 0.0) - now), MAX_BLOCK)
             reserve = RESERVES.get(level, 0.2)
             news = []
             for dim, rate, burst, cost in dims:
@@ -88,6 +92,7 @@ class SQLiteLimitStore:
         self.block(name, time.time() + seconds)
 
     def block(self, name: str, until: float) -> None:
+        until = min(until, time.time() + MAX_BLOCK)
         conn = self._conn()
         conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
                      "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))

@@ -148,7 +148,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local reserve = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local block = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
-local wait = math.max(0, block - now)
+local wait = math.min(math.max(0, block - now), tonumber(ARGV[3 + n * 4]))
 local news = {}
 for i = 0, n - 1 do
   local dim = ARGV[3 + i * 4]
@@ -172,7 +172,7 @@ return tostring(wait)
 _BLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local until_ = now + tonumber(ARGV[1])
+local until_ = now + math.min(tonumber(ARGV[1]), tonumber(ARGV[2]))
 local current = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
 if until_ > current then redis.call('HSET', KEYS[1], 'block', tostring(until_)) end
 redis.call('EXPIRE', KEYS[1], 3600)
@@ -184,12 +184,12 @@ class RedisLimitStore:
     """The shared budget: GCRA state per key in a Redis hash, every take one script on Redis' clock."""
 
     def __init__(self, url: str, timeout: float = 0.05) -> None:
-        from .limits import RESERVES
+        from .limits import MAX_BLOCK, RESERVES
 
         self.client = _client(url, timeout)
         self._take = self.client.register_script(_TAKE)
         self._block = self.client.register_script(_BLOCK)
-        self._reserves = RESERVES
+        self._reserves, self._max_block = RESERVES, MAX_BLOCK
         self.instance = uuid.uuid4().hex
         self.instances = 1  # live instances last seen: this process's share when Redis is away
         self._seen_at = 0.0
@@ -213,6 +213,7 @@ class RedisLimitStore:
         args: list[Any] = [self._reserves.get(level, 0.2), len(dims)]
         for dim, rate, burst, cost in dims:
             args += [dim, rate, burst, cost]
+        args.append(self._max_block)
         wait = float(self._take(keys=[self._key(name)], args=args))
         self._heartbeat()
         return max(0.0, wait)
@@ -221,4 +222,4 @@ class RedisLimitStore:
         self.client.hincrbyfloat(self._key(name), dim, -seconds)
 
     def block_for(self, name: str, seconds: float) -> None:
-        self._block(keys=[self._key(name)], args=[seconds])
+        self._block(keys=[self._key(name)], args=[min(seconds, self._max_block), self._max_block])
