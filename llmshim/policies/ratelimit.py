@@ -367,6 +367,12 @@ class Limiter:
                     _store_failed(exc)
         self.pump()
 
+    def held(self) -> tuple[int, int]:
+        """(concurrency slots in flight, callers waiting) over every key: both 0 in an idle process."""
+        with self._lock:
+            return (sum(key.in_flight for key in self._keys.values()),
+                    sum(len(queue) for key in self._keys.values() for queue in key.queues.values()))
+
     def pump(self) -> None:
         """Grant every permit that is due now; arrange one wake-up for the next one."""
         with self._lock:
@@ -523,6 +529,12 @@ class RateLimitPolicy:
 
         threading.Thread(target=watch, name="llmshim-health", daemon=True).start()
 
+    def _abandon(self, key: _Key, waiter: Waiter) -> None:
+        """The caller gave up while queued: leave the queue, or, if the permit was granted in the
+        meantime, release the concurrency slot it came with."""
+        if not self.limiter.withdraw(key, waiter) and waiter.holds_slot:
+            self.limiter.release(key, None)
+
     def _hold(self, key: _Key, waiter: Waiter, reply: Reply) -> None:
         """A concurrency slot is held until the body ends, however it ends."""
         if not waiter.holds_slot:
@@ -556,7 +568,12 @@ class RateLimitPolicy:
         key, waiter = planned
         waiter.event = threading.Event()
         self.limiter.enqueue(key, waiter)
-        if not waiter.event.wait(self.queue_timeout) and self.limiter.withdraw(key, waiter):
+        try:
+            granted = waiter.event.wait(self.queue_timeout)
+        except BaseException:  # Ctrl-C while queued: leave the queue, or give back what was granted
+            self._abandon(key, waiter)
+            raise
+        if not granted and self.limiter.withdraw(key, waiter):
             return self._timed_out(call)
         self._waited(call, waiter)
         try:
@@ -584,8 +601,8 @@ class RateLimitPolicy:
         except asyncio.TimeoutError:
             if self.limiter.withdraw(key, waiter):
                 return self._timed_out(call)
-        except asyncio.CancelledError:
-            self.limiter.withdraw(key, waiter)  # cancelled while waiting: leave the queue at once
+        except BaseException:  # cancelled while waiting (or right after the grant): nothing stays held
+            self._abandon(key, waiter)
             raise
         self._waited(call, waiter)
         try:

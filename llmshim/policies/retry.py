@@ -200,7 +200,7 @@ class RetryPolicy:
                 decision = self._decide(call, attempt, reply, None)
                 if not decision.retry:
                     return reply
-                reply.discard()
+                _drop(reply)
             self._count(call, attempt)
             self._sleep(decision.delay)
             attempt += 1
@@ -219,10 +219,29 @@ class RetryPolicy:
                 decision = self._decide(call, attempt, reply, None)
                 if not decision.retry:
                     return reply
-                await reply.adiscard()
+                await _adrop(reply)
             self._count(call, attempt)
             await asyncio.sleep(decision.delay)
             attempt += 1
+
+
+def _drop(reply: Reply) -> None:
+    """A retried attempt's reply never reaches the caller: close it and end its tap, delivering
+    what the tap held, so the policies below (a concurrency slot, a token reservation) hear its
+    end now rather than never."""
+    reply.tap.release()
+    try:
+        reply.discard()
+    finally:
+        reply.tap.abort(None)
+
+
+async def _adrop(reply: Reply) -> None:
+    reply.tap.release()
+    try:
+        await reply.adiscard()
+    finally:
+        reply.tap.abort(None)
 
 
 def _quota_error(reply: Reply | None) -> str | None:

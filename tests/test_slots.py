@@ -1,0 +1,125 @@
+"""Concurrency slots and queue places are released on every path (issue 12, item 4).
+
+With ``LLMSHIM_MAX_CONCURRENCY`` set, a slot is held from the grant until the body ends. Every way
+a call can end early must give it back: a retried attempt, Ctrl-C while queued, an asyncio task
+cancelled while queued or right after its grant. After each, an idle process holds zero slots and
+zero waiters (``Limiter.held()``), and the next call goes through at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Iterator
+
+import aiohttp
+import httpx
+import pytest
+import requests
+
+import llmshim
+from llmshim.policies.ratelimit import Limiter, RateLimitPolicy
+from llmshim.runtime import STATE
+from llmshim.testing import FakeLLMServer, Fault
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "stream": True}
+
+
+def _limiter() -> Limiter:
+    return next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
+
+
+def _until(predicate: object) -> None:
+    """Wait for a state change another thread makes, by polling the state itself (no fixed sleep)."""
+    event = threading.Event()
+    while not predicate():  # type: ignore[operator]
+        event.wait(0.001)
+
+
+@pytest.fixture
+def one_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("LLMSHIM_MAX_CONCURRENCY", "1")
+    monkeypatch.setenv("LLMSHIM_QUEUE_TIMEOUT", "30")
+    llmshim.install()
+    try:
+        yield
+    finally:
+        llmshim.uninstall()
+
+
+@pytest.mark.parametrize("client", ["requests", "httpx", "aiohttp"])
+def test_a_retried_attempt_gives_its_slot_back(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch,
+                                               client: str) -> None:
+    monkeypatch.setenv("LLMSHIM_MAX_CONCURRENCY", "4")
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "llmshim")
+    monkeypatch.setenv("LLMSHIM_RETRY_MAX_DELAY", "0.01")
+    server.inject(Fault(status=500), times=2)
+    url = server.openai_base_url + "/chat/completions"
+    llmshim.install()
+    try:
+        if client == "requests":
+            text = requests.post(url, json=BODY, timeout=10).text
+        elif client == "httpx":
+            text = httpx.post(url, json=BODY, timeout=10).text
+        else:
+            async def ask() -> str:
+                async with aiohttp.ClientSession() as session, session.post(url, json=BODY) as response:
+                    return await response.text()
+
+            text = asyncio.run(ask())
+        assert "[DONE]" in text and len(server.received) == 3
+        assert _limiter().held() == (0, 0)
+    finally:
+        llmshim.uninstall()
+
+
+def test_ctrl_c_while_queued_leaves_nothing_held(server: FakeLLMServer, one_slot: None) -> None:
+    url = server.openai_base_url + "/chat/completions"
+    holder = requests.post(url, json=BODY, stream=True, timeout=10)  # holds the only slot, unread
+    limiter = _limiter()
+    assert limiter.held() == (1, 0)
+
+    def interrupt_when_queued() -> None:
+        _until(lambda: limiter.held()[1] == 1)
+        # A real SIGINT, aimed at the main thread so that its blocked wait is interrupted.
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_queued, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        requests.post(url, json=BODY, timeout=10)
+    assert limiter.held() == (1, 0)  # left the queue
+    holder.close()
+    assert limiter.held() == (0, 0)
+    assert "[DONE]" in requests.post(url, json=BODY, timeout=10).text
+    assert limiter.held() == (0, 0)
+
+
+async def test_a_task_cancelled_while_queued_or_right_after_its_grant_leaves_nothing_held(
+        server: FakeLLMServer, one_slot: None) -> None:
+    url = server.openai_base_url + "/chat/completions"
+    limiter = _limiter()
+    # The slot holder is a requests stream: closing it releases the slot synchronously, in this
+    # thread, so the queued task below is granted before it can run again.
+    holder = requests.post(url, json=BODY, stream=True, timeout=10)
+    async with aiohttp.ClientSession() as session:
+        queued = asyncio.create_task(session.post(url, json=BODY))
+        while limiter.held()[1] == 0:
+            await asyncio.sleep(0)
+        queued.cancel()  # while queued
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert limiter.held() == (1, 0)
+
+        granted = asyncio.create_task(session.post(url, json=BODY))
+        while limiter.held()[1] == 0:
+            await asyncio.sleep(0)
+        holder.close()  # the slot passes to the queued task: granted, its wake-up not yet run ...
+        assert limiter.held() == (1, 0)
+        granted.cancel()  # ... and cancelled before it resumes (a TaskGroup sibling failing, say)
+        with pytest.raises(asyncio.CancelledError):
+            await granted
+        assert limiter.held() == (0, 0)
+        async with session.post(url, json=BODY) as response:
+            assert "[DONE]" in await response.text()
+    assert limiter.held() == (0, 0)
