@@ -123,3 +123,44 @@ async def test_a_task_cancelled_while_queued_or_right_after_its_grant_leaves_not
         async with session.post(url, json=BODY) as response:
             assert "[DONE]" in await response.text()
     assert limiter.held() == (0, 0)
+
+
+FORK_CHILD = r"""
+import os, sys, threading, requests, llmshim
+from llmshim.testing import FakeLLMServer
+from llmshim.policies.ratelimit import RateLimitPolicy
+from llmshim.runtime import STATE
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "stream": True}
+with FakeLLMServer() as server:
+    url = server.openai_base_url + "/chat/completions"
+    llmshim.install()
+    limiter = next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
+    holder = requests.post(url, json=BODY, stream=True, timeout=10)   # the only slot, in flight
+    queued = threading.Thread(target=lambda: requests.post(url, json=BODY, timeout=30).text)
+    queued.start()                                                    # a waiter, a timer pending
+    while limiter.held() != (1, 1):
+        threading.Event().wait(0.001)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            assert limiter.held() == (0, 0), limiter.held()
+            response = requests.post(url, json=dict(BODY, stream=False), timeout=30)
+            os._exit(0 if response.status_code == 200 and limiter.held() == (0, 0) else 3)
+        except BaseException as exc:
+            print("child failed:", repr(exc), flush=True)
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    holder.close()
+    queued.join()
+    llmshim.uninstall()
+    print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_fork_child_starts_with_nothing_held_or_pending() -> None:
+    from conftest import run_python
+
+    env = {"LLMSHIM_MAX_CONCURRENCY": "1", "LLMSHIM_RPM": "60000", "LLMSHIM_QUEUE_TIMEOUT": "20",
+           "LLMSHIM_CACHE": "off", "LLMSHIM_RETRY_MODE": "off"}
+    assert "child exit 0" in run_python(FORK_CHILD, env=env, timeout=60)

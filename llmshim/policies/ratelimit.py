@@ -26,9 +26,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -314,6 +316,18 @@ def _store_failed(exc: BaseException) -> None:
             "recovers (warned once a minute)", type(exc).__name__, exc)
 
 
+_LIMITERS: weakref.WeakSet[Limiter] = weakref.WeakSet()
+
+
+def _reset_limiters_in_child() -> None:
+    for limiter in list(_LIMITERS):
+        limiter._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_limiters_in_child)
+
+
 class Limiter:
     """All keys of one process. ``clock`` and ``schedule`` are injectable for tests."""
 
@@ -327,6 +341,18 @@ class Limiter:
         self._keys: dict[tuple[str, Limits], _Key] = {}
         self._timer_at: float | None = None
         self._timer_obj: threading.Timer | None = None
+        _LIMITERS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A fork() child has none of the parent's waiting threads, timer or calls in flight, and
+        the lock may have been held by a parent thread at the fork: start that state afresh (the
+        rate budgets, a copy of the parent's, are kept)."""
+        self._lock = threading.RLock()
+        self._timer_at, self._timer_obj = None, None
+        for key in self._keys.values():
+            key.in_flight = 0
+            for queue in key.queues.values():
+                queue.clear()
 
     def key(self, name: str, limits: Limits, concurrency: int | None = None) -> _Key:
         with self._lock:
