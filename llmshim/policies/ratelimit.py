@@ -171,6 +171,21 @@ class Gcra:
     def give_back(self, cost: float) -> None:
         self.tat -= cost / self.rate
 
+    def at_most(self, now: float, available: float) -> None:
+        """Offer at most ``available`` units now (then the usual pace): never loosens."""
+        self.tat = max(self.tat, now + self.burst - max(0.0, available) / self.rate)
+
+
+def _header_number(raw: str | None) -> float | None:
+    """A finite, non-negative number from a rate-limit header, or None."""
+    if not raw or not raw.strip().isascii():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 <= value < float("inf") else None
+
 
 @dataclasses.dataclass(eq=False)
 class Waiter:
@@ -243,20 +258,22 @@ class _Key:
         elif outcome_status is not None and outcome_status < 500:
             self.capacity = min(float(self.max_concurrency), self.capacity + 1.0 / self.capacity)
 
-    def learn(self, headers: Mapping[str, str]) -> None:
-        """Tighten to the server's own limits (``x-ratelimit-limit-requests/-tokens``, per minute)."""
-        pairs = (("x-ratelimit-limit-requests", self.requests), ("x-ratelimit-limit-tokens", self.tokens))
-        for header, bucket in pairs:
-            raw = headers.get(header)
-            if bucket is None or not raw:
+    def learn(self, headers: Mapping[str, str], now: float) -> None:
+        """Never offer more than the server says it has: tighten to its limits
+        (``x-ratelimit-limit-requests/-tokens``, per minute) and to what remains of them
+        (``x-ratelimit-remaining-*``). OpenAI's ``reset`` is the time until the limit is whole
+        again, not until the next request fits, so it is not a block: with ``remaining: 0`` the
+        next request fits one refill interval later, as the bucket's own pacing gives."""
+        for dim, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is None:
                 continue
-            try:
-                rate = float(raw) / 60.0
-            except ValueError:
-                continue
-            if 0 < rate < bucket.rate:
+            limit = _header_number(headers.get(f"x-ratelimit-limit-{dim}"))
+            if limit is not None and 0 < limit / 60.0 < bucket.rate:
                 bucket.tat = max(bucket.tat, 0.0)
-                bucket.rate = rate
+                bucket.rate = limit / 60.0
+            remaining = _header_number(headers.get(f"x-ratelimit-remaining-{dim}"))
+            if remaining is not None:
+                bucket.at_most(now, remaining)
 
     def _take_rate(self, now: float, waiter: Waiter) -> float:
         if self.shared is not None:
@@ -495,21 +512,17 @@ class RateLimitPolicy:
         return track(call, call.replay(429, headers, body))
 
     def _learn(self, key: _Key, reply: Reply) -> None:
-        """A 429 blocks the key for every caller until its retry-after; an exhausted window
-        (``x-ratelimit-remaining-requests: 0``) until its reset."""
+        """The server's rate-limit headers tighten the key's buckets; a 429 blocks the key for every
+        caller until its retry-after (at most MAX_BLOCK)."""
         from .retry import server_delay
 
         headers = reply.headers
         with self.limiter._lock:
-            key.learn(headers)
+            key.learn(headers, self.limiter.clock())
         if reply.status == 503 and self._loading(reply):
             self._await_health(key, reply)
             return
-        pause = None
-        if reply.status == 429:
-            pause = server_delay(headers)
-        elif headers.get("x-ratelimit-remaining-requests") == "0":
-            pause = parse_reset(headers.get("x-ratelimit-reset-requests"))
+        pause = server_delay(headers) if reply.status == 429 else None
         if pause is not None and pause > 0:  # capped at MAX_BLOCK by block()
             self.limiter.block(key, self.limiter.clock() + min(pause, MAX_BLOCK))
 

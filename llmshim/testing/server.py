@@ -241,12 +241,19 @@ class FakeLLMServer:
         chunk_delay: float = 0.0,
         rpm_limit: int | None = None,
         rpm_window: float = 60.0,
+        rpm_style: str = "window",
         compress: bool = False,
         responder: Callable[[Received], Answer | None] | None = None,
     ) -> None:
         self.chunk_delay = chunk_delay
         self.rpm_limit = rpm_limit
         self.rpm_window = rpm_window  # the limit counts requests in a sliding window this long
+        # "window": a sliding log of rpm_window seconds. "bucket": OpenAI's shape, a bucket of
+        # rpm_limit requests refilled continuously at rpm_limit per minute; its reset header is
+        # the time until the bucket is full again. bucket_level: requests in it now.
+        self.rpm_style = rpm_style
+        self.bucket_level: float | None = None
+        self._bucket_at = time.monotonic()
         self.compress = compress
         self.responder = responder
         self.received: list[Received] = []
@@ -311,28 +318,45 @@ class FakeLLMServer:
         with self._lock:
             self.received.append(received)
 
-    def _rate(self) -> tuple[bool, int, float]:
-        """(allowed, remaining, seconds until a slot frees) under the sliding 60 s RPM window."""
+    def _rate(self) -> tuple[bool, int, float, float]:
+        """(allowed, remaining, seconds until a request would be allowed, seconds until the limit is
+        whole again) under the configured RPM limit."""
         now = time.monotonic()
         with self._lock:
-            while self._recent and now - self._recent[0] >= self.rpm_window:
-                self._recent.popleft()
             limit = self.rpm_limit
             if limit is None:
                 self._recent.append(now)
-                return True, 9999, 0.0
+                while self._recent and now - self._recent[0] >= self.rpm_window:
+                    self._recent.popleft()
+                return True, 9999, 0.0, 0.0
+            if self.rpm_style == "bucket":
+                return self._take_from_bucket(now, limit)
+            while self._recent and now - self._recent[0] >= self.rpm_window:
+                self._recent.popleft()
             if len(self._recent) >= limit:
-                return False, 0, self.rpm_window - (now - self._recent[0])
+                wait = self.rpm_window - (now - self._recent[0])
+                return False, 0, wait, wait
             self._recent.append(now)
-            return True, limit - len(self._recent), 0.0
+            return True, limit - len(self._recent), 0.0, 0.0
+
+    def _take_from_bucket(self, now: float, limit: int) -> tuple[bool, int, float, float]:
+        rate = limit / 60.0
+        level = float(limit) if self.bucket_level is None else self.bucket_level
+        level = min(float(limit), level + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        allowed = level >= 1.0
+        if allowed:
+            level -= 1.0
+        self.bucket_level = level
+        return allowed, int(level), 0.0 if allowed else (1.0 - level) / rate, (limit - level) / rate
 
     def _answer(self, received: Received, path: str, fault: Fault | None) -> Answer | None:
         openai_route = not path.startswith("/api/") and received.method == "POST"
-        allowed, remaining, wait = self._rate()
+        allowed, remaining, wait, reset = self._rate()
         limit_headers = [
             ("x-ratelimit-limit-requests", str(self.rpm_limit or 10000)),
             ("x-ratelimit-remaining-requests", str(remaining)),
-            ("x-ratelimit-reset-requests", _duration(wait)),
+            ("x-ratelimit-reset-requests", _duration(reset)),
             ("x-ratelimit-limit-tokens", "2000000"),
             ("x-ratelimit-remaining-tokens", "1999000"),
             ("x-ratelimit-reset-tokens", "30ms"),

@@ -1,0 +1,84 @@
+"""Rate limits reach the server's real capacity (issue 12, item 7).
+
+OpenAI's ``x-ratelimit-reset-requests`` is the time until the limit is whole again, not until the
+next request fits. A server whose bucket is empty (another client drained it) answers
+``remaining: 0, reset: 60s`` while it refills one request every 50 ms; reading that as a 60 s block
+starves the caller. llmshim instead keeps its own bucket at or below what the server says remains,
+and paces at the limit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+import llmshim
+from llmshim.policies.ratelimit import Gcra, _Key
+from llmshim.policies.ratelimit import Limits as RateLimits
+from llmshim.testing import FakeLLMServer
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}
+
+
+def test_remaining_caps_what_the_bucket_offers_and_reset_is_not_a_block() -> None:
+    key = _Key(RateLimits(rpm=1200), burst=10.0)
+    assert key.requests is not None
+    key.learn({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-requests": "1m0s"}, now=100.0)
+    assert key.blocked_until == 0.0
+    assert key.requests.wait(100.0, 1.0) == pytest.approx(1 / 20)  # one refill interval, not 60 s
+    key.learn({"x-ratelimit-remaining-requests": "5"}, now=100.0)   # never loosens
+    assert key.requests.wait(100.0, 1.0) == pytest.approx(1 / 20)
+
+
+def test_at_most_offers_exactly_what_remains() -> None:
+    bucket = Gcra(per_minute=600, burst_seconds=10.0)
+    bucket.at_most(50.0, 3)
+    for _ in range(3):
+        assert bucket.wait(50.0, 1.0) == pytest.approx(0, abs=1e-9)
+        bucket.take(50.0, 1.0)
+    assert bucket.wait(50.0, 1.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("header", ["nan", "inf", "-1", "١٢", "", "lots"])
+def test_unreadable_remaining_headers_are_ignored(header: str) -> None:
+    key = _Key(RateLimits(rpm=600), burst=10.0)
+    key.learn({"x-ratelimit-remaining-requests": header, "x-ratelimit-limit-requests": header}, now=0.0)
+    assert key.requests is not None and key.requests.wait(0.0, 1.0) == 0 and key.requests.rate == 10.0
+
+
+def test_a_drained_server_bucket_is_used_at_its_full_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    rpm, calls, threads = 1200, 60, 6
+    monkeypatch.setenv("LLMSHIM_RPM", str(rpm))
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "auto")
+    with FakeLLMServer(rpm_limit=rpm, rpm_style="bucket") as server:
+        server.bucket_level = 0.0  # another client just emptied it: remaining 0, reset 60 s
+        llmshim.install()
+        statuses: list[int] = []
+        done_at: list[float] = []
+        lock = threading.Lock()
+
+        def work(n: int) -> None:
+            for _ in range(n):
+                status = requests.post(server.openai_base_url + "/chat/completions", json=BODY, timeout=30).status_code
+                with lock:
+                    statuses.append(status)
+                    done_at.append(time.monotonic())
+
+        start = time.monotonic()
+        workers = [threading.Thread(target=work, args=(calls // threads,)) for _ in range(threads)]
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        finally:
+            llmshim.uninstall()
+    assert statuses == [200] * calls  # no 429 reached a caller
+    # The server refills 20 a second from empty: `calls` answers need calls/20 s at best.
+    used = calls / ((max(done_at) - start) * rpm / 60.0)
+    print(f"used {used:.1%} of the server rate")
+    assert used >= 0.95, f"{used:.1%} of the server rate"
