@@ -6,6 +6,12 @@
 ``install()`` patches the HTTP client libraries the LLM SDKs speak through (see
 ``llmshim.adapters.PATCHES``), before or after they are imported. Each recognised LLM request
 then flows as one ``Call`` through the policy pipeline; anything else passes through untouched.
+
+PYTEST_DONT_REWRITE: pytest marks every top-level package of a distribution that declares a
+``pytest11`` plugin for assertion rewriting, and warns when one was imported before it started
+(``llmshim run -- pytest``, a ``.pth``, a ``sitecustomize``); this marker in the docstring is how
+pytest is told that this package has no assertions to rewrite, so that warning never stops a run
+configured with ``filterwarnings = error``.
 """
 
 from __future__ import annotations
