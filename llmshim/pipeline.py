@@ -117,7 +117,9 @@ class Pipeline:
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
         self.policies = tuple(policies)
-        self._lock = threading.Lock()
+        # Re-entrant: the garbage collector may run inside any block holding it and end a reply
+        # dropped unread, whose call then leaves this pipeline from the same thread.
+        self._lock = threading.RLock()
         self._calls = 0  # calls in flight on this pipeline
         self._retired = False
         self._closed = False

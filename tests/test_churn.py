@@ -319,6 +319,30 @@ def test_a_reply_dropped_unread_releases_its_pipeline() -> None:
     assert policy.closed == 1
 
 
+def test_a_reply_collected_while_its_pipeline_is_busy_in_the_same_thread_does_not_deadlock() -> None:
+    """The garbage collector runs inside any allocation, also one made while a lock is held; a
+    reply it collects ends its call right there, in the same thread."""
+    policy = _Closing()
+    pipeline = Pipeline([policy])
+
+    class Response:
+        pass
+
+    def send(call: Any) -> Any:
+        reply = _reply_of(call)
+        reply.native = Response()
+        reply.native.cycle = reply.native  # collected only by the cyclic collector
+        reply.tap.abort_when_collected(reply.native)
+        return reply
+
+    reply = pipeline.run(_fake_call(), send)
+    pipeline.retire()
+    with pipeline._lock:
+        del reply
+        gc.collect()
+    assert pipeline.in_flight == 0 and policy.closed == 1
+
+
 @pytest.mark.parametrize("kind", ["cache", "limits"])
 def test_a_store_closed_from_another_thread_never_closes_a_connection_in_use(tmp_path: Path, kind: str) -> None:
     store: Any = SQLiteStore(str(tmp_path / "c.sqlite3")) if kind == "cache" else \

@@ -28,7 +28,7 @@ _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache
 
 class Stats:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a reply collected inside ends its call here too
         self._writing = threading.Lock()
         self._at_exit = False
         self._path: str | None = None

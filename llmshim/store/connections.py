@@ -168,7 +168,7 @@ class Connections:
         self.read_only = False
         self._set_up = set_up
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
         self._slots: list[_Slot] = []
 
     @contextmanager

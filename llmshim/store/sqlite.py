@@ -115,8 +115,8 @@ class SQLiteStore:
         self.path = path
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.busy_timeout_ms = busy_timeout_ms
-        self._lock = threading.Lock()
-        self._init_lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
+        self._init_lock = threading.RLock()
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
         self._flushed_at = time.monotonic()
         self._salt: bytes | None = None
