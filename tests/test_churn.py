@@ -168,7 +168,9 @@ def test_install_churn_never_crashes_and_every_call_gets_its_own_answer(tmp_path
     assert all(not report["wrong"] for report in reports), [r["wrong"] for r in reports if r["wrong"]]
     assert all(report["answered"] > 0 and report["rounds"] > 0 and report["spans"] > 0 for report in reports)
     assert all(report["open_cache_files"] == [] for report in reports)  # every retired pipeline closed
-    assert all("Traceback" not in r.stderr for r in results), next(r.stderr for r in results if "Traceback" in r.stderr)
+    # Failing open would hide a store closed under a call's feet: not one cache or limits failure is allowed.
+    noisy = [r.stderr for r in results if "Traceback" in r.stderr or "llmshim:" in r.stderr]
+    assert not noisy, noisy[0]
 
 
 # -- the parts, deterministically ------------------------------------------------------------------
