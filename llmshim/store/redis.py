@@ -197,6 +197,13 @@ class RedisLimitStore:
         self.instances = 1  # live instances last seen: this process's share when Redis is away
         self._seen_at = 0.0
 
+    def close(self) -> None:
+        """Leave the live instances (the others' share grows at once) and drop the connections."""
+        with suppress(Exception):
+            self.client.zrem("llmshim:rl:instances", self.instance)
+        with suppress(Exception):
+            self.client.close()
+
     @staticmethod
     def _key(name: str) -> str:
         return "{llmshim:rl:" + name + "}"  # the hash tag keeps one key's data in one Cluster slot
@@ -225,10 +232,3 @@ class RedisLimitStore:
 
     def block_for(self, name: str, seconds: float) -> None:
         self._block(keys=[self._key(name)], args=[seconds])
-
-    def close(self) -> None:
-        """Leave the live instances (the others' share grows at once) and drop the connections."""
-        with suppress(Exception):
-            self.client.zrem("llmshim:rl:instances", self.instance)
-        with suppress(Exception):
-            self.client.close()
