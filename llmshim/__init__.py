@@ -6,6 +6,12 @@
 ``install()`` patches the HTTP client libraries the LLM SDKs speak through (see
 ``llmshim.adapters.PATCHES``), before or after they are imported. Each recognised LLM request
 then flows as one ``Call`` through the policy pipeline; anything else passes through untouched.
+
+PYTEST_DONT_REWRITE: pytest marks every top-level package of a distribution that declares a
+``pytest11`` plugin for assertion rewriting, and warns when one was imported before it started
+(``llmshim run -- pytest``, a ``.pth``, a ``sitecustomize``); this marker in the docstring is how
+pytest is told that this package has no assertions to rewrite, so that warning never stops a run
+configured with ``filterwarnings = error``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from . import adapters, config
 from .config import ConfigError, Settings
+from .pipeline import Pipeline
 from .policies.cache import cache_control
 from .policies.events import CallRecord, off, on
 from .policies.ratelimit import priority
@@ -52,7 +59,9 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overri
 
     Settings come from ``LLMSHIM_*`` environment variables; keyword ``overrides`` (field names of
     :class:`Settings`) win. A malformed value raises :class:`ConfigError` here, never later. A
-    second call applies the new settings in place. ``tracer_provider`` / ``meter_provider``:
+    second call applies the new settings in place: calls already in flight finish on the settings
+    they started with, and the resources they hold close when the last of them ends, so install
+    and uninstall are safe while other threads and tasks are mid-call. ``tracer_provider`` / ``meter_provider``:
     OpenTelemetry providers to use instead of the global ones. Returns the effective settings.
     """
     settings = config.load(**overrides)
@@ -64,7 +73,7 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overri
         if STATE.active and settings.libraries != STATE.settings.libraries:
             _uninstall_locked()  # a different set of libraries: re-patch from scratch
         previous, STATE.pipeline = STATE.pipeline, build_pipeline(settings, tracer_provider, meter_provider)
-        previous.close()
+        previous.retire(successor=STATE.pipeline)  # its calls in flight finish on it; it closes after them
         STATE.settings = settings
         STATE.active = True
         adapters.apply_all()
@@ -80,7 +89,8 @@ def uninstall() -> None:
 def _uninstall_locked() -> None:
     STATE.active = False  # every wrapper is a pass-through from this instant
     adapters.remove_all()
-    STATE.pipeline.close()
+    retired, STATE.pipeline = STATE.pipeline, Pipeline()
+    retired.retire()  # calls in flight finish on it; its stores close when the last one ends
 
 
 def is_installed() -> bool:

@@ -9,19 +9,26 @@ after it returns, the pipeline subscribes a :class:`ResponseTracker` to the repl
 so when any policy's own observer hears the end, the call already carries status, usage, model,
 timings and ``call.outcome``. Observers judge by ``call.outcome`` ("ok" | "error" | "aborted"),
 not by which callback fired: a stream closed right after its done marker is "ok".
+
+A pipeline counts the calls running on it, so ``install()``/``uninstall()`` can swap it while
+calls are in flight: the old one closes its resources when its last call ends (``Pipeline``).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from .call import Call, Reply
+from .call import Call, OnEnd, Reply
 from .context import in_call
 from .dialects import BodyParser
 
 __all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker", "track"]
+
+log = logging.getLogger("llmshim")
 
 Handler = Callable[[Call], Reply]
 AsyncHandler = Callable[[Call], Awaitable[Reply]]
@@ -97,19 +104,112 @@ def _failed(call: Call, exc: BaseException) -> None:
 
 
 class Pipeline:
-    """An ordered chain of policies, outermost first."""
+    """An ordered chain of policies, outermost first, and the calls running on it.
+
+    A call holds the pipeline it started on until the call really ends: its reply's body ended
+    (complete, abort, or the response garbage-collected unread), or no reply came (an exception).
+    ``install()`` and ``uninstall()`` *retire* a pipeline instead of closing it: no call starts on
+    it any more (one that races the swap runs on the ``successor``, or passes through when there is
+    none), and its policies' resources (store connections) close when the last call in flight on
+    it ends, or at once when none is. So a call never sees its cache closed under its feet, and
+    install churn never closes a connection that another thread is using.
+    """
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
         self.policies = tuple(policies)
+        # Re-entrant: the garbage collector may run inside any block holding it and end a reply
+        # dropped unread, whose call then leaves this pipeline from the same thread.
+        self._lock = threading.RLock()
+        self._calls = 0  # calls in flight on this pipeline
+        self._retired = False
+        self._closed = False
+        self._successor: Pipeline | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self._calls
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def retire(self, successor: Pipeline | None = None) -> None:
+        """No new call starts here; close when the last call in flight ends (now, if none is)."""
+        with self._lock:
+            if self._retired:
+                return
+            self._retired, self._successor = True, successor
+            idle = self._calls == 0
+        if idle:
+            self._close()
 
     def close(self) -> None:
-        """Release what policies hold (store connections, pending counters)."""
+        """Retire with no successor (kept for callers that own a pipeline outright)."""
+        self.retire(None)
+
+    def _admit(self) -> Pipeline | None:
+        """The pipeline a starting call runs on, with the call counted: this one, or the newest
+        successor of a retired one; None when the last one was retired by ``uninstall()``."""
+        pipeline: Pipeline | None = self
+        while pipeline is not None:
+            with pipeline._lock:
+                if not pipeline._retired:
+                    pipeline._calls += 1
+                    return pipeline
+                successor = pipeline._successor
+            pipeline = successor
+        return None
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._calls -= 1
+            last = self._retired and self._calls == 0
+        if last:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for policy in self.policies:
             close = getattr(policy, "close", None)
-            if close is not None:
+            if close is None:
+                continue
+            try:
                 close()
+            except Exception:  # fail open: a resource that will not close never reaches a caller
+                log.warning("llmshim: closing %s failed", type(policy).__name__, exc_info=True)
+
+    def _held_until_end(self, reply: Reply) -> Reply:
+        """Subscribed last, so every policy's own end-of-body work (a cache write) runs before."""
+        reply.tap.subscribe(OnEnd(self._leave))
+        reply.tap.release()  # every policy has subscribed: let held body events through
+        return reply
 
     def run(self, call: Call, send: Handler) -> Reply:
+        pipeline = self._admit()
+        if pipeline is None:
+            return _pass_through(call, send)
+        try:
+            reply = pipeline._chain(send)(call)
+        except BaseException:
+            pipeline._leave()
+            raise
+        return pipeline._held_until_end(reply)
+
+    async def arun(self, call: Call, asend: AsyncHandler) -> Reply:
+        pipeline = self._admit()
+        if pipeline is None:
+            return await _apass_through(call, asend)
+        try:
+            reply = await pipeline._achain(asend)(call)
+        except BaseException:
+            pipeline._leave()
+            raise
+        return pipeline._held_until_end(reply)
+
+    def _chain(self, send: Handler) -> Handler:
         def terminal(call: Call) -> Reply:
             token = in_call.set(True)
             try:
@@ -124,11 +224,9 @@ class Pipeline:
         handler: Handler = terminal
         for policy in reversed(self.policies):
             handler = _bind(policy, handler)
-        reply = handler(call)
-        reply.tap.release()  # every policy has subscribed: let held body events through
-        return reply
+        return handler
 
-    async def arun(self, call: Call, asend: AsyncHandler) -> Reply:
+    def _achain(self, asend: AsyncHandler) -> AsyncHandler:
         async def terminal(call: Call) -> Reply:
             token = in_call.set(True)
             try:
@@ -143,9 +241,28 @@ class Pipeline:
         handler: AsyncHandler = terminal
         for policy in reversed(self.policies):
             handler = _abind(policy, handler)
-        reply = await handler(call)
-        reply.tap.release()
-        return reply
+        return handler
+
+
+def _pass_through(call: Call, send: Handler) -> Reply:
+    """A call that began just as llmshim was uninstalled: sent as if llmshim were not there."""
+    token = in_call.set(True)
+    try:
+        reply = send(call)
+    finally:
+        in_call.reset(token)
+    reply.tap.release()
+    return reply
+
+
+async def _apass_through(call: Call, asend: AsyncHandler) -> Reply:
+    token = in_call.set(True)
+    try:
+        reply = await asend(call)
+    finally:
+        in_call.reset(token)
+    reply.tap.release()
+    return reply
 
 
 def _bind(policy: Policy, next: Handler) -> Handler:

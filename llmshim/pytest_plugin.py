@@ -12,6 +12,9 @@ response status, headers and body pieces (text, chunk by chunk as they arrived).
 Fixtures: ``llmshim_calls`` (the CallRecords of the test's calls), ``llmshim_spans`` (their spans,
 from an in-memory exporter). Marker: ``@pytest.mark.llmshim(priority="high", cache="off", rpm="60")``
 passes settings to ``llmshim.install()`` for one test.
+
+PYTEST_DONT_REWRITE (see ``llmshim/__init__.py``): this module may be imported before pytest
+starts, too, and ``-p llmshim.pytest_plugin`` would then mark it for rewriting.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ restarts) and in Redis.
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_the_sqlite_block_is_capped_also_when_an_older_process_wrote_more(tmp_pa
     wait = store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal")
     assert 0 < wait <= MAX_BLOCK
     # A row written without the cap (an earlier llmshim, a day-long block) is read capped.
-    store._conn().execute("UPDATE buckets SET tat = ? WHERE name = 'k' AND dim = 'block'", (time.time() + 86400,))
+    with sqlite3.connect(tmp_path / "limits.sqlite3", isolation_level=None) as conn:
+        conn.execute("UPDATE buckets SET tat = ? WHERE name = 'k' AND dim = 'block'", (time.time() + 86400,))
+    conn.close()
     reopened = SQLiteLimitStore(str(tmp_path / "limits.sqlite3"))
     assert 0 < reopened.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK

@@ -467,6 +467,12 @@ class RateLimitPolicy:
         self.limiter = Limiter(burst, shared=shared)
         self._instruments = instruments
 
+    def close(self) -> None:
+        """When the pipeline retires and its last call has ended: release the shared store."""
+        close = getattr(self.limiter.shared, "close", None)
+        if close is not None:
+            close()
+
     def _local(self, host: str) -> bool:
         return host in self.local_hosts or host in ("localhost", "::1") or host.startswith("127.")
 

@@ -3,7 +3,8 @@
 total calls, completed, failed, aborted, cache hits/misses, throttled calls, retries, average
 latency, tokens in and out, tokens saved by the cache, per provider and model too. Cheap enough to
 be always on: one lock-protected update when a call ends. With ``LLMSHIM_STATS_FILE`` set, a JSON
-snapshot is written there (atomically, at most once a second, and at exit) for ``llmshim stats``.
+snapshot is written there (atomically, mode 0600, at most once a second, and at exit) for
+``llmshim stats``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 from ..call import Call, OnEnd, Reply
@@ -26,7 +28,9 @@ _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache
 
 class Stats:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a reply collected inside ends its call here too
+        self._writing = threading.Lock()
+        self._at_exit = False
         self._path: str | None = None
         self._written = 0.0
         self.reset()
@@ -83,21 +87,28 @@ class Stats:
 
     def write_to(self, path: str | None) -> None:
         self._path = path
-        if path is not None:
+        if path is not None and not self._at_exit:
+            self._at_exit = True  # once per process: every install() calls this
             atexit.register(self.write)
 
     def write(self) -> None:
+        """Atomically, readable by this user only (the file names the models and the volumes);
+        one writer at a time: a thread that finds another writing skips, the next end writes."""
         path = self._path
-        if path is None:
+        if path is None or not self._writing.acquire(blocking=False):
             return
-        self._written = time.monotonic()
         try:
+            self._written = time.monotonic()
             tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as handle:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
+            with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
                 json.dump(self.snapshot(), handle)
             os.replace(tmp, path)
         except OSError:
             pass  # a stats file we cannot write never affects a call
+        finally:
+            self._writing.release()
 
 
 STATS = Stats()

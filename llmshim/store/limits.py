@@ -8,16 +8,17 @@ queue, so the reserve is what lets a critical call in one process pass the low c
 A 429 block is a row too, so it pauses the key for every process; no block lasts more than
 ``MAX_BLOCK`` seconds from now, whatever a server asked or an older process wrote.
 
+The file is private (0600, see ``connections.py``); ``close()`` is safe while other threads take.
 Raises ``sqlite3.Error`` / ``OSError``; the rate-limit policy fails open to its in-process share.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
 import time
 from typing import Any
+
+from .connections import Connections
 
 __all__ = ["MAX_BLOCK", "RESERVES", "SQLiteLimitStore"]
 
@@ -36,30 +37,30 @@ class SQLiteLimitStore:
     def __init__(self, path: str, busy_timeout_ms: int = 2000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
+        self._connections = Connections(path, self._set_up, own_directory=False, busy_timeout_ms=busy_timeout_ms)
 
-    def _conn(self) -> sqlite3.Connection:
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
-            return conn
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+    @staticmethod
+    def _set_up(conn: sqlite3.Connection, read_only: bool) -> sqlite3.Connection:
+        if read_only:
+            raise sqlite3.OperationalError("the rate-limit store must be writable")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
-        local.conn, local.pid = conn, os.getpid()
         return conn
+
+    def close(self) -> None:
+        """Close every connection, from any thread: one in use closes when its use ends."""
+        self._connections.close()
 
     def try_take(self, name: str, now: float, dims: list[tuple[str, float, float, float]], level: str) -> float:
         """``dims``: (dimension, rate per second, burst seconds, cost). Takes every dimension and
         answers 0, or takes nothing and answers the seconds until all would fit."""
-        conn = self._conn()
+        with self._connections.use() as conn:
+            return self._take(conn, name, now, dims, level)
+
+    @staticmethod
+    def _take(conn: sqlite3.Connection, name: str, now: float, dims: list[tuple[str, float, float, float]],
+              level: str) -> float:
         conn.execute("BEGIN IMMEDIATE")
         try:
             rows: dict[str, Any] = {dim: tat for dim, tat in conn.execute(
@@ -85,14 +86,14 @@ class SQLiteLimitStore:
         return float(max(0.0, wait))
 
     def give_back(self, name: str, dim: str, seconds: float) -> None:
-        conn = self._conn()
-        conn.execute("UPDATE buckets SET tat = tat - ? WHERE name = ? AND dim = ?", (seconds, name, dim))
+        with self._connections.use() as conn:
+            conn.execute("UPDATE buckets SET tat = tat - ? WHERE name = ? AND dim = ?", (seconds, name, dim))
 
     def block_for(self, name: str, seconds: float) -> None:
         self.block(name, time.time() + seconds)
 
     def block(self, name: str, until: float) -> None:
         until = min(until, time.time() + MAX_BLOCK)
-        conn = self._conn()
-        conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
-                     "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))
+        with self._connections.use() as conn:
+            conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
+                         "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))

@@ -20,6 +20,7 @@ import json
 import secrets
 import time
 import uuid
+from contextlib import suppress
 from typing import Any
 
 from .sqlite import Entry, SQLiteStore
@@ -98,7 +99,9 @@ class RedisCacheStore:
         return 0  # Redis expires entries itself
 
     def close(self) -> None:
-        self.client.close()
+        """Called once no call uses this store any more (the pipeline retired, its last call ended)."""
+        with suppress(Exception):  # an unreachable Redis must not break install() or uninstall()
+            self.client.close()
 
 
 class TieredStore:
@@ -193,6 +196,13 @@ class RedisLimitStore:
         self.instance = uuid.uuid4().hex
         self.instances = 1  # live instances last seen: this process's share when Redis is away
         self._seen_at = 0.0
+
+    def close(self) -> None:
+        """Leave the live instances (the others' share grows at once) and drop the connections."""
+        with suppress(Exception):
+            self.client.zrem("llmshim:rl:instances", self.instance)
+        with suppress(Exception):
+            self.client.close()
 
     @staticmethod
     def _key(name: str) -> str:

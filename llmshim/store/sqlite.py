@@ -2,18 +2,23 @@
 
 - WAL journal, ``synchronous=NORMAL``, a ``busy_timeout``; writes in short ``BEGIN IMMEDIATE``
   transactions; readers never wait for writers.
-- One connection per thread, re-opened after ``fork()`` (a connection must not cross a fork).
+- One connection per thread, re-opened after ``fork()`` (a connection must not cross a fork);
+  ``close()`` is safe from any thread while others are mid-query (see ``connections.py``).
 - Entries hold JSON (status, headers, metadata) and raw body bytes. Totals (entries, bytes) are
   kept by triggers, so size checks never scan. Expiry and last access are indexed; eviction drops
   the least recently used entries in small batches once ``max_entries`` / ``max_bytes`` is
   crossed; last access is touched at most once a minute per entry (reads stay reads).
-- The file (and its directory) is created with mode 0600 (0700); the WAL and shared-memory files
-  inherit the database's permissions. ``PRAGMA user_version`` versions the schema.
+- The file is private: created 0600, an existing looser one (and its -wal/-shm/-journal) tightened
+  to 0600 before the first connection, the default folder kept 0700 (``connections.py``).
+  ``PRAGMA user_version`` versions the schema.
+- A file this process cannot write (baked into an image, a read-only mount) is opened read-only
+  and still answers hits; nothing is written to it (no last-access touch, no counters).
 - Hit/miss/tokens-saved counters are kept in memory and written with the next write (or every few
   seconds, and at exit), so a hit costs no write.
 
 Every method may raise ``sqlite3.Error`` or ``OSError``; the cache policy turns those into a miss,
-a warning and a metric. This module never swallows them itself.
+a warning and a metric. This module swallows only the failure of the advisory last-access touch,
+so that a busy or read-only file still answers the hit it found.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
+
+from .connections import Connections
 
 __all__ = ["SCHEMA_VERSION", "Entry", "SQLiteStore", "default_path"]
 
@@ -90,38 +98,45 @@ class Entry:
     meta: dict[str, Any]
 
 
+_OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for store in list(_OPEN_STORES):
+        store._flush_at_exit()
+
+
+atexit.register(_flush_all_at_exit)  # once per process, not once per store: stores come and go with installs
+
+
 class SQLiteStore:
     def __init__(self, path: str, *, max_entries: int | None = None, max_bytes: int | None = None,
                  busy_timeout_ms: int = 2000) -> None:
         self.path = path
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._init_lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
+        self._init_lock = threading.RLock()
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
         self._flushed_at = time.monotonic()
         self._salt: bytes | None = None
-        self._connections: list[sqlite3.Connection] = []
-        atexit.register(self._flush_at_exit)
+        own = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(default_path()))
+        self._connections = Connections(path, self._set_up, own_directory=own, busy_timeout_ms=busy_timeout_ms)
+        _OPEN_STORES.add(self)
 
     # -- connections ---------------------------------------------------------------------------
-    def _create_file(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+    @property
+    def read_only(self) -> bool:
+        """The file could not be written by this process: it answers lookups, stores nothing."""
+        return self._connections.read_only
 
-    def _conn(self) -> sqlite3.Connection:
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
+    def _set_up(self, conn: sqlite3.Connection, read_only: bool) -> sqlite3.Connection:
+        if read_only:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"read-only cache {self.path}: schema version {version}, "
+                                            f"expected {SCHEMA_VERSION}")
             return conn
-        # First use in this thread, or first use after fork(): the parent's connection is not ours.
-        self._create_file()
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         # First-time set-up is serialised between this process's threads; the switch to WAL can
         # answer "locked" without waiting while another process switches it, so it is retried.
         with self._init_lock:
@@ -141,56 +156,60 @@ class SQLiteStore:
                     f"use another LLMSHIM_CACHE_PATH or `llmshim cache clear`")
             if version == 0:  # idempotent: two processes creating it at once both succeed
                 conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
-        local.conn, local.pid = conn, os.getpid()
-        with self._lock:
-            self._connections.append(conn)
         return conn
 
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, outside any guarded use: for one-thread tools (``llmshim doctor``)."""
+        with self._connections.use() as conn:
+            return conn
+
     @contextmanager
-    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
-        conn = conn or self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._connections.use() as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connections.use() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Write pending counters and close every connection this store opened."""
+        """Write pending counters and close every connection this store opened, from any thread:
+        a connection another thread is using is closed when that use ends. Usable afterwards
+        (a later use opens a new connection)."""
         self._flush_at_exit()
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            with suppress(sqlite3.Error):
-                conn.close()
-        self._local = threading.local()
+        self._connections.close()
 
     # -- the salt for credential scopes ----------------------------------------------------------
     @property
     def salt(self) -> bytes:
         if self._salt is None:
-            conn = self._conn()
-            row = conn.execute("SELECT value FROM settings WHERE name = 'salt'").fetchone()
+            with self._read() as conn:
+                row = conn.execute("SELECT value FROM settings WHERE name = 'salt'").fetchone()
             if row is None:
-                with self._write(conn):
+                with self._write() as conn:
                     conn.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('salt', ?)",
                                  (secrets.token_bytes(32),))
-                row = conn.execute("SELECT value FROM settings WHERE name = 'salt'").fetchone()
+                    row = conn.execute("SELECT value FROM settings WHERE name = 'salt'").fetchone()
             self._salt = bytes(row[0])
         return self._salt
 
     # -- entries ---------------------------------------------------------------------------------
     def get(self, key: str, now: float) -> Entry | None:
-        conn = self._conn()
-        row = conn.execute(
-            "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?",
-            (key,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?",
+                (key,)).fetchone()
         if row is None or (row[4] is not None and row[4] <= now):
             return None
-        if now - row[6] >= TOUCH_INTERVAL:
-            with self._write(conn):
+        if now - row[6] >= TOUCH_INTERVAL and not self.read_only:
+            with suppress(sqlite3.Error), self._write() as conn:  # advisory: a busy file keeps its hit
                 conn.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
         return Entry(key, int(row[0]), [tuple(h) for h in json.loads(row[1])], bytes(row[2]), row[3], row[4],
                      json.loads(row[5]))
@@ -236,7 +255,7 @@ class SQLiteStore:
             self._pending["misses"] += misses
             self._pending["tokens_saved"] += tokens_saved
             due = time.monotonic() - self._flushed_at >= FLUSH_INTERVAL
-        if due:
+        if due and not self.read_only:  # a read-only file keeps its counters in memory
             with self._write() as conn:
                 self._flush_counters(conn)
 
@@ -250,7 +269,7 @@ class SQLiteStore:
 
     def _flush_at_exit(self) -> None:
         try:
-            if any(self._pending.values()):
+            if any(self._pending.values()) and not self.read_only:
                 with self._write() as conn:
                     self._flush_counters(conn)
         except (sqlite3.Error, OSError):
@@ -258,23 +277,27 @@ class SQLiteStore:
 
     # -- inspection and maintenance (the CLI) --------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        with self._write() as conn:
-            self._flush_counters(conn)
-        row = self._conn().execute("SELECT entries, bytes, hits, misses, tokens_saved FROM totals").fetchone()
+        with self._read() as conn:  # opened first: only then is it known whether the file is writable
+            if not self.read_only:
+                with self._write() as writer:
+                    self._flush_counters(writer)
+            row = conn.execute("SELECT entries, bytes, hits, misses, tokens_saved FROM totals").fetchone()
         entries, size, hits, misses, saved = row
         return {"path": self.path, "entries": entries, "bytes": size, "hits": hits, "misses": misses,
                 "hit_rate": hits / (hits + misses) if hits + misses else None, "tokens_saved": saved}
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._conn().execute(
-            "SELECT key, created_at, expires_at, size, meta FROM entries ORDER BY created_at DESC LIMIT ?",
-            (limit,)).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT key, created_at, expires_at, size, meta FROM entries ORDER BY created_at DESC LIMIT ?",
+                (limit,)).fetchall()
         return [{"key": r[0], "created_at": r[1], "expires_at": r[2], "size": r[3], **json.loads(r[4])}
                 for r in rows]
 
     def find(self, key_prefix: str) -> Entry | None:
-        rows = self._conn().execute(
-            "SELECT key FROM entries WHERE key >= ? AND key < ? LIMIT 2", (key_prefix, key_prefix + "g")).fetchall()
+        with self._read() as conn:
+            rows = conn.execute("SELECT key FROM entries WHERE key >= ? AND key < ? LIMIT 2",
+                                (key_prefix, key_prefix + "g")).fetchall()
         if len(rows) != 1:
             return None
         return self.get(rows[0][0], now=float("-inf"))
