@@ -224,19 +224,71 @@ def test_a_black_holed_redis_is_left_alone_after_the_first_few_calls(
     llmshim.install(cache="on", cache_url=black_hole.url, cache_local=True, cache_path=str(tmp_path / "c.sqlite3"),
                     rpm="600000", ratelimit_store=black_hole.url)
     try:
-        stores = _redis_stores()
-        assert len(stores) == 2
+        guards = [store.redis for store in _redis_stores()]  # type: ignore[attr-defined]
+        assert len(guards) == 2
         first = [_ask(server, i) for i in range(5)]
-        attempts = [store.redis.attempts for store in stores]  # type: ignore[attr-defined]
+        attempts = [guard.attempts for guard in guards]
         accepted = len(black_hole.accepted)
         later = [_ask(server, i) for i in range(5, 45)]
         assert first + later == [200] * 45
         # Each store gave up after its threshold of failures: the 40 later calls never asked Redis.
-        assert [store.redis.attempts for store in stores] == attempts  # type: ignore[attr-defined]
-        assert all(a <= 2 * store.redis.breaker.threshold for a, store in zip(attempts, stores))  # type: ignore[attr-defined]
+        assert [guard.attempts for guard in guards] == attempts
+        assert all(guard.attempts == guard.breaker.threshold for guard in guards)  # one failed operation a call
         assert len(black_hole.accepted) == accepted
-        assert [store.redis.breaker.state(time.monotonic()) for store in stores] == ["open", "open"]  # type: ignore[attr-defined]
+        assert [guard.breaker.state(time.monotonic()) for guard in guards] == ["open", "open"]
         assert llmshim.stats()["store_errors"] > 0
         assert len(server.received) == 45  # the calls themselves all went out
     finally:
         llmshim.uninstall()
+
+
+def test_redis_answering_again_is_used_again_after_one_cooldown(tmp_path: Path) -> None:
+    from test_redis import RedisServer
+
+    from llmshim.store.redis import RedisCacheStore, RedisLimitStore
+    from llmshim.store.redis_client import Guarded, RedisUnavailable
+    from llmshim.store.sqlite import Entry
+
+    offset = [0.0]
+    hole = BlackHole(accepting=True)
+    url = hole.url
+    cache = RedisCacheStore(url, guard=Guarded(url, clock=lambda: time.monotonic() + offset[0]))
+    limits = RedisLimitStore(url)
+    limits.redis.clock = cache.redis.clock
+    dims = [("r", 100.0, 10.0, 1.0)]
+    try:
+        for _ in range(cache.redis.breaker.threshold):
+            with pytest.raises(Exception, match=r"[Tt]imeout"):
+                cache.get("a" * 64, time.time())
+            with pytest.raises(Exception, match=r"[Tt]imeout"):
+                limits.try_take("k", time.time(), dims, "normal")
+        with pytest.raises(RedisUnavailable):
+            cache.get("a" * 64, time.time())
+        with pytest.raises(RedisUnavailable):
+            limits.try_take("k", time.time(), dims, "normal")
+    finally:
+        hole.close()
+    redis_server = RedisServer(tmp_path)
+    redis_server.port, redis_server.url = hole.port, url  # Redis comes back where the black hole was
+    redis_server.start()
+    try:
+        with pytest.raises(RedisUnavailable):  # still cooling down: not asked yet
+            cache.get("a" * 64, time.time())
+        offset[0] += cache.redis.breaker.cooldown  # one cooldown later, the next call starts a probe ...
+        with pytest.raises(RedisUnavailable):  # ... and does not wait for it
+            cache.get("a" * 64, time.time())
+        assert cache.redis.probe is not None
+        cache.redis.probe.join()  # the PING answered: the breaker is closed
+        assert cache.redis.breaker.state(time.monotonic()) == "closed"
+        entry = Entry("a" * 64, 200, [], b"{}", time.time(), None, {})
+        cache.put(entry, time.time())
+        assert cache.get("a" * 64, time.time()) == entry
+        with pytest.raises(RedisUnavailable):  # the limiter's own breaker probes likewise
+            limits.try_take("k", time.time(), dims, "normal")
+        assert limits.redis.probe is not None
+        limits.redis.probe.join()
+        assert limits.try_take("k", time.time(), dims, "normal") == 0.0
+    finally:
+        cache.close()
+        limits.close()
+        redis_server.stop()

@@ -44,7 +44,7 @@ def test_cluster_and_sentinel_urls() -> None:
     assert parse_redis_url("redis://h:1/0").kind == "single"
     assert parse_redis_url("unix:///run/redis.sock").kind == "single"
     for bad in ["redis+sentinel://s1:26379", "redis+cluster://", "redis+cluster://h:0", "redis+cluster://h:7000/2",
-                "redis+sentinel://s1/m/x", "redis+cluster://h:７０００", "http://h:6379", "redis://"]:
+                "redis+sentinel://s1/m/x", "redis+cluster://h:\uff17\uff10\uff10\uff10", "http://h:6379", "redis://"]:
         with pytest.raises(ValueError):
             parse_redis_url(bad)
 

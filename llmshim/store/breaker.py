@@ -3,10 +3,10 @@
 A dead or black-holed Redis costs every operation its full timeout. After ``threshold`` slow
 failures in a row (each cost at least ``slow`` seconds) the breaker *opens*: operations are
 refused at once (the caller falls back locally, as for any store error) until the cooldown ends.
-Then it is *half-open*: exactly one caller, the probe, is let through; its success closes the
-breaker, its failure opens it again with the cooldown doubled (up to ``ceiling``). A long outage
-costs one timeout per ``ceiling`` seconds, and Redis is used again at most ``ceiling`` seconds
-after it answers.
+Then it is *half-open*: exactly one probe is let through (the Redis stores send it as a PING on
+a thread of its own, so no call waits for it); its success closes the breaker, its failure opens
+it again with the cooldown doubled (up to ``ceiling``). Redis is used again at most ``ceiling``
+seconds (plus one probe) after it answers.
 
 A failure that cost almost nothing (a refused connection: Redis' host is up, the server is not)
 is not counted: asking again costs nothing either, and Redis is used the moment it is back.

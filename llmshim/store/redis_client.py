@@ -20,6 +20,7 @@ breaker (``breaker.py``) and builds the client lazily, so install() never waits 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -219,6 +220,7 @@ class Guarded:
         self.timeout, self.clock = timeout, clock
         self.breaker = breaker or Breaker()
         self.attempts = 0  # operations that went to Redis (the breaker let them through)
+        self.probe: threading.Thread | None = None  # the last background probe
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -241,12 +243,20 @@ class Guarded:
         return self._scripts[source]
 
     def run(self, op: Callable[[Any], T]) -> T:
+        """``op(client)``'s result; its exception, or RedisUnavailable at once while the breaker is open.
+        When a probe is due it is a PING on a thread of its own, so no call waits for a Redis that
+        may still not answer: this call falls back, and the calls after a good PING use Redis."""
         start = self.clock()
         with self._lock:
-            if not self.breaker.allow(start):
-                raise RedisUnavailable(f"Redis ({self.target.describe()}) skipped after {self.breaker.threshold} "
-                                       "failures in a row; probed again shortly")
-            self.attempts += 1
+            allowed = self.breaker.allow(start)
+            probe = allowed and self.breaker.probing_since is not None
+            self.attempts += allowed
+        if not allowed or (probe and self._probe_in_background()):
+            raise RedisUnavailable(f"Redis ({self.target.describe()}) skipped after {self.breaker.threshold} "
+                                   "slow failures in a row; probed again in the background")
+        return self._call(op, start)
+
+    def _call(self, op: Callable[[Any], T], start: float) -> T:
         try:
             try:
                 result = op(self.client)
@@ -263,6 +273,19 @@ class Guarded:
         if recovered:
             log.warning("llmshim: Redis (%s) answers again; using it", self.target.describe())
         return result
+
+    def _probe_in_background(self) -> bool:
+        def probe() -> None:
+            with contextlib.suppress(Exception):  # the outcome is recorded on the breaker
+                self._call(lambda client: client.ping(), self.clock())
+
+        thread = threading.Thread(target=probe, name="llmshim-redis-probe", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is shutting down: this call is the probe
+            return False
+        self.probe = thread
+        return True
 
     def _become_cluster(self) -> None:
         old, self._client = self._client, None
