@@ -340,7 +340,6 @@ def test_sentinel_failover_mid_run_fails_no_call_and_the_cache_and_budget_carry_
             assert [_ask(server, i) for i in range(10, 13)] == [(200, "hit")] * 3  # written to the new master
             budget_after = {key: promoted.hget(key, "r") for key in promoted.keys("{llmshim:rl:*")}
             assert budget_after and budget_after != budget_before  # the budget is taken on the new master
-            assert llmshim.stats()["store_errors"] >= 0
         finally:
             llmshim.uninstall()
         assert len(promoted.keys("llmshim:cache:[0-9a-f]*")) >= 7
