@@ -91,7 +91,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "cache_url", "LLMSHIM_CACHE_URL", lambda raw: _parse_redis_url(raw), "",
-        "redis://host:port/db, rediss://..., unix:///path.sock, or empty",
+        "redis://host:port/db, rediss://..., unix:///path.sock, redis+cluster://..., redis+sentinel://..., or empty",
         "A Redis shared by every host for the cache (same keys and format). Empty: the SQLite file only.",
     ),
     Option(
@@ -174,7 +174,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", lambda raw: _parse_store(raw), "memory",
-        "memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db",
+        "memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (or redis+cluster://, redis+sentinel://)",
         "Where the rate-limit budget lives: this process (memory), a SQLite file shared by every "
         "process on the machine, or a Redis shared by every host.",
     ),
@@ -273,25 +273,34 @@ def _parse_priority(raw: Any) -> str:
         raise ValueError("critical, high, normal or low (also urgent, medium, 0-3)") from None
 
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+                  "redis+sentinel://", "rediss+sentinel://")
 
 
 def _parse_store(raw: Any) -> str:
+    from .store.redis_client import parse_redis_url
+
     text = str(raw).strip()
     if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
         return text
     if text.startswith(_REDIS_SCHEMES) and len(text) > len("unix://"):
+        parse_redis_url(text)  # ValueError (never repeating the URL) for a malformed Cluster/Sentinel URL
         return text
-    raise ValueError("memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (rediss://, unix://)")
+    raise ValueError("memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (rediss://, unix://, "
+                     "redis+cluster://host:port,..., redis+sentinel://host:port,.../service)")
 
 
 def _parse_redis_url(raw: Any) -> str | None:
+    from .store.redis_client import parse_redis_url
+
     text = str(raw or "").strip()
     if not text:
         return None
     if text.startswith(_REDIS_SCHEMES):
+        parse_redis_url(text)
         return text
-    raise ValueError("redis://host:port/db, rediss://..., unix:///path/redis.sock, or empty")
+    raise ValueError("redis://host:port/db, rediss://..., unix:///path/redis.sock, redis+cluster://host:port,..., "
+                     "redis+sentinel://host:port,.../service, or empty")
 
 
 def _parse_path(raw: Any) -> str | None:

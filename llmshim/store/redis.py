@@ -9,13 +9,18 @@ Rate limits: every take is one Lua script that reads the Redis server's clock (`
 with skewed clocks agree; the key has a hash tag (``{...}``) so the script's keys live in one
 Cluster slot; blocks after a 429 are relative durations measured on that same clock.
 
-Timeouts are short (50 ms by default): a slow or absent Redis raises quickly, and the policies
-fail open — a cache miss, or this process's own share of the limit (the limit divided by the live
-instances last seen).
+Where Redis is: one server, a Cluster or a Sentinel-managed master (``redis_client.py`` reads
+the URL). Every command here names one key, so each works unchanged on a Cluster (the pipelines
+touch one key too). Timeouts are short (50 ms by default) and every operation goes through a
+circuit breaker: after a few failures in a row Redis is not asked at all for a while (then one
+call probes it), so a dead or black-holed Redis costs almost nothing. Any failure raises, and the
+policies fail open — a cache miss, or this process's own share of the limit (the limit divided by
+the live instances last seen).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -23,36 +28,39 @@ import uuid
 from contextlib import suppress
 from typing import Any
 
+from .redis_client import Guarded
 from .sqlite import Entry, SQLiteStore
 
 __all__ = ["RedisCacheStore", "RedisLimitStore", "TieredStore"]
 
 
-def _client(url: str, timeout: float) -> Any:
-    import redis
-
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                health_check_interval=0)
-
-
 class RedisCacheStore:
     prefix = "llmshim:cache:"
 
-    def __init__(self, url: str, timeout: float = 0.05) -> None:
-        self.url = url
-        self.client = _client(url, timeout)
-        self._salt: bytes | None = None
+    def __init__(self, url: str, timeout: float = 0.05, guard: Guarded | None = None) -> None:
+        self.redis = guard or Guarded(url, timeout)
+        self.url = self.redis.target.describe()  # no credentials: it is shown by stats and doctor
+
+    @property
+    def client(self) -> Any:
+        return self.redis.client
 
     @property
     def salt(self) -> bytes:
         if self._salt is None:
             name = self.prefix + "salt"
-            self.client.setnx(name, secrets.token_bytes(32))
-            self._salt = bytes(self.client.get(name))
+
+            def read(client: Any) -> bytes:
+                client.setnx(name, secrets.token_bytes(32))
+                return bytes(client.get(name))
+
+            self._salt = self.redis.run(read)
         return self._salt
 
+    _salt: bytes | None = None
+
     def get(self, key: str, now: float) -> Entry | None:
-        row = self.client.hgetall(self.prefix + key)
+        row = self.redis.run(lambda client: client.hgetall(self.prefix + key))
         if not row:
             return None
         expires = row.get(b"expires_at")
@@ -64,36 +72,50 @@ class RedisCacheStore:
 
     def put(self, entry: Entry, now: float) -> None:
         name = self.prefix + entry.key
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(name, mapping={"status": entry.status, "headers": json.dumps(entry.headers), "body": entry.body,
-                                 "created_at": entry.created_at, "expires_at": entry.expires_at or "",
-                                 "meta": json.dumps(entry.meta, default=str)})
-        if entry.expires_at is not None:
-            pipe.pexpireat(name, int(entry.expires_at * 1000))
-        pipe.execute()
+        fields = {"status": entry.status, "headers": json.dumps(entry.headers), "body": entry.body,
+                  "created_at": entry.created_at, "expires_at": entry.expires_at or "",
+                  "meta": json.dumps(entry.meta, default=str)}
+
+        def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=True)  # one key: one slot, so MULTI works on a Cluster too
+            pipe.hset(name, mapping=fields)
+            if entry.expires_at is not None:
+                pipe.pexpireat(name, int(entry.expires_at * 1000))
+            pipe.execute()
+
+        self.redis.run(write)
 
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
         if hits or misses or tokens_saved:
-            pipe = self.client.pipeline(transaction=False)
-            for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved)):
-                if value:
-                    pipe.hincrby(self.prefix + "totals", field, value)
-            pipe.execute()
+            def count(client: Any) -> None:
+                pipe = client.pipeline(transaction=False)
+                for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved)):
+                    if value:
+                        pipe.hincrby(self.prefix + "totals", field, value)
+                pipe.execute()
+
+            self.redis.run(count)
 
     def stats(self) -> dict[str, Any]:
-        totals = {k.decode(): int(v) for k, v in self.client.hgetall(self.prefix + "totals").items()}
-        entries = sum(1 for _ in self.client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000))
+        totals = {k.decode(): int(v) for k, v in self.redis.run(
+            lambda client: client.hgetall(self.prefix + "totals")).items()}
+        # SCAN on a Cluster client walks every master; each entry is counted once, by its master.
+        entries = self.redis.run(lambda client: sum(
+            1 for _ in client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000)))
         hits, misses = totals.get("hits", 0), totals.get("misses", 0)
         return {"path": self.url, "entries": entries, "bytes": None, "hits": hits, "misses": misses,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
                 "tokens_saved": totals.get("tokens_saved", 0)}
 
     def clear(self) -> int:
-        names = list(self.client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000))
-        if names:
-            self.client.delete(*names)
-        self.client.delete(self.prefix + "totals")
-        return len(names)
+        def delete(client: Any) -> int:
+            names = list(client.scan_iter(match=self.prefix + "[0-9a-f]*", count=1000))
+            for name in names:  # one key per DEL: keys in different Cluster slots cannot share one
+                client.delete(name)
+            client.delete(self.prefix + "totals")
+            return len(names)
+
+        return self.redis.run(delete)
 
     def purge_expired(self, now: float) -> int:
         return 0  # Redis expires entries itself
@@ -101,7 +123,7 @@ class RedisCacheStore:
     def close(self) -> None:
         """Called once no call uses this store any more (the pipeline retired, its last call ended)."""
         with suppress(Exception):  # an unreachable Redis must not break install() or uninstall()
-            self.client.close()
+            self.redis.close()
 
 
 class TieredStore:
@@ -189,20 +211,23 @@ class RedisLimitStore:
     def __init__(self, url: str, timeout: float = 0.05) -> None:
         from .limits import MAX_BLOCK, RESERVES
 
-        self.client = _client(url, timeout)
-        self._take = self.client.register_script(_TAKE)
-        self._block = self.client.register_script(_BLOCK)
+        self.redis = Guarded(url, timeout)
         self._reserves, self._max_block = RESERVES, MAX_BLOCK
         self.instance = uuid.uuid4().hex
         self.instances = 1  # live instances last seen: this process's share when Redis is away
         self._seen_at = 0.0
 
+    @property
+    def client(self) -> Any:
+        return self.redis.client
+
     def close(self) -> None:
         """Leave the live instances (the others' share grows at once) and drop the connections."""
+        instance = self.instance
+        with suppress(Exception):  # through the breaker: a Redis known to be away is not waited for
+            self.redis.run(lambda client: client.zrem("llmshim:rl:instances", instance))
         with suppress(Exception):
-            self.client.zrem("llmshim:rl:instances", self.instance)
-        with suppress(Exception):
-            self.client.close()
+            self.redis.close()
 
     @staticmethod
     def _key(name: str) -> str:
@@ -213,23 +238,29 @@ class RedisLimitStore:
         if now - self._seen_at < 5:
             return
         self._seen_at = now
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd("llmshim:rl:instances", {self.instance: now})
-        pipe.zremrangebyscore("llmshim:rl:instances", 0, now - 15)
-        pipe.zcard("llmshim:rl:instances")
-        self.instances = max(1, int(pipe.execute()[-1]))
+
+        def beat(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)  # one key, so one Cluster slot
+            pipe.zadd("llmshim:rl:instances", {self.instance: now})
+            pipe.zremrangebyscore("llmshim:rl:instances", 0, now - 15)
+            pipe.zcard("llmshim:rl:instances")
+            return int(pipe.execute()[-1])
+
+        with contextlib.suppress(Exception):  # the take has happened: a missed beat must not undo it
+            self.instances = max(1, self.redis.run(beat))
 
     def try_take(self, name: str, now: float, dims: list[tuple[str, float, float, float]], level: str) -> float:
         args: list[Any] = [self._reserves.get(level, 0.2), len(dims)]
         for dim, rate, burst, cost in dims:
             args += [dim, rate, burst, cost]
         args.append(self._max_block)
-        wait = float(self._take(keys=[self._key(name)], args=args))
+        wait = float(self.redis.run(lambda client: self.redis.script(_TAKE)(keys=[self._key(name)], args=args)))
         self._heartbeat()
         return max(0.0, wait)
 
     def give_back(self, name: str, dim: str, seconds: float) -> None:
-        self.client.hincrbyfloat(self._key(name), dim, -seconds)
+        self.redis.run(lambda client: client.hincrbyfloat(self._key(name), dim, -seconds))
 
     def block_for(self, name: str, seconds: float) -> None:
-        self._block(keys=[self._key(name)], args=[min(seconds, self._max_block), self._max_block])
+        args = [min(seconds, self._max_block), self._max_block]
+        self.redis.run(lambda client: self.redis.script(_BLOCK)(keys=[self._key(name)], args=args))

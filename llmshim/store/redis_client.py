@@ -1,0 +1,326 @@
+"""Which Redis, and how to reach it: one server, a Cluster or a Sentinel-managed master.
+
+URL forms (the first two are redis-py's own; the others the conventions its ecosystem uses —
+redis+sentinel:// as in RedisVL, LangChain and Prefect; redis+cluster:// as in Renovate):
+
+    redis://[user:pass@]host[:port][/db]                       one server (rediss:// TLS, unix:// socket)
+    redis+cluster://[user:pass@]host[:port][,host2[:port2]...]    a Redis Cluster (rediss+cluster:// TLS)
+    redis+sentinel://[user:pass@]host[:port][,host2...]/service[/db]   the master Sentinel names
+                                                               (rediss+sentinel:// TLS; port 26379)
+
+Query options (``?socket_keepalive=true``...) are redis-py's, for the data nodes; on a Sentinel URL
+``sentinel_username`` / ``sentinel_password`` authenticate to the Sentinels themselves. A
+``redis://`` URL that turns out to point at a Cluster node (it answers ``MOVED``) is switched to the
+Cluster client, as redis-py's ``RedisCluster.from_url`` would take it.
+
+``parse_redis_url`` is pure and checks the form (config calls it, so a bad URL is a ConfigError at
+install); ``connect`` builds the redis-py client; ``Guarded`` runs every operation through a circuit
+breaker (``breaker.py``) and builds the client lazily, so install() never waits for Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, unquote
+
+from .breaker import Breaker
+
+__all__ = ["Guarded", "RedisTarget", "RedisUnavailable", "connect", "is_outage", "parse_redis_url"]
+
+log = logging.getLogger("llmshim")
+T = TypeVar("T")
+
+SINGLE_SCHEMES = ("redis://", "rediss://", "unix://")
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+SCHEMES = SINGLE_SCHEMES + CLUSTER_SCHEMES + SENTINEL_SCHEMES
+_FORMS = ("redis://host:port/db, rediss://..., unix:///path/redis.sock, redis+cluster://host:port[,host:port...], "
+          "or redis+sentinel://host:port[,host:port...]/service[/db]")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    kind: str  # "single", "cluster" or "sentinel"
+    url: str = dataclasses.field(repr=False)  # as given: it may hold a password, never shown
+    tls: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster seeds, or the Sentinels
+    service: str | None = None  # the Sentinel service (master) name
+    db: int = 0
+    username: str | None = dataclasses.field(default=None, repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False)
+    query: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+
+    def describe(self) -> str:
+        """Where, without credentials: for stats, warnings and doctor."""
+        if not self.nodes:  # redis://, rediss://, unix:// (also when found to be a Cluster node)
+            return _without_credentials(self.url)
+        hosts = ",".join(_join_host(host, port) for host, port in self.nodes)
+        scheme = self.url.split("://", 1)[0]
+        return f"{scheme}://{hosts}" + (f"/{self.service}/{self.db}" if self.kind == "sentinel" else "")
+
+
+def _without_credentials(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    return scheme + sep + authority.rpartition("@")[2] + slash + path.partition("?")[0]
+
+
+def _join_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_host(text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError("a host as [v6-address]:port")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError("a host name in every host:port")
+    if port_text:
+        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError("a port number from 1 to 65535")
+        return host, int(port_text)
+    return host, default_port
+
+
+def parse_redis_url(text: str) -> RedisTarget:
+    """The target a URL names. Raises ValueError (whose message never repeats the URL) when malformed."""
+    lowered = text[:20].lower()
+    if lowered.startswith(SINGLE_SCHEMES):
+        if len(text.split("://", 1)[1]) == 0:
+            raise ValueError(_FORMS)
+        return RedisTarget("single", text, tls=lowered.startswith("rediss://"))
+    if not lowered.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
+        raise ValueError(_FORMS)
+    kind = "cluster" if lowered.startswith(CLUSTER_SCHEMES) else "sentinel"
+    rest = text.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(secret) if colon else None)
+    default_port = 6379 if kind == "cluster" else 26379
+    nodes = tuple(_split_host(part, default_port) for part in hosts.split(",") if part)
+    if not nodes:
+        raise ValueError(f"at least one host:port ({_FORMS})")
+    segments = [unquote(s) for s in path.split("/") if s]
+    service, db = None, 0
+    if kind == "sentinel":
+        if not segments:
+            raise ValueError("the Sentinel service name: redis+sentinel://host:26379/SERVICE[/db]")
+        service, segments = segments[0], segments[1:]
+    if len(segments) > 1 or (segments and (not segments[0].isascii() or not segments[0].isdigit())):
+        raise ValueError("a database number after the last /")
+    db = int(segments[0]) if segments else 0
+    if kind == "cluster" and db:
+        raise ValueError("database 0: a Redis Cluster has no other")
+    return RedisTarget(kind, text, lowered.startswith("rediss+"), nodes, service, db, username, password,
+                       tuple(parse_qsl(query, keep_blank_values=True)))
+
+
+def _node_kwargs(target: RedisTarget, host: str, port: int) -> dict[str, Any]:
+    """redis-py's own parsing of the query options (types, TLS), for one data node."""
+    from redis.connection import parse_url
+
+    query = "&".join(f"{quote(k)}={quote(v)}" for k, v in target.query if not k.startswith("sentinel_"))
+    url = f"{'rediss' if target.tls else 'redis'}://{_join_host(host, port)}/0" + (f"?{query}" if query else "")
+    parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "db"):
+        parsed.pop(name, None)
+    if target.username is not None:
+        parsed["username"] = target.username
+    if target.password is not None:
+        parsed["password"] = target.password
+    return parsed
+
+
+def connect(target: RedisTarget, timeout: float) -> Any:
+    """A redis-py client for the target: short timeouts, at most one retry (a stale pooled
+    connection after a restart or failover; timeouts are not retried), no health-check round trips."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    timeouts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if target.kind == "single":
+        return redis.Redis.from_url(target.url, health_check_interval=0, **timeouts,
+                                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+    if target.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        if not target.nodes:  # a redis:// URL whose server answered MOVED: redis-py's own reading of it
+            return RedisCluster(url=target.url, require_full_coverage=False, retry=Retry(NoBackoff(), 1),
+                                **timeouts)
+        first, *others = target.nodes
+        kwargs = _node_kwargs(target, *first)
+        if kwargs.pop("connection_class", None) is not None:
+            kwargs["ssl"] = True
+        seeds = [ClusterNode(h, p) for h, p in others]  # type: ignore[no-untyped-call]
+        return RedisCluster(host=first[0], port=first[1], startup_nodes=seeds, require_full_coverage=False,
+                            retry=Retry(NoBackoff(), 1), **{**kwargs, **timeouts})
+    from redis.sentinel import Sentinel
+
+    options = dict(target.query)
+    sentinel_auth = {k[len("sentinel_"):]: options[k] for k in ("sentinel_username", "sentinel_password")
+                     if k in options}
+    sentinel_kwargs = {**timeouts, **sentinel_auth, **({"ssl": True} if target.tls else {})}
+    kwargs = _node_kwargs(target, *target.nodes[0])
+    kwargs.pop("connection_class", None)
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service or "mymaster", db=target.db, health_check_interval=0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        **({"ssl": True} if target.tls else {}), **{**kwargs, **timeouts})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Did the store fail to answer (count it against the breaker), or did it answer with an error?
+    Connection trouble, timeouts, a Cluster without a master for the slot, no Sentinel master: outage.
+    A reply such as WRONGTYPE or OOM, or bad data, came from a live server: not an outage."""
+    import redis.exceptions as e
+
+    return isinstance(exc, (e.ConnectionError, e.TimeoutError, OSError, e.RedisClusterException,
+                            e.ClusterDownError, e.TryAgainError))
+
+
+def _is_redirect(exc: BaseException) -> bool:
+    import redis.exceptions as e
+
+    return isinstance(exc, e.AskError) or (isinstance(exc, e.ResponseError) and str(exc).startswith(("MOVED", "ASK")))
+
+
+class RedisUnavailable(ConnectionError):
+    """Refused without asking Redis: the breaker is open after failures in a row."""
+
+
+_GUARDS: weakref.WeakSet[Guarded] = weakref.WeakSet()
+
+
+class Guarded:
+    """One Redis target behind a circuit breaker: ``run(op)`` calls ``op(client)``, or raises
+    RedisUnavailable at once while the breaker is open. The client is built on first use (and
+    rebuilt as a Cluster client when a ``redis://`` server answers MOVED)."""
+
+    def __init__(self, url: str, timeout: float = 0.05, clock: Callable[[], float] = time.monotonic,
+                 breaker: Breaker | None = None) -> None:
+        self.target = parse_redis_url(url)
+        self.timeout, self.clock = timeout, clock
+        self.breaker = breaker or Breaker()
+        self.attempts = 0  # operations that went to Redis (the breaker let them through)
+        self.probe: threading.Thread | None = None  # the last background probe
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._warned_at: float | None = None
+        _GUARDS.add(self)
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (built now if need be): for tools and tests; calls go through run()."""
+        if self._client is None:
+            self._client = connect(self.target, self.timeout)
+            self._scripts = {}
+        return self._client
+
+    def script(self, source: str) -> Any:
+        """The client's Script object for this Lua source (EVALSHA, loading it on NOSCRIPT)."""
+        client = self.client
+        if source not in self._scripts:
+            self._scripts[source] = client.register_script(source)
+        return self._scripts[source]
+
+    def run(self, op: Callable[[Any], T]) -> T:
+        """``op(client)``'s result; its exception, or RedisUnavailable at once while the breaker is open.
+        When a probe is due it is a PING on a thread of its own, so no call waits for a Redis that
+        may still not answer: this call falls back, and the calls after a good PING use Redis."""
+        start = self.clock()
+        with self._lock:
+            allowed = self.breaker.allow(start)
+            probe = allowed and self.breaker.probing_since is not None
+            self.attempts += allowed
+        if not allowed or (probe and self._probe_in_background()):
+            raise RedisUnavailable(f"Redis ({self.target.describe()}) skipped after {self.breaker.threshold} "
+                                   "slow failures in a row; probed again in the background")
+        return self._call(op, start)
+
+    def _call(self, op: Callable[[Any], T], start: float) -> T:
+        try:
+            try:
+                result = op(self.client)
+            except Exception as exc:
+                if self.target.kind != "single" or self.target.url.startswith("unix") or not _is_redirect(exc):
+                    raise
+                self._become_cluster()  # a Cluster node behind a redis:// URL: follow the Cluster
+                result = op(self.client)
+        except Exception as exc:
+            self._record(exc, start)
+            raise
+        with self._lock:
+            recovered = self.breaker.succeeded()
+        if recovered:
+            log.warning("llmshim: Redis (%s) answers again; using it", self.target.describe())
+        return result
+
+    def _probe_in_background(self) -> bool:
+        def probe() -> None:
+            with contextlib.suppress(Exception):  # the outcome is recorded on the breaker
+                self._call(lambda client: client.ping(), self.clock())
+
+        thread = threading.Thread(target=probe, name="llmshim-redis-probe", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is shutting down: this call is the probe
+            return False
+        self.probe = thread
+        return True
+
+    def _become_cluster(self) -> None:
+        old, self._client = self._client, None
+        self.target = dataclasses.replace(self.target, kind="cluster")
+        if old is not None:
+            old.close()
+
+    def _record(self, exc: Exception, start: float) -> None:
+        if not is_outage(exc):
+            with self._lock:
+                self.breaker.succeeded()  # it answered: an error reply is not an outage
+            return
+        now = self.clock()
+        with self._lock:
+            opened = self.breaker.failed(now, now - start)
+            cooldown = self.breaker.cooldown
+        if opened and (self._warned_at is None or now - self._warned_at >= 60):
+            self._warned_at = now
+            log.warning("llmshim: Redis (%s) did not answer (%s: %s); not asking it for %.1f s, then one call "
+                        "probes it (the calls go on with local fallbacks; warned once a minute)",
+                        self.target.describe(), type(exc).__name__, exc, cooldown)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+def _reset_locks_in_child() -> None:
+    for guard in list(_GUARDS):
+        guard._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_in_child)
