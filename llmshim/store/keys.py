@@ -140,7 +140,7 @@ CREDENTIAL_HEADERS = frozenset({
     "ocp-apim-subscription-key",
 })
 _CREDENTIAL_NAME = re.compile(r"key|token|secret|auth|cookie|session|passw|credential|signature|jwt|bearer")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\*?")
+_HEADER_NAME = re.compile(r"[!#$%&'+.^_`|~0-9a-z-]+\*?")
 
 
 def is_credential_header(name: str) -> bool:
