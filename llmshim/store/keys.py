@@ -73,10 +73,15 @@ def ignored_fields(provider: str, endpoint: str, body: Mapping[str, Any]) -> fro
 _NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?")
 
 
-def _number(text: str) -> dict[str, str]:
-    """A JSON number as its exact decimal value: significant digits and exponent, sign; zero is 0.
+#: Integral values with at most this many digits are written as plain JSON integers (the common case,
+#: and cheap); larger or fractional ones as exact ``{"n": "<digits>e<exponent>"}``.
+_INT_DIGITS = 40
 
-    Pure string arithmetic: ``Decimal`` refuses huge exponents, floats round. A number whose
+
+def _number(text: str) -> int | dict[str, str]:
+    """A JSON number as its exact decimal value; zero is 0 whatever its sign.
+
+    Pure string arithmetic: ``Decimal`` refuses huge exponents and floats round. A number whose
     exponent is too long for ``int`` keeps its own text (equal only to the same spelling)."""
     match = _NUMBER.fullmatch(text)
     if match is None:
@@ -84,14 +89,21 @@ def _number(text: str) -> dict[str, str]:
     sign, whole, fraction, exponent = match.groups()
     digits = (whole + (fraction or "")).lstrip("0")
     if not digits:
-        return {"n": "0"}
+        return 0
     try:
         power = int(exponent or 0) - len(fraction or "")
     except ValueError:
         return {"r": text}
     significant = digits.rstrip("0")
     power += len(digits) - len(significant)
+    if power >= 0 and len(significant) + power <= _INT_DIGITS:
+        return int(sign + significant) * 10**power
     return {"n": f"{sign}{significant}e{power}"}
+
+
+def _int(text: str) -> int | dict[str, str]:
+    """A JSON integer: itself, unless too long to be written plainly (see ``_INT_DIGITS``)."""
+    return int(text) if len(text) <= _INT_DIGITS else _number(text)
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -102,7 +114,7 @@ def _constant(text: str) -> dict[str, str]:  # NaN, Infinity, -Infinity: not JSO
     return {"c": text}
 
 
-_parse_canonical = json.JSONDecoder(object_pairs_hook=_object, parse_float=_number, parse_int=_number,
+_parse_canonical = json.JSONDecoder(object_pairs_hook=_object, parse_float=_number, parse_int=_int,
                                     parse_constant=_constant).decode
 
 
@@ -110,9 +122,10 @@ def canonical_body(raw: bytes, ignored: frozenset[str] = frozenset()) -> str:
     """The body's canonical text (see the module docstring), top-level ``ignored`` fields removed.
 
     Every JSON type maps to a distinct shape, so the text is injective on JSON values: an object
-    is ``{"o": [[key, value], ...]}`` (order and duplicates kept), a number ``{"n": "digits e exp"}``,
-    an array a list, a string a string. ``ensure_ascii`` escapes every non-ASCII code point,
-    lone surrogates included. Raises ValueError for a body that is not UTF-8 JSON."""
+    is ``{"o": [[key, value], ...]}`` (order and duplicates kept), a number an integer or
+    ``{"n": "<digits>e<exponent>"}`` (see ``_number``), an array a list, a string a string.
+    ``ensure_ascii`` escapes every non-ASCII code point, lone surrogates included.
+    Raises ValueError for a body that is not UTF-8 JSON."""
     value = _parse_canonical(raw.decode("utf-8"))
     if ignored and isinstance(value, dict) and "o" in value:
         value = {"o": [pair for pair in value["o"] if pair[0] not in ignored]}
@@ -191,10 +204,14 @@ def split_headers(headers: Iterable[tuple[str, str]], authority: str, ignored: f
     return sorted(kept, key=lambda item: item[0]), sorted(credentials, key=lambda item: item[0])
 
 
+_API_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+
+
 def credential_of(headers: tuple[tuple[str, str], ...]) -> str | None:
-    """The API key a request carries in a well-known header, or None (used by rate limiting)."""
+    """The API key a request carries in a provider's own header, or None: rate limiting budgets
+    per API key (a session cookie must not split one key's budget)."""
     for name, value in headers:
-        if name.lower() in CREDENTIAL_HEADERS and value:
+        if name.lower() in _API_KEY_HEADERS and value:
             return value
     return None
 
@@ -219,8 +236,10 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
-def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozenset[str] = frozenset()) -> str:
-    """What the key is made of, as canonical text. Never stored: the key is an HMAC of it."""
+def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozenset[str] = frozenset(),
+                 ) -> tuple[str, str]:
+    """What the key is made of, as canonical ASCII texts: (everything but the body, the body).
+    Never stored: the key is an HMAC of them."""
     request = call.request
     url, authority, userinfo = normalise_url(request.url)
     ignored_headers = frozenset(name for name in ignored_headers if not is_credential_header(name.rstrip("*")))
@@ -232,13 +251,18 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
     else:
         scope = "anonymous"
     fields = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
-    return _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers,
-                  scope, canonical_body(request.body, fields)])
+    head = _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers, scope])
+    return head, canonical_body(request.body, fields)
 
 
 def cache_key(call: Call, salt: bytes, shared: bool = False, ignored_headers: frozenset[str] = frozenset()) -> str:
-    material = key_material(call, salt, shared, ignored_headers)
-    return hmac.new(salt, material.encode("ascii"), hashlib.sha256).hexdigest()
+    """HMAC-SHA256 under the cache's salt of the material; the head is one JSON line without a
+    raw newline (``ensure_ascii``), so the separator cannot be forged by a header or URL."""
+    head, body = key_material(call, salt, shared, ignored_headers)
+    digest = hmac.new(salt, head.encode("ascii"), hashlib.sha256)
+    digest.update(b"\n")
+    digest.update(body.encode("ascii"))
+    return digest.hexdigest()
 
 
 def summary(call: Call) -> Mapping[str, Any]:
