@@ -97,7 +97,8 @@ def _number(text: str) -> int | dict[str, str]:
     significant = digits.rstrip("0")
     power += len(digits) - len(significant)
     if power >= 0 and len(significant) + power <= _INT_DIGITS:
-        return int(sign + significant) * 10**power
+        value: int = int(sign + significant) * 10**power
+        return value
     return {"n": f"{sign}{significant}e{power}"}
 
 
