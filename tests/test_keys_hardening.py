@@ -23,7 +23,7 @@ from typing import Any
 import openai
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import llmshim
@@ -241,6 +241,7 @@ def test_two_bodies_share_a_key_exactly_when_they_are_the_same_request(data: st.
     second = data.draw(st.one_of(variants(first), bodies(route)))
     raw_first, raw_second = wire_bytes(first, data.draw(styles)), wire_bytes(second, data.draw(styles))
     same = _oracle(first, _ignored(route, first)) == _oracle(second, _ignored(route, second))
+    event(f"same request: {same}, same bytes: {raw_first == raw_second}")
     assert (key(raw_first, route.path) == key(raw_second, route.path)) == same, (raw_first, raw_second)
 
 
