@@ -119,6 +119,14 @@ OPTIONS: tuple[Option, ...] = (
         "key, never the key). shared: one answer for everyone (opt in knowingly).",
     ),
     Option(
+        "cache_ignore_headers", "LLMSHIM_CACHE_IGNORE_HEADERS",
+        lambda raw: __import__("llmshim.store.keys", fromlist=["keys"]).parse_ignored_headers(raw), "",
+        "comma-separated header names (x-trace-* for a prefix) that are not credentials",
+        "Request headers that never change the answer, besides the built-in noise list: they stay out of the "
+        "cache key. Every other header is part of it; credential-like names (key/token/secret/auth/cookie/"
+        "session...) are refused.",
+    ),
+    Option(
         "cache_nondeterministic", "LLMSHIM_CACHE_NONDETERMINISTIC", lambda raw: _choice("cache", "skip")(raw),
         "cache", "cache or skip",
         "skip: leave calls with temperature > 0 (or unset) and no seed uncached. Embeddings are always cached.",
@@ -327,6 +335,7 @@ class Settings:
     cache_max_entries: int | None = None
     cache_max_bytes: int | None = 2**30
     cache_scope: str = "credential"
+    cache_ignore_headers: frozenset[str] = frozenset()
     cache_nondeterministic: str = "cache"
     retry_mode: str = "auto"
     retry_max_attempts: int = 3

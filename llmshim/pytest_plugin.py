@@ -5,7 +5,7 @@
 
 Active only when asked (an option, a fixture or the ``llmshim`` marker). Requests are matched by
 llmshim's cache key (section 6 of the design: method, URL, dialect, the canonical body minus
-noise), with a fixed salt and shared scope, so header noise, key order and the API key never break
+noise), with a fixed salt and shared scope, so header noise, whitespace and the API key never break
 a replay, and no key is ever written. Cassettes are readable JSON: the redacted request and the
 response status, headers and body pieces (text, chunk by chunk as they arrived).
 

@@ -62,6 +62,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             store = TieredStore(store, redis_store) if settings.cache_local else redis_store
         policies.append(CachePolicy(
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
+            ignored_headers=settings.cache_ignore_headers,
             nondeterministic=settings.cache_nondeterministic,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     if settings.retry_mode != "off":

@@ -113,10 +113,11 @@ def test_cache_files_are_private(server: FakeLLMServer, cached: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
 
-def test_transport_noise_and_key_order_do_not_change_the_key(server: FakeLLMServer, cached: Path) -> None:
+def test_transport_noise_spelling_and_keep_alive_do_not_change_the_key(server: FakeLLMServer, cached: Path) -> None:
+    # Key order and `user` are part of the key (issue 11): see tests/test_keys_hardening.py.
     first = json.dumps({"model": "m", "messages": MSG, "stream": False, "options": {"temperature": 0}})
-    second = json.dumps({"options": {"temperature": 0.0}, "stream": False, "messages": MSG, "model": "m",
-                         "keep_alive": "5m", "user": "someone"})
+    second = json.dumps({"model": "m", "messages": MSG, "stream": False, "options": {"temperature": 0.0},
+                         "keep_alive": "5m"}, indent=2)
     requests.post(server.url + "/api/chat", data=first, headers={"User-Agent": "a", "traceparent": "00-1-2-01"},
                   timeout=5)
     requests.post(server.url + "/api/chat", data=second, headers={"User-Agent": "b", "x-stainless-os": "x"},

@@ -67,7 +67,8 @@ def test_request_parameters_use_semconv_names() -> None:
     assert dict(found[1].params) == {
         "temperature": 0.2, "top_p": 0.9, "max_tokens": 50, "seed": 7, "stop_sequences": ["END"],
         "choice.count": 2, "frequency_penalty": 0.1, "presence_penalty": 0.3}
-    ollama = detect(_req("/api/chat", {"model": "m", "options": {"num_predict": 9, "temperature": 0, "stop": ["a"]}}))
+    ollama = detect(_req("/api/chat", {"model": "m", "messages": [],
+                                       "options": {"num_predict": 9, "temperature": 0, "stop": ["a"]}}))
     assert ollama is not None
     assert dict(ollama[1].params) == {"max_tokens": 9, "temperature": 0, "stop_sequences": ["a"]}
 

@@ -3,20 +3,38 @@
 Streams are SSE whose last event has ``"stop": true`` with ``tokens_evaluated``,
 ``tokens_predicted`` and ``timings``. The same server's ``/v1/...`` routes speak the OpenAI
 dialect. A root ``/completions`` or ``/embeddings`` that names a model is taken as OpenAI's.
+A request is recognised only with its route's shape: ``prompt`` for completions, ``input_prefix``
+or ``input_extra`` for infill, ``content`` or ``input`` for embeddings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
+from . import _shapes as shapes
 
-_ROUTES = {
-    "/completion": ("completion", "text_completion"),
-    "/completions": ("completion", "text_completion"),
-    "/infill": ("infill", "text_completion"),
-    "/embedding": ("embedding", "embeddings"),
-    "/embeddings": ("embedding", "embeddings"),
+
+def _infill(body: dict[str, Any]) -> bool:
+    return isinstance(body.get("input_prefix"), str) or isinstance(body.get("input_extra"), list)
+
+
+def _embedding(body: dict[str, Any]) -> bool:
+    return shapes.prompt(body.get("content")) or shapes.prompt(body.get("input"))
+
+
+def _completion(body: dict[str, Any]) -> bool:
+    return shapes.prompt(body.get("prompt"))
+
+
+# root route -> endpoint, operation, the body shape it requires
+_ROUTES: dict[str, tuple[str, str, Callable[[dict[str, Any]], bool]]] = {
+    "/completion": ("completion", "text_completion", _completion),
+    "/completions": ("completion", "text_completion", _completion),
+    "/infill": ("infill", "text_completion", _infill),
+    "/embedding": ("embedding", "embeddings", _embedding),
+    "/embeddings": ("embedding", "embeddings", _embedding),
 }
 _PARAMS = {
     "temperature": "temperature",
@@ -39,11 +57,12 @@ class LlamaCppDialect:
         route = _ROUTES.get(path)  # root routes only: a prefix means an OpenAI-style base URL
         if route is None or (path in ("/completions", "/embeddings") and "model" in body):
             return None
-        endpoint, operation = route
+        endpoint, operation, shape = route
+        if not shape(body) or not shapes.flag_ok(body) or not shapes.model_ok(body, required=False):
+            return None
         model = body.get("model")
         return CallInfo(
-            provider="llama_cpp", operation=operation, endpoint=endpoint,
-            model=model if isinstance(model, str) else None,
+            provider="llama_cpp", operation=operation, endpoint=endpoint, model=model,
             stream=body.get("stream") is True, param_source=body, param_names=_PARAMS, body=body,
         )
 

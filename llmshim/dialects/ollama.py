@@ -1,5 +1,7 @@
 """Ollama's native dialect: ``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``.
 
+A request is recognised only with its route's shape: a string ``model`` and ``messages`` (chat,
+a list of role objects), ``prompt`` (generate, embeddings: a string) or ``input`` (embed).
 Chat and generate stream NDJSON by default (``"stream"`` absent means true); the last line has
 ``"done": true`` with ``prompt_eval_count`` / ``eval_count``. Sampling parameters sit in
 ``options``.
@@ -10,12 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
+from . import _shapes as shapes
 
-_ROUTES = {
-    "/api/chat": "chat",
-    "/api/generate": "text_completion",
-    "/api/embed": "embeddings",
-    "/api/embeddings": "embeddings",
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+# route -> operation, the field it requires besides a string model, and that field's shape
+_ROUTES: dict[str, tuple[str, str, shapes.Check]] = {
+    "/api/chat": ("chat", "messages", shapes.messages),
+    "/api/generate": ("text_completion", "prompt", shapes.text),
+    "/api/embed": ("embeddings", "input", _texts),
+    "/api/embeddings": ("embeddings", "prompt", shapes.text),
 }
 _OPTIONS = {
     "temperature": "temperature",
@@ -33,14 +42,15 @@ class OllamaDialect:
     name = "ollama"
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
-        for route, operation in _ROUTES.items():
+        for route, (operation, field, shape) in _ROUTES.items():
             if path.endswith(route):
                 model = body.get("model")
+                if not isinstance(model, str) or not shape(body.get(field)) or not shapes.flag_ok(body):
+                    return None
                 options = body.get("options")
                 streams = operation != "embeddings" and body.get("stream", True) is not False
                 return CallInfo(
-                    provider="ollama", operation=operation, endpoint=route.lstrip("/"),
-                    model=model if isinstance(model, str) else None, stream=streams,
+                    provider="ollama", operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
                     param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS, body=body,
                 )
         return None

@@ -1,8 +1,11 @@
 """The OpenAI wire dialect, spoken by OpenAI, Azure OpenAI and every OpenAI-compatible server.
 
 Routes are recognised by suffix under any base-URL prefix (``/v1``, ``/openai/deployments/X``,
-llama.cpp's and Ollama's ``/v1``, vLLM, ...). Streams are SSE ending in ``data: [DONE]``; the
-Responses API streams typed events ending in ``response.completed``.
+llama.cpp's and Ollama's ``/v1``, vLLM, ...) and by body shape: a string ``model`` (or an Azure
+deployment path) and the route's own field — ``messages`` (a list of role objects), ``prompt``,
+``input`` (strings or token ids), or for ``/responses`` an ``input`` or a stored ``prompt`` object.
+Streams are SSE ending in ``data: [DONE]``; the Responses API streams typed events ending in
+``response.completed``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,21 @@ import re
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
+from . import _shapes as shapes
 
-_ROUTES = (
-    ("/chat/completions", "chat/completions", "chat"),
-    ("/completions", "completions", "text_completion"),
-    ("/embeddings", "embeddings", "embeddings"),
-    ("/responses", "responses", "chat"),
+
+def _responses_input(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, dict) for item in value))
+
+
+# path suffix, endpoint, operation, the field the route requires and its shape. A model is
+# required too, except under an Azure deployment path (which names it) and, on /responses, with a
+# stored prompt object (which may carry it).
+_ROUTES: tuple[tuple[str, str, str, str, shapes.Check], ...] = (
+    ("/chat/completions", "chat/completions", "chat", "messages", shapes.messages),
+    ("/completions", "completions", "text_completion", "prompt", shapes.tokens_or_texts),
+    ("/embeddings", "embeddings", "embeddings", "input", shapes.tokens_or_texts),
+    ("/responses", "responses", "chat", "input", _responses_input),
 )
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 
@@ -45,17 +57,18 @@ class OpenAIDialect:
     name = "openai"
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
-        for suffix, endpoint, operation in _ROUTES:
-            if not path.endswith(suffix):
+        for suffix, endpoint, operation, field, shape in _ROUTES:
+            if not path.endswith(suffix) or (endpoint == "completions" and path.endswith("/chat/completions")):
                 continue
-            if endpoint == "completions" and path.endswith("/chat/completions"):
-                continue
+            deployment = _AZURE_DEPLOYMENT.search(path + "/")
+            stored_prompt = endpoint == "responses" and shapes.obj(body.get("prompt"))
+            if not shapes.model_ok(body, required=deployment is None and not stored_prompt):
+                return None
+            if not (shape(body.get(field)) or (stored_prompt and field not in body)) or not shapes.flag_ok(body):
+                return None
             model = body.get("model")
-            if not isinstance(model, str):
-                match = _AZURE_DEPLOYMENT.search(path + "/")
-                model = match.group(1) if match else None
-            if model is None and path.count("/") == 1:
-                return None  # a root /completions or /embeddings without a model is llama.cpp's
+            if not isinstance(model, str) and deployment is not None:
+                model = deployment.group(1)
             return CallInfo(
                 provider="openai", operation=operation, endpoint=endpoint, model=model,
                 stream=body.get("stream") is True, param_source=body, param_names=PARAMS, body=body,

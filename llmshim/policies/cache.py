@@ -191,8 +191,10 @@ class _Flight:
 
 class CachePolicy:
     def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
-                 instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 600.0) -> None:
+                 instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 600.0,
+                 ignored_headers: frozenset[str] = frozenset()) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
+        self.ignored_headers = ignored_headers
         self.nondeterministic = nondeterministic
         self._instruments = instruments
         self._coalesce_timeout = coalesce_timeout
@@ -221,7 +223,7 @@ class CachePolicy:
 
     def _key(self, call: Call) -> str | None:
         try:
-            return keys.cache_key(call, self.store.salt, self.shared)
+            return keys.cache_key(call, self.store.salt, self.shared, self.ignored_headers)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("open", exc)
             return None

@@ -1,20 +1,24 @@
 """Cache keys: pure functions over a call, no I/O and no clock.
 
-A key is the sha256 of canonical JSON over everything that can change the answer and nothing that
-cannot:
+A key is an HMAC, under the cache's salt, of canonical JSON over everything that can change the
+answer. Two requests share a key only when they are the same request after this normalisation:
 
-- the key-schema version, the dialect (provider) and its endpoint, the HTTP method;
-- the normalised URL (scheme and host lower-cased, default port dropped, query sorted) — the
-  same request to another server or path is another request;
-- the output-affecting headers (``OpenAI-Organization``, ``OpenAI-Project``, ``OpenAI-Beta``);
-- the credential scope: an HMAC of the API key under a per-cache salt (so the key is never
-  stored, and two caches never agree on a scope), or ``"shared"`` when the user opts in;
-- the whole request body, canonicalised (keys sorted at every depth; ``1`` and ``1.0`` equal),
-  minus a short denylist of fields that cannot change the answer (``user``, ``metadata``,
-  ``store``, ``service_tier``, ``keep_alive``, ...).
+- **Body**: exactly the bytes on the wire, parsed as UTF-8 JSON. Whitespace and string escapes do
+  not matter (``"\\u00e9"`` and ``"é"`` are one JSON value); every code point does, lone surrogates
+  included (the key text is ASCII-escaped, never encoded with ``surrogateescape`` or latin-1).
+  Object keys keep their order at every depth (property order drives structured output and
+  grammar-constrained decoding) and duplicate keys are all kept, in order. Numbers are equal only
+  when they are the same decimal value (``1``, ``1.0``, ``10e-1`` are equal; ``1.0000000000000001``
+  is not ``1``). A top-level field is left out only where ``IGNORED_FIELDS`` proves, for that
+  dialect and endpoint, that it cannot change what the server returns or keeps.
+- **Headers**: deny by default. Every request header enters the key except ``NOISE_HEADERS`` /
+  ``NOISE_PREFIXES`` (transport, tracing, SDK telemetry, idempotency keys) and the names a user adds
+  with ``LLMSHIM_CACHE_IGNORE_HEADERS``; a header whose name looks like a credential can never be
+  ignored. Credentials (and URL user info) make the *scope*: an HMAC under the salt, or ``"shared"``
+  when the user opts in to one answer for every credential.
+- **URL**: scheme and host lower-cased, default port dropped; path and query exactly as sent.
 
-Transport noise — ``x-stainless-*``, ``traceparent``, ``user-agent``, idempotency keys — never
-enters the key, because only the headers named above are read at all.
+The material is never stored: only the HMAC of it is, so no header value or secret leaves memory.
 """
 
 from __future__ import annotations
@@ -22,92 +26,249 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..call import Call
 
-__all__ = ["BODY_DENYLIST", "KEY_VERSION", "OUTPUT_HEADERS", "cache_key", "canonical", "credential_of",
-           "credential_scope", "normalise_url"]
+__all__ = ["CREDENTIAL_HEADERS", "IGNORED_FIELDS", "KEY_VERSION", "NOISE_HEADERS", "NOISE_PREFIXES", "cache_key",
+           "canonical_body", "credential_of", "ignored_fields", "is_credential_header", "key_material",
+           "parse_ignored_headers", "split_headers", "summary"]
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 
-#: Request fields that cannot change the answer: identification, storage and routing hints.
-BODY_DENYLIST = frozenset({
-    "user", "metadata", "store", "service_tier", "keep_alive", "prompt_cache_key", "safety_identifier",
+# -- body --------------------------------------------------------------------------------------
+
+#: Top-level request fields left out of the key, per (dialect, endpoint): only fields the server
+#: neither echoes nor acts on for the answer or for what it keeps. Everything else is in the key —
+#: ``store``, ``metadata``, ``service_tier``, ``user``, ``safety_identifier``, ``background``...
+#: (the Responses API echoes all of them; chat completions echo metadata and service_tier; ``store``
+#: decides what the server keeps; ``user`` may select per-user behaviour behind a gateway).
+IGNORED_FIELDS: Mapping[tuple[str, str], frozenset[str]] = {
+    # A routing hint for OpenAI's prompt cache; chat completions never echo it.
+    ("openai", "chat/completions"): frozenset({"prompt_cache_key"}),
+    # How long Ollama keeps the model loaded: never in the answer of a call that generates or embeds.
+    ("ollama", "api/chat"): frozenset({"keep_alive"}),
+    ("ollama", "api/generate"): frozenset({"keep_alive"}),
+    ("ollama", "api/embed"): frozenset({"keep_alive"}),
+    ("ollama", "api/embeddings"): frozenset({"keep_alive"}),
+}
+
+#: Ollama answers a chat without messages / a generate without a prompt by loading the model, or
+#: (with ``keep_alive: 0``) by unloading it: there keep_alive changes the answer and stays in the key.
+_OLLAMA_WORK = {"api/chat": "messages", "api/generate": "prompt"}
+
+
+def ignored_fields(provider: str, endpoint: str, body: Mapping[str, Any]) -> frozenset[str]:
+    """The top-level fields of this request that cannot change its answer (see IGNORED_FIELDS)."""
+    fields = IGNORED_FIELDS.get((provider, endpoint), frozenset())
+    work = _OLLAMA_WORK.get(endpoint) if provider == "ollama" else None
+    if work is not None and not body.get(work):
+        return frozenset()
+    return fields
+
+
+_NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?")
+
+
+#: Integral values with at most this many digits are written as plain JSON integers (the common case,
+#: and cheap); larger or fractional ones as exact ``{"n": "<digits>e<exponent>"}``.
+_INT_DIGITS = 40
+
+
+def _number(text: str) -> int | dict[str, str]:
+    """A JSON number as its exact decimal value; zero is 0 whatever its sign.
+
+    Pure string arithmetic: ``Decimal`` refuses huge exponents and floats round. A number whose
+    exponent is too long for ``int`` keeps its own text (equal only to the same spelling)."""
+    match = _NUMBER.fullmatch(text)
+    if match is None:
+        return {"r": text}
+    sign, whole, fraction, exponent = match.groups()
+    digits = (whole + (fraction or "")).lstrip("0")
+    if not digits:
+        return 0
+    try:
+        power = int(exponent or 0) - len(fraction or "")
+    except ValueError:
+        return {"r": text}
+    significant = digits.rstrip("0")
+    power += len(digits) - len(significant)
+    if power >= 0 and len(significant) + power <= _INT_DIGITS:
+        value: int = int(sign + significant) * 10**power
+        return value
+    return {"n": f"{sign}{significant}e{power}"}
+
+
+def _int(text: str) -> int | dict[str, str]:
+    """A JSON integer: itself, unless too long to be written plainly (see ``_INT_DIGITS``)."""
+    return int(text) if len(text) <= _INT_DIGITS else _number(text)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {"o": pairs}
+
+
+def _constant(text: str) -> dict[str, str]:  # NaN, Infinity, -Infinity: not JSON, but Python parses them
+    return {"c": text}
+
+
+_parse_canonical = json.JSONDecoder(object_pairs_hook=_object, parse_float=_number, parse_int=_int,
+                                    parse_constant=_constant).decode
+
+
+def canonical_body(raw: bytes, ignored: frozenset[str] = frozenset()) -> str:
+    """The body's canonical text (see the module docstring), top-level ``ignored`` fields removed.
+
+    Every JSON type maps to a distinct shape, so the text is injective on JSON values: an object
+    is ``{"o": [[key, value], ...]}`` (order and duplicates kept), a number an integer or
+    ``{"n": "<digits>e<exponent>"}`` (see ``_number``), an array a list, a string a string.
+    ``ensure_ascii`` escapes every non-ASCII code point, lone surrogates included.
+    Raises ValueError for a body that is not UTF-8 JSON."""
+    value = _parse_canonical(raw.decode("utf-8"))
+    if ignored and isinstance(value, dict) and "o" in value:
+        value = {"o": [pair for pair in value["o"] if pair[0] not in ignored]}
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+# -- headers -----------------------------------------------------------------------------------
+
+#: Request headers that never change the answer: transport, tracing, SDK telemetry, idempotency.
+NOISE_HEADERS = frozenset({
+    "accept", "accept-encoding", "connection", "content-length", "expect", "keep-alive", "proxy-connection",
+    "te", "transfer-encoding", "upgrade", "user-agent",
+    "traceparent", "tracestate", "baggage", "sentry-trace", "b3", "uber-trace-id", "x-amzn-trace-id",
+    "x-cloud-trace-context", "elastic-apm-traceparent", "newrelic", "x-request-id", "request-id",
+    "x-correlation-id", "x-client-request-id",
+    "idempotency-key", "x-idempotency-key",
 })
+#: Header name prefixes that are noise likewise (``x-llmshim-*`` are llmshim's own controls).
+NOISE_PREFIXES = ("x-stainless-", "x-b3-", "x-datadog-", "uberctx-", "x-llmshim-")
 
-#: Headers that select the account, project or API behaviour, and so the answer.
-OUTPUT_HEADERS = ("openai-organization", "openai-project", "openai-beta")
-
-#: Where each dialect's client puts the credential.
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
-
-
-def canonical(value: Any) -> Any:
-    """The value with dict keys sorted at every depth and integral floats turned into ints."""
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+#: Headers that carry a credential in the clients llmshim knows; any name matching
+#: ``_CREDENTIAL_NAME`` counts too. They make the scope and can never be ignored.
+CREDENTIAL_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "api-key", "x-api-key", "x-goog-api-key", "cookie",
+    "ocp-apim-subscription-key",
+})
+_CREDENTIAL_NAME = re.compile(r"key|token|secret|auth|cookie|session|passw|credential|signature|jwt|bearer")
+_HEADER_NAME = re.compile(r"[!#$%&'+.^_`|~0-9a-z-]+\*?")
 
 
-def normalise_url(url: str) -> str:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    port = parts.port
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None and port != {"http": 80, "https": 443}.get(scheme):
-        netloc += f":{port}"
-    query = urlencode(sorted(parse_qsl(parts.query, keep_blank_values=True)))
-    return urlunsplit((scheme, netloc, parts.path.rstrip("/") or "/", query, ""))
+def is_credential_header(name: str) -> bool:
+    """A known credential header, or any name that looks like one (the noise list's own
+    ``idempotency-key`` excepted); ``x-datadog-api-key`` is a credential despite its prefix."""
+    lowered = name.lower()
+    if lowered in CREDENTIAL_HEADERS:
+        return True
+    return lowered not in NOISE_HEADERS and _CREDENTIAL_NAME.search(lowered) is not None
+
+
+def parse_ignored_headers(raw: Any) -> frozenset[str]:
+    """``LLMSHIM_CACHE_IGNORE_HEADERS``: comma-separated header names, ``x-trace-*`` for a prefix.
+
+    Raises ValueError for a malformed name or one that looks like a credential: ignoring those
+    would let one tenant's answer reach another."""
+    items = [str(x) for x in raw] if isinstance(raw, (list, tuple, set, frozenset)) else str(raw or "").split(",")
+    names = {item.strip().lower() for item in items if item.strip()}
+    for name in sorted(names):
+        if not _HEADER_NAME.fullmatch(name) or name == "*":
+            raise ValueError(f"comma-separated header names (a trailing * for a prefix); {name!r} is not one")
+        if is_credential_header(name.rstrip("*")):
+            raise ValueError(f"header names that are not credentials; {name!r} looks like a credential "
+                             "(key/token/secret/auth/cookie/session...) and is always part of the cache scope")
+    return frozenset(names)
+
+
+def _noise(name: str, ignored: frozenset[str]) -> bool:
+    if name in NOISE_HEADERS or name.startswith(NOISE_PREFIXES) or name in ignored:
+        return True
+    return any(pattern.endswith("*") and name.startswith(pattern[:-1]) for pattern in ignored)
+
+
+def split_headers(headers: Iterable[tuple[str, str]], authority: str, ignored: frozenset[str] = frozenset(),
+                  ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(headers that select the answer, credential headers), each sorted by name (the relative order
+    of repeated names kept); noise dropped. ``Host`` is noise only when it names the URL's own host."""
+    kept: list[tuple[str, str]] = []
+    credentials: list[tuple[str, str]] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if is_credential_header(lowered):
+            credentials.append((lowered, value))
+        elif lowered == "host" and value.lower() == authority:
+            continue
+        elif not _noise(lowered, ignored):
+            kept.append((lowered, value))
+    return sorted(kept, key=lambda item: item[0]), sorted(credentials, key=lambda item: item[0])
+
+
+_API_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 
 
 def credential_of(headers: tuple[tuple[str, str], ...]) -> str | None:
-    """The credential a request carries (whatever header its client used), or None."""
+    """The API key a request carries in a provider's own header, or None: rate limiting budgets
+    per API key (a session cookie must not split one key's budget)."""
     for name, value in headers:
-        if name.lower() in CREDENTIAL_HEADERS and value:
+        if name.lower() in _API_KEY_HEADERS and value:
             return value
     return None
 
 
-def credential_scope(credential: str | None, salt: bytes) -> str:
-    """An HMAC of the credential under the cache's salt: stable per key, useless without the salt."""
-    if credential is None:
-        return "anonymous"
-    return hmac.new(salt, credential.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+# -- URL and key -------------------------------------------------------------------------------
+
+def normalise_url(url: str) -> tuple[str, str, str]:
+    """(URL without user info, its authority ``host[:port]``, the user info): scheme and host
+    lower-cased, default port dropped, path and query exactly as sent, fragment dropped."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    authority = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+        authority += f":{port}"
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit((scheme, authority, parts.path or "/", parts.query, "")), authority, userinfo
 
 
-def key_material(call: Call, salt: bytes, shared: bool) -> dict[str, Any]:
-    """What the key is made of, as plain values (also shown, redacted, by ``llmshim cache show``)."""
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozenset[str] = frozenset(),
+                 ) -> tuple[str, str]:
+    """What the key is made of, as canonical ASCII texts: (everything but the body, the body).
+    Never stored: the key is an HMAC of them."""
     request = call.request
-    headers = {name.lower(): value for name, value in request.headers if name.lower() in OUTPUT_HEADERS}
-    body = {k: v for k, v in call.info.body.items() if k not in BODY_DENYLIST}
-    return {
-        "v": KEY_VERSION,
-        "dialect": call.info.provider,
-        "endpoint": call.info.endpoint,
-        "method": request.method.upper(),
-        "url": normalise_url(request.url),
-        "headers": dict(sorted(headers.items())),
-        "scope": "shared" if shared else credential_scope(credential_of(request.headers), salt),
-        "body": canonical(body),
-    }
+    url, authority, userinfo = normalise_url(request.url)
+    ignored_headers = frozenset(name for name in ignored_headers if not is_credential_header(name.rstrip("*")))
+    headers, credentials = split_headers(request.headers, authority, ignored_headers)
+    if shared:
+        scope = "shared"
+    elif credentials or userinfo:
+        scope = hmac.new(salt, _text([credentials, userinfo]).encode("ascii"), hashlib.sha256).hexdigest()
+    else:
+        scope = "anonymous"
+    fields = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
+    head = _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers, scope])
+    return head, canonical_body(request.body, fields)
 
 
-def cache_key(call: Call, salt: bytes, shared: bool = False) -> str:
-    material = key_material(call, salt, shared)
-    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()
+def cache_key(call: Call, salt: bytes, shared: bool = False, ignored_headers: frozenset[str] = frozenset()) -> str:
+    """HMAC-SHA256 under the cache's salt of the material; the head is one JSON line without a
+    raw newline (``ensure_ascii``), so the separator cannot be forged by a header or URL."""
+    head, body = key_material(call, salt, shared, ignored_headers)
+    digest = hmac.new(salt, head.encode("ascii"), hashlib.sha256)
+    digest.update(b"\n")
+    digest.update(body.encode("ascii"))
+    return digest.hexdigest()
 
 
 def summary(call: Call) -> Mapping[str, Any]:
     """A redacted description of the request for ``llmshim cache ls/show``: never headers."""
+    ignored = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
     return {"provider": call.info.provider, "endpoint": call.info.endpoint, "model": call.info.model,
             "stream": call.info.stream, "url": call.request.public_url,
-            "body": {k: v for k, v in call.info.body.items() if k not in BODY_DENYLIST}}
+            "body": {k: v for k, v in call.info.body.items() if k not in ignored}}
