@@ -8,6 +8,7 @@ bytes the caller reads, decoded by urllib3, and ends when the caller reaches the
 
 from __future__ import annotations
 
+import functools
 import http
 import io
 from collections.abc import Iterator
@@ -19,12 +20,31 @@ from ..runtime import STATE, begin
 __all__ = ["send_wrapper", "to_wire"]
 
 
+@functools.cache
+def _str_body_encoding() -> str:
+    """How a str body goes on the wire: urllib3 2.x encodes it as strict UTF-8 (``to_bytes``);
+    urllib3 1.x hands it to http.client, which encodes it as strict ISO-8859-1."""
+    import urllib3
+
+    return "utf-8" if not urllib3.__version__.startswith("1.") else "iso-8859-1"
+
+
 def to_wire(request: Any) -> WireRequest | None:
+    """The request as it goes on the wire, or None when its exact bytes cannot be known here.
+
+    A str body is encoded exactly as the library below will encode it; one that library would fail
+    to encode (a lone surrogate) is left alone, so the caller gets the library's own error and the
+    cache never answers it with another body's entry."""
     body = request.body
     if body is None:
         body = b""
     elif isinstance(body, str):
-        body = body.encode("latin-1", "replace")  # what http.client sends for a str body
+        try:
+            body = body.encode(_str_body_encoding())
+        except UnicodeEncodeError:
+            return None
+    elif isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
     elif not isinstance(body, bytes):
         return None  # a generator or file upload: never an LLM call we can read
     return WireRequest(request.method or "GET", request.url or "", tuple(request.headers.items()), body)
