@@ -160,7 +160,7 @@ def _replayer(request: Any) -> Any:
 
 
 async def _middleware(request: Any, handler: Any) -> Any:
-    call = begin("aiohttp", lambda: to_wire(request), _strip(request))
+    call = begin("aiohttp", lambda: to_wire(request), _strip(request), request.headers.items)
     if call is None:
         return await handler(request)
     call.replay = _replayer(request)

@@ -175,7 +175,7 @@ def sync_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request))
+        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
         if call is None:
             return original(self, request)
         call.replay = _replayer(module, self, request, sync_body, sync_stream)
@@ -195,7 +195,7 @@ def async_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     async def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request))
+        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
         if call is None:
             return await original(self, request)
         call.replay = _replayer(module, self, request, async_body, async_stream)

@@ -162,7 +162,7 @@ def send_wrapper(module: Any, original: Any) -> Any:
     transport_errors = (exceptions.ConnectionError, exceptions.Timeout)
 
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        call = begin("requests", lambda: to_wire(request), _strip(request))
+        call = begin("requests", lambda: to_wire(request), _strip(request), request.headers.items)
         if call is None:
             return original(self, request, *args, **kwargs)
         call.replay = _replayer(self, request)
