@@ -90,9 +90,9 @@ def _aiohttp(server: FakeLLMServer, method: str, path: str, kind: str | None) ->
         headers = {**CONTROLS, **KEPT, "content-type": "application/json"}
         data: Any = None if kind is None else (
             _body_bytes() if kind == "json" else io.BytesIO(_body_bytes()) if kind == "stream" else "not json")
-        async with aiohttp.ClientSession() as session:
-            async with session.request(method, server.url + path, data=data, headers=headers) as response:
-                await response.read()
+        async with aiohttp.ClientSession() as session, \
+                session.request(method, server.url + path, data=data, headers=headers) as response:
+            await response.read()
 
     asyncio.run(go())
 

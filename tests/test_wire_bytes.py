@@ -29,10 +29,10 @@ from llmshim.testing import FakeLLMServer
 #: Pairs of prompts of equal length in one script: a lossy encoding maps both to the same bytes.
 ALPHABETS = {
     "cyrillic": ("Привет, как дела?", "Победа, всё ясно?"),
-    "cjk": ("你好，今天天气怎么样", "再见，明天天气很好吗"),
+    "cjk": ("你好，今天天气怎么样", "再见，明天天气很好吗"),  # noqa: RUF001
     "arabic": ("مرحبا كيف حالك", "وداعا الى لقاء"),
     "emoji": ("🙂🙃🎉 party", "🚀🌍🔥 party"),
-    "greek-mixed": ("Γειά σου ß", "Ξένε μου ß"),
+    "greek-mixed": ("Γειά σου ß", "Ξένε μου ß"),  # noqa: RUF001
 }
 
 
@@ -123,7 +123,7 @@ def test_two_prompts_never_get_each_others_answer(client: str, alphabet: str, se
     assert _answer(send(server, _body(first))) == f"Echo: {first}"
     assert _answer(send(server, _body(second))) == f"Echo: {second}", "answered with the other prompt's entry"
     assert len(server.received) == 2
-    for received, prompt in zip(server.received, (first, second)):
+    for received, prompt in zip(server.received, (first, second), strict=True):
         assert received.json()["messages"][0]["content"] == prompt
     # The same prompt again is a hit with its own answer, not the other's.
     assert _answer(send(server, _body(first))) == f"Echo: {first}"

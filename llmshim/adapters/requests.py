@@ -26,7 +26,7 @@ def _str_body_encoding() -> str:
     urllib3 1.x hands it to http.client, which encodes it as strict ISO-8859-1."""
     import urllib3
 
-    return "utf-8" if not urllib3.__version__.startswith("1.") else "iso-8859-1"
+    return "iso-8859-1" if str(getattr(urllib3, "__version__", "2")).startswith("1.") else "utf-8"
 
 
 def to_wire(request: Any) -> WireRequest | None:
