@@ -164,7 +164,7 @@ class _Recorder:
     def _finish(self) -> None:
         call = self._call
         try:
-            if storable(call, self._tap.opaque_body):
+            if storable(call, self._tap.opaque_body or self._tap.missed):  # missed: bytes read unseen
                 self._policy.save(call, self._key, self._headers, b"".join(self._chunks), self._ttl)
         finally:
             self._chunks = []
