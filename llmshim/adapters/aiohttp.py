@@ -17,6 +17,7 @@ from typing import Any
 
 from ..call import Call, OnEnd, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
+from ._doubles import aiohttp_double, mark_bypass
 
 __all__ = ["middlewares", "to_wire"]
 
@@ -185,6 +186,7 @@ async def _middleware(request: Any, handler: Any) -> Any:
     call = begin("aiohttp", lambda: to_wire(request), _strip(request), request.headers.items)
     if call is None:
         return await handler(request)
+    mark_bypass(call, lambda: aiohttp_double(request))
     call.replay = _replayer(request)
     import asyncio
 

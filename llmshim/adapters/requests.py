@@ -19,6 +19,7 @@ from typing import Any
 
 from ..call import Call, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
+from ._doubles import mark_bypass, requests_double
 
 __all__ = ["send_wrapper", "to_wire"]
 
@@ -255,8 +256,20 @@ class _RawTap:
 
 
 def _reply(response: Any) -> Reply:
+    """Taps the urllib3 response under requests' Response. A Response made with its content
+    already set (a stand-in adapter's) gets it whole and ends at once; one whose body cannot be
+    watched is never stored."""
     tap = Tap()
-    _RawTap(response.raw, tap)
+    content = getattr(response, "_content", False)
+    if isinstance(content, bytes):
+        tap.chunk(content)
+        tap.complete()
+        return Reply(response.status_code, response.headers, tap, response, discard=response.close,
+                     peek=lambda: response.content)
+    try:
+        _RawTap(response.raw, tap)
+    except Exception:  # not a urllib3 response: its reads cannot be seen
+        tap.gap()
     tap.abort_when_collected(response)  # dropped unread: the call still ends
     return Reply(response.status_code, response.headers, tap, response, discard=response.close,
                  peek=lambda: response.content)
@@ -308,6 +321,7 @@ def send_wrapper(module: Any, original: Any) -> Any:
         call = begin("requests", lambda: to_wire(request), _strip(request), request.headers.items)
         if call is None:
             return original(self, request, *args, **kwargs)
+        mark_bypass(call, lambda: requests_double(self, original))
         call.replay = _replayer(self, request)
         call.transport_errors = transport_errors
 
