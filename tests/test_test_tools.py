@@ -469,3 +469,19 @@ def test_a_recorder_sees_every_request_with_a_warm_cache(pytester: pytest.Pytest
     # Offline: the server is gone; the cassettes alone answer (llmshim's cache does not either).
     replayed = pytester.runpytest_subprocess(*run, "--record-mode=none")
     assert replayed.ret == 0, "\n".join(replayed.outlines[-30:])
+
+
+def test_a_betamax_recording_sees_every_request_with_a_warm_cache(server: FakeLLMServer, cached: Path) -> None:
+    import betamax
+    import requests
+
+    url = server.openai_base_url + "/chat/completions"
+    assert requests.post(url, json=BODY, timeout=5).ok  # warm: stored
+    assert requests.post(url, json=BODY, timeout=5).headers.get("x-llmshim-cache") == "hit"
+    with requests.Session() as session:
+        recorder = betamax.Betamax(session, cassette_library_dir=str(cached.parent))
+        with recorder.use_cassette("llm", record="all"):
+            answer = session.post(url, json=BODY, timeout=5)
+    assert answer.json()["choices"][0]["message"]["content"] == "Echo: q"
+    assert "x-llmshim-cache" not in answer.headers
+    assert len(server.received) == 2, "llmshim answered from its cache: betamax never saw the request"
