@@ -169,15 +169,17 @@ class Tap:
     The adapter feeds it decoded body bytes as the caller reads them (``chunk``) and ends it once
     (``complete`` when the body was read to its end, ``abort`` on an error, an early close or
     garbage collection). ``opaque()`` says the bytes could not be decoded (an unknown
-    content-encoding): observers then get no chunks but still get the end. An observer that
-    raises is logged and dropped; it never reaches the caller.
+    content-encoding): observers then get no chunks but still get the end. ``gap()`` says some of
+    the body reached the caller by a path the tap did not see: what it holds is not the whole body
+    (``missed``), so it must never be stored. An observer that raises is logged and dropped; it
+    never reaches the caller.
 
     Until ``release()`` the tap holds what it is fed: a body can arrive whole together with its
     headers (aiohttp reads it before handing the response back), before the policies on the
     way out of the pipeline have subscribed. The pipeline releases the tap once all have.
     """
 
-    __slots__ = ("_held", "_observers", "_ref", "ended", "first_chunk_at", "opaque_body")
+    __slots__ = ("_held", "_observers", "_ref", "ended", "first_chunk_at", "missed", "opaque_body")
 
     def __init__(self) -> None:
         self._ref: weakref.ref[Any] | None = None
@@ -185,6 +187,7 @@ class Tap:
         self._held: list[bytes | tuple[BaseException | None, bool]] | None = []
         self.ended = False
         self.opaque_body = False
+        self.missed = False
         self.first_chunk_at: float | None = None
 
     def subscribe(self, observer: TapObserver) -> None:
@@ -216,6 +219,10 @@ class Tap:
 
     def opaque(self) -> None:
         self.opaque_body = True
+
+    def gap(self) -> None:
+        """Some body bytes went to the caller unseen: what the tap saw is not the whole body."""
+        self.missed = True
 
     def chunk(self, data: bytes) -> None:
         if self.ended or not data:
@@ -311,6 +318,9 @@ class Call:
     replay: Callable[[int, list[tuple[str, str]], bytes], Reply] | None = None
     # Exceptions of the adapter's library that mean "no response arrived" (retryable).
     transport_errors: tuple[type[BaseException], ...] = ()
+    # Why the cache must neither look up nor store this call, set by the adapter: a test double or a
+    # recorder answers it, not the network (llmshim.adapters._doubles). None: the real network.
+    cache_bypass: str | None = None
 
     @property
     def duration(self) -> float | None:

@@ -8,9 +8,8 @@ the request passes through untouched, with a warning.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .call import Call, WireRequest
@@ -21,7 +20,7 @@ from .pipeline import Pipeline
 from .policies.events import EventsPolicy
 from .policies.stats import STATS, StatsPolicy
 
-__all__ = ["STATE", "State", "begin", "build_pipeline"]
+__all__ = ["STATE", "State", "begin", "build_pipeline", "control_headers"]
 
 log = logging.getLogger("llmshim")
 
@@ -94,26 +93,48 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
 
 
 CONTROL_PREFIX = "x-llmshim-"
+_PREFIX_LENGTH = len(CONTROL_PREFIX)
+
+
+def control_headers(headers: Iterable[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """Pure: llmshim's per-call controls among request headers, as ({lower-case name: value},
+    [names as spelled]). A quick scan of names: it runs for every request while llmshim is active."""
+    controls: dict[str, str] = {}
+    names: list[str] = []
+    for name, value in headers:
+        if len(name) > _PREFIX_LENGTH and name[:_PREFIX_LENGTH].lower() == CONTROL_PREFIX:
+            controls[name.lower()] = value
+            names.append(name)
+    return controls, names
 
 
 def begin(library: str, to_wire: Callable[[], WireRequest | None],
-          strip: Callable[[list[str]], None] | None = None) -> Call | None:
+          strip: Callable[[list[str]], None] | None = None,
+          headers: Callable[[], Iterable[tuple[str, str]]] | None = None) -> Call | None:
     """A Call for this request if llmshim should handle it, else None (the caller passes through).
 
-    ``x-llmshim-*`` request headers are llmshim's per-call controls: they are removed from the
-    library's request (through ``strip``) before it is sent, and kept on ``call.controls``."""
-    if not STATE.active or in_call.get():
+    ``x-llmshim-*`` request headers are llmshim's per-call controls, never the upstream's business:
+    while llmshim is active they are removed from *every* request (through ``strip``; ``headers``
+    lists the request's headers), LLM call or not, before anything else is decided, and kept on
+    ``call.controls`` when the request becomes a call. Stripping a request that is not an LLM call
+    costs one scan of its header names."""
+    if not STATE.active:
+        return None
+    controls: dict[str, str] = {}
+    if strip is not None and headers is not None:
+        try:
+            controls, names = control_headers(headers())
+            if names:
+                strip(names)
+        except Exception:
+            log.warning("llmshim: could not strip x-llmshim-* headers from a %s request", library, exc_info=True)
+    if in_call.get():
         return None
     try:
         wire = to_wire()
         found = detect(wire) if wire is not None else None
         if found is None or wire is None:
             return None
-        controls = {name.lower(): value for name, value in wire.headers if name.lower().startswith(CONTROL_PREFIX)}
-        if controls and strip is not None:
-            strip([name for name, _ in wire.headers if name.lower().startswith(CONTROL_PREFIX)])
-            wire = dataclasses.replace(wire, headers=tuple(
-                (n, v) for n, v in wire.headers if not n.lower().startswith(CONTROL_PREFIX)))
     except Exception:
         log.warning("llmshim: could not read a %s request; passing it through", library, exc_info=True)
         return None

@@ -6,9 +6,9 @@ aiohttp (>= 3.12) runs a session's middlewares around each wire request with a f
 ``_middlewares`` attribute is replaced on the class by a descriptor that appends llmshim's
 middleware while llmshim is active, so sessions made before ``install()`` are covered too.
 
-The body tap works on the feeding side: the response's StreamReader is switched to a subclass
-that forwards each piece (already decompressed by aiohttp) to the tap, and its end of stream or
-error ends the call. Whatever arrived together with the headers is taken from the buffer first.
+The body tap works on the reading side: the response's StreamReader is switched to a subclass
+that forwards each piece the caller takes (already decompressed by aiohttp) to the tap, so a body
+the caller did not read to its end is never complete, even when it all arrived with the headers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from ..call import Call, OnEnd, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
+from ._doubles import aiohttp_double, mark_bypass
 
 __all__ = ["middlewares", "to_wire"]
 
@@ -52,6 +53,15 @@ _reader_class: type | None = None
 
 
 def _tap_reader_class() -> type:
+    """A StreamReader that tells the tap what the *caller* takes from it.
+
+    Every reading method of aiohttp's StreamReader (read, readany, readchunk, readexactly,
+    readline/readuntil, read_nowait, the iter_* iterators, ``async for``) takes its bytes through
+    one private step, ``_read_nowait_chunk``: the tap is fed there, so it sees exactly what the
+    caller read, in order, whatever method it used. The body is complete when the end of stream
+    has arrived and the caller has emptied the buffer; a release, close or connection error
+    before that aborts it (aiohttp signals those through ``set_exception``). ``unread_data`` gives
+    bytes back to be read again: the tap then cannot vouch for the whole body (``gap``)."""
     global _reader_class
     if _reader_class is None:
         from aiohttp.streams import StreamReader
@@ -59,43 +69,56 @@ def _tap_reader_class() -> type:
         class TapStreamReader(StreamReader):
             __slots__ = ()  # same layout, so an existing reader's __class__ can be switched
 
-            def feed_data(self, data: bytes, *args: Any) -> Any:
-                result = super().feed_data(data, *args)
+            def _read_nowait_chunk(self, n: int) -> bytes:
+                data: bytes = super()._read_nowait_chunk(n)
                 tap = _taps.get(id(self))
                 if tap is not None:
                     tap.chunk(data)
-                return result
+                    if self._eof and not self._buffer:
+                        _end(id(self), None, completed=True)
+                return data
 
             def feed_eof(self) -> None:
                 super().feed_eof()
-                _end(id(self), None, completed=True)
+                if not self._buffer:  # the caller already took everything
+                    _end(id(self), None, completed=True)
 
             def set_exception(self, exc: BaseException, *args: Any) -> None:
                 super().set_exception(exc, *args)
                 _end(id(self), exc, completed=False)
+
+            def unread_data(self, data: bytes) -> None:
+                tap = _taps.get(id(self))
+                if tap is not None and data:
+                    tap.gap()
+                super().unread_data(data)
 
         _reader_class = TapStreamReader
     return _reader_class
 
 
 def _reply(response: Any) -> Reply:
+    from aiohttp.streams import StreamReader
+
     tap = Tap()
     reader = response.content
     encoding = (response.headers.get("content-encoding") or "identity").lower()
     if encoding not in ("identity", "") and not getattr(response, "_auto_decompress", True):
         tap.opaque()
-    for piece in list(getattr(reader, "_buffer", ())):  # bytes that came with the headers
-        tap.chunk(bytes(piece))
-    if reader.is_eof():
-        tap.complete()
-    elif reader.exception() is not None:
+    if reader.exception() is not None:
         tap.abort(reader.exception())
-    else:
+    elif reader.at_eof():  # an empty body (aiohttp's EmptyStreamReader among them)
+        tap.complete()
+    elif type(reader) is StreamReader:
         key = id(reader)
         _taps[key] = tap
         tap.abort_when_collected(response)
         tap.subscribe(OnEnd(lambda: _forget(key)))  # however the tap ends, drop its entry
         reader.__class__ = _tap_reader_class()
+    else:  # a reader of another kind: its reads cannot be seen, so its body is never stored
+        tap.gap()
+        tap.abort_when_collected(response)
+
     async def discard() -> None:
         response.close()
 
@@ -160,9 +183,10 @@ def _replayer(request: Any) -> Any:
 
 
 async def _middleware(request: Any, handler: Any) -> Any:
-    call = begin("aiohttp", lambda: to_wire(request), _strip(request))
+    call = begin("aiohttp", lambda: to_wire(request), _strip(request), request.headers.items)
     if call is None:
         return await handler(request)
+    mark_bypass(call, lambda: aiohttp_double(request))
     call.replay = _replayer(request)
     import asyncio
 

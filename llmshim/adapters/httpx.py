@@ -15,6 +15,7 @@ from typing import Any
 from ..call import Call, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
 from ._decoding import Decoder, decoder_for
+from ._doubles import httpx_double, mark_bypass
 
 __all__ = ["async_wrapper", "sync_wrapper", "to_wire"]
 
@@ -160,10 +161,17 @@ def _streams(module: Any) -> tuple[type, type]:
 
 
 def _reply(response: Any, stream_class: type) -> Reply:
+    """Taps the response's byte stream. A response read at construction (``Response(json=...)``
+    or ``content=`` from a mock transport) has its decoded content already: the tap gets it whole
+    and ends at once, as the caller can never read that body from the stream."""
     tap = Tap()
-    feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
-    response.stream = stream_class(response.stream, feed)
-    tap.abort_when_collected(response)  # dropped unread: the call still ends
+    if hasattr(response, "_content"):
+        tap.chunk(response._content)
+        tap.complete()
+    else:
+        feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
+        response.stream = stream_class(response.stream, feed)
+        tap.abort_when_collected(response)  # dropped unread: the call still ends
     if hasattr(response.stream, "aclose"):
         return Reply(response.status_code, response.headers, tap, response, adiscard=response.aclose)
     return Reply(response.status_code, response.headers, tap, response, discard=response.close, peek=response.read)
@@ -175,9 +183,10 @@ def sync_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request))
+        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
         if call is None:
             return original(self, request)
+        mark_bypass(call, lambda: httpx_double(module, self, request))
         call.replay = _replayer(module, self, request, sync_body, sync_stream)
         call.transport_errors = (module.TransportError,)
 
@@ -195,9 +204,10 @@ def async_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     async def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request))
+        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
         if call is None:
             return await original(self, request)
+        mark_bypass(call, lambda: httpx_double(module, self, request))
         call.replay = _replayer(module, self, request, async_body, async_stream)
         call.transport_errors = (module.TransportError,)
 

@@ -1,77 +1,243 @@
 """requests: ``HTTPAdapter.send`` is patched (Sessions made before install are covered).
 
 requests reads the body after the adapter returns, through ``response.raw`` (a urllib3
-response): ``raw.stream()`` for ``iter_content``/``.content``, ``raw.read()`` for direct use. The
-tap shadows ``read``, ``stream`` and ``close`` on that one raw object, so it sees exactly the
-bytes the caller reads, decoded by urllib3, and ends when the caller reaches the end or closes.
+response): ``raw.stream()`` for ``iter_content``/``.content``, ``raw.read()``/``read1()``/
+``readinto()``/``read_chunked()`` for direct use. The tap shadows those and ``close`` on that one
+raw object, so it sees exactly the bytes the caller reads, decoded by urllib3, and ends when the
+caller reaches the end or closes; bytes taken from the connection any other way are noticed
+(see :class:`_RawTap`) and keep the answer out of the cache.
 """
 
 from __future__ import annotations
 
+import functools
 import http
+import http.client
 import io
 from collections.abc import Iterator
 from typing import Any
 
 from ..call import Call, Reply, Tap, WireRequest
 from ..runtime import STATE, begin
+from ._doubles import mark_bypass, requests_double
 
 __all__ = ["send_wrapper", "to_wire"]
 
 
+@functools.cache
+def _str_body_encoding() -> str:
+    """How a str body goes on the wire: urllib3 2.x encodes it as strict UTF-8 (``to_bytes``);
+    urllib3 1.x hands it to http.client, which encodes it as strict ISO-8859-1."""
+    import urllib3
+
+    return "iso-8859-1" if str(getattr(urllib3, "__version__", "2")).startswith("1.") else "utf-8"
+
+
 def to_wire(request: Any) -> WireRequest | None:
+    """The request as it goes on the wire, or None when its exact bytes cannot be known here.
+
+    A str body is encoded exactly as the library below will encode it; one that library would fail
+    to encode (a lone surrogate) is left alone, so the caller gets the library's own error and the
+    cache never answers it with another body's entry."""
     body = request.body
     if body is None:
         body = b""
     elif isinstance(body, str):
-        body = body.encode("latin-1", "replace")  # what http.client sends for a str body
+        try:
+            body = body.encode(_str_body_encoding())
+        except UnicodeEncodeError:
+            return None
+    elif isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
     elif not isinstance(body, bytes):
         return None  # a generator or file upload: never an LLM call we can read
     return WireRequest(request.method or "GET", request.url or "", tuple(request.headers.items()), body)
 
 
-class _RawTap:
-    """Shadows read/stream/close on one urllib3 response. ``stream()`` calls ``self.read()``
-    internally; ``_streaming`` keeps those inner reads from being counted twice."""
+class _CountingFile:
+    """Stands in for the socket file under http.client's response and counts every byte any
+    reader takes from it: http.client's own read paths and urllib3's ``read_chunked``, which
+    reads this file directly. ``peek`` takes nothing, so it is not counted."""
 
-    __slots__ = ("_close", "_encoded", "_read", "_stream", "_streaming", "raw", "tap")
+    __slots__ = ("_file", "taken")
+
+    def __init__(self, file: Any) -> None:
+        self._file, self.taken = file, 0
+
+    def _took(self, data: Any) -> Any:
+        self.taken += len(data) if data else 0
+        return data
+
+    def read(self, *args: Any) -> Any:
+        return self._took(self._file.read(*args))
+
+    def read1(self, *args: Any) -> Any:
+        return self._took(self._file.read1(*args))
+
+    def readline(self, *args: Any) -> Any:
+        return self._took(self._file.readline(*args))
+
+    def readinto(self, buffer: Any) -> Any:
+        count = self._file.readinto(buffer)
+        self.taken += count or 0
+        return count
+
+    def readinto1(self, buffer: Any) -> Any:
+        count = self._file.readinto1(buffer)
+        self.taken += count or 0
+        return count
+
+    def readlines(self, *args: Any) -> Any:
+        lines = self._file.readlines(*args)
+        self.taken += sum(len(line) for line in lines)
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._file:
+            yield self._took(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _count_wire_bytes(raw: Any) -> _CountingFile | None:
+    """Put a counter under a live urllib3 response (its http.client response's socket file)."""
+    inner = getattr(raw, "_fp", None)
+    file = getattr(inner, "fp", None)
+    if isinstance(inner, http.client.HTTPResponse) and isinstance(file, io.BufferedIOBase):
+        counter = _CountingFile(file)
+        inner.fp = counter  # type: ignore[assignment]
+        return counter
+    return None
+
+
+class _RawTap:
+    """Shadows every reading method of one urllib3 response (read, read1, readinto, stream,
+    read_chunked; readline, readlines, iteration, ``data`` and io wrappers go through these), so
+    the tap sees exactly the bytes the caller reads, decoded by urllib3.
+
+    Complete *by construction*, not by this list: the bytes taken from the connection are counted
+    (below http.client, see :class:`_CountingFile`; urllib3's own ``tell()`` where there is no
+    socket), and each outermost shadowed call accounts for what it took. Bytes taken by any other
+    path, between or after those calls, leave a difference: the tap is marked ``gap()`` and its
+    body is never stored. Inner calls (``stream()`` calls ``read()``) pass straight through."""
+
+    __slots__ = ("_close", "_counter", "_depth", "_encoded", "_originals", "_seen", "raw", "tap")
+
+    SHADOWED = ("read", "read1", "readinto", "stream", "read_chunked")
 
     def __init__(self, raw: Any, tap: Tap) -> None:
-        self.raw, self.tap, self._streaming = raw, tap, False
-        self._read, self._stream, self._close = raw.read, raw.stream, raw.close
+        self.raw, self.tap, self._depth = raw, tap, 0
+        self._originals = {name: getattr(raw, name) for name in self.SHADOWED if hasattr(raw, name)}
+        self._close = raw.close
         encoding = (raw.headers.get("content-encoding") or "identity").strip().lower()
         self._encoded = encoding not in ("identity", "")
-        raw.read, raw.stream, raw.close = self.read, self.stream, self.close
+        self._counter = _count_wire_bytes(raw)
+        self._seen = self._taken()
+        for name in self._originals:
+            setattr(raw, name, getattr(self, name))
+        raw.close = self.close
 
-    def _decoded(self, decode_content: Any) -> bool:
-        return bool(getattr(self.raw, "decode_content", True) if decode_content is None else decode_content)
-
-    def read(self, *args: Any, **kwargs: Any) -> Any:
-        """urllib3's read(amt=None, decode_content=None, ...); arguments are forwarded exactly as
-        given, because the raw object may be another library's stand-in (vcrpy's, for one)."""
-        if self._streaming:
-            return self._read(*args, **kwargs)
-        amt = args[0] if args else kwargs.get("amt")
-        decode_content = args[1] if len(args) > 1 else kwargs.get("decode_content")
+    # -- accounting ------------------------------------------------------------------------------
+    def _taken(self) -> int | None:
+        if self._counter is not None:
+            return self._counter.taken
         try:
-            data = self._read(*args, **kwargs)
+            taken = self.raw.tell()
+        except Exception:  # another library's stand-in without tell(): nothing to account against
+            return None
+        return taken if isinstance(taken, int) else None
+
+    def _enter(self) -> None:
+        if self._taken() != self._seen:
+            self.tap.gap()  # bytes left the connection between our calls, unseen
+        self._depth += 1
+
+    def _leave(self) -> None:
+        self._depth -= 1
+        self._seen = self._taken()
+
+    def _complete(self) -> None:
+        if self._taken() != self._seen:
+            self.tap.gap()
+        self.tap.complete()
+
+    def _decoded(self, decode_content: Any) -> None:
+        if self._encoded and not bool(getattr(self.raw, "decode_content", True)
+                                      if decode_content is None else decode_content):
+            self.tap.opaque()
+
+    def _outer(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._enter()
+        try:
+            return self._originals[name](*args, **kwargs)
         except BaseException as exc:
             self.tap.abort(exc)
             raise
-        if self._encoded and not self._decoded(decode_content):
-            self.tap.opaque()
+        finally:
+            self._leave()
+
+    # -- the shadowed methods: arguments are forwarded exactly as given, because the raw object
+    # may be another library's stand-in (vcrpy's, for one) ----------------------------------------
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        """urllib3's read(amt=None, decode_content=None, cache_content=False)."""
+        if self._depth:
+            return self._originals["read"](*args, **kwargs)
+        amt = args[0] if args else kwargs.get("amt")
+        data = self._outer("read", args, kwargs)
+        self._decoded(args[1] if len(args) > 1 else kwargs.get("decode_content"))
         self.tap.chunk(data)
-        if amt is None or not data:
-            self.tap.complete()
+        if amt is None or amt < 0 or (not data and amt != 0):
+            self._complete()
         return data
 
+    def read1(self, *args: Any, **kwargs: Any) -> Any:
+        """read1(amt=None, decode_content=None): whatever is available; the end is an empty read."""
+        if self._depth:
+            return self._originals["read1"](*args, **kwargs)
+        amt = args[0] if args else kwargs.get("amt")
+        data = self._outer("read1", args, kwargs)
+        self._decoded(args[1] if len(args) > 1 else kwargs.get("decode_content"))
+        if data:
+            self.tap.chunk(data)
+        elif amt != 0:
+            self._complete()
+        return data
+
+    def readinto(self, buffer: Any) -> Any:
+        if self._depth:
+            return self._originals["readinto"](buffer)
+        count = self._outer("readinto", (buffer,), {})
+        self._decoded(None)
+        if count:
+            self.tap.chunk(bytes(memoryview(buffer)[:count]))
+        elif len(buffer):
+            self._complete()
+        return count
+
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[bytes]:
-        decode_content = args[1] if len(args) > 1 else kwargs.get("decode_content")
-        if self._encoded and not self._decoded(decode_content):
-            self.tap.opaque()
-        self._streaming = True
+        return self._iterate("stream", args, kwargs)
+
+    def read_chunked(self, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        return self._iterate("read_chunked", args, kwargs)
+
+    def _iterate(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[bytes]:
+        """A generator method, shadowed piece by piece: only the step that makes a piece counts as
+        inside; between pieces the caller may read by other paths, which must be accounted."""
+        if self._depth:  # called from inside another shadowed method: theirs to account
+            yield from self._originals[name](*args, **kwargs)
+            return
+        self._decoded(args[1] if len(args) > 1 else kwargs.get("decode_content"))
+        inner = self._originals[name](*args, **kwargs)
         try:
-            for chunk in self._stream(*args, **kwargs):
+            while True:
+                self._enter()
+                try:
+                    chunk = next(inner)
+                except StopIteration:
+                    break
+                finally:
+                    self._leave()
                 self.tap.chunk(chunk)
                 yield chunk
         except GeneratorExit:
@@ -80,9 +246,7 @@ class _RawTap:
         except BaseException as exc:
             self.tap.abort(exc)
             raise
-        finally:
-            self._streaming = False
-        self.tap.complete()
+        self._complete()
 
     def close(self) -> None:
         try:
@@ -92,8 +256,20 @@ class _RawTap:
 
 
 def _reply(response: Any) -> Reply:
+    """Taps the urllib3 response under requests' Response. A Response made with its content
+    already set (a stand-in adapter's) gets it whole and ends at once; one whose body cannot be
+    watched is never stored."""
     tap = Tap()
-    _RawTap(response.raw, tap)
+    content = getattr(response, "_content", False)
+    if isinstance(content, bytes):
+        tap.chunk(content)
+        tap.complete()
+        return Reply(response.status_code, response.headers, tap, response, discard=response.close,
+                     peek=lambda: response.content)
+    try:
+        _RawTap(response.raw, tap)
+    except Exception:  # not a urllib3 response: its reads cannot be seen
+        tap.gap()
     tap.abort_when_collected(response)  # dropped unread: the call still ends
     return Reply(response.status_code, response.headers, tap, response, discard=response.close,
                  peek=lambda: response.content)
@@ -142,9 +318,10 @@ def send_wrapper(module: Any, original: Any) -> Any:
     transport_errors = (exceptions.ConnectionError, exceptions.Timeout)
 
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        call = begin("requests", lambda: to_wire(request), _strip(request))
+        call = begin("requests", lambda: to_wire(request), _strip(request), request.headers.items)
         if call is None:
             return original(self, request, *args, **kwargs)
+        mark_bypass(call, lambda: requests_double(self, original))
         call.replay = _replayer(self, request)
         call.transport_errors = transport_errors
 

@@ -121,6 +121,8 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str) -> Pla
     body = dict(call.info.body)
     if mode == "off":
         return Plan(False, False, False, ttl, "cache off")
+    if call.cache_bypass:  # a test double or a recorder answers: never store it, never hide it
+        return Plan(False, False, False, ttl, call.cache_bypass)
     if body.get("background") or body.get("previous_response_id") or body.get("conversation"):
         return Plan(False, False, False, ttl, "stateful request")
     if nondeterministic == "skip" and mode != "replay" and _nondeterministic(body, call.info.operation):
@@ -164,7 +166,7 @@ class _Recorder:
     def _finish(self) -> None:
         call = self._call
         try:
-            if storable(call, self._tap.opaque_body):
+            if storable(call, self._tap.opaque_body or self._tap.missed):  # missed: bytes read unseen
                 self._policy.save(call, self._key, self._headers, b"".join(self._chunks), self._ttl)
         finally:
             self._chunks = []
