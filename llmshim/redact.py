@@ -84,15 +84,12 @@ def scrub_url(url: str) -> str:
     if scheme.group().split(":", 1)[0].lower() in _SETTING_SCHEMES:
         return scrub_setting_url(text)
     start, rest = scheme.end(), text[scheme.end():]
-    at = rest.rfind("@")
-    if at >= 0 and not _CLEAN_AUTHORITY.match(rest):
-        rest = MASK + rest[at:]  # "@" before any "/", "?" or "#", or a non-numeric ":": credentials
-    elif at >= 0:
-        authority = _CLEAN_AUTHORITY.match(rest)
-        assert authority is not None
-        inner = rest[: authority.end()].rfind("@")
-        if inner >= 0:
-            rest = MASK + rest[inner:]
+    authority_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, authority_end)
+    if at >= 0:  # a valid URL: the userinfo is the authority up to its last "@"
+        rest = MASK + rest[at:]
+    elif "@" in rest and not _CLEAN_AUTHORITY.match(rest):
+        rest = MASK + rest[rest.rfind("@"):]  # a raw "/", "?" or "#" in a password broke the authority
     head, tail = _split_tail(rest)
     return text[:start] + head + tail
 
@@ -126,11 +123,11 @@ _BARE_PAIR = re.compile(
     r"(?P<value>(?:(?:bearer|basic|token|digest)\s+)?[^\s'\"&;,<>)}\]]+)",
     re.IGNORECASE,
 )
-_SCHEME_TOKEN = re.compile(r"\b(?P<scheme>bearer|basic|digest)\s+(?!\*\*\*)[A-Za-z0-9._~+/=\-]+", re.IGNORECASE)
+_SCHEME_TOKEN = re.compile(r"\b(?P<scheme>bearer|basic|digest)\s+(?!\*\*\*)[^\s'\"<>,;)}\]]+", re.IGNORECASE)
 _RELATIVE_QUERY = re.compile(r"(?P<lead>[?&;][^\s=&;#?'\"<>]+=)(?P<value>[^\s&;#'\"<>]*)")
 _KEY_SHAPES = re.compile(
     r"\b(?P<prefix>sk-|rk-|pk-|sk_live_|sk_test_|AIza|hf_|gh[pousr]_|github_pat_|xox[abprs]-|gsk_|r8_|AKIA|"
-    r"glpat-|npm_|pypi-)[A-Za-z0-9_\-]{8,}"
+    r"glpat-|npm_|pypi-)[\w\-]{8,}"
     r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"
 )
 

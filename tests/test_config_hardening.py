@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import llmshim
+from conftest import ROOT
 from llmshim import config
 
 with warnings.catch_warnings():  # Hypothesis imports libcst to suggest a patch for a failing example;
@@ -283,7 +284,7 @@ def test_install_warns_about_a_misspelt_variable(monkeypatch: pytest.MonkeyPatch
 
 def _cli(args: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
-    env.update(extra)
+    env.update(extra, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))  # this tree's llmshim
     return subprocess.run([sys.executable, "-m", "llmshim", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
