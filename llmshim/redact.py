@@ -96,7 +96,10 @@ def scrub_url(url: str) -> str:
 
 def public_url(url: str) -> str:
     """``scheme://host[:port]/path``: no userinfo, no query, no fragment; never raises."""
-    scrubbed = scrub_url(url)
+    text = str(url)
+    if "@" not in text and "?" not in text and "#" not in text:  # the common case: nothing to remove
+        return _KEY_SHAPES.sub(_key_shape, text)
+    scrubbed = scrub_url(text)
     cut = min((i for i in (scrubbed.find("?"), scrubbed.find("#")) if i >= 0), default=len(scrubbed))
     head = scrubbed[:cut]
     scheme = _SCHEME.match(head)
@@ -109,22 +112,19 @@ def public_url(url: str) -> str:
 # -- free text ---------------------------------------------------------------------------------------
 
 _URL_WORD = re.compile(r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
-_CREDENTIAL_NAME = (r"[\w.\-]*(?:key|token|secret|passw(?:or)?d|pwd|auth\w*|credential|signature|sig|session"
-                    r"|cookie)s?")
+#: A name is a credential's when it ends so: api_key, x-api-key, access_token, password, Authorization, ...
+_CREDENTIAL_NAME = re.compile(r"(?:key|token|secret|passw(?:or)?d|pwd|auth\w*|credential|signature|sig|session"
+                              r"|cookie)s?$", re.IGNORECASE)
+#: Any name (a whole word: the lookbehind keeps the scan linear), checked against _CREDENTIAL_NAME afterwards.
+_NAME = r"(?P<name>(?<![\w.\-])[\w.\-]+)"
 #: name = "quoted value" (also 'name': 'value' and ('name', 'value')): the value up to its closing quote.
 _QUOTED_PAIR = re.compile(
-    rf"(?P<name>\b{_CREDENTIAL_NAME})(?P<sep>['\"]?\s*[:=]\s*(?P<q>['\"])|['\"]\s*,\s*(?P<q2>['\"]))"
-    r"(?P<value>[^'\"\n]*)",
-    re.IGNORECASE,
-)
+    _NAME + r"(?P<sep>['\"]?\s*[:=]\s*(?P<q>['\"])|['\"]\s*,\s*(?P<q2>['\"]))(?P<value>[^'\"\n]*)")
 #: name=value, name: value (an authorization scheme word included): the value up to a delimiter.
 _BARE_PAIR = re.compile(
-    rf"(?P<name>\b{_CREDENTIAL_NAME})(?P<sep>\s*[:=]\s*)"
-    r"(?P<value>(?:(?:bearer|basic|token|digest)\s+)?[^\s'\"&;,<>)}\]]+)",
-    re.IGNORECASE,
-)
+    _NAME + r"(?P<sep>\s*[:=]\s*)(?P<value>(?:(?i:bearer|basic|token|digest)\s+)?[^\s'\"&;,<>)}\]]+)")
 _SCHEME_TOKEN = re.compile(r"\b(?P<scheme>bearer|basic|digest)\s+(?!\*\*\*)[^\s'\"<>,;)}\]]+", re.IGNORECASE)
-_RELATIVE_QUERY = re.compile(r"(?P<lead>[?&;][^\s=&;#?'\"<>]+=)(?P<value>[^\s&;#'\"<>]*)")
+_RELATIVE_QUERY = re.compile(r"(?P<lead>[?&;][^\s=&;#?'\"<>]+=)(?P<value>[^\s&;'\"<>]*)")  # a fragment too
 _KEY_SHAPES = re.compile(
     r"\b(?P<prefix>sk-|rk-|pk-|sk_live_|sk_test_|AIza|hf_|gh[pousr]_|github_pat_|xox[abprs]-|gsk_|r8_|AKIA|"
     r"glpat-|npm_|pypi-)[\w\-]{8,}"
@@ -133,7 +133,8 @@ _KEY_SHAPES = re.compile(
 
 
 def _pair(match: re.Match[str]) -> str:
-    if match.group("value") == MASK or not match.group("value"):
+    value = match.group("value")
+    if value == MASK or not value or not _CREDENTIAL_NAME.search(match.group("name")):
         return match.group(0)
     return match.group("name") + match.group("sep") + MASK
 

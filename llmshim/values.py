@@ -135,6 +135,8 @@ class Number:
     def _decimal(self, raw: Any) -> Decimal | None:
         if isinstance(raw, bool):
             raise ValueError(self._problem())
+        if raw is None and (self.none is not None or self.auto is not None):  # install(cache_ttl=None)
+            return None
         if isinstance(raw, int):
             return Decimal(raw)
         if isinstance(raw, float):
@@ -153,7 +155,8 @@ class Number:
 
 
 def hosts(raw: Any) -> frozenset[str]:
-    names = frozenset(word(h) for h in text(raw or "").split(",") if h.strip())
+    items = [str(x) for x in raw] if isinstance(raw, (list, tuple, set, frozenset)) else text(raw or "").split(",")
+    names = frozenset(word(h) for h in items if h.strip())
     if not all(_HOST.fullmatch(name) for name in names):
         raise ValueError("comma-separated host names or addresses (ASCII letters, digits, '.', '-', ':')")
     return names

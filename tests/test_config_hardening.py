@@ -233,10 +233,14 @@ def test_zero_and_empty_never_silently_become_a_default(env: str, raw: str) -> N
         config.load({env: raw})
 
 
-def test_install_overrides_take_numbers_as_numbers() -> None:
-    loaded = config.load({}, rpm=60, queue_timeout=2.5, cache_max_bytes="512M", retry_max_attempts=5)
+def test_install_overrides_take_python_values() -> None:
+    loaded = config.load({}, rpm=60, queue_timeout=2.5, cache_max_bytes="512M", retry_max_attempts=5,
+                         cache_ttl=None, local_hosts=["GPU-box", "10.0.0.5"])
     assert (loaded.rpm, loaded.queue_timeout, loaded.cache_max_bytes, loaded.retry_max_attempts) == (
         60, 2.5, 512 * 2**20, 5)
+    assert loaded.cache_ttl is None and loaded.local_hosts == frozenset({"gpu-box", "10.0.0.5"})
+    with pytest.raises(config.ConfigError, match="LLMSHIM_RETRY_MAX_ATTEMPTS"):
+        config.load({}, retry_max_attempts=None)
     for name, value in [("queue_timeout", float("inf")), ("rpm", float("nan")), ("retry_max_attempts", 10**400)]:
         with pytest.raises(config.ConfigError, match=ENV[name]):
             config.load({}, **{name: value})
