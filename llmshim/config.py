@@ -374,15 +374,15 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         try:
             values[option.name] = option.parse(raw)
         except (ValueError, TypeError, ArithmeticError) as exc:
-            raise ConfigError(redact.scrub_text(
+            raise ConfigError(  # the value is shown scrubbed; the rest is llmshim's own text
                 f"{source}: invalid value {_shown(option, raw)} for {option.env}; expected "
                 f"{option.accepted if isinstance(option.parse, Number) else exc or option.accepted}"
-            )) from None
+            ) from None
     unknown = sorted(set(overrides) - set(_BY_NAME))
     if unknown:
-        raise ConfigError(redact.scrub_text(
-            f"install() got unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(_BY_NAME)}"
-        ))
+        raise ConfigError(
+            f"install() got unknown setting(s) {redact.scrub_text(', '.join(unknown))}; "
+            f"known settings: {', '.join(_BY_NAME)}")
     for warning in unknown_variables(env):
         log.warning("%s", warning)
     return Settings(**values)

@@ -132,11 +132,20 @@ _KEY_SHAPES = re.compile(
 )
 
 
-def _pair(match: re.Match[str]) -> str:
-    value = match.group("value")
-    if value == MASK or not value or not _CREDENTIAL_NAME.search(match.group("name")):
-        return match.group(0)
-    return match.group("name") + match.group("sep") + MASK
+def _mask_pairs(pattern: re.Pattern[str], text: str) -> str:
+    """Mask the value of every pair whose name is a credential's. A pair with another name is
+    skipped by its name only, so ``0: x-api-key: SECRET`` still finds the second pair."""
+    out, pos = [], 0
+    while (match := pattern.search(text, pos)) is not None:
+        value = match.group("value")
+        if value and value != MASK and _CREDENTIAL_NAME.search(match.group("name")):
+            out += [text[pos:match.start("value")], MASK]
+            pos = match.end()
+        else:
+            out.append(text[pos:match.end("name")])
+            pos = match.end("name")
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _key_shape(match: re.Match[str]) -> str:
@@ -146,8 +155,8 @@ def _key_shape(match: re.Match[str]) -> str:
 def _scrub_words(text: str) -> str:
     """Credential pairs, authorization schemes and key shapes, outside or inside URLs."""
     text = _SCHEME_TOKEN.sub(lambda m: m.group("scheme") + " " + MASK, text)
-    text = _QUOTED_PAIR.sub(_pair, text)
-    text = _BARE_PAIR.sub(_pair, text)
+    text = _mask_pairs(_QUOTED_PAIR, text)
+    text = _mask_pairs(_BARE_PAIR, text)
     text = _RELATIVE_QUERY.sub(lambda m: m.group("lead") + (MASK if m.group("value") else ""), text)
     return _KEY_SHAPES.sub(_key_shape, text)
 

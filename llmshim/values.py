@@ -166,7 +166,7 @@ _HOST = re.compile(r"[a-z0-9._:\-\[\]]+", re.ASCII)
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-_REDIS_FORM = "redis://[user:password@]host:port/db, rediss://..., unix:///path/redis.sock"
+_REDIS_FORM = "redis://host:port/db (credentials before an @), rediss://..., unix:///path/redis.sock"
 
 
 def redis_url(raw: Any) -> str | None:
