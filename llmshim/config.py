@@ -77,10 +77,9 @@ def _duration(low: str, high: Decimal, *, none: bool = False) -> Number:
                   none=frozenset({"none", "never"}) if none else None)
 
 
-def _count(low: int, high: int, *, none: bool = False, units: bool = False,
-           auto: Callable[[], int] | None = None) -> Number:
-    form = "a whole number such as 30000 or 30k (k = thousand, m = million)" if units else "a whole number"
-    return Number(COUNT_UNITS if units else {"": Decimal(1)}, Decimal(low), Decimal(high), form, whole=True,
+def _count(low: int, high: int, *, none: bool = False, auto: Callable[[], int] | None = None) -> Number:
+    return Number(COUNT_UNITS, Decimal(low), Decimal(high),
+                  "a whole number such as 30000 or 30k (k = thousand, m = million)", whole=True,
                   none=frozenset({"none"}) if none else frozenset({"auto"}) if auto else None, auto=auto)
 
 
@@ -186,12 +185,12 @@ OPTIONS: tuple[Option, ...] = (
         "honoured as a floor even above the cap).",
     ),
     Option(
-        "rpm", "LLMSHIM_RPM", _count(1, 10**12, none=True, units=True), "",
+        "rpm", "LLMSHIM_RPM", _count(1, 10**12, none=True), "",
         "a whole number of requests per minute >= 1 (60, 3.5k), or empty/none",
         "Requests per minute for every (origin, credential, model) without a more specific limit. Empty: none.",
     ),
     Option(
-        "tpm", "LLMSHIM_TPM", _count(1, 10**12, none=True, units=True), "",
+        "tpm", "LLMSHIM_TPM", _count(1, 10**12, none=True), "",
         "a whole number of tokens per minute >= 1 (30000, 30k, 2m), or empty/none",
         "Tokens per minute, likewise (input estimated, output reserved, reconciled from the real usage).",
     ),
@@ -232,7 +231,7 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option(
-        "token_reservation", "LLMSHIM_TOKEN_RESERVATION", _count(0, 10**8, units=True), "1024",
+        "token_reservation", "LLMSHIM_TOKEN_RESERVATION", _count(0, 10**8), "1024",
         "a whole number of tokens from 0 to 10^8 (0: reserve none)",
         "Output tokens reserved for a request that sets no max_tokens-style limit.",
     ),

@@ -214,6 +214,7 @@ def test_sizes_refuse_fractions_of_a_byte_and_unknown_units() -> None:
     ("LLMSHIM_ASYNC_QUEUE_SIZE", "0", "async_queue_size", 0),
     ("LLMSHIM_TPM", "30k", "tpm", 30000), ("LLMSHIM_TPM", "1.5M", "tpm", 1500000), ("LLMSHIM_RPM", "", "rpm", None),
     ("LLMSHIM_RPM", "none", "rpm", None), ("LLMSHIM_RETRY_MAX_ATTEMPTS", "1", "retry_max_attempts", 1),
+    ("LLMSHIM_CACHE_MAX_ENTRIES", "100k", "cache_max_entries", 100000),
     ("LLMSHIM_ASYNC_WORKERS", "", "async_workers", min(32, (os.cpu_count() or 1) * 4 + 4)),
 ])
 def test_documented_forms_and_zero_meanings(env: str, raw: str, field: str, value: Any) -> None:
