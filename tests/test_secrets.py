@@ -360,3 +360,21 @@ def test_cassettes_carry_no_key_from_url_or_headers(pytester: pytest.Pytester,
     text = (pytester.path / "cassettes" / "test_app" / "test_chat.json").read_text()
     assert "Kestrel" not in text and quote(SECRET_KEY, safe="") not in text, text
     assert "x-ratelimit-remaining-tokens" in text  # ordinary headers are kept for the replay
+
+
+def test_a_failing_redis_cache_warns_without_its_password(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("LLMSHIM_CACHE", "on")
+    monkeypatch.setenv("LLMSHIM_CACHE_URL", f"redis://default:{quote(SECRET_KEY, safe='')}@127.0.0.1:"
+                                            f"{_closed_port()}/0")
+    with caplog.at_level(logging.WARNING, logger="llmshim"):
+        llmshim.install()
+        try:
+            reply = requests.post(server.url + "/api/chat", json={"model": "m", "messages": [], "stream": False},
+                                  timeout=5)
+        finally:
+            llmshim.uninstall()
+    assert reply.json()["done"] is True  # fail open: the call went on without the cache
+    warnings_seen = [r.getMessage() for r in caplog.records if r.name == "llmshim"]
+    assert any("cache" in m and "failed" in m for m in warnings_seen), warnings_seen
+    assert not any("Kestrel" in m or "\u043a\u043b\u044e\u0447" in m for m in warnings_seen)
