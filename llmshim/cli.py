@@ -86,6 +86,7 @@ def _cache(args: argparse.Namespace) -> int:
     import sqlite3
     import time
 
+    from . import redact
     from .config import ConfigError, load
     from .store.sqlite import SQLiteStore, default_path
 
@@ -112,14 +113,15 @@ def _cache(args: argparse.Namespace) -> int:
                 print(f"{row['key'][:16]}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['created_at']))}  "
                       f"{row.get('provider')} {row.get('endpoint')} model={row.get('model')} "
                       f"stream={row.get('stream')} tokens={usage.get('input_tokens')}+{usage.get('output_tokens')} "
-                      f"{row['size']} B  {row.get('url')}")
+                      f"{row['size']} B  {redact.public_url(str(row.get('url')))}")
         elif args.cache_command == "show":
             entry = store.find(args.key)
             if entry is None:
                 print(f"llmshim: no single entry with key {args.key!r}", file=sys.stderr)
                 return 1
+            headers = [(k, redact.MASK if redact.is_secret_header(k) else v) for k, v in entry.headers]
             print(json.dumps({"key": entry.key, "created_at": entry.created_at, "expires_at": entry.expires_at,
-                              "request": entry.meta, "response": {"status": entry.status, "headers": entry.headers}},
+                              "request": entry.meta, "response": {"status": entry.status, "headers": headers}},
                              indent=2, default=str))
             print(entry.body.decode("utf-8", "replace"))
         elif args.cache_command == "purge":
@@ -127,7 +129,7 @@ def _cache(args: argparse.Namespace) -> int:
         elif args.cache_command == "clear":
             print(f"removed {store.clear()} entries")
     except (sqlite3.Error, OSError) as exc:
-        print(f"llmshim: cache {path}: {exc}", file=sys.stderr)
+        print(f"llmshim: cache {path}: {redact.scrub_text(str(exc))}", file=sys.stderr)
         return 1
     finally:
         store.close()

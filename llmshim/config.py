@@ -5,43 +5,63 @@ That table drives parsing, the error messages, ``status()`` and the README's var
 new capability adds one row and nothing else. Overrides passed to ``install()`` win over the
 environment; both go through the same parser, so ``install(enabled="no")`` and
 ``LLMSHIM_ENABLED=no`` are judged alike. A malformed value raises :class:`ConfigError` naming the
-variable, the bad value and the accepted form, at ``install()`` time and never later inside a call.
+variable, the bad value (scrubbed of credentials) and the accepted form, at ``install()`` time and
+never later inside a call. Numbers are finite and inside a documented range (``llmshim.values``);
+an ``LLMSHIM_*`` variable that is no setting is warned about, naming the nearest one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
-__all__ = ["LIBRARIES", "OPTIONS", "ConfigError", "Option", "Settings", "load"]
+from . import redact
+from .values import (
+    COUNT_UNITS,
+    DURATION_UNITS,
+    SIZE_UNITS,
+    Number,
+    boolean,
+    choice,
+    hosts,
+    path,
+    redis_url,
+    store,
+    text,
+    word,
+)
+
+__all__ = ["LIBRARIES", "OPTIONS", "OTHER_VARIABLES", "ConfigError", "Option", "Settings", "load",
+           "unknown_variables"]
+
+log = logging.getLogger("llmshim")
+redact.protect_logger()  # every llmshim log record is scrubbed of credentials from here on
 
 #: Client libraries llmshim can patch, in the order they are reported.
 LIBRARIES: tuple[str, ...] = ("httpx", "httpx2", "requests", "aiohttp")
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+#: ``LLMSHIM_*`` variables that are not settings but are read elsewhere (never warned about).
+OTHER_VARIABLES = frozenset({"LLMSHIM_RUN_OTEL_EXPORTER"})  # llmshim run -> _boot/sitecustomize.py
+
+DAY = 86400
+_MAX_WAIT = Decimal(30 * DAY)  # the longest a call may be made to wait for anything
 
 
 class ConfigError(ValueError):
     """A setting has a value llmshim cannot use; the message names the variable and the accepted form."""
 
 
-def _parse_bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("one of 1/0, true/false, yes/no, on/off")
+_parse_bool = boolean
 
 
 def _parse_libraries(raw: Any) -> frozenset[str]:
-    items = [str(x) for x in raw] if isinstance(raw, (list, tuple, set, frozenset)) else str(raw).split(",")
-    names = {item.strip().lower() for item in items if item.strip()}
+    items = [str(x) for x in raw] if isinstance(raw, (list, tuple, set, frozenset)) else text(raw).split(",")
+    names = {word(item) for item in items if item.strip()}
     if names == {"all"}:
         return frozenset(LIBRARIES)
     if names == {"none"}:
@@ -52,9 +72,32 @@ def _parse_libraries(raw: Any) -> frozenset[str]:
     return frozenset(names)
 
 
+def _duration(low: str, high: Decimal, *, none: bool = False) -> Number:
+    return Number(DURATION_UNITS, Decimal(low), high, "seconds, or a number with a unit: 250ms, 90s, 30m, 12h, 7d",
+                  none=frozenset({"none", "never"}) if none else None)
+
+
+def _count(low: int, high: int, *, none: bool = False, auto: Callable[[], int] | None = None) -> Number:
+    return Number(COUNT_UNITS, Decimal(low), Decimal(high),
+                  "a whole number such as 30000 or 30k (k = thousand, m = million)", whole=True,
+                  none=frozenset({"none"}) if none else frozenset({"auto"}) if auto else None, auto=auto)
+
+
+def _auto_workers() -> int:
+    return min(32, (os.cpu_count() or 1) * 4 + 4)
+
+
+_SIZE = Number(SIZE_UNITS, Decimal(1), Decimal(2**50),
+               "bytes, or a size: 512M or 1G (M, G = MiB, GiB), 500MB (MB = 10^6 bytes), 2GiB", whole=True,
+               none=frozenset({"none"}))
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One setting: its field name, environment variable, parser, default and meaning."""
+    """One setting: its field name, environment variable, parser, default and meaning.
+
+    ``secret``: the value may carry credentials; it is shown only through
+    :func:`llmshim.redact.scrub_setting_url` (userinfo and query values masked)."""
 
     name: str
     env: str
@@ -80,40 +123,42 @@ OPTIONS: tuple[Option, ...] = (
         "OpenTelemetry spans and metrics for every LLM call, through the application's providers.",
     ),
     Option(
-        "cache", "LLMSHIM_CACHE", lambda raw: _choice("off", "on", "readonly", "refresh", "replay")(raw), "on",
-        "off, on, readonly, refresh or replay",
+        "cache", "LLMSHIM_CACHE", choice("off", "on", "readonly", "refresh", "replay", booleans=("on", "off")), "on",
+        "off, on, readonly, refresh or replay (true/1/yes mean on, false/0/no mean off)",
         "Response cache mode. readonly: serve hits, store nothing; refresh: never serve, store; replay: only "
         "serve from the cache, a miss answers 504 naming the request (deterministic offline tests).",
     ),
     Option(
-        "cache_path", "LLMSHIM_CACHE_PATH", lambda raw: _parse_path(raw), "", "a file path, or empty for the default",
+        "cache_path", "LLMSHIM_CACHE_PATH", path, "", "a file path, or empty for the default",
         "The SQLite cache file. Default: $XDG_CACHE_HOME/llmshim/cache.sqlite3 (~/.cache/llmshim/...).",
     ),
     Option(
-        "cache_url", "LLMSHIM_CACHE_URL", lambda raw: _parse_redis_url(raw), "",
+        "cache_url", "LLMSHIM_CACHE_URL", redis_url, "",
         "redis://host:port/db, rediss://..., unix:///path.sock, redis+cluster://..., redis+sentinel://..., or empty",
         "A Redis shared by every host for the cache (same keys and format). Empty: the SQLite file only.",
+        secret=True,
     ),
     Option(
         "cache_local", "LLMSHIM_CACHE_LOCAL", _parse_bool, "false", "true/false",
         "With LLMSHIM_CACHE_URL: keep a local SQLite front (LLMSHIM_CACHE_PATH) for hits, Redis behind it.",
     ),
     Option(
-        "cache_ttl", "LLMSHIM_CACHE_TTL", lambda raw: _parse_duration(raw), "",
-        "seconds or 90s/30m/12h/7d; empty: none",
+        "cache_ttl", "LLMSHIM_CACHE_TTL", _duration("0.001", Decimal(3650 * DAY), none=True), "",
+        "seconds or 250ms/90s/30m/12h/7d, from 1ms to 3650d; empty or none: no expiry",
         "How long an answer stays valid. Empty: until evicted.",
     ),
     Option(
-        "cache_max_entries", "LLMSHIM_CACHE_MAX_ENTRIES", lambda raw: _parse_count(raw), "", "a number or empty",
-        "Evict least recently used answers beyond this many entries. Empty: no limit.",
+        "cache_max_entries", "LLMSHIM_CACHE_MAX_ENTRIES", _count(1, 10**12, none=True), "",
+        "a whole number from 1 to 10^12, or empty/none", "Evict least recently used answers beyond this many "
+        "entries. Empty: no limit.",
     ),
     Option(
-        "cache_max_bytes", "LLMSHIM_CACHE_MAX_BYTES", lambda raw: _parse_count(raw, sizes=True), "1GiB",
-        "a size such as 500MB or 2GiB, or empty",
+        "cache_max_bytes", "LLMSHIM_CACHE_MAX_BYTES", _SIZE, "1GiB",
+        "a size such as 512M or 1G (binary: MiB, GiB), 500MB (decimal) or 2GiB, at most 1 PiB; or empty/none",
         "Evict least recently used answers beyond this total size. Empty: no limit.",
     ),
     Option(
-        "cache_scope", "LLMSHIM_CACHE_SCOPE", lambda raw: _choice("credential", "shared")(raw), "credential",
+        "cache_scope", "LLMSHIM_CACHE_SCOPE", choice("credential", "shared"), "credential",
         "credential or shared",
         "credential: answers are shared only between callers with the same API key (an HMAC of it is in the "
         "key, never the key). shared: one answer for everyone (opt in knowingly).",
@@ -127,30 +172,34 @@ OPTIONS: tuple[Option, ...] = (
         "session...) are refused.",
     ),
     Option(
-        "cache_nondeterministic", "LLMSHIM_CACHE_NONDETERMINISTIC", lambda raw: _choice("cache", "skip")(raw),
+        "cache_nondeterministic", "LLMSHIM_CACHE_NONDETERMINISTIC", choice("cache", "skip"),
         "cache", "cache or skip",
         "skip: leave calls with temperature > 0 (or unset) and no seed uncached. Embeddings are always cached.",
     ),
     Option(
-        "retry_mode", "LLMSHIM_RETRY_MODE", lambda raw: _choice("auto", "llmshim", "sdk", "off")(raw), "auto",
+        "retry_mode", "LLMSHIM_RETRY_MODE", choice("auto", "llmshim", "sdk", "off"), "auto",
         "auto, llmshim, sdk or off",
         "auto: llmshim retries, except requests from the OpenAI SDK's own retry loop (they carry "
         "x-stainless-retry-count), so attempts never multiply. llmshim: always. sdk/off: never.",
     ),
     Option(
-        "retry_max_attempts", "LLMSHIM_RETRY_MAX_ATTEMPTS", lambda raw: _parse_count(raw) or 1, "3",
-        "a whole number >= 1", "Total attempts per call, the first included.",
+        "retry_max_attempts", "LLMSHIM_RETRY_MAX_ATTEMPTS", _count(1, 100), "3",
+        "a whole number from 1 to 100 (0 is refused: use LLMSHIM_RETRY_MODE=off for no retries)",
+        "Total attempts per call, the first included.",
     ),
     Option(
-        "retry_max_delay", "LLMSHIM_RETRY_MAX_DELAY", lambda raw: _parse_duration(raw) or 20.0, "20",
-        "seconds or 90s/2m", "Cap of one backoff (a server's retry-after is honoured as a floor even above it).",
+        "retry_max_delay", "LLMSHIM_RETRY_MAX_DELAY", _duration("0", _MAX_WAIT), "20",
+        "seconds or 90s/2m, from 0 to 30d", "Cap of one backoff; 0: retry at once (a server's retry-after is "
+        "honoured as a floor even above the cap).",
     ),
     Option(
-        "rpm", "LLMSHIM_RPM", lambda raw: _parse_count(raw), "", "a number of requests per minute, or empty",
+        "rpm", "LLMSHIM_RPM", _count(1, 10**12, none=True), "",
+        "a whole number of requests per minute >= 1 (60, 3.5k), or empty/none",
         "Requests per minute for every (origin, credential, model) without a more specific limit. Empty: none.",
     ),
     Option(
-        "tpm", "LLMSHIM_TPM", lambda raw: _parse_count(raw), "", "a number of tokens per minute (30000, 30k)",
+        "tpm", "LLMSHIM_TPM", _count(1, 10**12, none=True), "",
+        "a whole number of tokens per minute >= 1 (30000, 30k, 2m), or empty/none",
         "Tokens per minute, likewise (input estimated, output reserved, reconciled from the real usage).",
     ),
     Option(
@@ -158,8 +207,9 @@ OPTIONS: tuple[Option, ...] = (
         "Per-model limits, e.g. gpt-4o=500rpm,30000tpm;llama3.2=60rpm. They replace LLMSHIM_RPM/TPM for that model.",
     ),
     Option(
-        "ratelimit_burst", "LLMSHIM_RATELIMIT_BURST", lambda raw: _parse_duration(raw) or 10.0, "10",
-        "seconds", "How many seconds' worth of the limit may go at once after a quiet spell.",
+        "ratelimit_burst", "LLMSHIM_RATELIMIT_BURST", _duration("0", Decimal(DAY)), "10",
+        "seconds, from 0 to 1d", "How many seconds' worth of the limit may go at once after a quiet spell; "
+        "0: strict pacing (one request, or one call's tokens, at a time).",
     ),
     Option(
         "priority", "LLMSHIM_PRIORITY", lambda raw: _parse_priority(raw), "normal",
@@ -167,42 +217,45 @@ OPTIONS: tuple[Option, ...] = (
         "The default priority class; `with llmshim.priority(...)` or an x-llmshim-priority header override it.",
     ),
     Option(
-        "queue_timeout", "LLMSHIM_QUEUE_TIMEOUT", lambda raw: _parse_duration(raw) or 60.0, "60",
-        "seconds or 90s/5m", "How long a call may wait for a permit; then it gets a 429 (x-should-retry: false).",
+        "queue_timeout", "LLMSHIM_QUEUE_TIMEOUT", _duration("0", _MAX_WAIT), "60",
+        "seconds or 90s/5m, from 0 to 30d", "How long a call may wait for a permit; then it gets a 429 "
+        "(x-should-retry: false). 0: never wait.",
     ),
     Option(
-        "max_concurrency", "LLMSHIM_MAX_CONCURRENCY", lambda raw: _parse_count(raw), "", "a number, or empty",
+        "max_concurrency", "LLMSHIM_MAX_CONCURRENCY", _count(1, 10**6, none=True), "",
+        "a whole number from 1 to 10^6, or empty/none",
         "At most this many calls in flight to a local server (loopback or LLMSHIM_LOCAL_HOSTS); halved on each "
         "503, regrown by one per window of successes. Empty: no limit.",
     ),
     Option(
-        "local_hosts", "LLMSHIM_LOCAL_HOSTS", lambda raw: frozenset(h.strip().lower() for h in str(raw or "").split(",")
-                                                                   if h.strip()), "",
+        "local_hosts", "LLMSHIM_LOCAL_HOSTS", hosts, "",
         "comma-separated host names", "Hosts treated as local servers besides loopback (e.g. gpu-box,ollama.lan).",
     ),
     Option(
-        "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", lambda raw: _parse_store(raw), "memory",
+        "ratelimit_store", "LLMSHIM_RATELIMIT_STORE", store, "memory",
         "memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (or redis+cluster://, redis+sentinel://)",
         "Where the rate-limit budget lives: this process (memory), a SQLite file shared by every "
         "process on the machine, or a Redis shared by every host.",
+        secret=True,
     ),
     Option(
-        "token_reservation", "LLMSHIM_TOKEN_RESERVATION", lambda raw: _parse_count(raw) or 1024, "1024",
-        "a number of tokens", "Output tokens reserved for a request that sets no max_tokens-style limit.",
+        "token_reservation", "LLMSHIM_TOKEN_RESERVATION", _count(0, 10**8), "1024",
+        "a whole number of tokens from 0 to 10^8 (0: reserve none)",
+        "Output tokens reserved for a request that sets no max_tokens-style limit.",
     ),
     Option(
-        "async_workers", "LLMSHIM_ASYNC_WORKERS",
-        lambda raw: _parse_count(raw) or min(32, (os.cpu_count() or 1) * 4 + 4),
-        "", "a number of threads, or empty for 4 x CPUs + 4 (at most 32)",
+        "async_workers", "LLMSHIM_ASYNC_WORKERS", _count(1, 1024, auto=_auto_workers),
+        "", "a number of threads from 1 to 1024, or empty/auto for 4 x CPUs + 4 (at most 32)",
         "Threads of llmshim.aio's shared pool (I/O-bound work: threads mostly wait on sockets).",
     ),
     Option(
-        "async_queue_size", "LLMSHIM_ASYNC_QUEUE_SIZE", lambda raw: _parse_count(raw) or 0, "100",
-        "a number (0: no queue beyond the running calls)",
+        "async_queue_size", "LLMSHIM_ASYNC_QUEUE_SIZE", _count(0, 10**6), "100",
+        "a whole number from 0 to 10^6 (0: no queue beyond the running calls)",
         "Calls that may wait for a thread; beyond it, callers wait asynchronously for a slot (back-pressure).",
     ),
     Option(
-        "async_timeout", "LLMSHIM_ASYNC_TIMEOUT", lambda raw: _parse_duration(raw), "", "seconds, or empty for none",
+        "async_timeout", "LLMSHIM_ASYNC_TIMEOUT", _duration("0.001", _MAX_WAIT, none=True), "",
+        "seconds, from 1ms to 30d, or empty/none for no timeout",
         "Per call: the awaiting task gets TimeoutError at once; the thread finishes in the background.",
     ),
     Option(
@@ -210,7 +263,7 @@ OPTIONS: tuple[Option, ...] = (
         "false: llmshim.aio runs calls inline in the event loop's thread (for debugging).",
     ),
     Option(
-        "stats_file", "LLMSHIM_STATS_FILE", lambda raw: _parse_path(raw), "", "a file path, or empty",
+        "stats_file", "LLMSHIM_STATS_FILE", path, "", "a file path, or empty",
         "Where to write a JSON snapshot of llmshim.stats() (at most once a second and at exit), "
         "for `llmshim stats`. Empty: no file.",
     ),
@@ -219,105 +272,19 @@ OPTIONS: tuple[Option, ...] = (
 _BY_NAME = {option.name: option for option in OPTIONS}
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(raw: Any) -> str:
-        text = str(raw).strip().lower()
-        if text not in choices:
-            raise ValueError(f"one of {', '.join(choices)}")
-        return text
-
-    return parse
-
-
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _parse_duration(raw: Any) -> float | None:
-    """Seconds, with an optional unit (s, m, h, d); empty, 0 or 'none' mean no limit."""
-    text = str(raw).strip().lower() if raw is not None else ""
-    if text in ("", "0", "none", "never"):
-        return None
-    unit = text[-1] if text[-1] in "smhd" else ""
-    try:
-        value = float(text[: len(text) - len(unit)]) * _DURATION_UNITS[unit]
-    except ValueError:
-        raise ValueError("seconds, optionally with a unit: 3600, 90s, 30m, 12h, 7d; or empty for none") from None
-    if value <= 0:
-        raise ValueError("a positive duration: 3600, 90s, 30m, 12h, 7d; or empty for none")
-    return value
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def _parse_count(raw: Any, sizes: bool = False) -> int | None:
-    text = str(raw).strip().lower().replace(" ", "") if raw is not None else ""
-    if text in ("", "0", "none"):
-        return None
-    number = text.rstrip("kmgib")
-    unit = text[len(number):]
-    try:
-        value = int(float(number) * (_SIZE_UNITS[unit] if sizes else {"": 1, "k": 10**3, "m": 10**6}[unit]))
-    except (ValueError, KeyError):
-        raise ValueError("a size such as 500MB, 2GiB or 1000000; or empty for none" if sizes
-                         else "a whole number such as 100000 or 100k; or empty for none") from None
-    if value <= 0:
-        raise ValueError("a positive number, or empty for none")
-    return value
-
-
 def _parse_limits(raw: Any) -> dict[str, Any]:
     from .policies.ratelimit import parse_limits
 
-    return parse_limits(str(raw or ""))
+    return parse_limits(text(raw or ""))
 
 
 def _parse_priority(raw: Any) -> str:
     from .policies.ratelimit import resolve_priority
 
     try:
-        return resolve_priority(str(raw))
+        return resolve_priority(word(raw))
     except ValueError:
         raise ValueError("critical, high, normal or low (also urgent, medium, 0-3)") from None
-
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
-                  "redis+sentinel://", "rediss+sentinel://")
-
-
-def _parse_store(raw: Any) -> str:
-    from .store.redis_client import parse_redis_url
-
-    text = str(raw).strip()
-    if text == "memory" or (text.startswith("sqlite:///") and len(text) > len("sqlite:///")):
-        return text
-    if text.startswith(_REDIS_SCHEMES) and len(text) > len("unix://"):
-        parse_redis_url(text)  # ValueError (never repeating the URL) for a malformed Cluster/Sentinel URL
-        return text
-    raise ValueError("memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (rediss://, unix://, "
-                     "redis+cluster://host:port,..., redis+sentinel://host:port,.../service)")
-
-
-def _parse_redis_url(raw: Any) -> str | None:
-    from .store.redis_client import parse_redis_url
-
-    text = str(raw or "").strip()
-    if not text:
-        return None
-    if text.startswith(_REDIS_SCHEMES):
-        parse_redis_url(text)
-        return text
-    raise ValueError("redis://host:port/db, rediss://..., unix:///path/redis.sock, redis+cluster://host:port,..., "
-                     "redis+sentinel://host:port,.../service, or empty")
-
-
-def _parse_path(raw: Any) -> str | None:
-    text = str(raw).strip() if raw is not None else ""
-    if not text:
-        return None
-    if "\0" in text:
-        raise ValueError("a file path")
-    return os.path.expanduser(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,12 +324,12 @@ class Settings:
     stats_file: str | None = None
 
     def masked(self) -> dict[str, Any]:
-        """The settings as plain values for display, secrets replaced by ``***``."""
+        """The settings as plain values for display, credentials in secret options masked."""
         shown: dict[str, Any] = {}
         for option in OPTIONS:
             value = getattr(self, option.name)
-            if option.secret and value:
-                value = "***"
+            if option.secret and isinstance(value, str):
+                value = redact.scrub_setting_url(value)
             elif isinstance(value, frozenset):
                 value = sorted(value)
             elif option.name == "limits":
@@ -370,11 +337,38 @@ class Settings:
             shown[option.name] = value
         return shown
 
+    def __repr__(self) -> str:  # a printed or logged Settings never shows a password
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self.masked().items())})"
+
+
+def _shown(option: Option, raw: Any) -> str:
+    """The rejected value as the error message shows it: scrubbed, and short."""
+    try:
+        value = raw if isinstance(raw, str) else repr(raw)
+    except ValueError:  # an int too long to print
+        return "(a number too long to show)"
+    value = redact.scrub_setting_url(value) if option.secret else redact.scrub_text(value)
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``LLMSHIM_*`` variable (any case) that is no setting, naming the nearest one."""
+    known = sorted({option.env for option in OPTIONS} | OTHER_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith("LLMSHIM_") or name in known:
+            continue
+        nearest = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        hint = f"did you mean {nearest[0]}?" if nearest else "see the list of LLMSHIM_* settings in the README"
+        warnings.append(f"llmshim: unknown variable {name} is ignored; {hint}")
+    return warnings
+
 
 def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build Settings from the environment, then apply ``overrides`` (keyword names are field names).
 
-    Raises ConfigError for an unknown override name or any value its parser rejects.
+    Raises ConfigError for an unknown override name or any value its parser rejects; logs a warning
+    (``llmshim`` logger) for each unknown ``LLMSHIM_*`` variable.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -387,13 +381,16 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
             raw, source = option.default, f"default of {option.env}"
         try:
             values[option.name] = option.parse(raw)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"{source}: invalid value {raw!r} for {option.env}; expected {exc or option.accepted}"
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise ConfigError(  # the value is shown scrubbed; the rest is llmshim's own text
+                f"{source}: invalid value {_shown(option, raw)} for {option.env}; expected "
+                f"{option.accepted if isinstance(option.parse, Number) else exc or option.accepted}"
             ) from None
     unknown = sorted(set(overrides) - set(_BY_NAME))
     if unknown:
         raise ConfigError(
-            f"install() got unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(_BY_NAME)}"
-        )
+            f"install() got unknown setting(s) {redact.scrub_text(', '.join(unknown))}; "
+            f"known settings: {', '.join(_BY_NAME)}")
+    for warning in unknown_variables(env):
+        log.warning("%s", warning)
     return Settings(**values)

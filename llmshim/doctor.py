@@ -13,7 +13,7 @@ import importlib.metadata
 import sys
 from typing import Any, TextIO
 
-from . import config
+from . import config, redact
 
 __all__ = ["main"]
 
@@ -125,14 +125,15 @@ def _check_cache(settings: Any, line: Any) -> bool:
     path = settings.cache_path or default_path()
     line(f"  mode {settings.cache}, file {path}")
     if settings.cache_url:
-        line(f"  redis {settings.cache_url}" + (" (behind a local SQLite front)" if settings.cache_local else ""))
+        line(f"  redis {redact.scrub_setting_url(settings.cache_url)}"
+             + (" (behind a local SQLite front)" if settings.cache_local else ""))
         try:
             from .store.redis import RedisCacheStore
 
             RedisCacheStore(settings.cache_url, timeout=1).client.ping()
             line("  redis reachable")
         except Exception as exc:
-            line(f"  BROKEN: redis unreachable: {exc}")
+            line(f"  BROKEN: redis unreachable: {_error(exc)}")
             return True
     if not os.path.exists(path):
         line("  not created yet (it will be on the first cached call)")
@@ -143,7 +144,7 @@ def _check_cache(settings: Any, line: Any) -> bool:
         check = store._conn().execute("PRAGMA quick_check").fetchone()[0]
         store.close()
     except Exception as exc:
-        line(f"  BROKEN: cannot read the cache: {type(exc).__name__}: {exc}")
+        line(f"  BROKEN: cannot read the cache: {type(exc).__name__}: {_error(exc)}")
         return True
     rate = "-" if stats["hit_rate"] is None else f"{stats['hit_rate']:.1%}"
     line(f"  {stats['entries']} entries, {stats['bytes']} bytes, hit rate {rate}, integrity {check}")
@@ -152,8 +153,8 @@ def _check_cache(settings: Any, line: Any) -> bool:
 
 def _check_limits(settings: Any, line: Any) -> bool:
     store = settings.ratelimit_store
-    line(f"  {store}" + ("" if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency
-                         else "  (no limits configured: the limiter is off)"))
+    limited = settings.rpm or settings.tpm or settings.limits or settings.max_concurrency
+    line(f"  {redact.scrub_setting_url(store)}" + ("" if limited else "  (no limits configured: the limiter is off)"))
     if store.startswith(("redis://", "rediss://", "unix://")):
         try:
             from .store.redis import RedisLimitStore
@@ -161,6 +162,11 @@ def _check_limits(settings: Any, line: Any) -> bool:
             RedisLimitStore(store, timeout=1).client.ping()
             line("  redis reachable")
         except Exception as exc:
-            line(f"  BROKEN: redis unreachable: {exc}")
+            line(f"  BROKEN: redis unreachable: {_error(exc)}")
             return True
     return False
+
+
+def _error(exc: BaseException) -> str:
+    """An exception's text as doctor prints it: a Redis error can quote the URL, password included."""
+    return redact.scrub_text(str(exc))

@@ -7,7 +7,8 @@ Active only when asked (an option, a fixture or the ``llmshim`` marker). Request
 llmshim's cache key (section 6 of the design: method, URL, dialect, the canonical body minus
 noise), with a fixed salt and shared scope, so header noise, whitespace and the API key never break
 a replay, and no key is ever written. Cassettes are readable JSON: the redacted request and the
-response status, headers and body pieces (text, chunk by chunk as they arrived).
+response status, headers (minus credentials and cookies) and body pieces (text, chunk by chunk as
+they arrived).
 
 Fixtures: ``llmshim_calls`` (the CallRecords of the test's calls), ``llmshim_spans`` (their spans,
 from an in-memory exporter). Marker: ``@pytest.mark.llmshim(priority="high", cache="off", rpm="60")``
@@ -32,6 +33,7 @@ import pytest
 
 import llmshim
 
+from . import redact
 from .call import Call, OnEnd, Reply
 from .pipeline import AsyncHandler, Handler, track
 from .store import keys
@@ -75,6 +77,13 @@ def _bytes(piece: dict[str, str]) -> bytes:
     return piece["text"].encode() if "text" in piece else base64.b64decode(piece["base64"])
 
 
+def _request(call: Call) -> dict[str, Any]:
+    """The redacted request a cassette shows: no headers, the URL without userinfo or query."""
+    request = dict(keys.summary(call))
+    request["url"] = redact.public_url(call.request.url)
+    return request
+
+
 class CassettePolicy:
     """Records or replays at the cache's place in the pipeline."""
 
@@ -95,7 +104,7 @@ class CassettePolicy:
                 headers = [(k, v) for k, v in response["headers"]] + [("content-length", str(len(body)))]
                 assert call.replay is not None
                 return track(call, call.replay(response["status"], headers, body))
-        self.cassette.unmatched.append({"key": key, "request": dict(keys.summary(call))})
+        self.cassette.unmatched.append({"key": key, "request": _request(call)})
         body = json.dumps({"error": {"message": self.cassette.explain(), "type": "llmshim_cassette_miss"}}).encode()
         assert call.replay is not None
         return track(call, call.replay(504, [("content-type", "application/json"), ("x-should-retry", "false"),
@@ -118,11 +127,11 @@ class CassettePolicy:
         headers = [(str(k), str(v)) for k, v in (reply.headers.multi_items() if hasattr(reply.headers, "multi_items")
                                                  else reply.headers.items())
                    if str(k).lower() not in ("content-encoding", "content-length", "transfer-encoding", "set-cookie",
-                                             "date", "connection")]
+                                             "date", "connection") and not redact.is_secret_header(str(k))]
 
         def store() -> None:
             self.cassette.interactions.append({
-                "key": self._key(call), "request": dict(keys.summary(call)),
+                "key": self._key(call), "request": _request(call),
                 "response": {"status": reply.status, "headers": headers, "body": [_piece(p) for p in pieces]}})
 
         reply.tap.subscribe(OnEnd(store))

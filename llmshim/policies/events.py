@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
+from .. import redact
 from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
@@ -37,7 +38,7 @@ class CallRecord:
     model: str | None
     stream: bool
     library: str
-    url: str  # scheme://host:port/path, no query string and no user info
+    url: str  # scheme://host:port/path, no query string and no user info (llmshim.redact.public_url)
     status: int | None = None
     response_model: str | None = None
     response_id: str | None = None
@@ -55,7 +56,7 @@ class CallRecord:
         info, response = call.info, call.response
         return cls(
             event=event, provider=info.provider, operation=info.operation, model=info.model,
-            stream=info.stream, library=call.library, url=call.request.public_url,
+            stream=info.stream, library=call.library, url=redact.public_url(call.request.url),
             status=call.status,
             response_model=response.model if response else None,
             response_id=response.id if response else None,
@@ -77,7 +78,7 @@ def error_type(call: Call) -> str | None:
     if call.status is not None and call.status >= 400:
         return str(call.status)
     if call.response is not None and call.response.error:
-        return call.response.error
+        return redact.scrub_text(call.response.error)  # a server's own words: it may echo a key
     return None
 
 

@@ -17,6 +17,7 @@ import time
 from contextlib import suppress
 from typing import Any
 
+from .. import redact
 from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
@@ -80,7 +81,7 @@ class Stats:
                 **counts,
                 "average_latency_s": self._latency_total / self._latency_count if self._latency_count else None,
                 "cache_hit_rate": counts["cache_hits"] / looked_up if looked_up else None,
-                "by_model": {k: dict(v) for k, v in sorted(self._models.items())},
+                "by_model": {redact.scrub_text(k): dict(v) for k, v in sorted(self._models.items())},
                 "since": self._started,
                 "pid": os.getpid(),
             }

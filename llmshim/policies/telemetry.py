@@ -28,6 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .. import redact
 from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler
 
@@ -141,6 +142,20 @@ def _input_messages(call: Call) -> list[dict[str, Any]]:
     return []
 
 
+def _record_exception(span: trace.Span, error: BaseException) -> None:
+    """The spec's exception event, as the SDK's ``record_exception`` writes it, with the message and
+    the stack trace scrubbed: an exception text can quote a URL with its key (``?key=...``)."""
+    import traceback
+
+    kind = type(error)
+    module = kind.__module__
+    span.add_event("exception", {
+        "exception.type": kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}",
+        "exception.message": redact.scrub_text(str(error)),
+        "exception.stacktrace": redact.scrub_text("".join(traceback.format_exception(error))),
+    })
+
+
 class TelemetryPolicy:
     """The outermost policy: a span per logical call, metrics when it ends."""
 
@@ -234,8 +249,10 @@ class TelemetryPolicy:
                 span.set_attributes(attributes)
                 self._content(span, call)
                 if call.outcome == "error":
-                    description = f"{type(call.error).__name__}: {call.error}" if call.error else attributes.get(
-                        "error.type")
+                    if call.error is not None:
+                        _record_exception(span, call.error)
+                    description = (f"{type(call.error).__name__}: {redact.scrub_text(str(call.error))}"
+                                   if call.error else attributes.get("error.type"))
                     span.set_status(Status(StatusCode.ERROR, str(description)))
             span.end()
         except Exception:
@@ -270,7 +287,7 @@ class TelemetryPolicy:
             elif call.status is not None and call.status >= 400:
                 attributes["error.type"] = str(call.status)
             elif response is not None and response.error:
-                attributes["error.type"] = response.error
+                attributes["error.type"] = redact.scrub_text(response.error)
             else:
                 attributes["error.type"] = "_OTHER"
         elif call.outcome == "aborted" and call.error is not None:
