@@ -172,6 +172,12 @@ OPTIONS: tuple[Option, ...] = (
         "session...) are refused.",
     ),
     Option(
+        "cache_coalesce_timeout", "LLMSHIM_CACHE_COALESCE_TIMEOUT", _duration("0", Decimal(3600)), "30",
+        "seconds or 90s/5m, from 0 to 1h",
+        "How long an identical request waits for one already in flight in another thread or task (its answer "
+        "then comes from the cache) before it goes upstream itself. 0: never wait.",
+    ),
+    Option(
         "cache_nondeterministic", "LLMSHIM_CACHE_NONDETERMINISTIC", choice("cache", "skip"),
         "cache", "cache or skip",
         "skip: leave calls with temperature > 0 (or unset) and no seed uncached. Embeddings are always cached.",
@@ -189,8 +195,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "retry_max_delay", "LLMSHIM_RETRY_MAX_DELAY", _duration("0", _MAX_WAIT), "20",
-        "seconds or 90s/2m, from 0 to 30d", "Cap of one backoff; 0: retry at once (a server's retry-after is "
-        "honoured as a floor even above the cap).",
+        "seconds or 90s/2m, from 0 to 30d", "Cap of one wait before a retry; a server asking for longer (retry-after) "
+        "gets its 429/503 handed back to the caller at once. 0: retry at once, never wait for a server.",
     ),
     Option(
         "rpm", "LLMSHIM_RPM", _count(1, 10**12, none=True), "",
@@ -313,6 +319,7 @@ class Settings:
     ratelimit_burst: float = 10.0
     priority: str = "normal"
     queue_timeout: float = 60.0
+    cache_coalesce_timeout: float = 30.0
     token_reservation: int = 1024
     ratelimit_store: str = "memory"
     max_concurrency: int | None = None

@@ -62,7 +62,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         policies.append(CachePolicy(
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             ignored_headers=settings.cache_ignore_headers,
-            nondeterministic=settings.cache_nondeterministic,
+            nondeterministic=settings.cache_nondeterministic, coalesce_timeout=settings.cache_coalesce_timeout,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     if settings.retry_mode != "off":
         from .policies.retry import RetryPolicy

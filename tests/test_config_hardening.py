@@ -43,6 +43,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "tpm": (1, 10**12),
     "ratelimit_burst": (0, DAY),
     "queue_timeout": (0, 30 * DAY),
+    "cache_coalesce_timeout": (0, 3600),
     "max_concurrency": (1, 10**6),
     "token_reservation": (0, 10**8),
     "async_workers": (1, 1024),

@@ -20,13 +20,11 @@ Fail open: any store error is a miss (or a skipped write), a warning (at most on
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +33,7 @@ from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store import keys
 from ..store.sqlite import Entry
+from .coalescing import Flight, Flights
 from .stats import STATS
 
 __all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "plan", "storable"]
@@ -173,35 +172,15 @@ class _Recorder:
             self._policy.landed(self._key)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Flight:
-    """One upstream call in progress; identical requests wait for it (sync threads and tasks)."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def land(self) -> None:
-        self.done.set()
-        for loop, future in self.waiters:
-            loop.call_soon_threadsafe(_resolve, future)
-
-
 class CachePolicy:
     def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
-                 instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 600.0,
+                 instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 30.0,
                  ignored_headers: frozenset[str] = frozenset()) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
         self.ignored_headers = ignored_headers
         self.nondeterministic = nondeterministic
         self._instruments = instruments
-        self._coalesce_timeout = coalesce_timeout
-        self._flights: dict[str, _Flight] = {}
-        self._lock = threading.Lock()
+        self.flights = Flights(coalesce_timeout)
         self._warned_at = 0.0
 
     def close(self) -> None:
@@ -294,20 +273,8 @@ class CachePolicy:
                    (HEADER, "miss"), ("x-should-retry", "false")]
         return track(call, call.replay(504, headers, body))
 
-    # -- coalescing ------------------------------------------------------------------------------
-    def _join(self, key: str) -> _Flight | None:
-        """None: this caller leads (goes upstream). A flight: wait for it, then look up again."""
-        with self._lock:
-            flight = self._flights.get(key)
-            if flight is None:
-                self._flights[key] = _Flight()
-            return flight
-
     def landed(self, key: str) -> None:
-        with self._lock:
-            flight = self._flights.pop(key, None)
-        if flight is not None:
-            flight.land()
+        self.flights.land(key)
 
     # -- the seam --------------------------------------------------------------------------------
     def _before(self, call: Call) -> tuple[Plan, str | None, Reply | None]:
@@ -335,7 +302,7 @@ class CachePolicy:
         reply.tap.subscribe(_Recorder(self, call, key, reply, decided.ttl))
         return reply
 
-    def _late_hit(self, call: Call, decided: Plan, key: str | None, flight: _Flight | None) -> Reply | None:
+    def _late_hit(self, call: Call, decided: Plan, key: str | None, flight: Flight | None) -> Reply | None:
         """A new leader looks again: the previous one may have stored the answer and landed
         between our first lookup and our joining (otherwise two identical calls go upstream)."""
         if key is None or flight is not None or not decided.store or not decided.lookup:
@@ -354,15 +321,15 @@ class CachePolicy:
         decided, key, answer = self._before(call)
         if answer is not None:
             return answer
-        flight = self._join(key) if key is not None and decided.store else None
+        flight = self.flights.join(key) if key is not None and decided.store else None
         late = self._late_hit(call, decided, key, flight)
         if late is not None:
             return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)  # the leader's miss; a follower counts the hit it gets
         if flight is not None and key is not None:
-            if not flight.done.wait(self._coalesce_timeout):
-                return next(call)  # the leader is stuck: go upstream, uncached
+            if not self.flights.wait(flight):
+                return next(call)  # a leader it may not wait on, or one that did not land in time
             return self._after_wait(call, decided, key) or self.handle(call, next)
         try:
             reply = next(call)
@@ -376,22 +343,14 @@ class CachePolicy:
         decided, key, answer = self._before(call)
         if answer is not None:
             return answer
-        flight = self._join(key) if key is not None and decided.store else None
+        flight = self.flights.join(key) if key is not None and decided.store else None
         late = self._late_hit(call, decided, key, flight)
         if late is not None:
             return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)
         if flight is not None and key is not None:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[None] = loop.create_future()
-            with self._lock:
-                flight.waiters.append((loop, future))
-            if flight.done.is_set() and not future.done():
-                future.set_result(None)
-            try:
-                await asyncio.wait_for(asyncio.shield(future), self._coalesce_timeout)
-            except asyncio.TimeoutError:
+            if not await self.flights.await_landing(flight):
                 return await anext(call)
             return self._after_wait(call, decided, key) or await self.ahandle(call, anext)
         try:
