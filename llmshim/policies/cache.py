@@ -20,6 +20,7 @@ Fail open: any store error is a miss (or a skipped write), a warning (at most on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -32,6 +33,7 @@ from typing import Any
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store import keys
+from ..store.background import Writes
 from ..store.sqlite import Entry
 from .coalescing import Flight, Flights
 from .stats import STATS
@@ -163,13 +165,21 @@ class _Recorder:
         self._finish()  # the tracker judged it: a close after the done marker is still "ok"
 
     def _finish(self) -> None:
-        call = self._call
-        try:
-            if storable(call, self._tap.opaque_body or self._tap.missed):  # missed: bytes read unseen
-                self._policy.save(call, self._key, self._headers, b"".join(self._chunks), self._ttl)
-        finally:
-            self._chunks = []
-            self._policy.landed(self._key)
+        call, policy, key = self._call, self._policy, self._key
+        body = b"".join(self._chunks) if storable(call, self._tap.opaque_body or self._tap.missed) else None
+        self._chunks = []  # missed: bytes were read where the tap could not see them
+        headers, ttl = self._headers, self._ttl
+
+        def write() -> None:
+            try:
+                if body is not None:
+                    policy.save(call, key, headers, body, ttl)
+            finally:
+                policy.landed(key)  # followers look up again only once the entry is written
+
+        policy.flights.writing(key)
+        if not policy.writes.run(write):  # on an event loop the write is queued; queue full: dropped
+            policy.landed(key)
 
 
 class CachePolicy:
@@ -181,12 +191,20 @@ class CachePolicy:
         self.nondeterministic = nondeterministic
         self._instruments = instruments
         self.flights = Flights(coalesce_timeout)
+        # Store writes (an entry, a last-access touch, counters, the close) never block an event
+        # loop: made from a thread running one, they are queued for a background thread.
+        self.writes = Writes()
+        self._salted = False
         self._warned_at = 0.0
 
     def close(self) -> None:
-        """At uninstall or re-install: write pending counters, close the connections."""
-        with contextlib.suppress(Exception):
-            self.store.close()
+        """When the last call on this policy's pipeline ended: write pending counters, close the
+        connections (after any queued write)."""
+        def close() -> None:
+            with contextlib.suppress(Exception):
+                self.store.close()
+
+        self.writes.run(close)
 
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -211,7 +229,7 @@ class CachePolicy:
 
     def _lookup(self, key: str) -> Entry | None:
         try:
-            entry: Entry | None = self.store.get(key, CLOCK())
+            entry: Entry | None = self.store.get(key, CLOCK(), defer=self.writes.run)
             return entry
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
@@ -242,10 +260,13 @@ class CachePolicy:
             if instruments is not None:
                 (instruments.cache_hits if hit else instruments.cache_misses).add(
                     1, {"gen_ai.provider.name": call.info.provider})
-        try:
-            self.store.note(hits=int(hit), misses=int(not hit), tokens_saved=saved)
-        except Exception as exc:
-            self._failed("write", exc)
+        def note() -> None:
+            try:
+                self.store.note(hits=int(hit), misses=int(not hit), tokens_saved=saved)
+            except Exception as exc:
+                self._failed("write", exc)
+
+        self.writes.run(note)
 
     # -- replies built without the upstream ------------------------------------------------------
     def _hit(self, call: Call, entry: Entry) -> Reply | None:
@@ -339,7 +360,16 @@ class CachePolicy:
             raise
         return self._after_miss(call, decided, key if decided.store else None, reply)
 
+    async def _salt_off_loop(self) -> None:
+        """The store's salt is read (and, the very first time, written) once per store: off the
+        loop, since the write can wait for another process's lock."""
+        if not self._salted:
+            with contextlib.suppress(Exception):  # a failure shows again, failing open, in _key
+                await asyncio.to_thread(lambda: self.store.salt)
+            self._salted = True
+
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        await self._salt_off_loop()
         decided, key, answer = self._before(call)
         if answer is not None:
             return answer

@@ -7,7 +7,8 @@ A follower never waits without bound and never waits on itself:
 - ``may_wait`` (pure) refuses a wait on a leader in the follower's own thread (a blocked thread
   cannot read the leader's body: opening the same stream twice before reading either, or the
   OpenAI SDK's "break out of the stream, ask again") or its own asyncio task; such a follower
-  goes upstream at once, uncached.
+  goes upstream at once, uncached. Once the leader's body has ended and only its store write is
+  left (queued off an event loop), anyone may wait: the write makes progress on its own.
 - A wait lasts at most ``timeout`` seconds (``LLMSHIM_CACHE_COALESCE_TIMEOUT``): a leader whose
   stream was dropped unread lands only when it is garbage-collected, so after the bound the
   follower goes upstream itself.
@@ -60,10 +61,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Flight:
     """One upstream call in progress, and the asynchronous followers to wake when it lands."""
 
-    __slots__ = ("done", "leader", "waiters")
+    __slots__ = ("done", "leader", "waiters", "writing")
 
     def __init__(self, leader: Owner) -> None:
         self.leader = leader
+        self.writing = False  # the leader's body has ended; only its store write is left
         self.done = threading.Event()
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -101,6 +103,14 @@ class Flights:
         if flight is not None:
             flight.land()
 
+    def writing(self, key: str) -> None:
+        """The leader's body ended and its entry is being written (maybe on a background thread):
+        from now on anyone may wait for the landing, the leader's own thread or task included."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.writing = True
+
     def in_flight(self) -> int:
         with self._lock:
             return len(self._flights)
@@ -108,13 +118,13 @@ class Flights:
     def wait(self, flight: Flight) -> bool:
         """Block until ``flight`` lands: True; False when it may not or did not land in time
         (the caller then goes upstream itself)."""
-        if not may_wait(flight.leader, owner()):
+        if not (flight.writing or may_wait(flight.leader, owner())):
             return False
         return flight.done.wait(self.timeout)
 
     async def await_landing(self, flight: Flight) -> bool:
         """The asynchronous twin of ``wait``."""
-        if not may_wait(flight.leader, owner()):
+        if not (flight.writing or may_wait(flight.leader, owner())):
             return False
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()

@@ -59,7 +59,7 @@ class RedisCacheStore:
 
     _salt: bytes | None = None
 
-    def get(self, key: str, now: float) -> Entry | None:
+    def get(self, key: str, now: float, defer: Any = None) -> Entry | None:
         row = self.redis.run(lambda client: client.hgetall(self.prefix + key))
         if not row:
             return None
@@ -136,12 +136,13 @@ class TieredStore:
     def salt(self) -> bytes:
         return self.back.salt  # one salt for every host, or hosts would never share an answer
 
-    def get(self, key: str, now: float) -> Entry | None:
-        entry = self.front.get(key, now)
+    def get(self, key: str, now: float, defer: Any = None) -> Entry | None:
+        entry = self.front.get(key, now, defer)
         if entry is None:
             entry = self.back.get(key, now)
-            if entry is not None:
-                self.front.put(entry, now)
+            if entry is not None:  # kept in the front for the next hit: a write, deferred like the touch
+                found = entry
+                (defer or (lambda fn: fn()))(lambda: self.front.put(found, now))
         return entry
 
     def put(self, entry: Entry, now: float) -> None:

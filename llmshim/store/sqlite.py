@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -107,6 +107,10 @@ def _flush_all_at_exit() -> None:
 
 
 atexit.register(_flush_all_at_exit)  # once per process, not once per store: stores come and go with installs
+
+
+def _now(fn: Callable[[], None]) -> None:
+    fn()
 
 
 class SQLiteStore:
@@ -201,7 +205,9 @@ class SQLiteStore:
         return self._salt
 
     # -- entries ---------------------------------------------------------------------------------
-    def get(self, key: str, now: float) -> Entry | None:
+    def get(self, key: str, now: float, defer: Callable[[Callable[[], None]], object] | None = None) -> Entry | None:
+        """The live entry for ``key``, or None. A read: the last-access touch it may be due is a
+        write, run through ``defer`` when given (the cache queues it off an event loop)."""
         with self._read() as conn:
             row = conn.execute(
                 "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?",
@@ -209,10 +215,13 @@ class SQLiteStore:
         if row is None or (row[4] is not None and row[4] <= now):
             return None
         if now - row[6] >= TOUCH_INTERVAL and not self.read_only:
-            with suppress(sqlite3.Error), self._write() as conn:  # advisory: a busy file keeps its hit
-                conn.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
+            (defer or _now)(lambda: self._touch(key, now))
         return Entry(key, int(row[0]), [tuple(h) for h in json.loads(row[1])], bytes(row[2]), row[3], row[4],
                      json.loads(row[5]))
+
+    def _touch(self, key: str, now: float) -> None:
+        with suppress(sqlite3.Error, OSError), self._write() as conn:  # advisory: a busy file keeps its hit
+            conn.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
 
     def put(self, entry: Entry, now: float) -> None:
         headers = json.dumps(entry.headers)

@@ -1,0 +1,100 @@
+"""Store writes that must not block an event loop run on one background thread.
+
+A SQLite write can wait up to the busy timeout while another process holds the write lock, and a
+Redis write up to its socket timeout. A synchronous caller may pay that (it is its own thread);
+an event loop must not: every other task would freeze with it. ``Writes.run(fn)`` therefore runs
+``fn`` inline when the current thread runs no event loop, and otherwise queues it for one daemon
+thread, in order (a put before the counters it flushes, the close after both). The queue is
+bounded: beyond ``limit`` pending writes a new one is dropped and counted (``dropped``), since a
+cache write is only ever an optimisation. After ``fork()`` the child starts with an empty queue
+and no thread (the parent's is not there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+__all__ = ["Writes", "on_event_loop"]
+
+log = logging.getLogger("llmshim")
+
+
+def on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop right now (so it must not block)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+_ALL: weakref.WeakSet[Writes] = weakref.WeakSet()
+
+
+class Writes:
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._queue: collections.deque[Callable[[], None]] = collections.deque()
+        self._cond = threading.Condition(threading.RLock())
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        _ALL.add(self)
+
+    def run(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` now, or queue it when this thread runs an event loop. False: dropped (full)."""
+        if not on_event_loop():
+            fn()
+            return True
+        return self.submit(fn)
+
+    def submit(self, fn: Callable[[], None]) -> bool:
+        with self._cond:
+            if len(self._queue) >= self.limit:
+                self.dropped += 1
+                return False
+            self._queue.append(fn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="llmshim-store-writes", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return True
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write has run (tests, shutdown); False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+                while not self._queue:
+                    self._cond.wait()
+                fn = self._queue.popleft()
+                self._busy = True
+            try:
+                fn()
+            except Exception:  # each write fails open on its own; this only keeps the thread alive
+                log.warning("llmshim: a background store write failed", exc_info=True)
+
+    def _after_fork_in_child(self) -> None:
+        self._queue = collections.deque()
+        self._cond = threading.Condition(threading.RLock())
+        self._thread, self._busy = None, False
+
+
+def _reset_in_child() -> None:
+    for writes in list(_ALL):
+        writes._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
