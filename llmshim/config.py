@@ -90,6 +90,8 @@ def _auto_workers() -> int:
 _SIZE = Number(SIZE_UNITS, Decimal(1), Decimal(2**50),
                "bytes, or a size: 512M or 1G (M, G = MiB, GiB), 500MB (MB = 10^6 bytes), 2GiB", whole=True,
                none=frozenset({"none"}))
+_ENTRY_SIZE = Number(SIZE_UNITS, Decimal(1024), Decimal(2**30),
+                     "a size from 1K to 1G: 512K, 32M (K, M, G = KiB, MiB, GiB), 10MB", whole=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,12 @@ OPTIONS: tuple[Option, ...] = (
         "cache_max_bytes", "LLMSHIM_CACHE_MAX_BYTES", _SIZE, "1GiB",
         "a size such as 512M or 1G (binary: MiB, GiB), 500MB (decimal) or 2GiB, at most 1 PiB; or empty/none",
         "Evict least recently used answers beyond this total size. Empty: no limit.",
+    ),
+    Option(
+        "cache_max_entry_bytes", "LLMSHIM_CACHE_MAX_ENTRY_BYTES", _ENTRY_SIZE, "32M",
+        "a size from 1K to 1G: 512K, 32M (K, M, G = KiB, MiB, GiB), 10MB",
+        "The largest answer the cache keeps. A bigger body is passed to the caller as it comes, never buffered "
+        "beyond this size, and not cached.",
     ),
     Option(
         "cache_scope", "LLMSHIM_CACHE_SCOPE", choice("credential", "shared"), "credential",
@@ -307,6 +315,7 @@ class Settings:
     cache_ttl: float | None = None
     cache_max_entries: int | None = None
     cache_max_bytes: int | None = 2**30
+    cache_max_entry_bytes: int = 32 * 2**20
     cache_scope: str = "credential"
     cache_ignore_headers: frozenset[str] = frozenset()
     cache_nondeterministic: str = "cache"

@@ -63,6 +63,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             ignored_headers=settings.cache_ignore_headers,
             nondeterministic=settings.cache_nondeterministic, coalesce_timeout=settings.cache_coalesce_timeout,
+            max_entry_bytes=settings.cache_max_entry_bytes,
             instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
     if settings.retry_mode != "off":
         from .policies.retry import RetryPolicy

@@ -37,6 +37,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "cache_ttl": (1e-3, 3650 * DAY),
     "cache_max_entries": (1, 10**12),
     "cache_max_bytes": (1, 2**50),
+    "cache_max_entry_bytes": (1024, 2**30),
     "retry_max_attempts": (1, 100),
     "retry_max_delay": (0, 30 * DAY),
     "rpm": (1, 10**12),

@@ -44,7 +44,8 @@ class _Feed:
             self.tap.chunk(data)  # opaque: only the first-chunk time is recorded
             return
         try:
-            self.tap.chunk(self.decoder.decode(data))
+            for piece in self.decoder.decode(data):
+                self.tap.chunk(piece)
         except Exception:  # a body we cannot decode is a body we do not read
             self.decoder = None
             self.tap.opaque()

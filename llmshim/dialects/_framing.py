@@ -2,17 +2,19 @@
 
 A body arrives in arbitrary pieces (a network read can split a line or a UTF-8 character), so
 each reader keeps the unfinished tail and yields only whole messages. The readers never buffer
-more than one unfinished message; a whole-JSON body is the exception and is kept until the end.
+more than one unfinished message; a whole-JSON body is the exception and is kept until the end,
+up to a limit (beyond it, only its edges are kept: see ``JsonBody``).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["JsonBody", "NdjsonReader", "SseReader", "loads_object"]
+__all__ = ["JsonBody", "NdjsonReader", "SseReader", "loads_object", "salvage"]
 
 
 _decode = json.JSONDecoder().decode  # json.loads minus its per-call encoding sniffing and dispatch
@@ -91,15 +93,76 @@ class NdjsonReader:
 
 
 class JsonBody:
-    """Collects a whole (non-streamed) JSON body and parses it once at the end."""
+    """Collects a whole (non-streamed) JSON body and parses it once at the end.
 
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
+    Up to ``limit`` bytes it is kept and parsed whole. A bigger body (a huge answer, a gzip bomb)
+    is not kept: only its first and last ``EDGE`` bytes are, and what a dialect reads of a whole
+    body (id, model, status, finish reason, usage, Ollama's and llama.cpp's counts) is salvaged
+    from them: the identity comes first in every dialect's answer, the usage last."""
+
+    EDGE = 64 * 1024
+
+    def __init__(self, limit: int = 8 * 1024 * 1024) -> None:
+        self.limit = limit
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self._head = b""
+        self._tail = bytearray()  # the last EDGE to 2 x EDGE bytes: trimmed in amortised O(1)
 
     def feed(self, data: bytes, final: bool = False) -> Iterator[Any]:
-        self._parts.append(data)
-        if final:
+        self._size += len(data)
+        if self._parts is not None:
+            self._parts.append(data)
+            if self._size > self.limit:  # too big to keep: from now on, only its two edges
+                whole = b"".join(self._parts)
+                self._parts = None
+                self._head, self._tail = whole[: self.EDGE], bytearray(whole[-self.EDGE:])
+        else:
+            self._tail += data
+            if len(self._tail) > 2 * self.EDGE:
+                del self._tail[: -self.EDGE]
+        if not final:
+            return
+        if self._parts is not None:
             obj = loads_object(b"".join(self._parts))
-            self._parts.clear()
-            if obj is not None:
-                yield obj
+            self._parts = []
+        else:
+            obj = salvage(self._head, bytes(self._tail[-self.EDGE:]))
+        if obj is not None:
+            yield obj
+
+
+_HEAD_FIELDS = frozenset({"id", "model", "object", "status"})
+_SCALAR = re.compile(rb'"(id|model|object|status|done|done_reason|finish_reason|prompt_eval_count|eval_count|'
+                     rb'tokens_evaluated|tokens_predicted|stop|stop_type)"\s*:\s*'
+                     rb'("(?:[^"\\]|\\.){0,256}"|-?\d{1,19}|true|false|null)')
+_OBJECTS = re.compile(rb'"(usage|timings)"\s*:\s*\{')
+
+
+def salvage(head: bytes, tail: bytes) -> dict[str, Any] | None:
+    """What the dialects read of a whole JSON body, from its first and last bytes only: the
+    identity fields' first occurrence in ``head``, the others' last occurrence and the ``usage``
+    / ``timings`` objects in ``tail``. None when nothing is found."""
+    found: dict[str, Any] = {}
+    for match in _SCALAR.finditer(head):
+        name = match.group(1).decode()
+        if name in _HEAD_FIELDS and name not in found:
+            found[name] = loads_object(match.group(2))
+    for match in _SCALAR.finditer(tail):
+        name = match.group(1).decode()
+        if name not in _HEAD_FIELDS:
+            found[name] = loads_object(match.group(2))
+    text = tail.decode("utf-8", "replace")
+    for match in _OBJECTS.finditer(tail):
+        start = len(tail[: match.end() - 1].decode("utf-8", "replace"))
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, start)
+        except ValueError:
+            continue
+        found[match.group(1).decode()] = value
+    if not found:
+        return None
+    reason = found.pop("finish_reason", None)
+    if isinstance(reason, str):
+        found["choices"] = [{"index": 0, "finish_reason": reason}]
+    return found

@@ -147,15 +147,22 @@ def stored_headers(headers: Any) -> list[tuple[str, str]]:
 class _Recorder:
     """Tees the decoded body of a miss; stores it if the call ended well."""
 
-    __slots__ = ("_call", "_chunks", "_headers", "_key", "_policy", "_tap", "_ttl")
+    __slots__ = ("_call", "_chunks", "_headers", "_key", "_policy", "_size", "_tap", "_ttl")
 
     def __init__(self, policy: CachePolicy, call: Call, key: str, reply: Reply, ttl: float | None) -> None:
         self._policy, self._call, self._key, self._ttl = policy, call, key, ttl
         self._headers = stored_headers(reply.headers)
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes] | None = []
+        self._size = 0
         self._tap = reply.tap
 
     def on_chunk(self, data: bytes) -> None:
+        if self._chunks is None:
+            return
+        self._size += len(data)
+        if self._size > self._policy.max_entry_bytes:  # too big to keep: stop buffering, never store
+            self._chunks = None
+            return
         self._chunks.append(data)
 
     def on_complete(self) -> None:
@@ -166,8 +173,10 @@ class _Recorder:
 
     def _finish(self) -> None:
         call, policy, key = self._call, self._policy, self._key
-        body = b"".join(self._chunks) if storable(call, self._tap.opaque_body or self._tap.missed) else None
-        self._chunks = []  # missed: bytes were read where the tap could not see them
+        chunks, self._chunks = self._chunks, None
+        # missed: bytes were read where the tap could not see them; None: more than max_entry_bytes
+        keep = chunks is not None and storable(call, self._tap.opaque_body or self._tap.missed)
+        body = b"".join(chunks) if keep and chunks is not None else None
         headers, ttl = self._headers, self._ttl
 
         def write() -> None:
@@ -185,12 +194,13 @@ class _Recorder:
 class CachePolicy:
     def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
                  instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 30.0,
-                 ignored_headers: frozenset[str] = frozenset()) -> None:
+                 ignored_headers: frozenset[str] = frozenset(), max_entry_bytes: int = 32 * 2**20) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
         self.ignored_headers = ignored_headers
         self.nondeterministic = nondeterministic
         self._instruments = instruments
         self.flights = Flights(coalesce_timeout)
+        self.max_entry_bytes = max_entry_bytes
         # Store writes (an entry, a last-access touch, counters, the close) never block an event
         # loop: made from a thread running one, they are queued for a background thread.
         self.writes = Writes()

@@ -237,6 +237,12 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
+#: Bodies above this size are keyed by their exact bytes rather than their normalised JSON: the
+#: normalisation would build three more copies of a body this big (a JSON text never starts with
+#: "exact:", so the two forms cannot meet).
+EXACT_BODY_BYTES = 1024 * 1024
+
+
 def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozenset[str] = frozenset(),
                  ) -> tuple[str, str]:
     """What the key is made of, as canonical ASCII texts: (everything but the body, the body).
@@ -253,6 +259,8 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
         scope = "anonymous"
     fields = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
     head = _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers, scope])
+    if len(request.body) > EXACT_BODY_BYTES:  # stricter, never looser: no second parse of a huge body
+        return head, "exact:" + hashlib.sha256(request.body).hexdigest()
     return head, canonical_body(request.body, fields)
 
 
@@ -266,9 +274,18 @@ def cache_key(call: Call, salt: bytes, shared: bool = False, ignored_headers: fr
     return digest.hexdigest()
 
 
+#: Requests up to this size keep their whole body in the entry's description (``llmshim cache show``).
+SUMMARY_BODY_BYTES = 64 * 1024
+
+
 def summary(call: Call) -> Mapping[str, Any]:
     """A redacted description of the request for ``llmshim cache ls/show``: never headers."""
     ignored = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
-    return {"provider": call.info.provider, "endpoint": call.info.endpoint, "model": call.info.model,
-            "stream": call.info.stream, "url": call.request.public_url,
-            "body": {k: v for k, v in call.info.body.items() if k not in ignored}}
+    described: dict[str, Any] = {"provider": call.info.provider, "endpoint": call.info.endpoint,
+                                 "model": call.info.model, "stream": call.info.stream, "url": call.request.public_url,
+                                 "body_bytes": len(call.request.body)}
+    if len(call.request.body) <= SUMMARY_BODY_BYTES:
+        described["body"] = {k: v for k, v in call.info.body.items() if k not in ignored}
+    else:  # a big request is described, not copied into every entry's metadata
+        described["body_preview"] = call.request.body[:SUMMARY_BODY_BYTES // 16].decode("utf-8", "replace")
+    return described
