@@ -318,6 +318,9 @@ class Call:
     replay: Callable[[int, list[tuple[str, str]], bytes], Reply] | None = None
     # Exceptions of the adapter's library that mean "no response arrived" (retryable).
     transport_errors: tuple[type[BaseException], ...] = ()
+    # The caller's read timeout in seconds (None: none known): no wait llmshim makes between
+    # attempts (a backoff, a server's retry-after) is as long as the silence the caller tolerates.
+    timeout: float | None = None
     # Why the cache must neither look up nor store this call, set by the adapter: a test double or a
     # recorder answers it, not the network (llmshim.adapters._doubles). None: the real network.
     cache_bypass: str | None = None

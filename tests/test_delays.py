@@ -102,3 +102,38 @@ def test_the_sqlite_block_is_capped_also_when_an_older_process_wrote_more(tmp_pa
     conn.close()
     reopened = SQLiteLimitStore(str(tmp_path / "limits.sqlite3"))
     assert 0 < reopened.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
+
+
+@pytest.mark.parametrize("client", ["requests", "httpx", "openai"])
+def test_no_retry_wait_outlasts_the_callers_timeout(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch,
+                                                    client: str) -> None:
+    import httpx
+    import openai
+
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "llmshim")
+    server.inject(Fault(status=503, headers={"retry-after": "5"}))  # under the 20 s cap, over the 2 s timeout
+    url = server.openai_base_url + "/chat/completions"
+    llmshim.install()
+    try:
+        if client == "requests":
+            status = requests.post(url, json=BODY, timeout=2).status_code
+        elif client == "httpx":
+            status = httpx.post(url, json=BODY, timeout=2).status_code
+        else:
+            sdk = openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0, timeout=2)
+            with pytest.raises(openai.InternalServerError):
+                sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}])
+            status = 503
+    finally:
+        llmshim.uninstall()
+    assert status == 503 and len(server.received) == 1  # handed back at once, not slept on
+
+    # With a timeout longer than the delay, the same answer is retried after the server's delay.
+    server.reset()
+    server.inject(Fault(status=503, headers={"retry-after-ms": "100"}))
+    llmshim.install()
+    try:
+        assert requests.post(url, json=BODY, timeout=2).status_code == 200
+    finally:
+        llmshim.uninstall()
+    assert len(server.received) == 2

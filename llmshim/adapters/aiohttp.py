@@ -188,6 +188,8 @@ async def _middleware(request: Any, handler: Any) -> Any:
         return await handler(request)
     mark_bypass(call, lambda: aiohttp_double(request))
     call.replay = _replayer(request)
+    session_timeout = getattr(getattr(request, "_session", None), "timeout", None)
+    call.timeout = getattr(session_timeout, "sock_read", None) or getattr(session_timeout, "total", None)
     import asyncio
 
     import aiohttp

@@ -178,6 +178,12 @@ def _reply(response: Any, stream_class: type) -> Reply:
     return Reply(response.status_code, response.headers, tap, response, discard=response.close, peek=response.read)
 
 
+def _read_timeout(request: Any) -> float | None:
+    """The request's read timeout (httpx keeps the client's or the call's in its extensions)."""
+    timeout = (request.extensions.get("timeout") or {}).get("read")
+    return float(timeout) if isinstance(timeout, (int, float)) else None
+
+
 def sync_wrapper(module: Any, original: Any) -> Any:
     sync_stream = _streams(module)[0]
     sync_body = _bodies(module)[0]
@@ -190,6 +196,7 @@ def sync_wrapper(module: Any, original: Any) -> Any:
         mark_bypass(call, lambda: httpx_double(module, self, request))
         call.replay = _replayer(module, self, request, sync_body, sync_stream)
         call.transport_errors = (module.TransportError,)
+        call.timeout = _read_timeout(request)
 
         def send(call: Call) -> Reply:
             return _reply(original(self, request), sync_stream)
@@ -211,6 +218,7 @@ def async_wrapper(module: Any, original: Any) -> Any:
         mark_bypass(call, lambda: httpx_double(module, self, request))
         call.replay = _replayer(module, self, request, async_body, async_stream)
         call.transport_errors = (module.TransportError,)
+        call.timeout = _read_timeout(request)
 
         async def send(call: Call) -> Reply:
             return _reply(await original(self, request), async_stream)

@@ -312,6 +312,15 @@ def _replayer(adapter: Any, request: Any) -> Any:
     return replay
 
 
+def _read_timeout(timeout: Any) -> float | None:
+    """The read timeout of requests' ``timeout`` argument: a number, a (connect, read) pair, or
+    urllib3's Timeout; None when there is none (or it is not a plain number)."""
+    if isinstance(timeout, tuple):
+        timeout = timeout[1] if len(timeout) > 1 else None
+    timeout = getattr(timeout, "read_timeout", timeout)
+    return float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
+
+
 def send_wrapper(module: Any, original: Any) -> Any:
     from requests import exceptions
 
@@ -324,6 +333,7 @@ def send_wrapper(module: Any, original: Any) -> Any:
         mark_bypass(call, lambda: requests_double(self, original))
         call.replay = _replayer(self, request)
         call.transport_errors = transport_errors
+        call.timeout = _read_timeout(kwargs["timeout"] if "timeout" in kwargs else args[1] if len(args) > 1 else None)
 
         def send_wire(call: Call) -> Reply:
             return _reply(original(self, request, *args, **kwargs))

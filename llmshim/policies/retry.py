@@ -171,7 +171,7 @@ class RetryPolicy:
             status=reply.status if reply else None, headers=reply.headers if reply else None,
             body_error=_quota_error(reply), transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
-            budget_ok=True, rand=self._rand())
+            budget_ok=True, rand=self._rand(), time_left=call.timeout)
         if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision
