@@ -155,7 +155,7 @@ def _check_limits(settings: Any, line: Any) -> bool:
     store = settings.ratelimit_store
     limited = settings.rpm or settings.tpm or settings.limits or settings.max_concurrency
     line(f"  {redact.scrub_setting_url(store)}" + ("" if limited else "  (no limits configured: the limiter is off)"))
-    if store.startswith(("redis://", "rediss://", "unix://")):
+    if store != "memory" and not store.startswith("sqlite:///"):  # every Redis form: one, Cluster, Sentinel
         try:
             from .store.redis import RedisLimitStore
 

@@ -378,3 +378,27 @@ def test_a_failing_redis_cache_warns_without_its_password(server: FakeLLMServer,
     warnings_seen = [r.getMessage() for r in caplog.records if r.name == "llmshim"]
     assert any("cache" in m and "failed" in m for m in warnings_seen), warnings_seen
     assert not any("Kestrel" in m or "\u043a\u043b\u044e\u0447" in m for m in warnings_seen)
+
+
+def test_a_credential_echoed_in_a_response_header_is_never_written_to_the_cache(tmp_path: Path) -> None:
+    import requests
+
+    from llmshim.store.sqlite import SQLiteStore
+    from llmshim.testing import FakeLLMServer
+    from llmshim.testing.responses import Answer, answer_for
+
+    def echoing(received: Any) -> Answer:
+        answer = answer_for(received.method, received.path, received.json())
+        answer.headers = [*answer.headers, ("x-gateway-api-key", "sk-echoedSECRET"), ("x-session-token", "tok1")]
+        return answer
+
+    with FakeLLMServer(responder=echoing) as server:
+        llmshim.install(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+        try:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+            requests.post(server.openai_base_url + "/chat/completions", json=body, timeout=5)
+        finally:
+            llmshim.uninstall()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("c.sqlite3"))
+    assert b"echoedSECRET" not in raw and b"tok1" not in raw
+    assert SQLiteStore(str(tmp_path / "c.sqlite3")).stats()["entries"] == 1

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .. import redact
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler, track
 from ..store import keys
@@ -140,8 +141,11 @@ def storable(call: Call, opaque: bool) -> bool:
 
 
 def stored_headers(headers: Any) -> list[tuple[str, str]]:
+    """The response headers an entry keeps: not hop-by-hop ones, and never a credential (a
+    gateway echoing a key or a session token must not write it into the cache file)."""
     items = headers.multi_items() if hasattr(headers, "multi_items") else list(headers.items())
-    return [(str(k), str(v)) for k, v in items if str(k).lower() not in DROPPED_HEADERS]
+    return [(str(k), str(v)) for k, v in items
+            if str(k).lower() not in DROPPED_HEADERS and not redact.is_secret_header(str(k))]
 
 
 class _Recorder:
