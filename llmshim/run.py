@@ -69,6 +69,12 @@ def main(command: Sequence[str], *, cache: str | None = None, priority: str | No
         print(f"llmshim run: {exc}", file=sys.stderr)
         return 2
     try:
+        if os.name == "posix":
+            # Become the program (same PID): signals such as a container's SIGTERM reach it
+            # directly, and nothing is left running when it is stopped.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execvpe(command[0], list(command), env)
         return subprocess.call(list(command), env=env)
     except FileNotFoundError:
         print(f"llmshim run: command not found: {command[0]}", file=sys.stderr)

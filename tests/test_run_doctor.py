@@ -135,3 +135,19 @@ def test_run_reaches_uvicorn_workers(server: FakeLLMServer, tmp_path: Path) -> N
     assert [a["answer"] for a in answers] == ["Echo: hello", "Echo: hello"]
     assert all(a["llmshim_active_in_worker"] for a in answers)
     assert answers[1]["cached"] == "hit" and len(server.received) == 1
+
+
+def test_run_becomes_the_program_so_signals_reach_it() -> None:
+    """A container stops `llmshim run -- app` with SIGTERM to that PID: the app must get it, and
+    nothing may be left running (a child of a parent that died would be)."""
+    program = ("import os, signal, sys\n"
+               "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(0)))\n"
+               "print(os.getpid(), flush=True)\n"
+               "signal.pause()\n")
+    proc = subprocess.Popen([sys.executable, "-m", "llmshim", "run", "--", sys.executable, "-c", program],
+                            env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert int(proc.stdout.readline()) == proc.pid  # the same process: exec, not a child
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert "got TERM" in out and proc.returncode == 0
