@@ -85,7 +85,10 @@ def _request(call: Call) -> dict[str, Any]:
 
 
 class CassettePolicy:
-    """Records or replays at the cache's place in the pipeline."""
+    """Records or replays at the cache's place in the pipeline. A call a test double or another
+    recorder answers is neither replayed nor recorded."""
+
+    serves_answers = True
 
     def __init__(self, cassette: Cassette) -> None:
         self.cassette = cassette
@@ -138,6 +141,8 @@ class CassettePolicy:
         return reply
 
     def handle(self, call: Call, next: Handler) -> Reply:
+        if call.cache_bypass:  # a mock or another recorder answers: never hidden, never recorded
+            return next(call)
         if self.cassette.mode == "replay" and call.replay is not None:
             answer = self._answer(call)
             assert answer is not None
@@ -145,6 +150,8 @@ class CassettePolicy:
         return self._record(call, next(call))
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        if call.cache_bypass:
+            return await anext(call)
         if self.cassette.mode == "replay" and call.replay is not None:
             answer = self._answer(call)
             assert answer is not None

@@ -71,3 +71,26 @@ def test_unmarked():
     assert not llmshim.is_installed()
 """)
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+MOCKED = """
+import httpx, respx
+
+def test_mocked():
+    with respx.mock:
+        respx.post("http://llm.invalid/v1/chat/completions").respond(200, json={
+            "id": "c", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "MOCKED"}, "finish_reason": "stop"}]})
+        r = httpx.post("http://llm.invalid/v1/chat/completions",
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.json()["choices"][0]["message"]["content"] == "MOCKED"
+"""
+
+
+@pytest.mark.parametrize("mode", ["--llmshim-record", "--llmshim-replay"])
+def test_a_mocked_call_is_neither_recorded_nor_replayed(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makepyfile(test_mocked=MOCKED)
+    result = pytester.runpytest_subprocess(mode, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    cassettes = list(pytester.path.glob("cassettes/**/*.json"))
+    assert all(not json.loads(p.read_text()).get("interactions") for p in cassettes)

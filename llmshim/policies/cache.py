@@ -196,6 +196,7 @@ class _Recorder:
 
 
 class CachePolicy:
+    serves_answers = True  # answers without the upstream: test doubles must be detected (adapters)
     def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
                  instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 30.0,
                  ignored_headers: frozenset[str] = frozenset(), max_entry_bytes: int = 32 * 2**20) -> None:
