@@ -385,10 +385,10 @@ def test_a_credential_echoed_in_a_response_header_is_never_written_to_the_cache(
 
     from llmshim.store.sqlite import SQLiteStore
     from llmshim.testing import FakeLLMServer
-    from llmshim.testing.responses import Answer, answer_for
+    from llmshim.testing import responses
 
-    def echoing(received: Any) -> Answer:
-        answer = answer_for(received.method, received.path, received.json())
+    def echoing(received: Any) -> responses.Answer:
+        answer = responses.answer_for(received.method, received.path, received.json())
         answer.headers = [*answer.headers, ("x-gateway-api-key", "sk-echoedSECRET"), ("x-session-token", "tok1")]
         return answer
 
