@@ -384,8 +384,7 @@ def test_a_credential_echoed_in_a_response_header_is_never_written_to_the_cache(
     import requests
 
     from llmshim.store.sqlite import SQLiteStore
-    from llmshim.testing import FakeLLMServer
-    from llmshim.testing import responses
+    from llmshim.testing import FakeLLMServer, responses
 
     def echoing(received: Any) -> responses.Answer:
         answer = responses.answer_for(received.method, received.path, received.json())
