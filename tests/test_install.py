@@ -171,3 +171,31 @@ print(json.dumps({{"same": recorded == replayed, "recorded": recorded_seen, "rep
     expected = [[OPENAI_LIBRARY, "openai", "m", 4], ["requests", "ollama", "m", 4]]
     assert result["recorded"] == expected
     assert result["replayed"] == expected  # llmshim sits above vcrpy's stubs, so replays are seen too
+
+
+def test_install_again_repatches_after_a_mock_restored_the_original(server: FakeLLMServer) -> None:
+    """A mock started before install() and stopped after it restores the genuine method, dropping
+    llmshim silently; the next install() must notice and patch again."""
+    from unittest import mock
+
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    import llmshim
+
+    genuine = HTTPAdapter.send
+    seen: list[llmshim.CallRecord] = []
+    llmshim.on("call_completed", seen.append)
+    try:
+        with mock.patch.object(HTTPAdapter, "send", new=lambda self, *a, **k: genuine(self, *a, **k)):
+            llmshim.install()
+        assert HTTPAdapter.send is genuine  # the mock put the genuine method back: llmshim is gone
+        llmshim.install()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        requests.post(server.openai_base_url + "/chat/completions", json=body, timeout=5)
+        assert len(seen) == 1  # seen again
+        llmshim.uninstall()
+        assert HTTPAdapter.send is genuine
+    finally:
+        llmshim.off("call_completed", seen.append)
+        llmshim.uninstall()

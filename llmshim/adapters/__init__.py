@@ -76,9 +76,15 @@ def _owner(patch: Patch, module: Any) -> Any:
 
 
 def _apply(patch: Patch, module: Any) -> None:
-    if patch in _applied or patch.library not in STATE.settings.libraries:
+    """Patch one attribute, or patch it again when what llmshim put there is gone: a mock started
+    before install() and stopped after it restores the genuine method under llmshim's feet. The
+    previous replacement, wherever it still sits, is a pass-through inside a call (``in_call``)."""
+    if patch.library not in STATE.settings.libraries:
         return
     owner = _owner(patch, module)
+    applied = _applied.get(patch)
+    if applied is not None and vars(owner).get(patch.attribute, _MISSING) is applied[1]:
+        return
     original = vars(owner).get(patch.attribute, _MISSING)
     current = getattr(owner, patch.attribute, None) if original is _MISSING else original
     replacement = patch.build(module, current)
