@@ -131,6 +131,9 @@ def churn_main(workdir: str, rounds: int) -> None:  # pragma: no cover - runs in
             stop.set()
             rounds_done = churned.result()
         llmshim.uninstall()
+    from llmshim.store.background import drain
+
+    drain(30)  # a pipeline whose last call ended on an event loop closes on the background writer
     cache = os.path.join(workdir, "cache.sqlite3")
     still_open = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                   if os.path.exists(f"/proc/self/fd/{fd}") and os.readlink(f"/proc/self/fd/{fd}").startswith(cache)]

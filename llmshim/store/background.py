@@ -13,14 +13,16 @@ and no thread (the parent's is not there).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["Writes", "on_event_loop"]
+__all__ = ["Writes", "drain", "on_event_loop"]
 
 log = logging.getLogger("llmshim")
 
@@ -35,6 +37,7 @@ def on_event_loop() -> bool:
 
 
 _ALL: weakref.WeakSet[Writes] = weakref.WeakSet()
+_registered = False
 
 
 class Writes:
@@ -45,6 +48,10 @@ class Writes:
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
         self._busy = False
+        global _registered
+        if not _registered:  # registered after the stores' own exit flush, so it runs before it
+            _registered = True
+            atexit.register(drain)
         _ALL.add(self)
 
     def run(self, fn: Callable[[], None]) -> bool:
@@ -89,6 +96,15 @@ class Writes:
         self._queue = collections.deque()
         self._cond = threading.Condition(threading.RLock())
         self._thread, self._busy = None, False
+
+
+def drain(timeout: float = 5.0) -> bool:
+    """Wait (at most ``timeout`` seconds in all) until every queued write of every cache has run:
+    at exit, so that answers and counters queued by an event loop are not lost with the daemon
+    thread, and for callers that must see the stores settled."""
+    deadline = time.monotonic() + timeout
+    return all(writes.idle(max(0.0, deadline - time.monotonic())) for writes in list(_ALL))
+
 
 
 def _reset_in_child() -> None:
