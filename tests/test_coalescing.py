@@ -8,6 +8,7 @@ follower even when one of their event loops has closed; a fork child has no flig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -164,3 +165,35 @@ def test_a_fork_child_has_no_flights(tmp_path: object) -> None:
     out = run_python(FORK, env={"CACHE": f"{tmp_path}/cache.sqlite3", "LLMSHIM_RETRY_MODE": "off",
                                 "LLMSHIM_TELEMETRY": "false"}, timeout=60)
     assert "child exit 0" in out
+
+
+def test_landing_wakes_every_follower_even_as_each_woken_one_leaves_the_list() -> None:
+    """A woken follower removes its own entry at once (from its loop's thread); landing must not
+    skip the next follower because the list shrank under it (seen: 1 of 4 followers slept for the
+    whole coalescing timeout under load). Here each wake-up removes its entry synchronously."""
+    from llmshim.policies.coalescing import Flight
+
+    flight = Flight(Owner(1, None))
+
+    class Waiter:
+        def __init__(self) -> None:
+            self.result: object = "unset"
+
+        def done(self) -> bool:
+            return self.result != "unset"
+
+        def set_result(self, value: object) -> None:
+            self.result = value
+            with contextlib.suppress(ValueError):  # the follower leaves, as await_landing's finally does
+                flight.waiters.remove(entry_of[id(self)])
+
+    class ImmediateLoop:
+        def call_soon_threadsafe(self, fn: object, *args: object) -> None:
+            fn(*args)  # type: ignore[operator]
+
+    loop = ImmediateLoop()
+    waiters = [Waiter() for _ in range(5)]
+    entry_of = {id(w): (loop, w) for w in waiters}
+    flight.waiters.extend(entry_of.values())  # type: ignore[arg-type]
+    flight.land()
+    assert [w.result for w in waiters] == [None] * 5

@@ -70,11 +70,15 @@ class Flight:
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def land(self) -> None:
+        """Wake every follower. ``done`` is set first: a follower registering from now on sees it
+        and wakes itself. The waiters are woken from a copy: a woken follower removes its own
+        entry at once (from its loop's thread), which would make an iteration of the live list
+        skip the next follower."""
         self.done.set()
-        for loop, future in self.waiters:
+        waiters, self.waiters = list(self.waiters), []
+        for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # that follower's loop has closed: wake the others
                 loop.call_soon_threadsafe(_resolve, future)
-        self.waiters = []
 
 
 _ALL: weakref.WeakSet[Flights] = weakref.WeakSet()
