@@ -83,3 +83,45 @@ async def test_cache_writes_never_freeze_the_loop_while_another_process_holds_th
             assert [r.json() for r in hits] == fresh
     finally:
         llmshim.uninstall()
+
+
+async def test_a_shared_rate_limit_store_never_freezes_the_loop(server: FakeLLMServer, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget shared through SQLite takes a write transaction per permit; while another process
+    holds that file's lock each take waits the busy timeout (then fails open to the local budget).
+    That wait happens on a background thread, never under the limiter's lock: the loop keeps ticking."""
+    limits = tmp_path / "limits.sqlite3"
+    monkeypatch.setenv("LLMSHIM_RATELIMIT_STORE", f"sqlite:///{limits}")
+    monkeypatch.setenv("LLMSHIM_RPM", "100000")
+    url = server.openai_base_url + "/chat/completions"
+    llmshim.install()
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await client.post(url, json=_body("warm up"))  # the limits file and its table exist
+            locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(limits)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert locker.stdout is not None
+            assert locker.stdout.readline().strip() == "locked"
+            loop = asyncio.get_running_loop()
+            lags: list[float] = []
+            stop = asyncio.Event()
+
+            async def tick() -> None:
+                while not stop.is_set():
+                    start = loop.time()
+                    await asyncio.sleep(0.005)
+                    lags.append(loop.time() - start - 0.005)
+
+            ticker = asyncio.create_task(tick())
+            try:
+                answers = await asyncio.gather(*(client.post(url, json=_body(f"limited {i}")) for i in range(3)))
+            finally:
+                stop.set()
+                await ticker
+                locker.communicate("\n", timeout=10)
+        expected = [f"Echo: limited {i}" for i in range(3)]
+        assert [a.json()["choices"][0]["message"]["content"] for a in answers] == expected
+        print(f"largest loop lag while the limits file was locked: {max(lags) * 1000:.1f} ms")
+        assert max(lags) < 1.0  # one take on the loop would freeze it for the 2 s busy timeout
+    finally:
+        llmshim.uninstall()
