@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 from ..call import Call, OnEnd, Reply
 from ..pipeline import AsyncHandler, Handler, track
-from ..store.background import Writes
 from ..store.keys import credential_of
 from ..store.limits import MAX_BLOCK
 from .stats import STATS
@@ -242,21 +241,18 @@ class _Key:
             waits.append(self.tokens.wait(now, waiter.tokens))
         return max(0.0, *waits)
 
-    def try_take(self, now: float, waiter: Waiter, shared_wait: float | None = None) -> float:
+    def try_take(self, now: float, waiter: Waiter) -> float:
         """Take the waiter's permits and answer 0, or take nothing and answer the seconds to wait
         (``inf``: until a call in flight ends). With a shared store, the machine-wide budget
         decides; if the store fails, this process's own buckets do (fail open: a warning, the
         ``store_errors`` stat, and the call goes on)."""
-        if self.full():
+        if self.capacity is not None and self.in_flight >= max(1, int(self.capacity)):
             return float("inf")
-        wait = self._take_rate(now, waiter, shared_wait)
+        wait = self._take_rate(now, waiter)
         if wait <= 0 and self.capacity is not None:
             self.in_flight += 1
             waiter.holds_slot = True
         return wait
-
-    def full(self) -> bool:
-        return self.capacity is not None and self.in_flight >= max(1, int(self.capacity))
 
     def release(self, outcome_status: int | None) -> None:
         """A call holding a concurrency slot ended; adapt the capacity to what the server said."""
@@ -285,31 +281,22 @@ class _Key:
             if remaining is not None:
                 bucket.at_most(now, remaining)
 
-    def take_shared(self, waiter: Waiter) -> float | None:
-        """The machine-wide budget's answer for this waiter (0: taken; else seconds to wait), or
-        None when the store failed. Store I/O: the limiter calls it without holding its lock."""
-        if self.shared is None:
-            return None
-        dims = []
-        if self.requests is not None:
-            dims.append(("r", self.requests.rate, self.requests.burst, waiter.requests))
-        if self.tokens is not None and waiter.tokens:
-            dims.append(("t", self.tokens.rate, self.tokens.burst, waiter.tokens))
-        try:
-            return float(self.shared.try_take(self.name, time.time(), dims, waiter.priority))
-        except Exception as exc:  # sqlite3.Error, OSError, RedisError: fall back to the local buckets
-            _store_failed(exc)
-            return None
-
-    def _take_rate(self, now: float, waiter: Waiter, shared_wait: float | None = None) -> float:
+    def _take_rate(self, now: float, waiter: Waiter) -> float:
         if self.shared is not None:
-            if shared_wait is not None:
+            dims = []
+            if self.requests is not None:
+                dims.append(("r", self.requests.rate, self.requests.burst, waiter.requests))
+            if self.tokens is not None and waiter.tokens:
+                dims.append(("t", self.tokens.rate, self.tokens.burst, waiter.tokens))
+            try:
+                shared_wait: float = self.shared.try_take(self.name, time.time(), dims, waiter.priority)
                 return max(shared_wait, self.blocked_until - now)
-            # The store failed: this process's own buckets, at its share of the limit (divided by
-            # the live instances last seen).
-            share = max(1, int(getattr(self.shared, "instances", 1)))
-            if share > 1:
-                waiter = dataclasses.replace(waiter, requests=waiter.requests * share, tokens=waiter.tokens * share)
+            except Exception as exc:  # sqlite3.Error, OSError, RedisError: fall back to the local buckets
+                _store_failed(exc)
+                share = max(1, int(getattr(self.shared, "instances", 1)))
+                if share > 1:  # this process's share: the limit divided by the live instances last seen
+                    waiter = dataclasses.replace(waiter, requests=waiter.requests * share,
+                                                 tokens=waiter.tokens * share)
         wait = self.wait(now, waiter)
         if wait <= 0:
             if self.requests is not None:
@@ -377,11 +364,6 @@ class Limiter:
         self._keys: dict[tuple[str, Limits], _Key] = {}
         self._timer_at: float | None = None
         self._timer_obj: threading.Timer | None = None
-        self._pumping = threading.RLock()  # re-entrant: a collected reply may release a slot inside a pump
-        # A shared store is I/O that can wait for another process's lock or a slow Redis: made from
-        # a thread running an event loop, it goes to a background thread (in order); an
-        # asynchronous waiter is woken through its future, from whichever thread grants it.
-        self._offload = Writes(limit=4096) if shared is not None else None
         _LIMITERS.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -389,7 +371,6 @@ class Limiter:
         the lock may have been held by a parent thread at the fork: start that state afresh (the
         rate budgets, a copy of the parent's, are kept)."""
         self._lock = threading.RLock()
-        self._pumping = threading.RLock()
         self._timer_at, self._timer_obj = None, None
         for key in self._keys.values():
             key.in_flight = 0
@@ -428,24 +409,12 @@ class Limiter:
         until = min(until, self.clock() + cap)
         with self._lock:
             key.blocked_until = max(key.blocked_until, until)
-        shared = key.shared
-        if shared is not None:
-            seconds = until - self.clock()
-            self.shared_io(lambda: shared.block_for(key.name, seconds))
+            if key.shared is not None:
+                try:
+                    key.shared.block_for(key.name, until - self.clock())
+                except Exception as exc:
+                    _store_failed(exc)
         self.pump()
-
-    def shared_io(self, fn: Callable[[], None]) -> None:
-        """One shared-store write, failing open, never under the lock; off the loop on a loop."""
-        def guarded() -> None:
-            try:
-                fn()
-            except Exception as exc:
-                _store_failed(exc)
-
-        if self._offload is None:
-            guarded()
-        else:
-            self._offload.run(guarded)
 
     def held(self) -> tuple[int, int]:
         """(concurrency slots in flight, callers waiting) over every key: both 0 in an idle process."""
@@ -454,46 +423,24 @@ class Limiter:
                     sum(len(queue) for key in self._keys.values() for queue in key.queues.values()))
 
     def pump(self) -> None:
-        """Grant every permit that is due now; arrange one wake-up for the next one. With a shared
-        store, called from a thread running an event loop, the pump runs on a background thread."""
-        if self._offload is None:
-            self._pump_now()
-        else:
-            self._offload.run(self._pump_now)
-
-    def _pump_now(self) -> None:
-        """One pump at a time (a waiter's permit is never taken twice). The shared store is asked
-        without holding the limiter's lock, so no caller (an event loop above all) waits on a
-        store's lock or a slow Redis just to enqueue, release or plan a call."""
-        with self._pumping:
+        """Grant every permit that is due now; arrange one wake-up for the next one."""
+        with self._lock:
             now = self.clock()
             soonest: float | None = None
-            with self._lock:
-                keys = list(self._keys.values())
-            for key in keys:
-                while True:
-                    with self._lock:
-                        waiter = key.next_waiter()
-                        if waiter is None or key.full():
-                            break
-                    shared_wait = key.take_shared(waiter)  # store I/O, the lock not held
-                    with self._lock:
-                        queue = key.queues[waiter.priority]
-                        if not queue or queue[0] is not waiter:  # it left meanwhile: its permit is spent
-                            continue
-                        wait = key.try_take(now, waiter, shared_wait)
-                        if wait > 0:
-                            if wait != float("inf"):  # inf: woken by a release, not by time
-                                soonest = wait if soonest is None else min(soonest, wait)
-                            break
-                        key.granted(waiter)
-                        waiter.wake()
-            with self._lock:
-                if soonest is not None:
-                    due = now + soonest
-                    if self._timer_at is None or due < self._timer_at - 1e-4:
-                        self._timer_at = due
-                        self._schedule(soonest, self._on_timer)
+            for key in self._keys.values():
+                while (waiter := key.next_waiter()) is not None:
+                    wait = key.try_take(now, waiter)
+                    if wait > 0:
+                        if wait != float("inf"):  # inf: woken by a release, not by time
+                            soonest = wait if soonest is None else min(soonest, wait)
+                        break
+                    key.granted(waiter)
+                    waiter.wake()
+            if soonest is not None:
+                due = now + soonest
+                if self._timer_at is None or due < self._timer_at - 1e-4:
+                    self._timer_at = due
+                    self._schedule(soonest, self._on_timer)
 
     def _on_timer(self) -> None:
         with self._lock:
@@ -658,9 +605,9 @@ class RateLimitPolicy:
             unused = waiter.tokens - (usage.input_tokens + (usage.output_tokens or 0))
             with limiter._lock:
                 key.tokens.give_back(unused)
-            shared, seconds = key.shared, unused / key.tokens.rate
-            if shared is not None:
-                limiter.shared_io(lambda: shared.give_back(key.name, "t", seconds))
+                if key.shared is not None:
+                    with contextlib.suppress(Exception):
+                        key.shared.give_back(key.name, "t", unused / key.tokens.rate)
             limiter.pump()
 
         reply.tap.subscribe(OnEnd(reconcile))
