@@ -57,6 +57,17 @@ def shim() -> Iterator[None]:
 
 
 @pytest.fixture
+def cached(tmp_path: Path) -> Iterator[Path]:
+    """llmshim installed with the cache on, in a SQLite file of the test's own (its path)."""
+    path = tmp_path / "cache.sqlite3"
+    llmshim.install(cache="on", cache_path=str(path))
+    try:
+        yield path
+    finally:
+        llmshim.uninstall()
+
+
+@pytest.fixture
 def records() -> Iterator[list[llmshim.CallRecord]]:
     """Every call_* hook record of the test, in order."""
     seen: list[llmshim.CallRecord] = []

@@ -14,7 +14,7 @@ import asyncio
 import io
 import json
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,6 @@ def _body(stream: bool) -> dict[str, Any]:
             "stream": stream}
 
 
-@pytest.fixture
-def cached(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "cache.sqlite3"
-    llmshim.install(cache="on", cache_path=str(path))
-    try:
-        yield path
-    finally:
-        llmshim.uninstall()
 
 
 def _check(server: FakeLLMServer, first: bytes | None, full: bytes, whole: bool) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -279,14 +278,6 @@ def test_mocked_answers_never_enter_or_leave_the_cache(order: str, pytester: pyt
 
 # -- in process: what llmshim reports about a mocked call ----------------------------------------
 
-@pytest.fixture
-def cached(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "cache.sqlite3"
-    llmshim.install(cache="on", cache_path=str(path))
-    try:
-        yield path
-    finally:
-        llmshim.uninstall()
 
 
 BODY = {"model": "gpt-fake", "messages": [{"role": "user", "content": "q"}], "temperature": 0}

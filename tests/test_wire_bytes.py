@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +104,6 @@ CLIENTS: dict[str, Send] = {
 }
 
 
-@pytest.fixture
-def cached(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "cache.sqlite3"
-    llmshim.install(cache="on", cache_path=str(path))
-    try:
-        yield path
-    finally:
-        llmshim.uninstall()
 
 
 @pytest.mark.parametrize("alphabet", sorted(ALPHABETS))
