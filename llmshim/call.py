@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from .facts import Facts
+
 log = logging.getLogger("llmshim")
 
 __all__ = ["Call", "CallInfo", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
@@ -312,6 +314,7 @@ class Call:
     capture_content: bool = False  # set by telemetry before sending: read the answer's text too
     chunk_times: list[float] | None = None  # arrival of each body piece, kept when telemetry asks
     span_attributes: dict[str, Any] = dataclasses.field(default_factory=dict)  # llmshim.* set by policies
+    facts: Facts = dataclasses.field(default_factory=Facts)  # what the policies did (llmshim.facts)
     controls: dict[str, str] = dataclasses.field(default_factory=dict)  # x-llmshim-* request headers, stripped
     # The adapter's builder of its library's own response type from (status, headers, body), for
     # answers that do not come from the upstream (cache hits, synthetic errors). None: not supported.

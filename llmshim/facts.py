@@ -1,0 +1,60 @@
+"""What the policies learned about one call, as typed values, and the incidents outside any call.
+
+Policies decide; they do not report. The cache, retry and rate-limit policies write what they did
+onto ``call.facts`` (a hit and its age, the tokens a hit saved, retries, the time waited for
+permits, the priority class) and nothing else. One observer (``llmshim.policies.observer``) reads
+these facts once, when the call ends, and fans them out to the span, the metrics, ``stats()`` and
+the hooks: so a new span attribute is one field here and one line there, and no policy imports
+OpenTelemetry or the stats counters.
+
+A store failure may happen outside any call (a cache write made in the background after the call
+ended), so it is an *incident*, reported through :func:`store_failed` to whoever listens (the
+observer counts it in ``stats()`` and the ``llmshim.cache.errors`` metric). A listener that raises
+is ignored: reporting never affects a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+__all__ = ["Facts", "StoreKind", "listen_store_failures", "store_failed"]
+
+StoreKind = Literal["cache", "limits"]
+
+
+@dataclasses.dataclass(slots=True)
+class Facts:
+    """Filled by policies while the call runs; read once by the observer when it ends."""
+
+    cache_hit: bool | None = None  # None: the cache was not consulted
+    cache_age_s: float | None = None  # a hit's age
+    tokens_saved: int = 0  # a hit's input + output tokens, as the provider reported them when paid
+    retries: int = 0  # wire attempts llmshim retried
+    ratelimit_wait_s: float | None = None  # None: no limit applied; else seconds queued for permits
+    priority: str | None = None  # the priority class a limit applied with
+
+    @property
+    def throttled(self) -> bool:
+        """Waited for permits for longer than scheduling noise."""
+        return self.ratelimit_wait_s is not None and self.ratelimit_wait_s > 0.001
+
+
+StoreListener = Callable[[StoreKind, str], None]
+_listeners: tuple[StoreListener, ...] = ()
+
+
+def listen_store_failures(listener: StoreListener) -> None:
+    """Hear every store failure from now on (``kind``: cache or limits, ``operation``: what failed)."""
+    global _listeners
+    if listener not in _listeners:
+        _listeners = (*_listeners, listener)
+
+
+def store_failed(kind: StoreKind, operation: str) -> None:
+    """Report a store failure that the caller already failed open from. Never raises."""
+    for listener in _listeners:
+        with contextlib.suppress(Exception):
+            listener(kind, operation)
