@@ -313,7 +313,6 @@ class Call:
     outcome: str | None = None  # "ok" | "error" | "aborted"
     capture_content: bool = False  # set by telemetry before sending: read the answer's text too
     chunk_times: list[float] | None = None  # arrival of each body piece, kept when telemetry asks
-    span_attributes: dict[str, Any] = dataclasses.field(default_factory=dict)  # llmshim.* set by policies
     facts: Facts = dataclasses.field(default_factory=Facts)  # what the policies did (llmshim.facts)
     controls: dict[str, str] = dataclasses.field(default_factory=dict)  # x-llmshim-* request headers, stripped
     # The adapter's builder of its library's own response type from (status, headers, body), for

@@ -143,9 +143,12 @@ def _retry_and_priorities(out: TextIO, server: FakeLLMServer, tracer_provider: A
               f"after {attempts} attempts on the wire\n")
     install(tracer_provider=tracer_provider, limits="llama-limited=120rpm", ratelimit_burst="0.5", cache="off",
             retry_mode="auto")
+    from .policies.ratelimit import RateLimitPolicy
     from .runtime import STATE
 
-    limiter = STATE.pipeline.policies[-1].limiter  # type: ignore[attr-defined]
+    policy = STATE.pipeline.find(RateLimitPolicy)
+    assert policy is not None  # installed with limits just above
+    limiter = policy.limiter
 
     def queued() -> int:
         with limiter._lock:

@@ -18,9 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["Facts", "StoreKind", "listen_store_failures", "store_failed"]
+from .redact import scrub_text
+
+if TYPE_CHECKING:
+    from .call import Call
+
+__all__ = ["Facts", "StoreKind", "error_type", "listen_store_failures", "store_failed"]
 
 StoreKind = Literal["cache", "limits"]
 
@@ -43,18 +48,36 @@ class Facts:
 
 
 StoreListener = Callable[[StoreKind, str], None]
-_listeners: tuple[StoreListener, ...] = ()
+_listener: list[StoreListener | None] = [None]
 
 
-def listen_store_failures(listener: StoreListener) -> None:
-    """Hear every store failure from now on (``kind``: cache or limits, ``operation``: what failed)."""
-    global _listeners
-    if listener not in _listeners:
-        _listeners = (*_listeners, listener)
+def listen_store_failures(listener: StoreListener | None) -> None:
+    """Hear every store failure from now on (``kind``: cache or limits, ``operation``: what failed),
+    instead of the previous listener: the observer of the newest pipeline is the one that reports."""
+    _listener[0] = listener
 
 
 def store_failed(kind: StoreKind, operation: str) -> None:
     """Report a store failure that the caller already failed open from. Never raises."""
-    for listener in _listeners:
+    listener = _listener[0]
+    if listener is not None:
         with contextlib.suppress(Exception):
             listener(kind, operation)
+
+
+def error_type(call: Call) -> str | None:
+    """The one definition of a call's ``error.type``: the exception's class, ``aborted`` for a body
+    abandoned without one, the HTTP status of an error answer, the error a 2xx body carried (the
+    server's own words, scrubbed: they may echo a key), ``_OTHER`` for an error with no detail;
+    None for a call that did not fail."""
+    if call.error is not None:
+        return type(call.error).__qualname__
+    if call.outcome == "aborted":
+        return "aborted"
+    if call.outcome == "ok":
+        return None
+    if call.status is not None and call.status >= 400:
+        return str(call.status)
+    if call.response is not None and call.response.error:
+        return scrub_text(call.response.error)
+    return "_OTHER"

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .call import Call, OnEnd, Reply
 from .context import in_call
@@ -30,6 +30,7 @@ __all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker", "
 
 log = logging.getLogger("llmshim")
 
+P = TypeVar("P")
 Handler = Callable[[Call], Reply]
 AsyncHandler = Callable[[Call], Awaitable[Reply]]
 
@@ -128,6 +129,19 @@ class Pipeline:
     @property
     def in_flight(self) -> int:
         return self._calls
+
+    def find(self, kind: type[P]) -> P | None:
+        """This pipeline's first policy of type ``kind`` (for tools and tests that read its state)."""
+        return next((policy for policy in self.policies if isinstance(policy, kind)), None)
+
+    def insert(self, policy: Policy, *, after: type | None = None) -> None:
+        """Add ``policy`` just inside the first policy of type ``after`` (outermost when None or
+        absent). Calls already running keep the chain they started with; the next call sees it."""
+        with self._lock:
+            policies = list(self.policies)
+            at = next((i + 1 for i, p in enumerate(policies) if after is not None and isinstance(p, after)), 0)
+            policies.insert(at, policy)
+            self.policies = tuple(policies)
 
     @property
     def closed(self) -> bool:

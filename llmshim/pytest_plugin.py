@@ -211,13 +211,9 @@ def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]
         cassette = Cassette(_cassette_path(request), "replay" if replay else "record")
         if replay:
             cassette.load()
-        pipeline = llmshim.runtime.STATE.pipeline
-        policies = list(pipeline.policies)
-        from .policies.events import EventsPolicy
+        from .policies.observer import ObserverPolicy
 
-        at = next((i + 1 for i, p in enumerate(policies) if isinstance(p, EventsPolicy)), len(policies))
-        policies.insert(at, CassettePolicy(cassette))
-        pipeline.policies = tuple(policies)
+        llmshim.runtime.STATE.pipeline.insert(CassettePolicy(cassette), after=ObserverPolicy)
     try:
         yield {"calls": calls, "exporter": exporter}
     finally:

@@ -17,8 +17,8 @@ from .config import Settings
 from .context import in_call
 from .dialects import detect
 from .pipeline import Pipeline
-from .policies.events import EventsPolicy
-from .policies.stats import STATS, StatsPolicy
+from .policies.observer import ObserverPolicy
+from .policies.stats import STATS
 
 __all__ = ["STATE", "State", "begin", "build_pipeline", "control_headers"]
 
@@ -38,16 +38,14 @@ STATE = State()
 
 
 def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provider: Any = None) -> Pipeline:
-    """The policy chain for these settings, outermost first: telemetry wraps everything, so the
-    span is current while hooks run and while every wire attempt is made."""
-    policies: list[Any] = []
+    """The policy chain for these settings, outermost first: the observer wraps everything, so the
+    span is current while hooks run and while every wire attempt is made, and it alone reports."""
     telemetry = None
     if settings.telemetry:
-        from .policies.telemetry import TelemetryPolicy
+        from .policies.telemetry import Telemetry
 
-        telemetry = TelemetryPolicy(tracer_provider, meter_provider)
-        policies.append(telemetry)
-    policies += [StatsPolicy(), EventsPolicy()]
+        telemetry = Telemetry(tracer_provider, meter_provider)
+    policies: list[Any] = [ObserverPolicy(telemetry)]
     if settings.cache != "off":
         from .policies.cache import CachePolicy
         from .store.sqlite import SQLiteStore, default_path
@@ -63,14 +61,12 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             ignored_headers=settings.cache_ignore_headers,
             nondeterministic=settings.cache_nondeterministic, coalesce_timeout=settings.cache_coalesce_timeout,
-            max_entry_bytes=settings.cache_max_entry_bytes,
-            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
+            max_entry_bytes=settings.cache_max_entry_bytes))
     if settings.retry_mode != "off":
         from .policies.retry import RetryPolicy
 
         policies.append(RetryPolicy(
-            mode=settings.retry_mode, max_attempts=settings.retry_max_attempts, max_delay=settings.retry_max_delay,
-            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
+            mode=settings.retry_mode, max_attempts=settings.retry_max_attempts, max_delay=settings.retry_max_delay))
     if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency:
         from .policies.ratelimit import RateLimitPolicy
 
@@ -87,8 +83,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
                                         local_hosts=settings.local_hosts,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
             default_priority=settings.priority, queue_timeout=settings.queue_timeout,
-            default_output_tokens=settings.token_reservation,
-            instruments=(lambda: telemetry.instruments) if telemetry is not None else (lambda: None)))
+            default_output_tokens=settings.token_reservation))
     STATS.write_to(settings.stats_file)
     return Pipeline(policies)
 

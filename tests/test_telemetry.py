@@ -309,10 +309,10 @@ import requests, llmshim
 from llmshim.runtime import STATE
 llmshim.install()
 requests.post({server.url!r} + "/api/chat", json={{"model": "m", "messages": [], "stream": False}}, timeout=5)
-policy = STATE.pipeline.policies[0]
+policy = STATE.pipeline.policies[0].telemetry
 print(type(policy).__name__, policy._tracer is None, policy._instruments is None)
 """)
-    assert out.split() == ["TelemetryPolicy", "True", "True"]
+    assert out.split() == ["Telemetry", "True", "True"]
 
 
 def test_opentelemetry_instrument_traces_an_unmodified_app(server: FakeLLMServer, tmp_path: Any) -> None:
@@ -446,19 +446,20 @@ def test_llmshim_span_attribute_names_are_pinned_and_carried(server: FakeLLMServ
     from llmshim.policies.telemetry import LLMSHIM_ATTRIBUTES
 
     assert sorted(LLMSHIM_ATTRIBUTES) == [
-        "llmshim.cache.age_s", "llmshim.cache.hit", "llmshim.client.library", "llmshim.outcome",
+        "llmshim.cache.age_s", "llmshim.cache.bypass", "llmshim.cache.hit", "llmshim.client.library", "llmshim.outcome",
         "llmshim.priority", "llmshim.ratelimit.wait_s", "llmshim.retry.count"]
 
     class Marks:  # stands in for a later policy that records its own attributes on the call
         def handle(self, call: Any, next: Any) -> Any:
-            call.span_attributes["llmshim.priority"] = "high"
+            call.facts.priority = "high"
             return next(call)
 
         async def ahandle(self, call: Any, anext: Any) -> Any:
             return await anext(call)
 
-    pipeline = llmshim.runtime.STATE.pipeline
-    pipeline.policies = (*pipeline.policies, Marks())
+    from llmshim.policies.observer import ObserverPolicy
+
+    llmshim.runtime.STATE.pipeline.insert(Marks(), after=ObserverPolicy)
     requests.post(server.url + "/api/chat", json={"model": "m", "messages": MSG, "stream": False}, timeout=5)
     (span,) = otel.spans()
     assert span.attributes["llmshim.priority"] == "high"

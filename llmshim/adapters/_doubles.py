@@ -49,7 +49,6 @@ def mark_bypass(call: Call, check: Callable[[], str | None]) -> None:
     reason = bypass_reason(check)
     if reason:
         call.cache_bypass = reason
-        call.span_attributes["llmshim.cache.bypass"] = reason
 
 
 def bypass_reason(check: Callable[[], str | None]) -> str | None:

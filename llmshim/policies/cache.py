@@ -32,12 +32,12 @@ from typing import Any
 
 from .. import redact
 from ..call import Call, Reply
+from ..facts import store_failed
 from ..pipeline import AsyncHandler, Handler, track
 from ..store import keys
 from ..store.background import Writes
 from ..store.sqlite import Entry
 from .coalescing import Flight, Flights
-from .stats import STATS
 
 __all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "plan", "storable"]
 
@@ -198,12 +198,11 @@ class _Recorder:
 class CachePolicy:
     serves_answers = True  # answers without the upstream: test doubles must be detected (adapters)
     def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
-                 instruments: Callable[[], Any] = lambda: None, coalesce_timeout: float = 30.0,
+                 coalesce_timeout: float = 30.0,
                  ignored_headers: frozenset[str] = frozenset(), max_entry_bytes: int = 32 * 2**20) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
         self.ignored_headers = ignored_headers
         self.nondeterministic = nondeterministic
-        self._instruments = instruments
         self.flights = Flights(coalesce_timeout)
         self.max_entry_bytes = max_entry_bytes
         # Store writes (an entry, a last-access touch, counters, the close) never block an event
@@ -223,11 +222,7 @@ class CachePolicy:
 
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
-        STATS.add(cache_errors=1, store_errors=1)
-        with contextlib.suppress(Exception):
-            instruments = self._instruments()
-            if instruments is not None:
-                instruments.cache_errors.add(1, {"llmshim.cache.operation": what})
+        store_failed("cache", what)
         now = time.monotonic()
         if now - self._warned_at >= 60:
             self._warned_at = now
@@ -263,18 +258,13 @@ class CachePolicy:
             self._failed("write", exc)
 
     def _count(self, hit: bool, call: Call, entry: Entry | None = None) -> None:
-        call.span_attributes["llmshim.cache.hit"] = hit
+        facts = call.facts
+        facts.cache_hit = hit
         saved = 0
         if hit and entry is not None:
-            call.span_attributes["llmshim.cache.age_s"] = max(0.0, CLOCK() - entry.created_at)
+            facts.cache_age_s = max(0.0, CLOCK() - entry.created_at)
             usage = entry.meta.get("usage") or {}
-            saved = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
-        STATS.add(**({"cache_hits": 1, "tokens_saved": saved} if hit else {"cache_misses": 1}))
-        with contextlib.suppress(Exception):
-            instruments = self._instruments()
-            if instruments is not None:
-                (instruments.cache_hits if hit else instruments.cache_misses).add(
-                    1, {"gen_ai.provider.name": call.info.provider})
+            saved = facts.tokens_saved = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
         def note() -> None:
             try:
                 self.store.note(hits=int(hit), misses=int(not hit), tokens_saved=saved)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 from .. import redact
-from ..call import Call, OnEnd, Reply
-from ..pipeline import AsyncHandler, Handler
+from ..call import Call
+from ..facts import error_type
 
-__all__ = ["EVENTS", "CallRecord", "EventsPolicy", "off", "on"]
+__all__ = ["EVENTS", "CallRecord", "any_hooks", "emit", "emit_end", "off", "on"]
 
 log = logging.getLogger("llmshim")
 
@@ -65,21 +65,8 @@ class CallRecord:
             output_tokens=response.usage.output_tokens if response else None,
             duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
             error_type=error_type(call), outcome=call.outcome,
-            cache_hit=call.span_attributes.get("llmshim.cache.hit"),
+            cache_hit=call.facts.cache_hit,
         )
-
-
-def error_type(call: Call) -> str | None:
-    """The spec's error.type: exception class, HTTP status, or the error a 2xx body carried."""
-    if call.error is not None:
-        return type(call.error).__qualname__
-    if call.outcome == "aborted":
-        return "aborted"
-    if call.status is not None and call.status >= 400:
-        return str(call.status)
-    if call.response is not None and call.response.error:
-        return redact.scrub_text(call.response.error)  # a server's own words: it may echo a key
-    return None
 
 
 _lock = threading.Lock()
@@ -107,7 +94,11 @@ def off(event: Event, fn: Hook | None = None) -> None:
         _hooks[event] = () if fn is None else tuple(h for h in _hooks[event] if h is not fn)
 
 
-def _emit(event: str, call: Call) -> None:
+def any_hooks() -> bool:
+    return any(_hooks[event] for event in EVENTS)
+
+
+def emit(event: str, call: Call) -> None:
     hooks = _hooks[event]
     if not hooks:
         return
@@ -119,37 +110,5 @@ def _emit(event: str, call: Call) -> None:
             log.exception("llmshim: %s hook %r raised; the call is not affected", event, hook)
 
 
-def _emit_end(call: Call) -> None:
-    _emit("call_completed" if call.outcome == "ok" else "call_failed", call)
-
-
-class EventsPolicy:
-    """Emits call_started before the call and call_completed/call_failed when it truly ends."""
-
-    @staticmethod
-    def _any_hooks() -> bool:
-        return any(_hooks[event] for event in EVENTS)
-
-    def handle(self, call: Call, next: Handler) -> Reply:
-        if not self._any_hooks():
-            return next(call)
-        _emit("call_started", call)
-        try:
-            reply = next(call)
-        except BaseException:
-            _emit("call_failed", call)
-            raise
-        reply.tap.subscribe(OnEnd(lambda: _emit_end(call)))
-        return reply
-
-    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
-        if not self._any_hooks():
-            return await anext(call)
-        _emit("call_started", call)
-        try:
-            reply = await anext(call)
-        except BaseException:
-            _emit("call_failed", call)
-            raise
-        reply.tap.subscribe(OnEnd(lambda: _emit_end(call)))
-        return reply
+def emit_end(call: Call) -> None:
+    emit("call_completed" if call.outcome == "ok" else "call_failed", call)

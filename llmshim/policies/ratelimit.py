@@ -35,10 +35,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from ..call import Call, OnEnd, Reply
+from ..facts import store_failed
 from ..pipeline import AsyncHandler, Handler, track
 from ..store.keys import credential_of
 from ..store.limits import MAX_BLOCK
-from .stats import STATS
 
 __all__ = ["PRIORITIES", "Gcra", "Limiter", "Limits", "RateLimitPolicy", "estimate_tokens", "parse_limits",
            "parse_reset", "priority", "resolve_priority"]
@@ -330,7 +330,7 @@ _last_warning = [0.0]
 def _store_failed(exc: BaseException) -> None:
     import logging
 
-    STATS.add(store_errors=1)
+    store_failed("limits", "take")
     now = time.monotonic()
     if now - _last_warning[0] >= 60:
         _last_warning[0] = now
@@ -461,7 +461,7 @@ class RateLimitPolicy:
 
     def __init__(self, *, rpm: float | None, tpm: float | None, per_model: Mapping[str, Limits], burst: float,
                  default_priority: str, queue_timeout: float, default_output_tokens: int,
-                 instruments: Callable[[], Any] = lambda: None, shared: Any = None,
+                 shared: Any = None,
                  max_concurrency: int | None = None, local_hosts: frozenset[str] = frozenset()) -> None:
         self.max_concurrency = max_concurrency
         self.local_hosts = local_hosts
@@ -471,7 +471,6 @@ class RateLimitPolicy:
         self.queue_timeout = queue_timeout
         self.default_output_tokens = default_output_tokens
         self.limiter = Limiter(burst, shared=shared)
-        self._instruments = instruments
 
     def close(self) -> None:
         """When the pipeline retires and its last call has ended: release the shared store."""
@@ -497,20 +496,13 @@ class RateLimitPolicy:
         except ValueError:
             level = self.default_priority
         tokens_in, tokens_out = estimate_tokens(call.info.body, self.default_output_tokens)
-        call.span_attributes["llmshim.priority"] = level
+        call.facts.priority = level
         waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock())
         return self.limiter.key(name, limits, concurrency), waiter
 
     def _waited(self, call: Call, waiter: Waiter) -> None:
         waited = max(0.0, self.limiter.clock() - waiter.enqueued)
-        call.span_attributes["llmshim.ratelimit.wait_s"] = call.span_attributes.get(
-            "llmshim.ratelimit.wait_s", 0.0) + waited
-        if waited > 0.001:
-            STATS.add(throttled_calls=1)
-        with contextlib.suppress(Exception):
-            instruments = self._instruments()
-            if instruments is not None:
-                instruments.ratelimit_wait.record(waited, {"llmshim.priority": waiter.priority})
+        call.facts.ratelimit_wait_s = (call.facts.ratelimit_wait_s or 0.0) + waited
 
     def _timed_out(self, call: Call) -> Reply:
         body = json.dumps({"error": {

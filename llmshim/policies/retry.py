@@ -25,11 +25,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler
-from .stats import STATS
 
 __all__ = ["Decision", "RetryBudget", "RetryPolicy", "decide", "server_delay"]
 
@@ -156,11 +154,11 @@ def _origin(call: Call) -> str:
 
 class RetryPolicy:
     def __init__(self, *, mode: str, max_attempts: int, max_delay: float,
-                 instruments: Callable[[], Any] = lambda: None, sleep: Callable[[float], None] = time.sleep,
+                 sleep: Callable[[float], None] = time.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         self.mode, self.max_attempts, self.max_delay = mode, max_attempts, max_delay
         self.budget = RetryBudget()
-        self._instruments, self._sleep, self._rand = instruments, sleep, rand
+        self._sleep, self._rand = sleep, rand
 
     def _decide(self, call: Call, attempt: int, reply: Reply | None, error: BaseException | None) -> Decision:
         transport = error is not None and isinstance(error, call.transport_errors)
@@ -176,15 +174,9 @@ class RetryPolicy:
             return Decision(False, 0.0, "retry budget exhausted")
         return decision
 
-    def _count(self, call: Call, retries: int) -> None:
-        call.span_attributes["llmshim.retry.count"] = retries
-        STATS.add(retries=1)
-        try:
-            instruments = self._instruments()
-            if instruments is not None:
-                instruments.retry_attempts.add(1, {"gen_ai.provider.name": call.info.provider})
-        except Exception:
-            pass
+    @staticmethod
+    def _count(call: Call, retries: int) -> None:
+        call.facts.retries = retries
 
     def handle(self, call: Call, next: Handler) -> Reply:
         self.budget.deposit(_origin(call))

@@ -2,7 +2,8 @@
 
 total calls, completed, failed, aborted, cache hits/misses, throttled calls, retries, average
 latency, tokens in and out, tokens saved by the cache, per provider and model too. Cheap enough to
-be always on: one lock-protected update when a call ends. With ``LLMSHIM_STATS_FILE`` set, a JSON
+be always on: one lock-protected update when a call ends, from the call's outcome and its facts (the observer
+calls ``call_started``/``call_ended``). With ``LLMSHIM_STATS_FILE`` set, a JSON
 snapshot is written there (atomically, mode 0600, at most once a second, and at exit) for
 ``llmshim stats``.
 """
@@ -18,10 +19,9 @@ from contextlib import suppress
 from typing import Any
 
 from .. import redact
-from ..call import Call, OnEnd, Reply
-from ..pipeline import AsyncHandler, Handler
+from ..call import Call
 
-__all__ = ["STATS", "Stats", "StatsPolicy"]
+__all__ = ["STATS", "Stats"]
 
 _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
            "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved")
@@ -45,7 +45,7 @@ class Stats:
             self._started = time.time()
 
     def add(self, **increments: int) -> None:
-        """Count events from other policies (cache_hits=1, retries=1, throttled_calls=1, ...)."""
+        """Count incidents outside any call (store_errors=1, cache_errors=1)."""
         with self._lock:
             for name, value in increments.items():
                 self._counts[name] += value
@@ -58,8 +58,15 @@ class Stats:
         outcome = {"ok": "completed", "aborted": "aborted"}.get(call.outcome or "", "failed")
         usage = call.response.usage if call.response is not None else None
         key = f"{call.info.provider}/{call.info.model or '-'}"
+        facts = call.facts
         with self._lock:
-            self._counts[outcome] += 1
+            counts = self._counts
+            counts[outcome] += 1
+            if facts.cache_hit is not None:
+                counts["cache_hits" if facts.cache_hit else "cache_misses"] += 1
+                counts["tokens_saved"] += facts.tokens_saved
+            counts["retries"] += facts.retries
+            counts["throttled_calls"] += facts.throttled
             if call.duration is not None:
                 self._latency_total += call.duration
                 self._latency_count += 1
@@ -113,25 +120,3 @@ class Stats:
 
 
 STATS = Stats()
-
-
-class StatsPolicy:
-    def handle(self, call: Call, next: Handler) -> Reply:
-        STATS.call_started()
-        try:
-            reply = next(call)
-        except BaseException:
-            STATS.call_ended(call)
-            raise
-        reply.tap.subscribe(OnEnd(lambda: STATS.call_ended(call)))
-        return reply
-
-    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
-        STATS.call_started()
-        try:
-            reply = await anext(call)
-        except BaseException:
-            STATS.call_ended(call)
-            raise
-        reply.tap.subscribe(OnEnd(lambda: STATS.call_ended(call)))
-        return reply

@@ -29,20 +29,22 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import redact
-from ..call import Call, OnEnd, Reply
-from ..pipeline import AsyncHandler, Handler
+from .._version import __version__
+from ..call import Call
+from ..facts import error_type
 
-__all__ = ["CONTENT_ENV", "LLMSHIM_ATTRIBUTES", "Instruments", "TelemetryPolicy", "content_capture_mode"]
+__all__ = ["CONTENT_ENV", "LLMSHIM_ATTRIBUTES", "Instruments", "Telemetry", "content_capture_mode"]
 
 log = logging.getLogger("llmshim")
 
 CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 #: llmshim's own span attributes. The names are a contract: the cache, retry and rate-limit
-#: policies set them on ``call.span_attributes`` and telemetry copies them onto the span at its end.
+#: policies record ``call.facts`` and telemetry writes them onto the span at its end.
 LLMSHIM_ATTRIBUTES = {
     "llmshim.cache.hit": "bool: the answer came from llmshim's cache",
     "llmshim.cache.age_s": "float: age of the cached answer, seconds",
+    "llmshim.cache.bypass": "str: why the cache stood aside (a test double or recorder answered)",
     "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
     "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
     "llmshim.priority": "str: the call's priority class",
@@ -142,6 +144,25 @@ def _input_messages(call: Call) -> list[dict[str, Any]]:
     return []
 
 
+def _fact_attributes(call: Call) -> dict[str, Any]:
+    """llmshim's own span attributes (``LLMSHIM_ATTRIBUTES``) from what the policies recorded."""
+    facts = call.facts
+    attributes: dict[str, Any] = {}
+    if call.cache_bypass:
+        attributes["llmshim.cache.bypass"] = call.cache_bypass
+    if facts.cache_hit is not None:
+        attributes["llmshim.cache.hit"] = facts.cache_hit
+    if facts.cache_age_s is not None:
+        attributes["llmshim.cache.age_s"] = facts.cache_age_s
+    if facts.retries:
+        attributes["llmshim.retry.count"] = facts.retries
+    if facts.ratelimit_wait_s is not None:
+        attributes["llmshim.ratelimit.wait_s"] = facts.ratelimit_wait_s
+    if facts.priority is not None:
+        attributes["llmshim.priority"] = facts.priority
+    return attributes
+
+
 def _record_exception(span: trace.Span, error: BaseException) -> None:
     """The spec's exception event, as the SDK's ``record_exception`` writes it, with the message and
     the stack trace scrubbed: an exception text can quote a URL with its key (``?key=...``)."""
@@ -156,14 +177,12 @@ def _record_exception(span: trace.Span, error: BaseException) -> None:
     })
 
 
-class TelemetryPolicy:
-    """The outermost policy: a span per logical call, metrics when it ends."""
+class Telemetry:
+    """Spans and metrics for the observer (``llmshim.policies.observer``): ``begin`` a span when a
+    call starts, ``finish`` it when the call ends; every failure is caught here."""
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
                  meter_provider: metrics.MeterProvider | None = None) -> None:
-        from .. import __version__
-
-        self._version = __version__
         self._fixed_tracer_provider = tracer_provider
         self._fixed_meter_provider = meter_provider
         self._tracer: tuple[Any, trace.Tracer] | None = None
@@ -179,9 +198,9 @@ class TelemetryPolicy:
             return None  # nothing configured: near-zero cost
         if self._tracer is None or self._tracer[0] is not tracer_provider:
             self._tracer = (tracer_provider, tracer_provider.get_tracer(
-                "llmshim", self._version, schema_url="https://opentelemetry.io/schemas/1.37.0"))
+                "llmshim", __version__, schema_url="https://opentelemetry.io/schemas/1.37.0"))
         if self._instruments is None or self._instruments[0] is not meter_provider:
-            self._instruments = (meter_provider, Instruments(meter_provider.get_meter("llmshim", self._version)))
+            self._instruments = (meter_provider, Instruments(meter_provider.get_meter("llmshim", __version__)))
         return self._tracer[1], self._instruments[1]
 
     @property
@@ -189,8 +208,10 @@ class TelemetryPolicy:
         resolved = self._resolve()
         return resolved[1] if resolved else None
 
-    # -- the seam ------------------------------------------------------------------------------
-    def _begin(self, call: Call) -> tuple[trace.Span, Any] | None:
+    # -- the start -----------------------------------------------------------------------------
+    def begin(self, call: Call) -> tuple[trace.Span, Any] | None:
+        """Start the call's span and make it current (the caller detaches ``token`` once the
+        reply's headers are back); None when no SDK is configured or starting failed."""
         resolved = self._resolve()
         if resolved is None:
             return None
@@ -210,35 +231,19 @@ class TelemetryPolicy:
             return None
         return span, token
 
-    def handle(self, call: Call, next: Handler) -> Reply:
-        begun = self._begin(call)
-        if begun is None:
-            return next(call)
-        span, token = begun
-        try:
-            reply = next(call)
-        except BaseException:
-            otel_context.detach(token)
-            self.finish(span, call)
-            raise
+    @staticmethod
+    def detach(token: Any) -> None:
         otel_context.detach(token)
-        reply.tap.subscribe(OnEnd(lambda: self.finish(span, call)))
-        return reply
 
-    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
-        begun = self._begin(call)
-        if begun is None:
-            return await anext(call)
-        span, token = begun
+    def store_failed(self, kind: str, operation: str) -> None:
+        if kind != "cache":
+            return
         try:
-            reply = await anext(call)
-        except BaseException:
-            otel_context.detach(token)
-            self.finish(span, call)
-            raise
-        otel_context.detach(token)
-        reply.tap.subscribe(OnEnd(lambda: self.finish(span, call)))
-        return reply
+            resolved = self._instruments
+            if resolved is not None:
+                resolved[1].cache_errors.add(1, {"llmshim.cache.operation": operation})
+        except Exception:
+            self._failed("recording metrics")
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, span: trace.Span, call: Call) -> None:
@@ -264,7 +269,7 @@ class TelemetryPolicy:
 
     @staticmethod
     def _end_attributes(call: Call) -> dict[str, Any]:
-        attributes: dict[str, Any] = {**call.span_attributes, "llmshim.outcome": call.outcome or "error"}
+        attributes: dict[str, Any] = {**_fact_attributes(call), "llmshim.outcome": call.outcome or "error"}
         response = call.response
         if response is not None:
             if response.model:
@@ -281,17 +286,10 @@ class TelemetryPolicy:
             attributes["http.response.status_code"] = call.status
         if call.info.stream and call.time_to_first_chunk is not None:
             attributes["gen_ai.response.time_to_first_chunk"] = call.time_to_first_chunk
-        if call.outcome == "error":
-            if call.error is not None:
-                attributes["error.type"] = type(call.error).__qualname__
-            elif call.status is not None and call.status >= 400:
-                attributes["error.type"] = str(call.status)
-            elif response is not None and response.error:
-                attributes["error.type"] = redact.scrub_text(response.error)
-            else:
-                attributes["error.type"] = "_OTHER"
-        elif call.outcome == "aborted" and call.error is not None:
-            attributes["error.type"] = type(call.error).__qualname__
+        if call.outcome != "aborted" or call.error is not None:  # an abandoned body is not an error
+            kind = error_type(call)
+            if kind is not None:
+                attributes["error.type"] = kind
         return attributes
 
     def _content(self, span: trace.Span, call: Call) -> None:
@@ -337,6 +335,13 @@ class TelemetryPolicy:
             times = call.chunk_times or []
             for earlier, later in itertools.pairwise(times):
                 instruments.per_chunk.record(later - earlier, attributes)
+        facts, provider = call.facts, {"gen_ai.provider.name": info.provider}
+        if facts.cache_hit is not None:
+            (instruments.cache_hits if facts.cache_hit else instruments.cache_misses).add(1, provider)
+        if facts.retries:
+            instruments.retry_attempts.add(facts.retries, provider)
+        if facts.ratelimit_wait_s is not None:
+            instruments.ratelimit_wait.record(facts.ratelimit_wait_s, {"llmshim.priority": facts.priority or "normal"})
 
     def _failed(self, what: str) -> None:
         log.warning("llmshim: OpenTelemetry failed while %s; the call is not affected", what, exc_info=True)

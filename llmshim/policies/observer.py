@@ -1,0 +1,91 @@
+"""The observer: the one outermost policy that reports what happened to a call.
+
+Every other policy only decides and records typed facts on the call (``llmshim.facts``). The
+observer brackets the whole chain: when the call starts it begins the span (current while the
+request is sent, so HTTP client spans nest under it), counts the call and fires ``call_started``;
+at the call's one end (the last byte of the body, an early close or a garbage-collected reply —
+the tap guarantees exactly once — or an exception instead of a reply) it fans the outcome and the
+facts out, in this order: ``stats()``, then the span and the metrics, then the hooks, so a hook
+already sees this call in ``llmshim.stats()``.
+
+Store failures that happen outside any call (a background cache write) reach the newest
+observer through ``llmshim.facts.store_failed``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..call import Call, OnEnd, Reply
+from ..facts import StoreKind, listen_store_failures
+from ..pipeline import AsyncHandler, Handler
+from . import events
+from .stats import STATS, Stats
+
+if TYPE_CHECKING:
+    from .telemetry import Instruments, Telemetry
+
+__all__ = ["ObserverPolicy"]
+
+
+class ObserverPolicy:
+    """Outermost: one span, one stats update and the hooks per call, fed by ``call.facts``."""
+
+    def __init__(self, telemetry: Telemetry | None = None, stats: Stats = STATS) -> None:
+        self.telemetry, self.stats = telemetry, stats
+        listen_store_failures(self.store_failed)
+
+    @property
+    def instruments(self) -> Instruments | None:
+        return self.telemetry.instruments if self.telemetry is not None else None
+
+    def store_failed(self, kind: StoreKind, operation: str) -> None:
+        self.stats.add(store_errors=1, cache_errors=int(kind == "cache"))
+        if self.telemetry is not None:
+            self.telemetry.store_failed(kind, operation)
+
+    def _start(self, call: Call) -> tuple[Any, Any] | None:
+        begun = self.telemetry.begin(call) if self.telemetry is not None else None
+        self.stats.call_started()
+        if events.any_hooks():
+            events.emit("call_started", call)
+        return begun
+
+    def _detach(self, begun: tuple[Any, Any] | None) -> None:
+        """The span stops being current once the reply's headers are back (the body may be read
+        anywhere, later); it ends with the call."""
+        if begun is not None and self.telemetry is not None:
+            self.telemetry.detach(begun[1])
+
+    def _end(self, call: Call, span: Any) -> None:
+        self.stats.call_ended(call)
+        if span is not None and self.telemetry is not None:
+            self.telemetry.finish(span, call)
+        events.emit_end(call)
+
+    def handle(self, call: Call, next: Handler) -> Reply:
+        begun = self._start(call)
+        span = begun[0] if begun is not None else None
+        try:
+            reply = next(call)
+        except BaseException:
+            self._detach(begun)
+            self._end(call, span)
+            raise
+        self._detach(begun)
+        reply.tap.subscribe(OnEnd(lambda: self._end(call, span)))
+        return reply
+
+    async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
+        begun = self._start(call)
+        span = begun[0] if begun is not None else None
+        try:
+            reply = await anext(call)
+        except BaseException:
+            self._detach(begun)
+            self._end(call, span)
+            raise
+        self._detach(begun)
+        reply.tap.subscribe(OnEnd(lambda: self._end(call, span)))
+        return reply
+
