@@ -188,8 +188,9 @@ def bench_client(client: str, url: str, calls: int, block: int) -> None:
 def in_process_cost(iterations: int) -> tuple[float, float]:
     """llmshim's own per-call work with a stand-in send, hot: no sockets, same code path otherwise."""
     import llmshim
-    from llmshim.call import Call, Reply, Tap, WireRequest
+    from llmshim.call import Call, Reply, WireRequest
     from llmshim.runtime import STATE, begin
+    from llmshim.tap import Tap
 
     body = json.dumps({"model": "gpt-4o-mini", "messages": MSG}).encode()
     answer = json.dumps({"id": "x", "model": "gpt-4o-mini", "choices": [{"finish_reason": "stop"}],

@@ -22,9 +22,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
-from .call import Call, OnEnd, Reply
+from .call import Call, Reply
 from .context import in_call
 from .dialects import BodyParser
+from .tap import OnEnd
 
 __all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker", "track"]
 

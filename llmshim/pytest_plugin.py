@@ -34,9 +34,10 @@ import pytest
 import llmshim
 
 from . import redact
-from .call import Call, OnEnd, Reply
+from .call import Call, Reply
 from .pipeline import AsyncHandler, Handler, track
 from .store import keys
+from .tap import OnEnd
 
 SALT = b"llmshim-cassette-v1"
 

@@ -34,12 +34,13 @@ import httpx
 import pytest
 
 import llmshim
-from llmshim.call import Call, CallInfo, Reply, Tap, WireRequest
+from llmshim.call import Call, CallInfo, Reply, WireRequest
 from llmshim.pipeline import Pipeline
 from llmshim.policies.stats import STATS
 from llmshim.runtime import STATE
 from llmshim.store.limits import SQLiteLimitStore
 from llmshim.store.sqlite import SQLiteStore
+from llmshim.tap import Tap
 from llmshim.testing import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..call import Call, OnEnd, Reply, Tap, WireRequest
+from ..call import Call, Reply, WireRequest
 from ..runtime import STATE, begin
+from ..tap import OnEnd, Tap
 from ._doubles import aiohttp_double, mark_bypass
 
 __all__ = ["middlewares", "to_wire"]

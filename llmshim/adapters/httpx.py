@@ -12,8 +12,9 @@ import datetime
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from ..call import Call, Reply, Tap, WireRequest
+from ..call import Call, Reply, WireRequest
 from ..runtime import STATE, begin
+from ..tap import Tap
 from ._decoding import Decoder, decoder_for
 from ._doubles import httpx_double, mark_bypass
 

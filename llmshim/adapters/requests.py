@@ -17,8 +17,9 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from ..call import Call, Reply, Tap, WireRequest
+from ..call import Call, Reply, WireRequest
 from ..runtime import STATE, begin
+from ..tap import Tap
 from ._doubles import mark_bypass, requests_double
 
 __all__ = ["send_wrapper", "to_wire"]

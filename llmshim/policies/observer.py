@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..call import Call, OnEnd, Reply
+from ..call import Call, Reply
 from ..facts import StoreKind, listen_store_failures
 from ..pipeline import AsyncHandler, Handler
+from ..tap import OnEnd
 from . import events
 from .stats import STATS, Stats
 
