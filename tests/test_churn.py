@@ -38,8 +38,8 @@ from llmshim.call import Call, CallInfo, Reply, Tap, WireRequest
 from llmshim.pipeline import Pipeline
 from llmshim.policies.stats import STATS
 from llmshim.runtime import STATE
-from llmshim.store.limits import SQLiteLimitStore
-from llmshim.store.sqlite import SQLiteStore
+from llmshim.store.cache_sqlite import SQLiteStore
+from llmshim.store.limits_sqlite import SQLiteLimitStore
 from llmshim.testing import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
