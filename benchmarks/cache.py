@@ -29,7 +29,7 @@ from typing import Any
 from _common import pct, start_server, timed
 
 import llmshim
-from llmshim.store.sqlite import SQLiteStore
+from llmshim.store.cache_sqlite import SQLiteStore
 
 MSG: Any = [{"role": "user", "content": "benchmark the cache"}]
 

@@ -26,7 +26,7 @@ import time
 from _common import pct
 
 from llmshim.policies.ratelimit import Limiter, Limits, Waiter
-from llmshim.store.limits import SQLiteLimitStore
+from llmshim.store.limits_sqlite import SQLiteLimitStore
 
 
 def in_process_acquire(n: int) -> list[float]:

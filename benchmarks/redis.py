@@ -34,9 +34,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llmshim.store.limits import SQLiteLimitStore
-from llmshim.store.redis import RedisCacheStore, RedisLimitStore
-from llmshim.store.sqlite import Entry, SQLiteStore
+from llmshim.store.base import Entry
+from llmshim.store.cache_redis import RedisCacheStore
+from llmshim.store.cache_sqlite import SQLiteStore
+from llmshim.store.limits_redis import RedisLimitStore
+from llmshim.store.limits_sqlite import SQLiteLimitStore
 
 
 def pct(values: list[float], q: float) -> float:

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar
 
 from . import config
+from .wake import Wakeup
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
@@ -53,7 +54,7 @@ class AsyncPool:
                                                                thread_name_prefix="llmshim-aio")
         self._lock = threading.Lock()
         self._taken = 0
-        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiting: list[Wakeup] = []  # callers waiting for a slot, first come first served
         self.active = 0  # calls running in a thread now (including ones whose caller timed out)
         self.peak_taken = 0
         self._instruments = _Instruments()
@@ -65,21 +66,20 @@ class AsyncPool:
 
     async def _acquire(self) -> float:
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         with self._lock:
             if self._taken < self.capacity and not self._waiting:
                 self._taken += 1
                 self.peak_taken = max(self.peak_taken, self._taken)
                 return 0.0
-            future: asyncio.Future[None] = loop.create_future()
-            self._waiting.append((loop, future))
+            wakeup = Wakeup.for_task()
+            self._waiting.append(wakeup)
         self._instruments.depth(1)
         try:
-            await future
+            await wakeup.wait_async()
         except asyncio.CancelledError:
             with self._lock:
-                if (loop, future) in self._waiting:
-                    self._waiting.remove((loop, future))
+                if wakeup in self._waiting:
+                    self._waiting.remove(wakeup)
                     raise
             self._release()  # the slot was handed over just as we were cancelled: pass it on
             raise
@@ -88,12 +88,14 @@ class AsyncPool:
         return time.perf_counter() - start
 
     def _release(self) -> None:
+        """Hand the slot to the first waiter whose loop is still open (_taken unchanged), or free it.
+
+        A waiter leaves ``_waiting`` only here (woken) or itself (cancelled, under the lock), so a
+        slot is handed to exactly one waiter, and a waiter that was handed one passes it on."""
         with self._lock:
             while self._waiting:
-                loop, future = self._waiting.pop(0)
-                if not future.done():
-                    loop.call_soon_threadsafe(_hand_over, future)
-                    return  # the slot passes to that waiter: _taken unchanged
+                if self._waiting.pop(0).wake():
+                    return
             self._taken -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -132,11 +134,6 @@ class AsyncPool:
 
     def shutdown(self, wait: bool = False) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)
-
-
-def _hand_over(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _Instruments:

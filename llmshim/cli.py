@@ -88,7 +88,7 @@ def _cache(args: argparse.Namespace) -> int:
 
     from . import redact
     from .config import ConfigError, load
-    from .store.sqlite import SQLiteStore, default_path
+    from .store.cache_sqlite import SQLiteStore, default_path
 
     try:
         settings = load()

@@ -173,7 +173,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "cache_ignore_headers", "LLMSHIM_CACHE_IGNORE_HEADERS",
-        lambda raw: __import__("llmshim.store.keys", fromlist=["keys"]).parse_ignored_headers(raw), "",
+        lambda raw: __import__("llmshim.store.cache_keys", fromlist=["cache_keys"]).parse_ignored_headers(raw), "",
         "comma-separated header names (x-trace-* for a prefix) that are not credentials",
         "Request headers that never change the answer, besides the built-in noise list: they stay out of the "
         "cache key. Every other header is part of it; credential-like names (key/token/secret/auth/cookie/"

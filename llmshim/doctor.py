@@ -120,7 +120,7 @@ def main(out: TextIO) -> int:
 def _check_cache(settings: Any, line: Any) -> bool:
     import os
 
-    from .store.sqlite import SQLiteStore, default_path
+    from .store.cache_sqlite import SQLiteStore, default_path
 
     path = settings.cache_path or default_path()
     line(f"  mode {settings.cache}, file {path}")
@@ -128,7 +128,7 @@ def _check_cache(settings: Any, line: Any) -> bool:
         line(f"  redis {redact.scrub_setting_url(settings.cache_url)}"
              + (" (behind a local SQLite front)" if settings.cache_local else ""))
         try:
-            from .store.redis import RedisCacheStore
+            from .store.cache_redis import RedisCacheStore
 
             RedisCacheStore(settings.cache_url, timeout=1).client.ping()
             line("  redis reachable")
@@ -157,7 +157,7 @@ def _check_limits(settings: Any, line: Any) -> bool:
     line(f"  {redact.scrub_setting_url(store)}" + ("" if limited else "  (no limits configured: the limiter is off)"))
     if store != "memory" and not store.startswith("sqlite:///"):  # every Redis form: one, Cluster, Sentinel
         try:
-            from .store.redis import RedisLimitStore
+            from .store.limits_redis import RedisLimitStore
 
             RedisLimitStore(store, timeout=1).client.ping()
             line("  redis reachable")

@@ -36,7 +36,7 @@ import llmshim
 from . import redact
 from .call import Call, Reply
 from .pipeline import AsyncHandler, Handler, track
-from .store import keys
+from .store import cache_keys
 from .tap import OnEnd
 
 SALT = b"llmshim-cassette-v1"
@@ -80,7 +80,7 @@ def _bytes(piece: dict[str, str]) -> bytes:
 
 def _request(call: Call) -> dict[str, Any]:
     """The redacted request a cassette shows: no headers, the URL without userinfo or query."""
-    request = dict(keys.summary(call))
+    request = dict(cache_keys.summary(call))
     request["url"] = redact.public_url(call.request.url)
     return request
 
@@ -96,7 +96,7 @@ class CassettePolicy:
         self._used: set[int] = set()
 
     def _key(self, call: Call) -> str:
-        return keys.cache_key(call, SALT, shared=True)
+        return cache_keys.cache_key(call, SALT, shared=True)
 
     def _answer(self, call: Call) -> Reply | None:
         key = self._key(call)

@@ -48,12 +48,12 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
     policies: list[Any] = [ObserverPolicy(telemetry)]
     if settings.cache != "off":
         from .policies.cache import CachePolicy
-        from .store.sqlite import SQLiteStore, default_path
+        from .store.cache_sqlite import SQLiteStore, default_path
 
         store: Any = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
                                  max_bytes=settings.cache_max_bytes)
         if settings.cache_url:
-            from .store.redis import RedisCacheStore, TieredStore
+            from .store.cache_redis import RedisCacheStore, TieredStore
 
             redis_store = RedisCacheStore(settings.cache_url)
             store = TieredStore(store, redis_store) if settings.cache_local else redis_store
@@ -72,11 +72,11 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
 
         shared: Any = None
         if settings.ratelimit_store.startswith("sqlite:///"):
-            from .store.limits import SQLiteLimitStore
+            from .store.limits_sqlite import SQLiteLimitStore
 
             shared = SQLiteLimitStore("/" + settings.ratelimit_store[len("sqlite:///"):].lstrip("/"))
         elif settings.ratelimit_store != "memory":
-            from .store.redis import RedisLimitStore
+            from .store.limits_redis import RedisLimitStore
 
             shared = RedisLimitStore(settings.ratelimit_store)
         policies.append(RateLimitPolicy(shared=shared, max_concurrency=settings.max_concurrency,

@@ -245,9 +245,10 @@ def test_a_black_holed_redis_is_left_alone_after_the_first_few_calls(
 def test_redis_answering_again_is_used_again_after_one_cooldown(tmp_path: Path) -> None:
     from test_redis import RedisServer
 
-    from llmshim.store.redis import RedisCacheStore, RedisLimitStore
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+    from llmshim.store.limits_redis import RedisLimitStore
     from llmshim.store.redis_client import Guarded, RedisUnavailable
-    from llmshim.store.sqlite import Entry
 
     offset = [0.0]
     hole = BlackHole(accepting=True)

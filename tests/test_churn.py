@@ -38,8 +38,8 @@ from llmshim.call import Call, CallInfo, Reply, WireRequest
 from llmshim.pipeline import Pipeline
 from llmshim.policies.stats import STATS
 from llmshim.runtime import STATE
-from llmshim.store.limits import SQLiteLimitStore
-from llmshim.store.sqlite import SQLiteStore
+from llmshim.store.cache_sqlite import SQLiteStore
+from llmshim.store.limits_sqlite import SQLiteLimitStore
 from llmshim.tap import Tap
 from llmshim.testing import FakeLLMServer
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import llmshim
 from llmshim.policies.cache import CachePolicy
-from llmshim.policies.coalescing import Owner, may_wait
 from llmshim.runtime import STATE
+from llmshim.singleflight import Owner, may_wait
 from llmshim.testing import FakeLLMServer
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "stream": True}
@@ -171,7 +171,7 @@ def test_landing_wakes_every_follower_even_as_each_woken_one_leaves_the_list() -
     """A woken follower removes its own entry at once (from its loop's thread); landing must not
     skip the next follower because the list shrank under it (seen: 1 of 4 followers slept for the
     whole coalescing timeout under load). Here each wake-up removes its entry synchronously."""
-    from llmshim.policies.coalescing import Flight
+    from llmshim.singleflight import Flight
 
     flight = Flight(Owner(1, None))
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import llmshim
 from llmshim.policies.ratelimit import Limiter, Limits
 from llmshim.policies.retry import decide, server_delay
-from llmshim.store.limits import MAX_BLOCK, SQLiteLimitStore
+from llmshim.store.limits_sqlite import MAX_BLOCK, SQLiteLimitStore
 from llmshim.testing import FakeLLMServer, Fault
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}

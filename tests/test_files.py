@@ -26,9 +26,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import llmshim
-from llmshim.store.connections import FileState, Tighten, plan_private, prepare_private
-from llmshim.store.limits import SQLiteLimitStore
-from llmshim.store.sqlite import Entry, SQLiteStore, default_path
+from llmshim.store.base import Entry
+from llmshim.store.cache_sqlite import SQLiteStore, default_path
+from llmshim.store.limits_sqlite import SQLiteLimitStore
+from llmshim.store.sqlite_files import FileState, Tighten, plan_private, prepare_private
 from llmshim.testing import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +128,9 @@ def test_new_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", f"""
 import os, stat, json
 os.umask(0)
-from llmshim.store.sqlite import SQLiteStore, Entry
-from llmshim.store.limits import SQLiteLimitStore
+from llmshim.store.cache_sqlite import SQLiteStore
+from llmshim.store.base import Entry
+from llmshim.store.limits_sqlite import SQLiteLimitStore
 from llmshim.policies.stats import STATS
 base = {str(tmp_path)!r}
 cache = SQLiteStore(base + "/new/cache.sqlite3")

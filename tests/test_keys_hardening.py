@@ -30,7 +30,7 @@ import llmshim
 from llmshim.call import Call, WireRequest
 from llmshim.config import ConfigError
 from llmshim.dialects import detect
-from llmshim.store import keys
+from llmshim.store import cache_keys as keys
 from llmshim.testing import FakeLLMServer
 
 with warnings.catch_warnings():  # Hypothesis imports libcst to report a failure; libcst warns on import

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import llmshim
 from llmshim.adapters._decoding import PIECE, decoder_for
 from llmshim.dialects._framing import JsonBody
-from llmshim.store.sqlite import SQLiteStore
+from llmshim.store.cache_sqlite import SQLiteStore
 from llmshim.testing import FakeLLMServer
 from llmshim.testing.responses import Answer
 

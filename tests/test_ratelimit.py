@@ -286,7 +286,7 @@ print(json.dumps(asyncio.run(main())))
 
 
 def test_shared_store_reserves_headroom_for_higher_classes_and_blocks(tmp_path: Any) -> None:
-    from llmshim.store.limits import SQLiteLimitStore
+    from llmshim.store.limits_sqlite import SQLiteLimitStore
 
     store = SQLiteLimitStore(str(tmp_path / "l.sqlite3"))
     dims = [("r", 1.0, 10.0, 1.0)]  # 60/min, 10 s of burst

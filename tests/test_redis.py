@@ -151,8 +151,8 @@ def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis
 @pytest.mark.parametrize("seconds", [99999.0, 1e300])
 def test_a_redis_block_is_capped_also_when_an_older_process_wrote_more(redis_server: RedisServer,
                                                                       seconds: float) -> None:
-    from llmshim.store.limits import MAX_BLOCK
-    from llmshim.store.redis import RedisLimitStore
+    from llmshim.store.limits_redis import RedisLimitStore
+    from llmshim.store.limits_sqlite import MAX_BLOCK
 
     store = RedisLimitStore(redis_server.url, timeout=1.0)
     store.block_for("k", seconds)

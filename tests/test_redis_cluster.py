@@ -192,8 +192,9 @@ def test_cache_and_budget_work_on_a_three_master_cluster(server: FakeLLMServer, 
 
 @needs_servers
 def test_every_store_operation_works_on_the_cluster(empty_cluster: Cluster) -> None:
-    from llmshim.store.redis import RedisCacheStore, RedisLimitStore
-    from llmshim.store.sqlite import Entry
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+    from llmshim.store.limits_redis import RedisLimitStore
 
     cache = RedisCacheStore(empty_cluster.url, timeout=1)
     now = time.time()

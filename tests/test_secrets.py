@@ -383,7 +383,7 @@ def test_a_failing_redis_cache_warns_without_its_password(server: FakeLLMServer,
 def test_a_credential_echoed_in_a_response_header_is_never_written_to_the_cache(tmp_path: Path) -> None:
     import requests
 
-    from llmshim.store.sqlite import SQLiteStore
+    from llmshim.store.cache_sqlite import SQLiteStore
     from llmshim.testing import FakeLLMServer, responses
 
     def echoing(received: Any) -> responses.Answer:

@@ -1,8 +1,8 @@
 """The response cache: a hit replays stored bytes through the library's own response type; a miss
 tees the live body and stores it when, and only when, the call completed normally.
 
-Decisions are pure functions over plain values (``plan`` for a request, ``storable`` for an
-ended call); ``CachePolicy`` only acts on them. Flow of ``handle``:
+Decisions are pure functions over plain values (``plan`` for a request, ``cache_recorder.storable``
+for an ended call); ``CachePolicy`` only acts on them. Flow of ``handle``:
 
 1. ``plan``: mode (setting, ``cache_control()``, or an ``x-llmshim-cache`` request header that the
    adapter already stripped), stateful or non-deterministic requests → look up? store?
@@ -10,9 +10,10 @@ ended call); ``CachePolicy`` only acts on them. Flow of ``handle``:
    response type) with ``x-llmshim-cache: hit`` and ``age`` headers; the upstream is not called.
    In ``replay`` mode a miss answers a synthetic 504 naming the request (``x-should-retry: false``,
    so SDKs raise it at once in their usual way).
-3. miss: identical concurrent requests in this process wait for the first one (coalescing),
-   then look up again; the first sends upstream, and a recorder on the body tap stores the
-   decoded bytes on normal completion (2xx, done marker, no error event, read to the end).
+3. miss: identical concurrent requests in this process wait for the first one (single flight,
+   ``singleflight.py``), then look up again; the first sends upstream, and a recorder on the body
+   tap (``cache_recorder.py``) hands back the decoded bytes on normal completion (2xx, done marker,
+   no error event, read to the end), which are then stored.
 
 Fail open: any store error is a miss (or a skipped write), a warning (at most one a minute) and
 ``llmshim.cache.errors``; never an exception in the caller's call, never a changed response.
@@ -30,24 +31,21 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import redact
 from ..call import Call, Reply
 from ..facts import store_failed
 from ..pipeline import AsyncHandler, Handler, track
-from ..store import keys
+from ..singleflight import Flight, Flights
+from ..store import cache_keys
 from ..store.background import Writes
-from ..store.sqlite import Entry
-from .coalescing import Flight, Flights
+from ..store.base import CacheStore, Entry
+from .cache_recorder import Recorder, stored_headers
 
-__all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "plan", "storable"]
+__all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "plan"]
 
 log = logging.getLogger("llmshim")
 
 MODES = ("off", "on", "readonly", "refresh", "replay")
 HEADER = "x-llmshim-cache"
-#: Response headers never stored: hop-by-hop, the body's encoding (we store it decoded), cookies.
-DROPPED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive",
-                             "set-cookie", "date", HEADER, "age"})
 CLOCK: Callable[[], float] = time.time  # wall clock for expiry; tests replace it
 
 
@@ -133,71 +131,10 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str) -> Pla
                 only_cached=mode == "replay", ttl=ttl, reason=mode)
 
 
-def storable(call: Call, opaque: bool) -> bool:
-    """Whether an ended call's answer may be stored: complete, successful, readable."""
-    response = call.response
-    return (call.outcome == "ok" and call.status is not None and 200 <= call.status < 300 and not opaque
-            and response is not None and response.done and not response.error)
-
-
-def stored_headers(headers: Any) -> list[tuple[str, str]]:
-    """The response headers an entry keeps: not hop-by-hop ones, and never a credential (a
-    gateway echoing a key or a session token must not write it into the cache file)."""
-    items = headers.multi_items() if hasattr(headers, "multi_items") else list(headers.items())
-    return [(str(k), str(v)) for k, v in items
-            if str(k).lower() not in DROPPED_HEADERS and not redact.is_secret_header(str(k))]
-
-
-class _Recorder:
-    """Tees the decoded body of a miss; stores it if the call ended well."""
-
-    __slots__ = ("_call", "_chunks", "_headers", "_key", "_policy", "_size", "_tap", "_ttl")
-
-    def __init__(self, policy: CachePolicy, call: Call, key: str, reply: Reply, ttl: float | None) -> None:
-        self._policy, self._call, self._key, self._ttl = policy, call, key, ttl
-        self._headers = stored_headers(reply.headers)
-        self._chunks: list[bytes] | None = []
-        self._size = 0
-        self._tap = reply.tap
-
-    def on_chunk(self, data: bytes) -> None:
-        if self._chunks is None:
-            return
-        self._size += len(data)
-        if self._size > self._policy.max_entry_bytes:  # too big to keep: stop buffering, never store
-            self._chunks = None
-            return
-        self._chunks.append(data)
-
-    def on_complete(self) -> None:
-        self._finish()
-
-    def on_abort(self, error: BaseException | None) -> None:
-        self._finish()  # the tracker judged it: a close after the done marker is still "ok"
-
-    def _finish(self) -> None:
-        call, policy, key = self._call, self._policy, self._key
-        chunks, self._chunks = self._chunks, None
-        # missed: bytes were read where the tap could not see them; None: more than max_entry_bytes
-        keep = chunks is not None and storable(call, self._tap.opaque_body or self._tap.missed)
-        body = b"".join(chunks) if keep and chunks is not None else None
-        headers, ttl = self._headers, self._ttl
-
-        def write() -> None:
-            try:
-                if body is not None:
-                    policy.save(call, key, headers, body, ttl)
-            finally:
-                policy.landed(key)  # followers look up again only once the entry is written
-
-        policy.flights.writing(key)
-        if not policy.writes.run(write):  # on an event loop the write is queued; queue full: dropped
-            policy.landed(key)
-
-
 class CachePolicy:
     serves_answers = True  # answers without the upstream: test doubles must be detected (adapters)
-    def __init__(self, store: Any, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
+
+    def __init__(self, store: CacheStore, *, mode: str, ttl: float | None, shared: bool, nondeterministic: str,
                  coalesce_timeout: float = 30.0,
                  ignored_headers: frozenset[str] = frozenset(), max_entry_bytes: int = 32 * 2**20) -> None:
         self.store, self.mode, self.ttl, self.shared = store, mode, ttl, shared
@@ -232,15 +169,14 @@ class CachePolicy:
 
     def _key(self, call: Call) -> str | None:
         try:
-            return keys.cache_key(call, self.store.salt, self.shared, self.ignored_headers)
+            return cache_keys.cache_key(call, self.store.salt, self.shared, self.ignored_headers)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("open", exc)
             return None
 
     def _lookup(self, key: str) -> Entry | None:
         try:
-            entry: Entry | None = self.store.get(key, CLOCK(), defer=self.writes.run)
-            return entry
+            return self.store.get(key, CLOCK(), defer=self.writes.run)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
             return None
@@ -248,7 +184,7 @@ class CachePolicy:
     def save(self, call: Call, key: str, headers: list[tuple[str, str]], body: bytes, ttl: float | None) -> None:
         now = CLOCK()
         usage = call.response.usage if call.response else None
-        meta = {**keys.summary(call), "status": call.status,
+        meta = {**cache_keys.summary(call), "status": call.status,
                 "usage": {"input_tokens": usage.input_tokens if usage else None,
                           "output_tokens": usage.output_tokens if usage else None}}
         try:
@@ -302,6 +238,24 @@ class CachePolicy:
     def landed(self, key: str) -> None:
         self.flights.land(key)
 
+    def _record(self, call: Call, key: str, reply: Reply, ttl: float | None) -> None:
+        """Tee the miss's body; when it ends, store it if the recorder kept it, then land."""
+        headers = stored_headers(reply.headers)
+
+        def finish(body: bytes | None) -> None:
+            def write() -> None:
+                try:
+                    if body is not None:
+                        self.save(call, key, headers, body, ttl)
+                finally:
+                    self.landed(key)  # followers look up again only once the entry is written
+
+            self.flights.writing(key)
+            if not self.writes.run(write):  # on an event loop the write is queued; queue full: dropped
+                self.landed(key)
+
+        reply.tap.subscribe(Recorder(call, reply.tap, self.max_entry_bytes, finish))
+
     # -- the seam --------------------------------------------------------------------------------
     def _before(self, call: Call) -> tuple[Plan, str | None, Reply | None]:
         decided = plan(call, self.mode, self.ttl, self.nondeterministic)
@@ -325,7 +279,7 @@ class CachePolicy:
             if key is not None:
                 self.landed(key)
             return reply
-        reply.tap.subscribe(_Recorder(self, call, key, reply, decided.ttl))
+        self._record(call, key, reply, decided.ttl)
         return reply
 
     def _late_hit(self, call: Call, decided: Plan, key: str | None, flight: Flight | None) -> Reply | None:

@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 from ..call import Call, OnEnd, Reply
 from ..facts import store_failed
 from ..pipeline import AsyncHandler, Handler, track
-from ..store.keys import credential_of
-from ..store.limits import MAX_BLOCK
+from ..store.cache_keys import credential_of
+from ..store.limits_sqlite import MAX_BLOCK
 
 __all__ = ["PRIORITIES", "Gcra", "Limiter", "Limits", "RateLimitPolicy", "estimate_tokens", "parse_limits",
            "parse_reset", "priority", "resolve_priority"]

@@ -1,4 +1,6 @@
-"""Request coalescing: identical requests in flight in one process make one upstream call.
+"""Single flight (request coalescing): identical requests in flight in one process make one
+upstream call. The cache policy leads and follows through ``Flights``; waking goes through
+``wake.py`` like every sleeper in llmshim.
 
 The first caller of a key leads (goes upstream); identical callers that arrive while it is in
 flight follow: they wait until it lands (its answer stored, or not), then look the cache up again.
@@ -24,6 +26,8 @@ import dataclasses
 import os
 import threading
 import weakref
+
+from .wake import wake_task
 
 __all__ = ["Flight", "Flights", "Owner", "may_wait", "owner"]
 
@@ -53,11 +57,6 @@ def may_wait(leader: Owner, follower: Owner) -> bool:
     return not (leader.thread == follower.thread and leader.task == follower.task)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 class Flight:
     """One upstream call in progress, and the asynchronous followers to wake when it lands."""
 
@@ -77,8 +76,7 @@ class Flight:
         self.done.set()
         waiters, self.waiters = list(self.waiters), []
         for loop, future in waiters:
-            with contextlib.suppress(RuntimeError):  # that follower's loop has closed: wake the others
-                loop.call_soon_threadsafe(_resolve, future)
+            wake_task(loop, future)  # False: that follower's loop has closed; the others still wake
 
 
 _ALL: weakref.WeakSet[Flights] = weakref.WeakSet()
@@ -136,7 +134,7 @@ class Flights:
         with self._lock:
             flight.waiters.append(entry)
         if flight.done.is_set():
-            _resolve(future)
+            wake_task(loop, future)
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except asyncio.TimeoutError:

@@ -8,7 +8,8 @@ queue, so the reserve is what lets a critical call in one process pass the low c
 A 429 block is a row too, so it pauses the key for every process; no block lasts more than
 ``MAX_BLOCK`` seconds from now, whatever a server asked or an older process wrote.
 
-The file is private (0600, see ``connections.py``); ``close()`` is safe while other threads take.
+The file is private (0600), opened like every llmshim SQLite file (WAL, busy timeout, the
+retried switch to WAL: ``sqlite_files.py``); ``close()`` is safe while other threads take.
 Raises ``sqlite3.Error`` / ``OSError``; the rate-limit policy fails open to its in-process share.
 """
 
@@ -18,7 +19,7 @@ import sqlite3
 import time
 from typing import Any
 
-from .connections import Connections
+from .sqlite_files import Connections
 
 __all__ = ["MAX_BLOCK", "RESERVES", "SQLiteLimitStore"]
 
@@ -34,6 +35,12 @@ CREATE TABLE IF NOT EXISTS buckets (name TEXT NOT NULL, dim TEXT NOT NULL, tat R
 
 
 class SQLiteLimitStore:
+    """The shared budget of one machine (``LLMSHIM_RATELIMIT_STORE=sqlite:///path``)."""
+
+    #: The live-instance count is Redis' alone: when this file fails, the process limits on its own
+    #: buckets at the full limit, as it always has.
+    instances = 1
+
     def __init__(self, path: str, busy_timeout_ms: int = 2000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
@@ -43,9 +50,7 @@ class SQLiteLimitStore:
     def _set_up(conn: sqlite3.Connection, read_only: bool) -> sqlite3.Connection:
         if read_only:
             raise sqlite3.OperationalError("the rate-limit store must be writable")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA)  # after the shared pragmas (WAL, synchronous), under the set-up lock
         return conn
 
     def close(self) -> None:

@@ -1,15 +1,16 @@
 """The embedded response cache: one SQLite file, the standard library's ``sqlite3``, no pickle.
 
-- WAL journal, ``synchronous=NORMAL``, a ``busy_timeout``; writes in short ``BEGIN IMMEDIATE``
-  transactions; readers never wait for writers.
+- WAL journal, ``synchronous=NORMAL``, a ``busy_timeout`` (set where every llmshim SQLite file is
+  opened, ``sqlite_files.py``); writes in short ``BEGIN IMMEDIATE`` transactions; readers never
+  wait for writers.
 - One connection per thread, re-opened after ``fork()`` (a connection must not cross a fork);
-  ``close()`` is safe from any thread while others are mid-query (see ``connections.py``).
+  ``close()`` is safe from any thread while others are mid-query (see ``sqlite_files.py``).
 - Entries hold JSON (status, headers, metadata) and raw body bytes. Totals (entries, bytes) are
   kept by triggers, so size checks never scan. Expiry and last access are indexed; eviction drops
   the least recently used entries in small batches once ``max_entries`` / ``max_bytes`` is
   crossed; last access is touched at most once a minute per entry (reads stay reads).
 - The file is private: created 0600, an existing looser one (and its -wal/-shm/-journal) tightened
-  to 0600 before the first connection, the default folder kept 0700 (``connections.py``).
+  to 0600 before the first connection, the default folder kept 0700 (``sqlite_files.py``).
   ``PRAGMA user_version`` versions the schema.
 - A file this process cannot write (baked into an image, a read-only mount) is opened read-only
   and still answers hits; nothing is written to it (no last-access touch, no counters).
@@ -24,7 +25,6 @@ so that a busy or read-only file still answers the hit it found.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import os
 import secrets
@@ -36,9 +36,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from .connections import Connections
+from .base import Defer, Entry
+from .sqlite_files import Connections
 
-__all__ = ["SCHEMA_VERSION", "Entry", "SQLiteStore", "default_path"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "default_path"]
 
 SCHEMA_VERSION = 1
 TOUCH_INTERVAL = 60.0  # seconds between last-access updates of one entry
@@ -87,17 +88,6 @@ def default_path() -> str:
     return os.path.join(base, "llmshim", "cache.sqlite3")
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    key: str
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    created_at: float
-    expires_at: float | None
-    meta: dict[str, Any]
-
-
 _OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
@@ -120,7 +110,6 @@ class SQLiteStore:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
-        self._init_lock = threading.RLock()
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
         self._flushed_at = time.monotonic()
         self._salt: bytes | None = None
@@ -141,25 +130,14 @@ class SQLiteStore:
                 raise sqlite3.DatabaseError(f"read-only cache {self.path}: schema version {version}, "
                                             f"expected {SCHEMA_VERSION}")
             return conn
-        # First-time set-up is serialised between this process's threads; the switch to WAL can
-        # answer "locked" without waiting while another process switches it, so it is retried.
-        with self._init_lock:
-            for attempt in range(50):
-                try:
-                    conn.execute("PRAGMA journal_mode = WAL")
-                    break
-                except sqlite3.OperationalError:
-                    if attempt == 49:
-                        raise
-                    time.sleep(0.01)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(
-                    f"cache schema version {version} is not this llmshim's ({SCHEMA_VERSION}); "
-                    f"use another LLMSHIM_CACHE_PATH or `llmshim cache clear`")
-            if version == 0:  # idempotent: two processes creating it at once both succeed
-                conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+        # After the shared pragmas (WAL, synchronous), under the opener's set-up lock.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(
+                f"cache schema version {version} is not this llmshim's ({SCHEMA_VERSION}); "
+                f"use another LLMSHIM_CACHE_PATH or `llmshim cache clear`")
+        if version == 0:  # idempotent: two processes creating it at once both succeed
+            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -205,7 +183,7 @@ class SQLiteStore:
         return self._salt
 
     # -- entries ---------------------------------------------------------------------------------
-    def get(self, key: str, now: float, defer: Callable[[Callable[[], None]], object] | None = None) -> Entry | None:
+    def get(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
         """The live entry for ``key``, or None. A read: the last-access touch it may be due is a
         write, run through ``defer`` when given (the cache queues it off an event loop)."""
         with self._read() as conn:

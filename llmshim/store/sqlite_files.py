@@ -1,6 +1,8 @@
-"""SQLite files llmshim owns: private on disk, and one connection per thread that any thread may close.
+"""SQLite files llmshim owns: the one way they are opened, private on disk, one connection per
+thread that any thread may close.
 
-Two promises, shared by the cache (``sqlite.py``) and the rate-limit store (``limits.py``):
+Shared by the cache (``cache_sqlite.py``) and the rate-limit store (``limits_sqlite.py``), so that a
+fix lands in both:
 
 **Private files.** Before a file is opened, ``plan_private`` (pure) says what to tighten: the
 database and its ``-wal``/``-shm``/``-journal`` companions lose every group and other bit (0644
@@ -21,6 +23,14 @@ feet is what crashed the interpreter (SIGSEGV) when ``uninstall()`` raced calls 
 across ``fork()`` is never used or closed in the child (closing it there could delete the parent's
 WAL); the child opens its own. Connections of threads that have ended are closed as new ones open.
 
+**Opening.** Every connection is opened the same way (``Connections._connect``): the busy timeout
+(as ``timeout`` and ``PRAGMA busy_timeout``), then, for a writable file, ``journal_mode=WAL`` and
+``synchronous=NORMAL``, then the store's own ``set_up`` (schema). The switch to WAL can answer
+"database is locked" *without* waiting for the busy timeout while another process switches the
+same file or holds it locked, so it is retried for about half a second; first-time set-up is
+serialised between the threads of this process. A store that needs to write refuses a read-only
+file in its ``set_up``.
+
 **Read-only.** A cache the process cannot write (a file baked into an image, a read-only mount)
 is opened with ``mode=ro``; when its ``-shm`` neither exists nor can be created there, also with
 ``immutable=1`` (SQLite cannot otherwise read a WAL database on read-only media). Immutable means
@@ -35,11 +45,13 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-__all__ = ["COMPANIONS", "Connections", "FileState", "Tighten", "plan_private", "prepare_private"]
+__all__ = ["COMPANIONS", "Connections", "FileState", "Tighten", "plan_private", "prepare_private", "read_only_uri",
+           "warn_once"]
 
 log = logging.getLogger("llmshim")
 
@@ -47,6 +59,7 @@ COMPANIONS = ("-wal", "-shm", "-journal")
 _OTHERS = 0o077  # every group and other permission bit
 _WARNED: set[tuple[str, str]] = set()
 _INHERITED: list[sqlite3.Connection] = []  # connections from before a fork: kept, never closed in the child
+WAL_ATTEMPTS = 50  # tries of the switch to WAL, 10 ms apart
 
 
 # -- private files: the decision (pure) ------------------------------------------------------------
@@ -140,6 +153,19 @@ def read_only_uri(path: str) -> str | None:
     return uri
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, retried: while another process switches the file or holds
+    it locked, SQLite may answer "locked" at once instead of waiting for the busy timeout."""
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01)
+
+
 # -- connections -----------------------------------------------------------------------------------
 class _Slot:
     """One thread's connection and how many uses of it are in progress."""
@@ -155,10 +181,11 @@ class _Slot:
 
 
 class Connections:
-    """Per-thread connections to one file, safe to close from any thread (see the module doc).
+    """Per-thread connections to one file, opened one way, safe to close from any thread (see the
+    module doc).
 
-    ``set_up`` readies a fresh connection (pragmas, schema); it is told whether the connection is
-    read-only."""
+    ``set_up`` readies a fresh connection after the shared pragmas (the schema; it may refuse a
+    read-only file by raising); it is told whether the connection is read-only."""
 
     def __init__(self, path: str, set_up: Callable[[sqlite3.Connection, bool], sqlite3.Connection], *,
                  own_directory: bool, busy_timeout_ms: int) -> None:
@@ -169,6 +196,7 @@ class Connections:
         self._set_up = set_up
         self._local = threading.local()
         self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
+        self._set_up_lock = threading.RLock()  # first-time set-up, one thread of this process at a time
         self._slots: list[_Slot] = []
 
     @contextmanager
@@ -219,7 +247,12 @@ class Connections:
         self.read_only = uri is not None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            return self._set_up(conn, uri is not None)
+            if uri is not None:
+                return self._set_up(conn, True)
+            with self._set_up_lock:
+                _switch_to_wal(conn)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                return self._set_up(conn, False)
         except BaseException:
             conn.close()
             raise
