@@ -8,7 +8,9 @@ import sys
 
 def _llmshim_boot() -> None:
     try:
-        exporter = os.environ.get("LLMSHIM_RUN_OTEL_EXPORTER")
+        from llmshim import config
+
+        exporter = config.read("run_otel_exporter")  # validated by `llmshim run`; checked again here
         if exporter:
             from llmshim.run import configure_exporter
 
