@@ -172,7 +172,8 @@ class Settings:
     cache_path: str | None = setting(
         path, "", "a file path, or empty for the default",
         "The SQLite cache file (0600; llmshim's own folder 0700, a folder you name left as it is). Empty: the "
-        "default.", shown_default="`$XDG_CACHE_HOME/llmshim/cache.sqlite3`")
+        "default. A URL is refused (a Redis cache is `LLMSHIM_CACHE_URL`).",
+        shown_default="`$XDG_CACHE_HOME/llmshim/cache.sqlite3`")
     cache_url: RedisURL | None = setting(
         redis_url, "",
         "redis://host:port/db, rediss://..., unix:///path.sock, redis+cluster://..., redis+sentinel://..., or empty",

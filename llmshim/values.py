@@ -254,5 +254,9 @@ def store(raw: Any) -> LimitStore:
 
 
 def path(raw: Any) -> str | None:
+    """A file path (``~`` expanded), or None when empty. A URL is refused: it is a value meant for
+    another setting (a Redis URL in ``LLMSHIM_CACHE_PATH``), and as a path it would be shown as is."""
     value = text(raw) if raw is not None else ""
+    if "://" in value:
+        raise ValueError("a file path, not a URL (a Redis cache is LLMSHIM_CACHE_URL), or empty")
     return os.path.expanduser(value) if value else None

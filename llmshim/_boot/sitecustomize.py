@@ -8,9 +8,7 @@ import sys
 
 def _llmshim_boot() -> None:
     try:
-        from llmshim import config
-
-        exporter = config.read("run_otel_exporter")  # validated by `llmshim run`; checked again here
+        exporter = os.environ.get("LLMSHIM_RUN_OTEL_EXPORTER")  # a setting `llmshim run` has validated
         if exporter:
             from llmshim.run import configure_exporter
 
