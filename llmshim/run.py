@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from . import config
+from .settings import variable
 
 __all__ = ["BOOT_DIR", "configure_exporter", "main"]
 
@@ -52,12 +53,9 @@ def environment(base: dict[str, str], *, cache: str | None, priority: str | None
     """The program's environment: ``_boot`` first on PYTHONPATH, the flags as ``LLMSHIM_*`` variables."""
     env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (BOOT_DIR, env.get("PYTHONPATH", "")) if p)
-    if cache:
-        env["LLMSHIM_CACHE"] = cache
-    if priority:
-        env["LLMSHIM_PRIORITY"] = priority
-    if exporter:
-        env["LLMSHIM_RUN_OTEL_EXPORTER"] = exporter
+    for name, value in (("cache", cache), ("priority", priority), ("run_otel_exporter", exporter)):
+        if value:
+            env[variable(name)] = value
     return env
 
 

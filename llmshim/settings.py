@@ -20,6 +20,7 @@ from typing import Any
 
 from . import redact
 from .values import (
+    BOOLEAN_FORM,
     COUNT_UNITS,
     DURATION_UNITS,
     SIZE_UNITS,
@@ -42,14 +43,13 @@ from .values import (
     word,
 )
 
-__all__ = ["LIBRARIES", "OPTIONS", "Option", "Settings", "markdown_table", "setting"]
+__all__ = ["LIBRARIES", "OPTIONS", "Option", "Settings", "markdown_table", "setting", "variable"]
 
 #: Client libraries llmshim can patch, in the order they are reported.
 LIBRARIES: tuple[str, ...] = ("httpx", "httpx2", "requests", "aiohttp")
 
 DAY = 86400
 _MAX_WAIT = Decimal(30 * DAY)  # the longest a call may be made to wait for anything
-_BOOLEAN_FORM = "true/false (also 1/0, yes/no, on/off)"
 
 
 # -- parsers particular to one setting (the shared ones are in llmshim.values) ---------------------
@@ -155,13 +155,13 @@ def setting(parse: Callable[[Any], Any], default: str, accepted: str, doc: str, 
 class Settings:
     """The effective configuration. Frozen: a new install() builds a new one and swaps it in whole."""
 
-    enabled: bool = setting(boolean, "true", _BOOLEAN_FORM,
+    enabled: bool = setting(boolean, "true", BOOLEAN_FORM,
                             "Master switch. `false` makes `install()` a no-op: nothing is patched.")
     libraries: frozenset[str] = setting(
         _parse_libraries, "all", f"all, none, or a comma-separated subset of {', '.join(LIBRARIES)}",
         "Which client libraries to patch: `all`, `none`, or a comma-separated subset of "
         + ", ".join(f"`{name}`" for name in LIBRARIES) + ".")
-    telemetry: bool = setting(boolean, "true", _BOOLEAN_FORM,
+    telemetry: bool = setting(boolean, "true", BOOLEAN_FORM,
                               "OpenTelemetry spans and metrics for every LLM call, through the application's "
                               "providers (or those passed to `install()`).")
     cache: CacheMode = setting(
@@ -179,7 +179,7 @@ class Settings:
         "redis://host:port/db, rediss://..., unix:///path.sock, redis+cluster://..., redis+sentinel://..., or empty",
         "A Redis for the cache, shared by every host: `redis://host:port/db`, `rediss://`, `unix://`, "
         "`redis+cluster://`, `redis+sentinel://` (see Redis above). Empty: the SQLite file only.", secret=True)
-    cache_local: bool = setting(boolean, "false", _BOOLEAN_FORM,
+    cache_local: bool = setting(boolean, "false", BOOLEAN_FORM,
                                 "With `LLMSHIM_CACHE_URL`: a local SQLite front (`LLMSHIM_CACHE_PATH`) for hits, "
                                 "Redis behind it.")
     cache_ttl: float | None = setting(
@@ -280,7 +280,7 @@ class Settings:
         _duration("0.001", _MAX_WAIT, none=True), "", "seconds, from 1ms to 30d, or empty/none for no timeout",
         "Per call, seconds: the awaiting task gets `TimeoutError` at once; 1ms to 30d. Empty or `none`: no "
         "timeout. `0` is refused.", shown_default="empty (none)")
-    async_enabled: bool = setting(boolean, "true", _BOOLEAN_FORM,
+    async_enabled: bool = setting(boolean, "true", BOOLEAN_FORM,
                                   "`false`: run `llmshim.aio` calls inline (debugging).")
     stats_file: str | None = setting(
         path, "", "a file path, or empty",
@@ -311,9 +311,14 @@ class Settings:
         return f"Settings({', '.join(f'{name}={value!r}' for name, value in self.masked().items())})"
 
 
+def variable(name: str) -> str:
+    """The environment variable of the setting ``name``: ``cache_ttl`` -> ``LLMSHIM_CACHE_TTL``."""
+    return "LLMSHIM_" + name.upper()
+
+
 #: Every setting, in declaration order (the README's order).
 OPTIONS: tuple[Option, ...] = tuple(
-    dataclasses.replace(field.metadata[_OPTION], name=field.name, env=f"LLMSHIM_{field.name.upper()}")
+    dataclasses.replace(field.metadata[_OPTION], name=field.name, env=variable(field.name))
     for field in dataclasses.fields(Settings))
 
 

@@ -29,9 +29,9 @@ from decimal import Decimal
 from typing import Any, Literal, TypeAlias, get_args
 from urllib.parse import urlsplit
 
-__all__ = ["COUNT_UNITS", "DURATION_UNITS", "SIZE_UNITS", "CacheMode", "CacheScope", "LimitStore", "Memory",
-           "Nondeterministic", "Number", "OtelExporter", "PriorityClass", "RedisURL", "RetryMode", "SQLiteFile",
-           "StoreURL", "boolean", "choice", "hosts", "path", "redis_url", "store", "text", "word"]
+__all__ = ["BOOLEAN_FORM", "COUNT_UNITS", "DURATION_UNITS", "SIZE_UNITS", "CacheMode", "CacheScope", "LimitStore",
+           "Memory", "Nondeterministic", "Number", "OtelExporter", "PriorityClass", "RedisURL", "RetryMode",
+           "SQLiteFile", "StoreURL", "boolean", "choice", "hosts", "path", "redis_url", "store", "text", "word"]
 
 CacheMode: TypeAlias = Literal["off", "on", "readonly", "refresh", "replay"]
 CacheScope: TypeAlias = Literal["credential", "shared"]
