@@ -145,10 +145,11 @@ class Option:
 _OPTION = "llmshim.option"
 
 
-def setting(parse: Callable[[Any], Any], default: str, accepted: str, doc: str, **more: Any) -> Any:
+def setting(parse: Callable[[Any], Any], default: str, accepted: str, doc: str, *, secret: bool = False,
+            shown_default: str = "", startup_only: bool = False) -> Any:
     """A :class:`Settings` field declared with everything about it; its default is ``parse(default)``."""
-    return dataclasses.field(default_factory=lambda: parse(default),
-                             metadata={_OPTION: Option(parse, default, accepted, doc, **more)})
+    option = Option(parse, default, accepted, doc, secret, shown_default, startup_only)
+    return dataclasses.field(default_factory=lambda: parse(default), metadata={_OPTION: option})
 
 
 @dataclasses.dataclass(frozen=True)
