@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 from . import adapters, config
+from ._version import __version__
 from .config import ConfigError, Settings
 from .pipeline import Pipeline
 from .policies.cache import cache_control
@@ -45,11 +46,6 @@ __all__ = [
     "status",
     "uninstall",
 ]
-
-try:
-    __version__ = importlib.metadata.version("llmshim")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+local"
 
 _lock = threading.Lock()
 

@@ -1,4 +1,9 @@
-"""The ``llmshim`` command line: ``demo``, ``status``, ``serve``."""
+"""The ``llmshim`` command line: ``demo``, ``status``, ``stats``, ``cache``, ``run``, ``doctor``,
+``settings`` and ``serve``.
+
+A command that reads the settings exits 2 on a malformed ``LLMSHIM_*`` value, naming the variable
+(``run`` checks them before the program starts); ``doctor`` exits 1 when something is broken.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import get_args
+
+from .values import CacheMode, OtelExporter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     cache_sub.add_parser("clear", help="remove every entry and reset the counters")
     run_parser = sub.add_parser("run", help="run a program with llmshim installed from the start: "
                                 "llmshim run -- python app.py")
-    run_parser.add_argument("--cache", choices=("off", "on", "readonly", "refresh", "replay"), default=None)
+    run_parser.add_argument("--cache", choices=get_args(CacheMode), default=None)
     run_parser.add_argument("--priority", default=None, help="default priority class (critical, high, normal, low)")
-    run_parser.add_argument("--otel-exporter", choices=("console", "otlp"), default=None,
+    run_parser.add_argument("--otel-exporter", choices=get_args(OtelExporter), default=None,
                      help="export spans to the console or over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT)")
     run_parser.add_argument("program", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     sub.add_parser("doctor", help="what is installed and patched, settings, cache and store health, conflicts")
+    sub.add_parser("settings", help="every LLMSHIM_* setting: default and meaning (the README's table, Markdown)")
     serve = sub.add_parser("serve", help="run the bundled local LLM server (see python -m llmshim.testing)")
     serve.add_argument("--port", type=int, default=8080)
     args, rest = parser.parse_known_args(argv)
@@ -51,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(sys.stdout)
+    if args.command == "settings":
+        from .settings import markdown_table
+
+        print(markdown_table())
+        return 0
     if args.command == "demo":
         from .demo import run
 
@@ -137,11 +151,14 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _print_stats(path: str | None, raw: bool) -> int:
-    import os
+    from .config import ConfigError, read
+    from .demo import DEMO_STATS_FILE, format_stats
 
-    from .demo import DEMO_STATS_FILE
-
-    path = path or os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE
+    try:
+        path = path or read("stats_file") or DEMO_STATS_FILE
+    except ConfigError as exc:
+        print(f"llmshim: {exc}", file=sys.stderr)
+        return 2
     try:
         with open(path) as handle:
             snapshot = json.load(handle)
@@ -154,27 +171,6 @@ def _print_stats(path: str | None, raw: bool) -> int:
         return 0
     print(format_stats(snapshot, source=f"{path} (pid {snapshot.get('pid')})"))
     return 0
-
-
-def format_stats(snapshot: dict[str, object], source: str = "this process") -> str:
-    """The stats snapshot as a short human-readable table."""
-    def show(value: object) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = [f"llmshim stats from {source}"]
-    for key in ("total_calls", "completed", "failed", "aborted", "throttled_calls", "retries", "cache_hits",
-                "cache_misses", "cache_hit_rate", "average_latency_s", "input_tokens", "output_tokens",
-                "tokens_saved"):
-        lines.append(f"  {key:<18} {show(snapshot.get(key))}")
-    by_model = snapshot.get("by_model") or {}
-    if isinstance(by_model, dict) and by_model:
-        lines.append("  by provider/model:")
-        for name, counts in by_model.items():
-            lines.append(f"    {name:<36} calls={counts['calls']} in={counts['input_tokens']} "
-                         f"out={counts['output_tokens']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -212,8 +212,6 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from .cli import format_stats
-
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -268,3 +266,24 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     out.write("\n" + format_stats(stats(), source=f"this demo (also in {DEMO_STATS_FILE}: `llmshim stats`)") + "\n")
     out.write(f"\n{len(seen)} LLM calls seen by llmshim, {failures} failures\n")
     return 1 if failures else 0
+
+
+def format_stats(snapshot: dict[str, object], source: str = "this process") -> str:
+    """The stats snapshot as a short human-readable table."""
+    def show(value: object) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [f"llmshim stats from {source}"]
+    for key in ("total_calls", "completed", "failed", "aborted", "throttled_calls", "retries", "cache_hits",
+                "cache_misses", "cache_hit_rate", "average_latency_s", "input_tokens", "output_tokens",
+                "tokens_saved"):
+        lines.append(f"  {key:<18} {show(snapshot.get(key))}")
+    by_model = snapshot.get("by_model") or {}
+    if isinstance(by_model, dict) and by_model:
+        lines.append("  by provider/model:")
+        for name, counts in by_model.items():
+            lines.append(f"    {name:<36} calls={counts['calls']} in={counts['input_tokens']} "
+                         f"out={counts['output_tokens']}")
+    return "\n".join(lines)

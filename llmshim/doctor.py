@@ -11,9 +11,11 @@ import contextlib
 import importlib
 import importlib.metadata
 import sys
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from . import config, redact
+from .values import RedisURL
 
 __all__ = ["main"]
 
@@ -117,7 +119,7 @@ def main(out: TextIO) -> int:
     return 1 if broken else 0
 
 
-def _check_cache(settings: Any, line: Any) -> bool:
+def _check_cache(settings: config.Settings, line: Callable[[str], None]) -> bool:
     import os
 
     from .store.cache_sqlite import SQLiteStore, default_path
@@ -151,11 +153,11 @@ def _check_cache(settings: Any, line: Any) -> bool:
     return bool(check != "ok")
 
 
-def _check_limits(settings: Any, line: Any) -> bool:
+def _check_limits(settings: config.Settings, line: Callable[[str], None]) -> bool:
     store = settings.ratelimit_store
     limited = settings.rpm or settings.tpm or settings.limits or settings.max_concurrency
     line(f"  {redact.scrub_setting_url(store)}" + ("" if limited else "  (no limits configured: the limiter is off)"))
-    if store != "memory" and not store.startswith("sqlite:///"):  # every Redis form: one, Cluster, Sentinel
+    if isinstance(store, RedisURL):  # every Redis form: one, Cluster, Sentinel
         try:
             from .store.limits_redis import RedisLimitStore
 

@@ -4,7 +4,11 @@ The command runs with ``llmshim/_boot`` first on ``PYTHONPATH``: its ``sitecusto
 llmshim as the interpreter starts (and chains any sitecustomize that was there before). Children
 inherit the environment, so Python subprocesses, multiprocessing's spawn and forkserver workers
 and server worker processes are covered too; fork children inherit the installed process.
-Settings come from ``LLMSHIM_*`` and the flags; they are validated here, before anything starts.
+Settings come from ``LLMSHIM_*`` and the flags; they are validated here, before anything starts
+(a bad one exits 2, naming it). Then this process becomes the program (``exec``, as
+``opentelemetry-instrument`` does): same PID, so a container's SIGTERM reaches the program, its exit
+status is the command's, and nothing is left running when it stops. Where there is no ``exec``
+(Windows) the program runs as a child and its exit code is returned.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from . import config
+from .settings import variable
 
 __all__ = ["BOOT_DIR", "configure_exporter", "main"]
 
@@ -45,14 +50,12 @@ def configure_exporter(kind: str) -> None:
 
 def environment(base: dict[str, str], *, cache: str | None, priority: str | None,
                 exporter: str | None) -> dict[str, str]:
+    """The program's environment: ``_boot`` first on PYTHONPATH, the flags as ``LLMSHIM_*`` variables."""
     env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (BOOT_DIR, env.get("PYTHONPATH", "")) if p)
-    if cache:
-        env["LLMSHIM_CACHE"] = cache
-    if priority:
-        env["LLMSHIM_PRIORITY"] = priority
-    if exporter:
-        env["LLMSHIM_RUN_OTEL_EXPORTER"] = exporter
+    for name, value in (("cache", cache), ("priority", priority), ("run_otel_exporter", exporter)):
+        if value:
+            env[variable(name)] = value
     return env
 
 

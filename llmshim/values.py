@@ -13,6 +13,10 @@ turns that into a ``ConfigError`` naming the variable. The rules, the same for e
 - Units: durations ``ms s m h d``; counts ``k`` (thousand) and ``m`` (million); sizes ``k m g t``
   = KiB MiB GiB TiB (as Docker and the JVM read ``512M``), ``kb mb gb tb`` = powers of 1000 and
   ``kib mib gib tib`` = powers of 1024.
+
+The modes are ``Literal`` types (``CacheMode``, ``RetryMode``, ...) shared by the settings, the
+command line and the policies, so a mode is spelled in one place. Store locations parse into typed
+values (``Memory``, ``SQLiteFile``, ``RedisURL``) that remain the text the user wrote.
 """
 
 from __future__ import annotations
@@ -22,11 +26,19 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, TypeAlias, get_args
 from urllib.parse import urlsplit
 
-__all__ = ["COUNT_UNITS", "DURATION_UNITS", "SIZE_UNITS", "Number", "boolean", "choice", "hosts", "path", "redis_url",
-           "store", "text", "word"]
+__all__ = ["BOOLEAN_FORM", "COUNT_UNITS", "DURATION_UNITS", "SIZE_UNITS", "CacheMode", "CacheScope", "LimitStore",
+           "Memory", "Nondeterministic", "Number", "OtelExporter", "PriorityClass", "RedisURL", "RetryMode",
+           "SQLiteFile", "StoreURL", "boolean", "choice", "hosts", "path", "redis_url", "store", "text", "word"]
+
+CacheMode: TypeAlias = Literal["off", "on", "readonly", "refresh", "replay"]
+CacheScope: TypeAlias = Literal["credential", "shared"]
+Nondeterministic: TypeAlias = Literal["cache", "skip"]
+RetryMode: TypeAlias = Literal["auto", "llmshim", "sdk", "off"]
+PriorityClass: TypeAlias = Literal["critical", "high", "normal", "low"]
+OtelExporter: TypeAlias = Literal["console", "otlp"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -72,8 +84,10 @@ def boolean(raw: Any) -> bool:
     raise ValueError(BOOLEAN_FORM)
 
 
-def choice(*choices: str, booleans: tuple[str, str] | None = None) -> Callable[[Any], str]:
-    """One of ``choices``; with ``booleans=(on, off)`` the boolean words map to those two too."""
+def choice(kind: Any, booleans: tuple[str, str] | None = None) -> Callable[[Any], str]:
+    """One of the words of the ``Literal`` type ``kind``; with ``booleans=(on, off)`` the boolean
+    words map to those two too."""
+    choices: tuple[str, ...] = get_args(kind)
     form = f"one of {', '.join(choices)}" + (f" (or {BOOLEAN_FORM})" if booleans else "")
 
     def parse(raw: Any) -> str:
@@ -171,7 +185,39 @@ _REDIS_FORM = ("redis://host:port/db (credentials before an @), rediss://..., un
                "redis+cluster://host:port,host2:port2, redis+sentinel://host:port,host2:port2/service")
 
 
-def redis_url(raw: Any) -> str | None:
+class StoreURL(str):
+    """A store location, still the text the user wrote (it compares, prints and masks as that text);
+    its class says which store it names."""
+
+    __slots__ = ()
+
+
+class Memory(StoreURL):
+    """``memory``: this process only."""
+
+    __slots__ = ()
+
+
+class SQLiteFile(StoreURL):
+    """``sqlite:///path``: a file shared by every process on the machine."""
+
+    __slots__ = ()
+
+    @property
+    def path(self) -> str:
+        return "/" + self[len("sqlite:///"):].lstrip("/")
+
+
+class RedisURL(StoreURL):
+    """A Redis, a Redis Cluster or a Sentinel-managed Redis, shared by every host. May hold a password."""
+
+    __slots__ = ()
+
+
+LimitStore: TypeAlias = Memory | SQLiteFile | RedisURL
+
+
+def redis_url(raw: Any) -> RedisURL | None:
     value = text(raw or "")
     if not value:
         return None
@@ -179,7 +225,7 @@ def redis_url(raw: Any) -> str | None:
         from .store.redis_client import parse_redis_url
 
         parse_redis_url(value)  # ValueError naming the form, never repeating the URL
-        return value
+        return RedisURL(value)
     if not value.startswith(_REDIS_SCHEMES):
         raise ValueError(f"{_REDIS_FORM}, or empty")
     try:
@@ -191,18 +237,26 @@ def redis_url(raw: Any) -> str | None:
     if (not port_ok or (parts.scheme == "unix" and not parts.path)
             or (parts.scheme != "unix" and not (parts.hostname and (not db or (db.isascii() and db.isdigit()))))):
         raise ValueError(f"{_REDIS_FORM} (a host, a port from 1 to 65535, a database number)")
-    return value
+    return RedisURL(value)
 
 
-def store(raw: Any) -> str:
+def store(raw: Any) -> LimitStore:
     value = text(raw)
-    if value == "memory" or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
-        return value
+    if value == "memory":
+        return Memory(value)
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return SQLiteFile(value)
     if value.startswith(_REDIS_SCHEMES + _CLUSTER_SCHEMES):
-        return str(redis_url(value))
+        url = redis_url(value)
+        if url is not None:
+            return url
     raise ValueError(f"memory, sqlite:///path/to/limits.sqlite3, or {_REDIS_FORM}")
 
 
 def path(raw: Any) -> str | None:
+    """A file path (``~`` expanded), or None when empty. A URL is refused: it is a value meant for
+    another setting (a Redis URL in ``LLMSHIM_CACHE_PATH``), and as a path it would be shown as is."""
     value = text(raw) if raw is not None else ""
+    if "://" in value:
+        raise ValueError("a file path, not a URL (a Redis cache is LLMSHIM_CACHE_URL), or empty")
     return os.path.expanduser(value) if value else None

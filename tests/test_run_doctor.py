@@ -132,6 +132,8 @@ def test_run_reaches_uvicorn_workers(server: FakeLLMServer, tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # no worker was orphaned holding the port: SIGTERM reached uvicorn, which stopped its workers
     assert [a["answer"] for a in answers] == ["Echo: hello", "Echo: hello"]
     assert all(a["llmshim_active_in_worker"] for a in answers)
     assert answers[1]["cached"] == "hit" and len(server.received) == 1

@@ -8,7 +8,7 @@ import sys
 
 def _llmshim_boot() -> None:
     try:
-        exporter = os.environ.get("LLMSHIM_RUN_OTEL_EXPORTER")
+        exporter = os.environ.get("LLMSHIM_RUN_OTEL_EXPORTER")  # a setting `llmshim run` has validated
         if exporter:
             from llmshim.run import configure_exporter
 
