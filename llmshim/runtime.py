@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .call import Call, WireRequest
 from .config import Settings
 from .context import in_call
 from .dialects import detect
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Policy
 from .policies.observer import ObserverPolicy
 from .policies.stats import STATS
+from .values import RedisURL, SQLiteFile
+
+if TYPE_CHECKING:
+    from .store.base import CacheStore, LimitStore
 
 __all__ = ["STATE", "State", "begin", "build_pipeline", "control_headers"]
 
@@ -45,18 +49,19 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         from .policies.telemetry import Telemetry
 
         telemetry = Telemetry(tracer_provider, meter_provider)
-    policies: list[Any] = [ObserverPolicy(telemetry)]
+    policies: list[Policy] = [ObserverPolicy(telemetry)]
     if settings.cache != "off":
         from .policies.cache import CachePolicy
         from .store.cache_sqlite import SQLiteStore, default_path
 
-        store: Any = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
-                                 max_bytes=settings.cache_max_bytes)
+        local = SQLiteStore(settings.cache_path or default_path(), max_entries=settings.cache_max_entries,
+                            max_bytes=settings.cache_max_bytes)
+        store: CacheStore = local
         if settings.cache_url:
             from .store.cache_redis import RedisCacheStore, TieredStore
 
             redis_store = RedisCacheStore(settings.cache_url)
-            store = TieredStore(store, redis_store) if settings.cache_local else redis_store
+            store = TieredStore(local, redis_store) if settings.cache_local else redis_store
         policies.append(CachePolicy(
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
             ignored_headers=settings.cache_ignore_headers,
@@ -70,15 +75,16 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
     if settings.rpm or settings.tpm or settings.limits or settings.max_concurrency:
         from .policies.ratelimit import RateLimitPolicy
 
-        shared: Any = None
-        if settings.ratelimit_store.startswith("sqlite:///"):
+        shared: LimitStore | None = None
+        store_url = settings.ratelimit_store
+        if isinstance(store_url, SQLiteFile):
             from .store.limits_sqlite import SQLiteLimitStore
 
-            shared = SQLiteLimitStore("/" + settings.ratelimit_store[len("sqlite:///"):].lstrip("/"))
-        elif settings.ratelimit_store != "memory":
+            shared = SQLiteLimitStore(store_url.path)
+        elif isinstance(store_url, RedisURL):
             from .store.limits_redis import RedisLimitStore
 
-            shared = RedisLimitStore(settings.ratelimit_store)
+            shared = RedisLimitStore(store_url)
         policies.append(RateLimitPolicy(shared=shared, max_concurrency=settings.max_concurrency,
                                         local_hosts=settings.local_hosts,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
