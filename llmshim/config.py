@@ -287,7 +287,7 @@ _BY_NAME = {option.name: option for option in OPTIONS}
 
 
 def _parse_limits(raw: Any) -> dict[str, Any]:
-    from .policies.ratelimit import parse_limits
+    from .values import parse_limits
 
     return parse_limits(text(raw or ""))
 
