@@ -202,12 +202,12 @@ def test_limiters_opening_a_fresh_limits_file_together_never_see_it_locked(tmp_p
         waiters = [Waiter("normal", 1, 0, 0.0, event=threading.Event()) for _ in limiters]
         start = threading.Barrier(len(limiters))
 
-        def take(limiter: Limiter, waiter: Waiter) -> None:
+        def take(limiter: Limiter, waiter: Waiter, start: threading.Barrier = start) -> None:
             key = limiter.key("k", Limits(rpm=6000))
             start.wait()
             limiter.enqueue(key, waiter)
 
-        threads = [threading.Thread(target=take, args=pair) for pair in zip(limiters, waiters)]
+        threads = [threading.Thread(target=take, args=pair) for pair in zip(limiters, waiters, strict=True)]
         for t in threads:
             t.start()
         for t in threads:

@@ -47,7 +47,7 @@ def test_highest_class_first_and_first_come_first_served_within_a_class_whatever
     waiters = {"big normal": _waiter("normal", 90), "small normal": _waiter("normal", 1),
                "low": _waiter("low", 1), "critical": _waiter("critical", 1)}
     limiter.enqueue(key, _waiter("normal", 100))  # spends the burst: everyone below waits
-    for name, waiter in waiters.items():
+    for waiter in waiters.values():
         limiter.enqueue(key, waiter)
     while len(order) < len(waiters):
         clock.advance_to_next_wakeup()
