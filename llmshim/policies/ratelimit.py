@@ -43,6 +43,7 @@ from .stats import STATS
 
 __all__ = ["PRIORITIES", "RateLimitPolicy", "parse_limits", "priority", "resolve_priority"]
 
+
 class RateLimitPolicy:
     """Takes a permit for every wire attempt (it sits below the retry layer), by priority."""
 
