@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from test_loop_lag import LOCKER, _body
 
 import llmshim
 from llmshim.policies import shared_budget
@@ -33,19 +34,6 @@ from llmshim.policies.stats import STATS
 from llmshim.store.limits import SQLiteLimitStore
 from llmshim.testing import FakeLLMServer
 from llmshim.values import Limits
-
-LOCKER = r"""
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("ROLLBACK")
-"""
-
-
-def _body(prompt: str) -> dict[str, object]:
-    return {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": False}
 
 
 async def test_a_shared_rate_limit_store_never_freezes_the_loop(server: FakeLLMServer, tmp_path: Path,
