@@ -25,8 +25,10 @@ import time
 
 from _common import pct
 
-from llmshim.policies.ratelimit import Limiter, Limits, Waiter
+from llmshim.policies.limiter import Limiter
+from llmshim.policies.scheduler import Waiter
 from llmshim.store.limits_sqlite import SQLiteLimitStore
+from llmshim.values import Limits
 
 
 def in_process_acquire(n: int) -> list[float]:

@@ -24,10 +24,9 @@ from typing import Any
 from . import adapters, config
 from ._version import __version__
 from .config import ConfigError, Settings
+from .knobs import cache_control, priority
 from .pipeline import Pipeline
-from .policies.cache import cache_control
 from .policies.events import CallRecord, off, on
-from .policies.ratelimit import priority
 from .policies.stats import STATS
 from .runtime import STATE, build_pipeline
 

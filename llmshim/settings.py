@@ -36,6 +36,7 @@ from .values import (
     boolean,
     choice,
     hosts,
+    parse_limits,
     path,
     redis_url,
     store,
@@ -91,13 +92,11 @@ _PRIORITY_FORM = "critical, high, normal or low (also urgent, medium, 0-3)"
 
 
 def _parse_limits(raw: Any) -> dict[str, Any]:
-    from .policies.ratelimit import parse_limits  # the one line to change when parse_limits moves to values
-
     return parse_limits(text(raw or ""))
 
 
 def _parse_priority(raw: Any) -> str:
-    from .policies.ratelimit import resolve_priority
+    from .knobs import resolve_priority
 
     try:
         return resolve_priority(word(raw))

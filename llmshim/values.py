@@ -260,3 +260,42 @@ def path(raw: Any) -> str | None:
     if "://" in value:
         raise ValueError("a file path, not a URL (a Redis cache is LLMSHIM_CACHE_URL), or empty")
     return os.path.expanduser(value) if value else None
+
+
+# -- rate limits per model (LLMSHIM_LIMITS) ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A key's limits per minute (None: no limit on that dimension)."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+
+
+#: ASCII digits only (``\d`` would take other scripts' digits), no exponent: nan, inf and 1e400 cannot match.
+_LIMIT_PART = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*(k?)\s*(rpm|tpm)\s*$", re.IGNORECASE | re.ASCII)
+MAX_RATE = 1e12  # per minute: far above any real limit, and finite
+
+
+def parse_limits(spec: str) -> dict[str, Limits]:
+    """``"gpt-4o=500rpm,30000tpm;llama3=60rpm"`` → {model: Limits}. Raises ValueError on bad input;
+    every rate is finite and in (0, MAX_RATE] (leave a dimension out for no limit on it)."""
+    form = "model=NUMBERrpm,NUMBERtpm;... such as gpt-4o=500rpm,30000tpm (rates > 0 and <= 10^12 per minute)"
+    out: dict[str, Limits] = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        model, sep, rest = item.partition("=")
+        if not sep or not model.strip() or "\0" in model:
+            raise ValueError(form)
+        rpm = tpm = None
+        for part in rest.split(","):
+            match = _LIMIT_PART.match(part)
+            if not match:
+                raise ValueError(form)
+            value = float(match.group(1)) * (1000 if match.group(2) else 1)
+            if not 0 < value <= MAX_RATE:
+                raise ValueError(form)
+            if match.group(3).lower() == "rpm":
+                rpm = value
+            else:
+                tpm = value
+        out[model.strip()] = Limits(rpm, tpm)
+    return out

@@ -14,7 +14,7 @@ import requests
 
 import llmshim
 import llmshim.aio as aio
-from llmshim.policies.ratelimit import _priority
+from llmshim.knobs import _priority
 from llmshim.testing import FakeLLMServer
 
 

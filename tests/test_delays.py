@@ -19,10 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import llmshim
-from llmshim.policies.ratelimit import Limiter, Limits
+from llmshim.policies.limiter import Limiter
 from llmshim.policies.retry import decide, server_delay
 from llmshim.store.limits_sqlite import MAX_BLOCK, SQLiteLimitStore
 from llmshim.testing import FakeLLMServer, Fault
+from llmshim.values import Limits
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}
 ABSURD = [

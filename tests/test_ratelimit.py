@@ -13,17 +13,13 @@ import pytest
 import requests
 
 import llmshim
-from llmshim.policies.ratelimit import (
-    Gcra,
-    Limiter,
-    Limits,
-    Waiter,
-    estimate_tokens,
-    parse_limits,
-    parse_reset,
-    resolve_priority,
-)
+from llmshim.gcra import Gcra
+from llmshim.knobs import resolve_priority
+from llmshim.policies._limiter_wire import estimate_tokens, parse_reset
+from llmshim.policies.limiter import Limiter
+from llmshim.policies.scheduler import Waiter
 from llmshim.testing import FakeLLMServer, Fault
+from llmshim.values import Limits, parse_limits
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}
 

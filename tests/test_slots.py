@@ -19,7 +19,8 @@ import pytest
 import requests
 
 import llmshim
-from llmshim.policies.ratelimit import Limiter, RateLimitPolicy
+from llmshim.policies.limiter import Limiter
+from llmshim.policies.ratelimit import RateLimitPolicy
 from llmshim.runtime import STATE
 from llmshim.testing import FakeLLMServer, Fault
 

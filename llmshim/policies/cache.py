@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..call import Call, Reply
 from ..facts import store_failed
+from ..knobs import CACHE_HEADER, MODES, CacheControl, cache_control
+from ..knobs import _control as _control
+from ..knobs import header_cache_control as _header_control
 from ..pipeline import AsyncHandler, Handler, track
 from ..singleflight import Flight, Flights
 from ..store import cache_keys
@@ -44,33 +46,8 @@ __all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "pla
 
 log = logging.getLogger("llmshim")
 
-MODES = ("off", "on", "readonly", "refresh", "replay")
-HEADER = "x-llmshim-cache"
+HEADER = CACHE_HEADER
 CLOCK: Callable[[], float] = time.time  # wall clock for expiry; tests replace it
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheControl:
-    mode: str | None = None
-    ttl: float | None = None
-
-
-_control: contextvars.ContextVar[CacheControl | None] = contextvars.ContextVar("llmshim_cache_control", default=None)
-
-
-@contextlib.contextmanager
-def cache_control(mode: str | None = None, ttl: float | None = None) -> Iterator[None]:
-    """Per-call cache behaviour for calls made inside the block (also across await and threads
-    that copy the context): ``mode`` one of off/on/readonly/refresh/replay, ``ttl`` seconds."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"cache mode {mode!r}: expected one of {', '.join(MODES)}")
-    if ttl is not None and ttl <= 0:
-        raise ValueError(f"cache ttl {ttl!r}: expected a positive number of seconds")
-    token = _control.set(CacheControl(mode, ttl))
-    try:
-        yield
-    finally:
-        _control.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +57,6 @@ class Plan:
     only_cached: bool
     ttl: float | None
     reason: str
-
-
-def _header_control(value: str | None) -> tuple[str | None, float | None]:
-    """``x-llmshim-cache: no-store | refresh | only-if-cached | ttl=N`` → (mode, ttl)."""
-    if not value:
-        return None, None
-    mode, ttl = None, None
-    for part in value.split(","):
-        part = part.strip().lower()
-        if part == "no-store":
-            mode = "readonly"
-        elif part == "refresh":
-            mode = "refresh"
-        elif part == "only-if-cached":
-            mode = "replay"
-        elif part.startswith("ttl="):
-            with contextlib.suppress(ValueError):
-                ttl = float(part[4:]) if float(part[4:]) > 0 else None
-    return mode, ttl
 
 
 def _nondeterministic(body: dict[str, Any], operation: str) -> bool:

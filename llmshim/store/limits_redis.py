@@ -43,13 +43,13 @@ for i = 0, n - 1 do
   local tolerance = math.max(burst * (1 - reserve), cost / rate)
   wait = math.max(wait, new - tolerance - now)
   news[#news + 1] = dim
-  news[#news + 1] = tostring(new)
+  news[#news + 1] = string.format('%.17g', new)  -- tostring keeps 14 digits: 0.1 ms of epoch seconds
 end
 if wait <= 0 and #news > 0 then
   redis.call('HSET', KEYS[1], unpack(news))
   redis.call('EXPIRE', KEYS[1], 3600)
 end
-return tostring(wait)
+return string.format('%.17g', wait)
 """
 
 _BLOCK = """

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from typing import Any
 
+from ..gcra import Dim, take
 from .sqlite_files import Connections
 
 __all__ = ["MAX_BLOCK", "RESERVES", "SQLiteLimitStore"]
@@ -70,20 +71,12 @@ class SQLiteLimitStore:
         try:
             rows: dict[str, Any] = {dim: tat for dim, tat in conn.execute(
                 "SELECT dim, tat FROM buckets WHERE name = ?", (name,))}
-            wait = min(max(0.0, rows.get("block", 0.0) - now), MAX_BLOCK)
-            reserve = RESERVES.get(level, 0.2)
-            news = []
-            for dim, rate, burst, cost in dims:
-                cost = min(cost, burst * rate)
-                tat = max(rows.get(dim, 0.0), now)
-                new_tat = tat + cost / rate
-                # The reserve narrows the tolerance, but one call always fits an idle bucket.
-                tolerance = max(burst * (1.0 - reserve), cost / rate)
-                wait = max(wait, new_tat - tolerance - now)
-                news.append((name, dim, new_tat))
+            wait, news = take(rows, rows.get("block", 0.0), now, (Dim(*dim) for dim in dims),
+                              RESERVES.get(level, 0.2), MAX_BLOCK)
             if wait <= 0:
                 conn.executemany("INSERT INTO buckets (name, dim, tat) VALUES (?, ?, ?) "
-                                 "ON CONFLICT(name, dim) DO UPDATE SET tat = excluded.tat", news)
+                                 "ON CONFLICT(name, dim) DO UPDATE SET tat = excluded.tat",
+                                 [(name, dim, tat) for dim, tat in news.items()])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

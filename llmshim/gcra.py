@@ -1,0 +1,94 @@
+"""The rate arithmetic, once: the generic cell rate algorithm (GCRA) as pure functions.
+
+One float of state per dimension (requests, tokens) of a key: its *theoretical arrival time*
+(``tat``), the moment the bucket would be empty again if nothing more were taken. A cost fits
+now when taking it would not push ``tat`` more than ``burst`` seconds ahead of now; otherwise the
+answer is how long to wait until it would. A cost bigger than the whole burst is charged as one
+whole burst (it passes alone, on an idle bucket, rather than never).
+
+``take`` is the step every budget uses: the in-memory bucket of one process (``Gcra`` below and
+the scheduler in ``policies/scheduler.py``), the SQLite file shared by the processes of one
+machine (``store/limits.py``), and, in Lua, the Redis script shared by many machines
+(``store/redis.py``). ``tests/test_gcra_table.py`` runs one table of cases against all three.
+
+Across processes there is no shared queue, so a lower priority class keeps a ``reserve`` of the
+burst free for higher ones; within a process the scheduler orders waiters itself (reserve 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+__all__ = ["Dim", "Gcra", "at_most", "gcra_take", "take"]
+
+
+def gcra_take(tat: float, now: float, rate: float, burst: float, cost: float,
+              reserve: float = 0.0) -> tuple[float, float]:
+    """One dimension: (the ``tat`` after taking ``cost``, seconds to wait before it fits; 0: now).
+
+    ``rate`` per second, ``burst`` seconds of tolerance, ``reserve`` the share of the burst kept
+    free (0 to 1). Taking is the caller's choice: it stores the new ``tat`` only if every
+    dimension's wait is 0."""
+    cost = min(cost, burst * rate)
+    new_tat = max(tat, now) + cost / rate
+    # The reserve narrows the tolerance, but one call always fits an idle bucket.
+    tolerance = max(burst * (1.0 - reserve), cost / rate)
+    return new_tat, max(0.0, new_tat - tolerance - now)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dim:
+    """One dimension of a take: its name (``r``, ``t``), rate per second, burst seconds, cost."""
+
+    name: str
+    rate: float
+    burst: float
+    cost: float
+
+
+def take(tats: Mapping[str, float], blocked_until: float, now: float, dims: Iterable[Dim],
+         reserve: float = 0.0, max_block: float = float("inf")) -> tuple[float, dict[str, float]]:
+    """Every dimension at once: (seconds to wait, the new ``tat`` per dimension). Pure.
+
+    Wait 0 means all fit: store the new tats. Otherwise store nothing and come back after the
+    wait. A block (after a 429) adds its remaining time, at most ``max_block`` seconds."""
+    wait = min(max(0.0, blocked_until - now), max_block)
+    news: dict[str, float] = {}
+    for dim in dims:
+        news[dim.name], dim_wait = gcra_take(tats.get(dim.name, 0.0), now, dim.rate, dim.burst, dim.cost, reserve)
+        wait = max(wait, dim_wait)
+    return wait, news
+
+
+def at_most(tat: float, now: float, rate: float, burst: float, available: float) -> float:
+    """The ``tat`` that offers at most ``available`` units now (then the usual pace): never loosens."""
+    return max(tat, now + burst - max(0.0, available) / rate)
+
+
+class Gcra:
+    """One dimension of one key in this process: ``rate`` per second, ``burst`` seconds of tolerance."""
+
+    __slots__ = ("burst", "rate", "tat")
+
+    def __init__(self, per_minute: float, burst_seconds: float) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = max(burst_seconds, 1.0 / self.rate)  # at least one unit always fits an idle bucket
+        self.tat = 0.0
+
+    def wait(self, now: float, cost: float) -> float:
+        """Seconds until ``cost`` fits (0: now). Pure: does not take it."""
+        return gcra_take(self.tat, now, self.rate, self.burst, cost)[1]
+
+    def take(self, now: float, cost: float) -> None:
+        self.tat = gcra_take(self.tat, now, self.rate, self.burst, cost)[0]
+
+    def give_back(self, cost: float) -> None:
+        self.tat -= cost / self.rate
+
+    def at_most(self, now: float, available: float) -> None:
+        """Offer at most ``available`` units now (then the usual pace): never loosens."""
+        self.tat = at_most(self.tat, now, self.rate, self.burst, available)
+
+    def dim(self, name: str, cost: float) -> Dim:
+        return Dim(name, self.rate, self.burst, cost)

@@ -1,0 +1,162 @@
+"""Who goes next under a limit: per-key queues by priority, GCRA buckets, concurrency slots.
+
+Pure parts, tested with a fake clock (``tests/test_scheduler.py``):
+
+- ``Key``: one (origin, credential scope, model) with its buckets (``gcra.Gcra``: requests and
+  tokens per minute), a 429 block, an AIMD concurrency capacity for local servers, and one queue
+  per priority class. ``next_waiter`` picks the oldest waiter of the highest waiting class —
+  first-come-first-served within a class whatever its size — unless a lower class is owed its
+  share: while it waits, a class gets every Nth grant (``SHARE_EVERY``), so it never starves.
+- ``Key.try_take``: a waiter's permits now, or the seconds to wait (``inf``: until a slot frees).
+
+The acting part, ``Limiter`` (its lock, the timer, the pump and fork safety), is in ``limiter.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import threading
+
+from ..gcra import Dim, Gcra, take
+from ..knobs import PRIORITIES
+from ..values import Limits
+from ._limiter_wire import ServerLimits
+
+__all__ = ["SHARE_EVERY", "Key", "Waiter"]
+
+#: A waiting class gets one grant in this many while higher classes are being served.
+SHARE_EVERY = {"high": 4, "normal": 10, "low": 20}
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    priority: str
+    requests: float
+    tokens: float
+    enqueued: float
+    granted: bool = False
+    holds_slot: bool = False
+    event: threading.Event | None = None
+    future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def wake(self) -> None:
+        self.granted = True
+        if self.event is not None:
+            self.event.set()
+        if self.future is not None:
+            loop, future = self.future
+            with contextlib.suppress(RuntimeError):  # its loop closed: nobody is left to wake
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Key:
+    def __init__(self, limits: Limits, burst: float, name: str = "", shared: object = None,
+                 concurrency: int | None = None) -> None:
+        self.name, self.shared = name, shared
+        # Local servers: at most ``capacity`` calls in flight; halved on 503, regrown by one per
+        # ``capacity`` successes (AIMD), never above the configured maximum.
+        self.max_concurrency = concurrency
+        self.capacity = float(concurrency) if concurrency else None
+        self.in_flight = 0
+        self.requests = Gcra(limits.rpm, burst) if limits.rpm else None
+        self.tokens = Gcra(limits.tpm, burst) if limits.tpm else None
+        self.queues: dict[str, collections.deque[Waiter]] = {p: collections.deque() for p in PRIORITIES}
+        self.passed_over = dict.fromkeys(PRIORITIES, 0)
+        self.blocked_until = 0.0
+        self.watching = False  # a health watch holds the key (a server loading its model)
+
+    def full(self) -> bool:
+        """Every concurrency slot is taken: the next grant waits for a release, not for time."""
+        return self.capacity is not None and self.in_flight >= max(1, int(self.capacity))
+
+    def dims(self, waiter: Waiter, share: float = 1.0) -> list[tuple[Gcra, Dim]]:
+        """The buckets a waiter draws on, with its cost in each (times ``share``: this process's
+        share when the shared budget is away)."""
+        out = []
+        if self.requests is not None:
+            out.append((self.requests, self.requests.dim("r", waiter.requests * share)))
+        if self.tokens is not None:
+            out.append((self.tokens, self.tokens.dim("t", waiter.tokens * share)))
+        return out
+
+    def store_dims(self, waiter: Waiter) -> list[Dim]:
+        """What the shared budget is asked for (a zero token cost is not asked)."""
+        return [dim for _, dim in self.dims(waiter) if dim.name == "r" or dim.cost]
+
+    def try_take(self, now: float, waiter: Waiter, shared_wait: float | None = None) -> float:
+        """Take the waiter's permits and answer 0, or take nothing and answer the seconds to wait
+        (``inf``: until a call in flight ends). With a shared store its answer (``shared_wait``,
+        asked beforehand without the lock) decides; if it failed (None), this process's own
+        buckets do, at its share of the limit."""
+        if self.full():
+            return float("inf")
+        if self.shared is not None and shared_wait is not None:
+            wait = max(shared_wait, self.blocked_until - now)
+        else:
+            share = max(1, int(getattr(self.shared, "instances", 1))) if self.shared is not None else 1
+            buckets = self.dims(waiter, share)
+            wait, news = take({dim.name: bucket.tat for bucket, dim in buckets}, self.blocked_until, now,
+                              (dim for _, dim in buckets))
+            if wait <= 0:
+                for bucket, dim in buckets:
+                    bucket.tat = news[dim.name]
+        if wait <= 0 and self.capacity is not None:
+            self.in_flight += 1
+            waiter.holds_slot = True
+        return wait
+
+    def release(self, outcome_status: int | None) -> None:
+        """A call holding a concurrency slot ended; adapt the capacity to what the server said."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.capacity is None or self.max_concurrency is None:
+            return
+        if outcome_status == 503:
+            self.capacity = max(1.0, self.capacity / 2)
+        elif outcome_status is not None and outcome_status < 500:
+            self.capacity = min(float(self.max_concurrency), self.capacity + 1.0 / self.capacity)
+
+    def learn(self, said: ServerLimits, now: float) -> None:
+        """Never offer more than the server says it has: tighten to its limits (per minute) and to
+        what remains of them. OpenAI's ``reset`` is the time until the limit is whole again, not
+        until the next request fits, so it is not a block: with ``remaining: 0`` the next request
+        fits one refill interval later, as the bucket's own pacing gives."""
+        for bucket, limit, remaining in ((self.requests, said.limit_requests, said.remaining_requests),
+                                         (self.tokens, said.limit_tokens, said.remaining_tokens)):
+            if bucket is None:
+                continue
+            if limit is not None and 0 < limit / 60.0 < bucket.rate:
+                bucket.tat = max(bucket.tat, 0.0)
+                bucket.rate = limit / 60.0
+            if remaining is not None:
+                bucket.at_most(now, remaining)
+
+    def next_waiter(self) -> Waiter | None:
+        """Highest waiting class, unless a lower waiting class is owed its share."""
+        waiting = [p for p in PRIORITIES if self.queues[p]]
+        if not waiting:
+            return None
+        top = waiting[0]
+        for lower in reversed(waiting[1:]):
+            if self.passed_over[lower] >= SHARE_EVERY.get(lower, 10) - 1:
+                return self.queues[lower][0]
+        return self.queues[top][0]
+
+    def first(self, waiter: Waiter) -> bool:
+        """Whether ``waiter`` still heads its class's queue (it may have left meanwhile)."""
+        queue = self.queues[waiter.priority]
+        return bool(queue) and queue[0] is waiter
+
+    def granted(self, waiter: Waiter) -> None:
+        self.queues[waiter.priority].popleft()
+        self.passed_over[waiter.priority] = 0
+        for name, queue in self.queues.items():
+            if queue and name != waiter.priority:
+                self.passed_over[name] += 1
