@@ -4,7 +4,7 @@ A request is recognised only with its route's shape: a string ``model`` and ``me
 a list of role objects), ``prompt`` (generate, embeddings: a string) or ``input`` (embed).
 Chat and generate stream NDJSON by default (``"stream"`` absent means true); the last line has
 ``"done": true`` with ``prompt_eval_count`` / ``eval_count``. Sampling parameters sit in
-``options``.
+``options`` (a top-level ``temperature`` or ``seed`` is ignored by the server, and so here).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from ..call import CallInfo, ResponseInfo
 from . import _shapes as shapes
+from ._base import Dialect, Framing
 
 
 def _texts(value: Any) -> bool:
@@ -38,8 +39,10 @@ _OPTIONS = {
 }
 
 
-class OllamaDialect:
+class OllamaDialect(Dialect):
     name = "ollama"
+    suffixes = tuple(_ROUTES)
+    param_names = _OPTIONS
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
         for route, (operation, field, shape) in _ROUTES.items():
@@ -49,11 +52,18 @@ class OllamaDialect:
                     return None
                 options = body.get("options")
                 streams = operation != "embeddings" and body.get("stream", True) is not False
-                return CallInfo(
-                    provider="ollama", operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
-                    param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS, body=body,
-                )
+                return self.call_info(operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
+                                      body=body, params=options if isinstance(options, dict) else {})
         return None
+
+    def framing(self, content_type: str | None, info: CallInfo) -> Framing:
+        """Ollama streams NDJSON, whatever content type a proxy in between claims, except an
+        explicit application/json (an error answer)."""
+        framing = super().framing(content_type, info)
+        kind = (content_type or "").split(";")[0].strip().lower()
+        if framing == "json" and info.stream and kind != "application/json":
+            return "ndjson"
+        return framing
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if not isinstance(message, dict):
