@@ -166,6 +166,21 @@ def test_hooks_never_raise_on_garbage(name: str) -> None:
         assert health is None or (health.endswith("/health") and "?" not in health and "@" not in health)
 
 
+@settings(max_examples=200, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["messages", "prompt", "input", "keep_alive", "prompt_cache_key"]),
+                            st.sampled_from([None, "", "x", [], [{"role": "user", "content": "x"}], 0])))
+def test_cache_ignored_fields_agree_with_the_key_table(body: dict[str, Any]) -> None:
+    """``keys.ignored_fields`` keeps its table until the store layer asks the dialect instead; the two
+    answer alike for every route (so switching over changes no key)."""
+    from llmshim.store import keys
+
+    for path in ROUTES:
+        found = detect(_wire(path, {"model": "m", **body}))
+        if found is not None:
+            dialect, info = found
+            assert dialect.cache_ignored_fields(info) == keys.ignored_fields(info.provider, info.endpoint, info.body)
+
+
 def test_detect_pre_check_is_derived_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cheap path check is the registered routes: a route no dialect lists is not parsed."""
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}

@@ -150,6 +150,11 @@ class Dialect:
             return [{"role": "user", "parts": [{"type": "text", "content": p}]} for p in prompt if isinstance(p, str)]
         return []
 
+    def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
+        """The top-level request fields that cannot change this call's answer nor what the server
+        keeps, left out of its cache key. Default: none (everything is in the key)."""
+        return frozenset()
+
     # -- responses ---------------------------------------------------------------------------
 
     def framing(self, content_type: str | None, info: CallInfo) -> Framing:

@@ -27,6 +27,8 @@ _ROUTES: dict[str, tuple[str, str, shapes.Check]] = {
     "/api/embed": ("embeddings", "input", _texts),
     "/api/embeddings": ("embeddings", "prompt", shapes.text),
 }
+_KEEP_ALIVE = frozenset({"keep_alive"})
+_WORK = {"api/chat": "messages", "api/generate": "prompt"}  # without it, a call only (un)loads the model
 _OPTIONS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -55,6 +57,15 @@ class OllamaDialect(Dialect):
                 return self.call_info(operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
                                       body=body, params=options if isinstance(options, dict) else {})
         return None
+
+    def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
+        """``keep_alive`` (how long the model stays loaded) never changes the answer of a call that
+        generates or embeds. A chat without messages or a generate without a prompt only loads the
+        model, or with ``keep_alive: 0`` unloads it: there it is the request, and stays in the key."""
+        work = _WORK.get(info.endpoint)
+        if work is not None and not info.body.get(work):
+            return frozenset()
+        return _KEEP_ALIVE
 
     def framing(self, content_type: str | None, info: CallInfo) -> Framing:
         """Ollama streams NDJSON, whatever content type a proxy in between claims, except an

@@ -59,6 +59,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_PROMPT_CACHE_KEY = frozenset({"prompt_cache_key"})
 _RESET = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _RESET_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -119,6 +120,11 @@ class OpenAIDialect(Dialect):
             return self.call_info(operation=operation, endpoint=endpoint, model=model,
                                   stream=body.get("stream") is True, body=body)
         return None
+
+    def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
+        """``prompt_cache_key`` routes to OpenAI's prompt cache; chat completions never echo it
+        (the Responses API does, so there it stays in the key)."""
+        return _PROMPT_CACHE_KEY if info.endpoint == "chat/completions" else frozenset()
 
     def quota_exhausted(self, status: int, body: bytes) -> str | None:
         """A 429 whose body says ``insufficient_quota``: billing, not load; waiting cannot help."""
