@@ -33,7 +33,7 @@ def to_wire(request: Any) -> WireRequest | None:
     if isinstance(body, payload.BytesPayload):
         data = body._value
     elif isinstance(body, (bytes, bytearray)):  # no data: aiohttp keeps a bare b""
-        data = body
+        data = bytes(body)
     elif body is None or getattr(body, "size", None) == 0:
         data = b""
     else:
