@@ -238,11 +238,18 @@ JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12)
-FIELDS = st.sampled_from(["model", "messages", "prompt", "input", "content", "options", "temperature", "seed",
-                          "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "stream",
-                          "input_prefix", "num_predict", "system", "instructions"])
-BODIES = st.dictionaries(FIELDS, JSON, max_size=8).map(
-    lambda body: {**body, "options": body["options"]} if isinstance(body.get("options"), dict) else body)
+FIELDS = st.sampled_from(["model", "messages", "prompt", "input", "content", "temperature", "seed", "max_tokens",
+                          "max_completion_tokens", "max_output_tokens", "n_predict", "stream", "input_prefix",
+                          "num_predict", "system", "instructions"])
+OPTIONS = st.dictionaries(st.sampled_from(["num_predict", "temperature", "seed", "stop"]),
+                          st.integers(-2, 50) | JSON, max_size=3)
+#: Bodies each route would recognise, under random other fields: so the fields are read, not just the shape.
+SHAPES = st.sampled_from([{"model": "m", "messages": []}, {"model": "m", "prompt": "x"}, {"prompt": "x"},
+                          {"model": "m", "input": "x"}, {"input_prefix": "a"}, {"content": "x"}, {}])
+BODIES = st.builds(lambda extra, options, shape: {**extra, **({"options": options} if options is not None else {}),
+                                                  **shape},
+                   st.dictionaries(FIELDS, st.integers(-2, 50) | st.booleans() | JSON, max_size=8),
+                   st.none() | OPTIONS | JSON, SHAPES)
 
 
 @settings(max_examples=300, deadline=None)
