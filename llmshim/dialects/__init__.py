@@ -71,13 +71,10 @@ _suffixes: tuple[tuple[Dialect, ...], tuple[str, ...]] = ((), ())
 
 
 def _route_suffixes() -> tuple[str, ...]:
-    """The union of the registered dialects' route suffixes, worked out again only when the
-    registry is replaced (a new tuple)."""
+    """The union of the registered dialects' route suffixes, for the registry as it is now."""
     global _suffixes
-    registry, suffixes = _suffixes
-    if registry is not DIALECTS:
-        suffixes = tuple(dict.fromkeys(s for dialect in DIALECTS for s in dialect.suffixes))
-        _suffixes = (DIALECTS, suffixes)
+    suffixes = tuple(dict.fromkeys(suffix for dialect in DIALECTS for suffix in dialect.suffixes))
+    _suffixes = (DIALECTS, suffixes)
     return suffixes
 
 
@@ -87,7 +84,10 @@ def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
     if request.method.upper() != "POST":
         return None
     path = request.path.rstrip("/")
-    if not path.endswith(_route_suffixes()):
+    registry, suffixes = _suffixes
+    if registry is not DIALECTS:  # worked out again only when the registry is replaced (a new tuple)
+        suffixes = _route_suffixes()
+    if not path.endswith(suffixes):
         return None
     body = loads_object(request.body) if request.body else None
     if not isinstance(body, dict):

@@ -87,10 +87,12 @@ class Dialect:
     loading_statuses: ClassVar[frozenset[int]] = frozenset()
 
     def __init__(self) -> None:
-        by_attribute: dict[str, list[str]] = {}
-        for field, attribute in self.param_names.items():
-            by_attribute.setdefault(attribute, []).append(field)
-        self._fields = {attribute: tuple(fields) for attribute, fields in by_attribute.items()}
+        def fields(attribute: str) -> tuple[str, ...]:
+            return tuple(field for field, named in self.param_names.items() if named == attribute)
+
+        self._max_tokens_fields = fields("max_tokens")
+        self._temperature_fields = fields("temperature")
+        self._seed_fields = fields("seed")
 
     # -- recognition -------------------------------------------------------------------------
 
@@ -105,25 +107,24 @@ class Dialect:
         (default: the body itself). Computes here only what a few dict lookups give; what walks
         the body (``input_chars``, ``input_messages``) is computed on first use."""
         source = body if params is None else params
-        fields = self._fields
-        max_output = None
-        for field in fields.get("max_tokens", ()):
+        max_output = temperature = seed = None
+        for field in self._max_tokens_fields:
             max_output = positive_int(source.get(field))
             if max_output is not None:
+                break
+        for field in self._temperature_fields:
+            temperature = _number(source.get(field))
+            if temperature is not None:
+                break
+        for field in self._seed_fields:
+            seed = source.get(field)
+            if seed is not None:
                 break
         return CallInfo(
             provider=self.name, operation=operation, endpoint=endpoint, model=model, stream=stream,
             param_source=source, param_names=self.param_names, body=body, max_output_tokens=max_output,
-            temperature=self._first(source, "temperature", _number),
-            seed=self._first(source, "seed", lambda value: value), dialect=self,
+            temperature=temperature, seed=seed, dialect=self,
         )
-
-    def _first(self, source: Mapping[str, Any], attribute: str, accept: Any) -> Any:
-        for field in self._fields.get(attribute, ()):
-            value = accept(source.get(field))
-            if value is not None:
-                return value
-        return None
 
     def input_chars(self, info: CallInfo) -> int:
         """Characters of the prompt's text as JSON (``len(json.dumps(...))``): the token estimate's
