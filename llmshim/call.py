@@ -82,11 +82,13 @@ class WireRequest:
 
 @dataclasses.dataclass(frozen=True)
 class CallInfo:
-    """What a dialect recognised in a request.
+    """What a dialect recognised in a request: everything the policies need to know of its wire.
 
-    ``params`` (gen_ai.request.* names) is worked out on first use from ``param_source`` (the
-    request body, or Ollama's ``options``) and the dialect's ``param_names`` table: most calls
-    never need it, and every call pays for what is computed eagerly here.
+    The dialect fills it at recognition with what a few dict lookups give (``max_output_tokens``,
+    ``temperature``, ``seed``); what walks the body is worked out on first use from the dialect
+    that recognised it (``input_chars``, ``input_messages``), and ``params`` (gen_ai.request.*
+    names) from ``param_source`` (the request body, or Ollama's ``options``) and the dialect's
+    ``param_names`` table: most calls never need them, and every call pays for what is eager here.
     """
 
     provider: str  # gen_ai.provider.name: openai | ollama | llama_cpp
@@ -97,6 +99,10 @@ class CallInfo:
     param_source: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
     body: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    max_output_tokens: int | None = None  # the request's max_tokens-style field: a positive int, or None
+    temperature: float | None = None  # a number, or None when absent or not a number
+    seed: Any | None = None
+    dialect: Dialect | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def params(self) -> dict[str, Any]:
@@ -110,6 +116,16 @@ class CallInfo:
                 value = [value]
             params[attr] = value
         return params
+
+    @functools.cached_property
+    def input_chars(self) -> int:
+        """Characters of the prompt's text (the token estimate's input); 0 without a dialect."""
+        return self.dialect.input_chars(self) if self.dialect is not None else 0
+
+    @functools.cached_property
+    def input_messages(self) -> list[dict[str, Any]]:
+        """The prompt in the GenAI spec's message shape (telemetry's gen_ai.input.messages)."""
+        return self.dialect.input_messages(self) if self.dialect is not None else []
 
 
 @dataclasses.dataclass(slots=True)

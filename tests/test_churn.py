@@ -35,6 +35,7 @@ import pytest
 
 import llmshim
 from llmshim.call import Call, CallInfo, Reply, WireRequest
+from llmshim.dialects.openai import OPENAI
 from llmshim.pipeline import Pipeline
 from llmshim.policies.stats import STATS
 from llmshim.runtime import STATE
@@ -223,7 +224,7 @@ def test_reinstall_while_a_call_is_in_flight_then_the_next_call_uses_the_new_set
 
 def _fake_call() -> Any:
     return Call(WireRequest("POST", "http://x/v1/chat/completions", (), b"{}"),
-                CallInfo("openai", "chat", "chat/completions", "m", False), "httpx", None)
+                CallInfo("openai", "chat", "chat/completions", "m", False), "httpx", OPENAI)
 
 
 class _Closing:

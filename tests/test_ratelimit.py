@@ -4,6 +4,7 @@ against the bundled server (which timestamps every request that reaches it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,13 +14,23 @@ import pytest
 import requests
 
 import llmshim
+from llmshim.call import WireRequest
+from llmshim.dialects import detect
+from llmshim.dialects.openai import parse_reset
 from llmshim.gcra import Gcra
 from llmshim.knobs import resolve_priority
-from llmshim.policies._limiter_wire import estimate_tokens, parse_reset
 from llmshim.policies.limiter import Limiter
 from llmshim.policies.scheduler import Waiter
 from llmshim.testing import FakeLLMServer, Fault
 from llmshim.values import Limits, parse_limits
+
+
+def _info(path: str, body: dict[str, Any]) -> Any:
+    """What the limiter reads of a request: the dialect's input characters and max output tokens."""
+    found = detect(WireRequest("POST", "http://h:1" + path, (), json.dumps({"model": "m", **body}).encode()))
+    assert found is not None
+    return found[1]
+
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}
 
@@ -43,9 +54,11 @@ def test_parsing() -> None:
         parse_limits("gpt-4o:500")
     assert parse_reset("6m0s") == 360 and parse_reset("1.5s") == 1.5 and parse_reset("12ms") == pytest.approx(0.012)
     assert [resolve_priority(p) for p in ("urgent", "HIGH", "medium", "3")] == ["critical", "high", "normal", "low"]
-    assert estimate_tokens({"messages": [{"content": "x" * 400}], "max_tokens": 50}, 1024)[1] == 50
-    assert estimate_tokens({"prompt": "hi", "options": {"num_predict": 9}}, 1024)[1] == 9
-    assert estimate_tokens({"input": "x" * 4000}, 1024) == (1001, 1024)  # (4000 + 4) // 4
+    chat = _info("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50})
+    assert chat.max_output_tokens == 50
+    assert _info("/api/generate", {"prompt": "hi", "options": {"num_predict": 9}}).max_output_tokens == 9
+    embed = _info("/v1/embeddings", {"input": "x" * 4000})
+    assert (max(1, embed.input_chars // 4), embed.max_output_tokens) == (1001, None)  # (4000 + 4) // 4
 
 
 def _limiter() -> tuple[Limiter, list[float], Callable[[float], None]]:

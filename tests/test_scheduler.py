@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from llmshim.policies._limiter_wire import ServerLimits
+from llmshim.dialects import ServerLimits
 from llmshim.policies.limiter import Limiter
 from llmshim.policies.scheduler import SHARE_EVERY, Key, Waiter
 from llmshim.values import Limits
@@ -117,11 +117,11 @@ def test_the_shared_budget_decides_and_when_it_failed_this_process_takes_its_sha
 
 def test_the_servers_own_limits_tighten_never_loosen() -> None:
     key = Key(Limits(rpm=600, tpm=60_000), burst=10.0)
-    key.learn(ServerLimits(limit_requests=120, remaining_requests=2, remaining_tokens=0), now=50.0)
+    key.learn(ServerLimits(requests_limit=120, requests_remaining=2, tokens_remaining=0), now=50.0)
     assert key.requests is not None and key.tokens is not None
     assert key.requests.rate == 2.0
     assert key.requests.wait(50.0, 1.0) == 0.0 and key.tokens.wait(50.0, 1.0) == pytest.approx(0.001)
-    key.learn(ServerLimits(limit_requests=6000, remaining_requests=1000), now=50.0)
+    key.learn(ServerLimits(requests_limit=6000, requests_remaining=1000), now=50.0)
     assert key.requests.rate == 2.0  # a higher limit than configured is not taken
     assert key.blocked_until == 0.0  # reset times are not blocks
 

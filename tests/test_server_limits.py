@@ -16,8 +16,8 @@ import pytest
 import requests
 
 import llmshim
+from llmshim.dialects.openai import OPENAI
 from llmshim.gcra import Gcra
-from llmshim.policies._limiter_wire import server_limits
 from llmshim.policies.scheduler import Key as _Key
 from llmshim.testing import FakeLLMServer
 from llmshim.values import Limits as RateLimits
@@ -28,11 +28,11 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream"
 def test_remaining_caps_what_the_bucket_offers_and_reset_is_not_a_block() -> None:
     key = _Key(RateLimits(rpm=1200), burst=10.0)
     assert key.requests is not None
-    key.learn(server_limits({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "0",
+    key.learn(OPENAI.server_limits({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "0",
                              "x-ratelimit-reset-requests": "1m0s"}), now=100.0)
     assert key.blocked_until == 0.0
     assert key.requests.wait(100.0, 1.0) == pytest.approx(1 / 20)  # one refill interval, not 60 s
-    key.learn(server_limits({"x-ratelimit-remaining-requests": "5"}), now=100.0)   # never loosens
+    key.learn(OPENAI.server_limits({"x-ratelimit-remaining-requests": "5"}), now=100.0)   # never loosens
     assert key.requests.wait(100.0, 1.0) == pytest.approx(1 / 20)
 
 
@@ -48,7 +48,7 @@ def test_at_most_offers_exactly_what_remains() -> None:
 @pytest.mark.parametrize("header", ["nan", "inf", "-1", "١٢", "", "lots"])
 def test_unreadable_remaining_headers_are_ignored(header: str) -> None:
     key = _Key(RateLimits(rpm=600), burst=10.0)
-    key.learn(server_limits({"x-ratelimit-remaining-requests": header, "x-ratelimit-limit-requests": header}),
+    key.learn(OPENAI.server_limits({"x-ratelimit-remaining-requests": header, "x-ratelimit-limit-requests": header}),
               now=0.0)
     assert key.requests is not None and key.requests.wait(0.0, 1.0) == 0 and key.requests.rate == 10.0
 

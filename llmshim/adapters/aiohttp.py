@@ -33,6 +33,8 @@ def to_wire(request: Any) -> WireRequest | None:
     body = request.body
     if isinstance(body, payload.BytesPayload):
         data = body._value
+    elif isinstance(body, (bytes, bytearray)):  # no data: aiohttp keeps a bare b""
+        data = bytes(body)
     elif body is None or getattr(body, "size", None) == 0:
         data = b""
     else:

@@ -1,54 +1,49 @@
 """Dialects: what the wire says. Recognise a call by path and body shape, read its response.
 
-``detect`` is the only entry point adapters use: it answers a :class:`~llmshim.dialects.Dialect`
-and the :class:`~llmshim.call.CallInfo` for an LLM request, or None for anything else (which then
-passes through untouched). Recognition never looks at host or port: one llama.cpp port serves
-native and OpenAI-compatible routes, and OpenAI-compatible servers live anywhere.
+``detect`` is the only entry point adapters use: it answers a :class:`Dialect` and the
+:class:`~llmshim.call.CallInfo` for an LLM request, or None for anything else (which then passes
+through untouched). Recognition never looks at host or port: one llama.cpp port serves native and
+OpenAI-compatible routes, and OpenAI-compatible servers live anywhere.
+
+``DIALECTS`` is the registry: a new dialect is one module (a :class:`Dialect` subclass, see
+``_base.py``) and one line here. Nothing else in llmshim names a dialect's routes or fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..call import CallInfo, ResponseInfo, WireRequest
+from ._base import Dialect, Framing, ServerLimits
 from ._framing import JsonBody, NdjsonReader, SseReader, loads_object
+from .llamacpp import LLAMACPP
+from .ollama import OLLAMA
+from .openai import OPENAI
 
-__all__ = ["BodyParser", "Dialect", "detect"]
+__all__ = ["DIALECTS", "BodyParser", "Dialect", "Framing", "ServerLimits", "detect"]
 
-
-class Dialect(Protocol):
-    """One wire dialect: recognise a request, fold each response message into a ResponseInfo."""
-
-    name: str
-
-    def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None: ...
-
-    def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None: ...
-
-
-_NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+#: Every dialect llmshim speaks, asked in this order (the first that recognises a request wins).
+DIALECTS: tuple[Dialect, ...] = (
+    OLLAMA,
+    LLAMACPP,  # root routes only; before OpenAI, whose suffixes also end llama.cpp's /completions
+    OPENAI,
+)
 
 
 class BodyParser:
     """Feeds a response body, piece by piece, through its framing into the dialect's ``absorb``.
 
-    The framing comes from the response's content type, not from the request, because servers
-    answer errors as plain JSON even to a streamed request.
-    """
+    The dialect names the framing from the response's content type (``Dialect.framing``)."""
+
+    _READERS: dict[Framing, Callable[[], SseReader | NdjsonReader | JsonBody]] = {
+        "sse": SseReader, "ndjson": NdjsonReader, "json": JsonBody}
 
     def __init__(self, dialect: Dialect, info: CallInfo, content_type: str | None, capture: bool = False) -> None:
         self.dialect, self.call_info, self.result = dialect, info, ResponseInfo()
         if capture:
             self.result.output = []
-        kind = (content_type or "").split(";")[0].strip().lower()
-        self._reader: SseReader | NdjsonReader | JsonBody
-        if kind == "text/event-stream":
-            self._reader = SseReader()
-        elif kind in _NDJSON_TYPES or (info.provider == "ollama" and info.stream and kind != "application/json"):
-            self._reader = NdjsonReader()
-        else:
-            self._reader = JsonBody()
+        self._reader: SseReader | NdjsonReader | JsonBody = self._READERS[dialect.framing(content_type, info)]()
 
     def feed(self, data: bytes) -> None:
         self._absorb(self._reader.feed(data))
@@ -72,36 +67,32 @@ class BodyParser:
             self.dialect.absorb(self.call_info, message, event, self.result)
 
 
-def _dialects() -> tuple[Dialect, ...]:
-    from .llamacpp import LLAMACPP
-    from .ollama import OLLAMA
-    from .openai import OPENAI
-
-    return (OLLAMA, LLAMACPP, OPENAI)
+_suffixes: tuple[tuple[Dialect, ...], tuple[str, ...]] = ((), ())
 
 
-_ALL: tuple[Dialect, ...] = ()
-_SUFFIXES = (
-    "/chat/completions", "/completions", "/completion", "/embeddings", "/embedding", "/responses",
-    "/infill", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
-)
+def _route_suffixes() -> tuple[str, ...]:
+    """The union of the registered dialects' route suffixes, for the registry as it is now."""
+    global _suffixes
+    suffixes = tuple(dict.fromkeys(suffix for dialect in DIALECTS for suffix in dialect.suffixes))
+    _suffixes = (DIALECTS, suffixes)
+    return suffixes
 
 
 def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
     """The dialect and call info of an LLM request, or None. Cheap for non-LLM traffic:
     the path is checked before the body is parsed."""
-    global _ALL
     if request.method.upper() != "POST":
         return None
     path = request.path.rstrip("/")
-    if not path.endswith(_SUFFIXES):
+    registry, suffixes = _suffixes
+    if registry is not DIALECTS:  # worked out again only when the registry is replaced (a new tuple)
+        suffixes = _route_suffixes()
+    if not path.endswith(suffixes):
         return None
     body = loads_object(request.body) if request.body else None
     if not isinstance(body, dict):
         return None
-    if not _ALL:
-        _ALL = _dialects()
-    for dialect in _ALL:
+    for dialect in DIALECTS:
         info = dialect.recognise(path, body)
         if info is not None:
             return dialect, info

@@ -5,15 +5,20 @@ Streams are SSE whose last event has ``"stop": true`` with ``tokens_evaluated``,
 dialect. A root ``/completions`` or ``/embeddings`` that names a model is taken as OpenAI's.
 A request is recognised only with its route's shape: ``prompt`` for completions, ``input_prefix``
 or ``input_extra`` for infill, ``content`` or ``input`` for embeddings.
+
+While it loads a model the server answers every route (its ``/v1`` ones too) 503 "Loading model",
+and its ``/health`` answers 200 once it is ready: it has no way to push that news.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..call import CallInfo, ResponseInfo
+from ..call import CallInfo, ResponseInfo, WireRequest
 from . import _shapes as shapes
+from ._base import Dialect
 
 
 def _infill(body: dict[str, Any]) -> bool:
@@ -50,8 +55,24 @@ _PARAMS = {
 _STOP_TYPES = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
-class LlamaCppDialect:
+def loading_answer(status: int, body: bytes) -> bool:
+    """llama.cpp's answer while it loads its model: 503 with "Loading model" in the body."""
+    return status == 503 and b"Loading model" in body
+
+
+def root_health_url(request: WireRequest) -> str | None:
+    """``/health`` at the root of the server a request went to (no user info, no query)."""
+    parts = urlsplit(request.public_url)
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}/health"
+
+
+class LlamaCppDialect(Dialect):
     name = "llama_cpp"
+    suffixes = tuple(_ROUTES)
+    param_names = _PARAMS
+    loading_statuses = frozenset({503})
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
         route = _ROUTES.get(path)  # root routes only: a prefix means an OpenAI-style base URL
@@ -60,11 +81,14 @@ class LlamaCppDialect:
         endpoint, operation, shape = route
         if not shape(body) or not shapes.flag_ok(body) or not shapes.model_ok(body, required=False):
             return None
-        model = body.get("model")
-        return CallInfo(
-            provider="llama_cpp", operation=operation, endpoint=endpoint, model=model,
-            stream=body.get("stream") is True, param_source=body, param_names=_PARAMS, body=body,
-        )
+        return self.call_info(operation=operation, endpoint=endpoint, model=body.get("model"),
+                              stream=body.get("stream") is True, body=body)
+
+    def loading(self, status: int, body: bytes) -> bool:
+        return loading_answer(status, body)
+
+    def health_url(self, request: WireRequest) -> str | None:
+        return root_health_url(request)
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if info.operation == "embeddings":

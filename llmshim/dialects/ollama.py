@@ -4,7 +4,7 @@ A request is recognised only with its route's shape: a string ``model`` and ``me
 a list of role objects), ``prompt`` (generate, embeddings: a string) or ``input`` (embed).
 Chat and generate stream NDJSON by default (``"stream"`` absent means true); the last line has
 ``"done": true`` with ``prompt_eval_count`` / ``eval_count``. Sampling parameters sit in
-``options``.
+``options`` (a top-level ``temperature`` or ``seed`` is ignored by the server, and so here).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from ..call import CallInfo, ResponseInfo
 from . import _shapes as shapes
+from ._base import Dialect, Framing
 
 
 def _texts(value: Any) -> bool:
@@ -26,6 +27,8 @@ _ROUTES: dict[str, tuple[str, str, shapes.Check]] = {
     "/api/embed": ("embeddings", "input", _texts),
     "/api/embeddings": ("embeddings", "prompt", shapes.text),
 }
+_KEEP_ALIVE = frozenset({"keep_alive"})
+_WORK = {"api/chat": "messages", "api/generate": "prompt"}  # without it, a call only (un)loads the model
 _OPTIONS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -38,8 +41,10 @@ _OPTIONS = {
 }
 
 
-class OllamaDialect:
+class OllamaDialect(Dialect):
     name = "ollama"
+    suffixes = tuple(_ROUTES)
+    param_names = _OPTIONS
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
         for route, (operation, field, shape) in _ROUTES.items():
@@ -49,11 +54,27 @@ class OllamaDialect:
                     return None
                 options = body.get("options")
                 streams = operation != "embeddings" and body.get("stream", True) is not False
-                return CallInfo(
-                    provider="ollama", operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
-                    param_source=options if isinstance(options, dict) else {}, param_names=_OPTIONS, body=body,
-                )
+                return self.call_info(operation=operation, endpoint=route.lstrip("/"), model=model, stream=streams,
+                                      body=body, params=options if isinstance(options, dict) else {})
         return None
+
+    def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
+        """``keep_alive`` (how long the model stays loaded) never changes the answer of a call that
+        generates or embeds. A chat without messages or a generate without a prompt only loads the
+        model, or with ``keep_alive: 0`` unloads it: there it is the request, and stays in the key."""
+        work = _WORK.get(info.endpoint)
+        if work is not None and not info.body.get(work):
+            return frozenset()
+        return _KEEP_ALIVE
+
+    def framing(self, content_type: str | None, info: CallInfo) -> Framing:
+        """Ollama streams NDJSON, whatever content type a proxy in between claims, except an
+        explicit application/json (an error answer)."""
+        framing = super().framing(content_type, info)
+        kind = (content_type or "").split(";")[0].strip().lower()
+        if framing == "json" and info.stream and kind != "application/json":
+            return "ndjson"
+        return framing
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if not isinstance(message, dict):

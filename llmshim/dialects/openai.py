@@ -5,16 +5,21 @@ llama.cpp's and Ollama's ``/v1``, vLLM, ...) and by body shape: a string ``model
 deployment path) and the route's own field — ``messages`` (a list of role objects), ``prompt``,
 ``input`` (strings or token ids), or for ``/responses`` an ``input`` or a stored ``prompt`` object.
 Streams are SSE ending in ``data: [DONE]``; the Responses API streams typed events ending in
-``response.completed``.
+``response.completed``. The server states its rate limits in ``x-ratelimit-*`` headers and an
+exhausted quota as a 429 with the code ``insufficient_quota``. llama.cpp's ``/v1`` routes speak this
+dialect too, so its "Loading model" answer is recognised here as well.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from ..call import CallInfo, ResponseInfo
+from ..call import CallInfo, ResponseInfo, WireRequest
 from . import _shapes as shapes
+from . import llamacpp
+from ._base import Dialect, ServerLimits
 
 
 def _responses_input(value: Any) -> bool:
@@ -32,12 +37,13 @@ _ROUTES: tuple[tuple[str, str, str, str, shapes.Check], ...] = (
 )
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 
-# request body field -> gen_ai.request.* attribute suffix
+# request body field -> gen_ai.request.* attribute suffix. Of the max-tokens fields the first present
+# wins, for the span and the limiter's reservation alike: max_completion_tokens replaced max_tokens.
 PARAMS = {
     "temperature": "temperature",
     "top_p": "top_p",
-    "max_tokens": "max_tokens",
     "max_completion_tokens": "max_tokens",
+    "max_tokens": "max_tokens",
     "max_output_tokens": "max_tokens",
     "seed": "seed",
     "frequency_penalty": "frequency_penalty",
@@ -53,8 +59,50 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-class OpenAIDialect:
+_PROMPT_CACHE_KEY = frozenset({"prompt_cache_key"})
+_RESET = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_RESET_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str | None) -> float | None:
+    """OpenAI's ``x-ratelimit-reset-*`` durations: ``6m0s``, ``1.5s``, ``12ms`` → seconds."""
+    if not value:
+        return None
+    parts = _RESET.findall(value.strip())
+    if not parts:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return sum(float(number) * _RESET_SCALE[unit] for number, unit in parts)
+
+
+def header_number(raw: str | None) -> float | None:
+    """A finite, non-negative number from a rate-limit header, or None (``nan``, ``inf``, a
+    negative value, non-ASCII digits)."""
+    if not raw or not raw.strip().isascii():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 <= value < float("inf") else None
+
+
+def _reset_seconds(raw: str | None) -> float | None:
+    """``parse_reset`` held to ``header_number``'s rules: ASCII, finite, non-negative."""
+    if not raw or not raw.isascii():
+        return None
+    seconds = parse_reset(raw)
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+
+
+class OpenAIDialect(Dialect):
     name = "openai"
+    suffixes = tuple(route[0] for route in _ROUTES)
+    param_names = PARAMS
+    quota_statuses = frozenset({429})
+    loading_statuses = frozenset({503})  # llama.cpp's /v1 routes
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
         for suffix, endpoint, operation, field, shape in _ROUTES:
@@ -69,11 +117,36 @@ class OpenAIDialect:
             model = body.get("model")
             if not isinstance(model, str) and deployment is not None:
                 model = deployment.group(1)
-            return CallInfo(
-                provider="openai", operation=operation, endpoint=endpoint, model=model,
-                stream=body.get("stream") is True, param_source=body, param_names=PARAMS, body=body,
-            )
+            return self.call_info(operation=operation, endpoint=endpoint, model=model,
+                                  stream=body.get("stream") is True, body=body)
         return None
+
+    def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
+        """``prompt_cache_key`` routes to OpenAI's prompt cache; chat completions never echo it
+        (the Responses API does, so there it stays in the key)."""
+        return _PROMPT_CACHE_KEY if info.endpoint == "chat/completions" else frozenset()
+
+    def quota_exhausted(self, status: int, body: bytes) -> str | None:
+        """A 429 whose body says ``insufficient_quota``: billing, not load; waiting cannot help."""
+        return "insufficient_quota" if status == 429 and b"insufficient_quota" in body else None
+
+    def loading(self, status: int, body: bytes) -> bool:
+        return llamacpp.loading_answer(status, body)
+
+    def health_url(self, request: WireRequest) -> str | None:
+        return llamacpp.root_health_url(request)
+
+    def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
+        """``x-ratelimit-limit-{requests,tokens}`` (per minute), ``x-ratelimit-remaining-*`` and
+        ``x-ratelimit-reset-*`` (a duration such as ``6m0s``)."""
+        return ServerLimits(
+            requests_limit=header_number(headers.get("x-ratelimit-limit-requests")),
+            requests_remaining=header_number(headers.get("x-ratelimit-remaining-requests")),
+            requests_reset=_reset_seconds(headers.get("x-ratelimit-reset-requests")),
+            tokens_limit=header_number(headers.get("x-ratelimit-limit-tokens")),
+            tokens_remaining=header_number(headers.get("x-ratelimit-remaining-tokens")),
+            tokens_reset=_reset_seconds(headers.get("x-ratelimit-reset-tokens")),
+        )
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if not isinstance(message, dict):

@@ -28,7 +28,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ..call import Call, Reply
 from ..facts import store_failed
@@ -59,15 +58,13 @@ class Plan:
     reason: str
 
 
-def _nondeterministic(body: dict[str, Any], operation: str) -> bool:
-    if operation == "embeddings":
+def _nondeterministic(call: Call) -> bool:
+    """Sampling without a seed at a temperature above 0, as the dialect read them from the request.
+    Every provider's default temperature is above 0, so an absent one counts as > 0."""
+    info = call.info
+    if info.operation == "embeddings":
         return False
-    raw_options = body.get("options")
-    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
-    temperature = body.get("temperature", options.get("temperature"))
-    seed = body.get("seed", options.get("seed"))
-    # Every provider's default temperature is above 0, so an absent one counts as > 0.
-    return seed is None and (temperature is None or (isinstance(temperature, (int, float)) and temperature > 0))
+    return info.seed is None and (info.temperature is None or info.temperature > 0)
 
 
 def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str) -> Plan:
@@ -83,7 +80,7 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str) -> Pla
         return Plan(False, False, False, ttl, call.cache_bypass)
     if body.get("background") or body.get("previous_response_id") or body.get("conversation"):
         return Plan(False, False, False, ttl, "stateful request")
-    if nondeterministic == "skip" and mode != "replay" and _nondeterministic(body, call.info.operation):
+    if nondeterministic == "skip" and mode != "replay" and _nondeterministic(call):
         return Plan(False, False, False, ttl, "non-deterministic (temperature > 0, no seed)")
     return Plan(lookup=mode in ("on", "readonly", "replay"), store=mode in ("on", "refresh"),
                 only_cached=mode == "replay", ttl=ttl, reason=mode)

@@ -20,12 +20,15 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..store.limits_sqlite import MAX_BLOCK
 from ..values import Limits
 from . import shared_budget
-from ._limiter_wire import ServerLimits
 from .scheduler import Key, Waiter
+
+if TYPE_CHECKING:
+    from ..dialects import ServerLimits
 
 __all__ = ["Limiter"]
 

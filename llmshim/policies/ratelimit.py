@@ -16,7 +16,7 @@ Flow of ``handle`` (sync) and ``ahandle`` (asyncio), the same steps:
    reserved but not used.
 
 Who goes next is decided in ``scheduler.py``, acted on in ``limiter.py``; the per-call knobs are
-in ``knobs.py``; what the limiter reads from the wire is in ``_limiter_wire.py``.
+in ``knobs.py``; what the limiter reads from the wire it asks the call's dialect.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ..store.cache_keys import credential_of
 from ..store.limits_sqlite import MAX_BLOCK
 from ..tap import OnEnd
 from ..values import Limits, parse_limits
-from . import _limiter_wire as wire
 from .limiter import Limiter
 from .scheduler import Key, Waiter
 
@@ -83,7 +82,8 @@ class RateLimitPolicy:
             level = resolve_priority(header) if header else (current_priority() or self.default_priority)
         except ValueError:
             level = self.default_priority
-        tokens_in, tokens_out = wire.reservation(call, self.default_output_tokens)
+        info = call.info  # characters / 4 of the prompt, and its max-tokens field (or the default)
+        tokens_in, tokens_out = max(1, info.input_chars // 4), info.max_output_tokens or self.default_output_tokens
         call.facts.priority = level
         waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock())
         return self.limiter.key(name, limits, concurrency), waiter
@@ -109,8 +109,8 @@ class RateLimitPolicy:
         from .retry import server_delay
 
         headers = reply.headers
-        self.limiter.learn(key, wire.server_limits(headers))
-        if wire.loading(reply):
+        self.limiter.learn(key, call.dialect.server_limits(headers))
+        if _loading(call, reply):
             self._await_health(key, call)
             return
         pause = server_delay(headers) if reply.status == 429 else None
@@ -120,10 +120,10 @@ class RateLimitPolicy:
     def _await_health(self, key: Key, call: Call) -> None:
         """Block the key until the server's health URL answers 200 (polled: llama.cpp has no
         push), at most the queue timeout. One watcher per key."""
-        if key.watching:
+        url = call.dialect.health_url(call.request)
+        if key.watching or url is None:
             return
         key.watching = True
-        url = wire.health_url(call)
         limiter, deadline = self.limiter, self.queue_timeout
         limiter.block(key, limiter.clock() + deadline, cap=deadline)
 
@@ -226,3 +226,14 @@ class RateLimitPolicy:
         self._reconcile(key, waiter, reply, call)
         return reply
 
+
+def _loading(call: Call, reply: Reply) -> bool:
+    """The server says its model is still loading (llama.cpp's 503): read only on the dialect's
+    statuses, and only where the library lets a small error body be read synchronously."""
+    dialect = call.dialect
+    if reply.status not in dialect.loading_statuses or reply.peek is None:
+        return False
+    try:
+        return dialect.loading(reply.status, reply.peek())
+    except Exception:
+        return False

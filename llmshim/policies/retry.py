@@ -4,8 +4,9 @@
 token bucket with an explicit clock; ``RetryPolicy`` acts on them. The rules:
 
 - Retry connection errors and timeouts that happen before a response is handed over, and
-  408/409/429/5xx. Never 400/401/403/404/422, never OpenAI's ``insufficient_quota``, never when the
-  server says ``x-should-retry: false`` (and always when it says ``true``, within the attempts).
+  408/409/429/5xx. Never 400/401/403/404/422, never an exhausted quota (the dialect says which
+  answer is one: OpenAI's 429 ``insufficient_quota``), never when the server says
+  ``x-should-retry: false`` (and always when it says ``true``, within the attempts).
 - Never after the response reached the caller: at llmshim's seam a reply is returned only once,
   so a reset mid-stream is raised to the caller, not retried (nothing is ever duplicated).
 - One retry layer. Requests carrying ``x-stainless-retry-count`` come from the OpenAI SDK's own
@@ -101,8 +102,8 @@ def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | N
         should = (headers or {}).get("x-should-retry")
         if should == "false":
             return Decision(False, 0.0, "x-should-retry: false")
-        if body_error == "insufficient_quota":
-            return Decision(False, 0.0, "insufficient_quota")
+        if body_error is not None:  # the dialect's "quota exhausted" code (OpenAI: insufficient_quota)
+            return Decision(False, 0.0, body_error)
         if status in NEVER_STATUSES or (status not in RETRY_STATUSES and should != "true"):
             return Decision(False, 0.0, f"status {status} is not retried")
     if attempt >= max_attempts:
@@ -167,7 +168,7 @@ class RetryPolicy:
         decision = decide(
             attempt=attempt, max_attempts=self.max_attempts, max_delay=self.max_delay,
             status=reply.status if reply else None, headers=reply.headers if reply else None,
-            body_error=_quota_error(reply), transport_error=transport,
+            body_error=_quota_error(call, reply), transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
             budget_ok=True, rand=self._rand(), time_left=call.timeout)
         if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
@@ -236,12 +237,13 @@ async def _adrop(reply: Reply) -> None:
         reply.tap.abort(None)
 
 
-def _quota_error(reply: Reply | None) -> str | None:
-    """OpenAI answers an exhausted quota with a 429 that must not be retried; its code is in the body."""
-    if reply is None or reply.status != 429 or reply.peek is None:
-        return None
+def _quota_error(call: Call, reply: Reply | None) -> str | None:
+    """The dialect's code for an exhausted quota (OpenAI: a 429 ``insufficient_quota``): not retried."""
+    if reply is None or reply.peek is None or reply.status not in call.dialect.quota_statuses:
+        return None  # the body is read only where the dialect's quota answer can be
     try:
         body = reply.peek()
+        code: str | None = call.dialect.quota_exhausted(reply.status, body)
     except Exception:
         return None
-    return "insufficient_quota" if b"insufficient_quota" in body else None
+    return code

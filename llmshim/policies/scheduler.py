@@ -19,11 +19,14 @@ import collections
 import contextlib
 import dataclasses
 import threading
+from typing import TYPE_CHECKING
 
 from ..gcra import Dim, Gcra, take
 from ..knobs import PRIORITIES
 from ..values import Limits
-from ._limiter_wire import ServerLimits
+
+if TYPE_CHECKING:
+    from ..dialects import ServerLimits
 
 __all__ = ["SHARE_EVERY", "Key", "Waiter"]
 
@@ -128,8 +131,8 @@ class Key:
         what remains of them. OpenAI's ``reset`` is the time until the limit is whole again, not
         until the next request fits, so it is not a block: with ``remaining: 0`` the next request
         fits one refill interval later, as the bucket's own pacing gives."""
-        for bucket, limit, remaining in ((self.requests, said.limit_requests, said.remaining_requests),
-                                         (self.tokens, said.limit_tokens, said.remaining_tokens)):
+        for bucket, limit, remaining in ((self.requests, said.requests_limit, said.requests_remaining),
+                                         (self.tokens, said.tokens_limit, said.tokens_remaining)):
             if bucket is None:
                 continue
             if limit is not None and 0 < limit / 60.0 < bucket.rate:

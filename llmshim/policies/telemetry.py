@@ -122,26 +122,8 @@ def _start_attributes(call: Call) -> dict[str, Any]:
 
 
 def _input_messages(call: Call) -> list[dict[str, Any]]:
-    """The prompt in the spec's message shape: [{"role", "parts": [{"type": "text", "content"}]}]."""
-    body = call.info.body
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        out = []
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            parts = ([{"type": "text", "content": content}] if isinstance(content, str) else
-                     [{"type": "text", "content": p.get("text", "")} for p in content
-                      if isinstance(p, dict) and "text" in p] if isinstance(content, list) else [])
-            out.append({"role": str(message.get("role", "user")), "parts": parts})
-        return out
-    prompt = body.get("prompt", body.get("input", body.get("content")))
-    if isinstance(prompt, str):
-        return [{"role": "user", "parts": [{"type": "text", "content": prompt}]}]
-    if isinstance(prompt, list):
-        return [{"role": "user", "parts": [{"type": "text", "content": p}]} for p in prompt if isinstance(p, str)]
-    return []
+    """The prompt in the spec's message shape, as the call's dialect reads it."""
+    return call.info.input_messages
 
 
 def _fact_attributes(call: Call) -> dict[str, Any]:

@@ -9,8 +9,8 @@ answer. Two requests share a key only when they are the same request after this 
   Object keys keep their order at every depth (property order drives structured output and
   grammar-constrained decoding) and duplicate keys are all kept, in order. Numbers are equal only
   when they are the same decimal value (``1``, ``1.0``, ``10e-1`` are equal; ``1.0000000000000001``
-  is not ``1``). A top-level field is left out only where ``IGNORED_FIELDS`` proves, for that
-  dialect and endpoint, that it cannot change what the server returns or keeps.
+  is not ``1``). A top-level field is left out only where the call's dialect
+  (``cache_ignored_fields``) proves that it cannot change what the server returns or keeps.
 - **Headers**: deny by default. Every request header enters the key except ``NOISE_HEADERS`` /
   ``NOISE_PREFIXES`` (transport, tracing, SDK telemetry, idempotency keys) and the names a user adds
   with ``LLMSHIM_CACHE_IGNORE_HEADERS``; a header whose name looks like a credential can never be
@@ -33,42 +33,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..call import Call
 
-__all__ = ["CREDENTIAL_HEADERS", "IGNORED_FIELDS", "KEY_VERSION", "NOISE_HEADERS", "NOISE_PREFIXES", "cache_key",
-           "canonical_body", "credential_of", "ignored_fields", "is_credential_header", "key_material",
+__all__ = ["CREDENTIAL_HEADERS", "KEY_VERSION", "NOISE_HEADERS", "NOISE_PREFIXES", "cache_key",
+           "canonical_body", "credential_of", "is_credential_header", "key_material",
            "parse_ignored_headers", "split_headers", "summary"]
 
 KEY_VERSION = 2
 
 # -- body --------------------------------------------------------------------------------------
-
-#: Top-level request fields left out of the key, per (dialect, endpoint): only fields the server
-#: neither echoes nor acts on for the answer or for what it keeps. Everything else is in the key —
-#: ``store``, ``metadata``, ``service_tier``, ``user``, ``safety_identifier``, ``background``...
-#: (the Responses API echoes all of them; chat completions echo metadata and service_tier; ``store``
-#: decides what the server keeps; ``user`` may select per-user behaviour behind a gateway).
-IGNORED_FIELDS: Mapping[tuple[str, str], frozenset[str]] = {
-    # A routing hint for OpenAI's prompt cache; chat completions never echo it.
-    ("openai", "chat/completions"): frozenset({"prompt_cache_key"}),
-    # How long Ollama keeps the model loaded: never in the answer of a call that generates or embeds.
-    ("ollama", "api/chat"): frozenset({"keep_alive"}),
-    ("ollama", "api/generate"): frozenset({"keep_alive"}),
-    ("ollama", "api/embed"): frozenset({"keep_alive"}),
-    ("ollama", "api/embeddings"): frozenset({"keep_alive"}),
-}
-
-#: Ollama answers a chat without messages / a generate without a prompt by loading the model, or
-#: (with ``keep_alive: 0``) by unloading it: there keep_alive changes the answer and stays in the key.
-_OLLAMA_WORK = {"api/chat": "messages", "api/generate": "prompt"}
-
-
-def ignored_fields(provider: str, endpoint: str, body: Mapping[str, Any]) -> frozenset[str]:
-    """The top-level fields of this request that cannot change its answer (see IGNORED_FIELDS)."""
-    fields = IGNORED_FIELDS.get((provider, endpoint), frozenset())
-    work = _OLLAMA_WORK.get(endpoint) if provider == "ollama" else None
-    if work is not None and not body.get(work):
-        return frozenset()
-    return fields
-
 
 _NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?")
 
@@ -257,7 +228,7 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
         scope = hmac.new(salt, _text([credentials, userinfo]).encode("ascii"), hashlib.sha256).hexdigest()
     else:
         scope = "anonymous"
-    fields = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
+    fields = call.dialect.cache_ignored_fields(call.info)  # routing hints the server never acts on
     head = _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers, scope])
     if len(request.body) > EXACT_BODY_BYTES:  # stricter, never looser: no second parse of a huge body
         return head, "exact:" + hashlib.sha256(request.body).hexdigest()
@@ -280,7 +251,7 @@ SUMMARY_BODY_BYTES = 64 * 1024
 
 def summary(call: Call) -> Mapping[str, Any]:
     """A redacted description of the request for ``llmshim cache ls/show``: never headers."""
-    ignored = ignored_fields(call.info.provider, call.info.endpoint, call.info.body)
+    ignored = call.dialect.cache_ignored_fields(call.info)
     described: dict[str, Any] = {"provider": call.info.provider, "endpoint": call.info.endpoint,
                                  "model": call.info.model, "stream": call.info.stream, "url": call.request.public_url,
                                  "body_bytes": len(call.request.body)}
