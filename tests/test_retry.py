@@ -36,7 +36,6 @@ def test_server_signals_and_limits() -> None:
     assert _decide(status=418, headers={"x-should-retry": "true"}).retry
     assert not _decide(status=429, body_error="insufficient_quota").retry
     assert not _decide(status=500, attempt=3).retry
-    assert not _decide(status=500, budget_ok=False).retry
     assert _decide(transport_error=True).retry
     assert not _decide(transport_error=True, sdk_attempt=True).retry  # the SDK's own loop retries
     assert _decide(transport_error=True, sdk_attempt=True, mode="llmshim").retry

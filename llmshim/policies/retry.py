@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 
 from ..call import Call, Reply
 from ..pipeline import AsyncHandler, Handler
+from ..values import RetryMode
 
 __all__ = ["Decision", "RetryBudget", "RetryPolicy", "decide", "server_delay"]
 
@@ -86,8 +87,8 @@ def _seconds(raw: str, scale: float) -> float | None:
 
 def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | None = None,
            headers: Mapping[str, str] | None = None, body_error: str | None = None,
-           transport_error: bool = False, sdk_attempt: bool = False, mode: str = "auto",
-           budget_ok: bool = True, rand: float = 0.5, time_left: float | None = None) -> Decision:
+           transport_error: bool = False, sdk_attempt: bool = False, mode: RetryMode = "auto",
+           rand: float = 0.5, time_left: float | None = None) -> Decision:
     """Whether attempt number ``attempt`` (1-based) is followed by another, and after how long.
 
     ``rand`` in [0, 1) is the jitter draw, passed in so the function stays pure. A server that asks
@@ -108,8 +109,6 @@ def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | N
             return Decision(False, 0.0, f"status {status} is not retried")
     if attempt >= max_attempts:
         return Decision(False, 0.0, f"{max_attempts} attempts made")
-    if not budget_ok:
-        return Decision(False, 0.0, "retry budget exhausted")
     floor = server_delay(headers) if not transport_error else None
     if floor is not None and floor > max_delay:
         return Decision(False, 0.0, f"the server asked to wait {floor:.6g} s, more than the {max_delay:g} s cap")
@@ -154,7 +153,7 @@ def _origin(call: Call) -> str:
 
 
 class RetryPolicy:
-    def __init__(self, *, mode: str, max_attempts: int, max_delay: float,
+    def __init__(self, *, mode: RetryMode, max_attempts: int, max_delay: float,
                  sleep: Callable[[float], None] = time.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         self.mode, self.max_attempts, self.max_delay = mode, max_attempts, max_delay
@@ -170,7 +169,7 @@ class RetryPolicy:
             status=reply.status if reply else None, headers=reply.headers if reply else None,
             body_error=_quota_error(call, reply), transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
-            budget_ok=True, rand=self._rand(), time_left=call.timeout)
+            rand=self._rand(), time_left=call.timeout)
         if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision

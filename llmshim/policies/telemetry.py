@@ -1,15 +1,16 @@
 """OpenTelemetry, following the GenAI semantic conventions: one CLIENT span and the client metrics
 for every LLM call, whatever library made it and whatever dialect it speaks.
 
-Flow. ``handle`` starts the span as a child of the caller's current context, with the attributes
-samplers look at (operation, provider, model, server) set at start, and makes it current while the
-request is sent, so HTTP client spans of OpenTelemetry's httpx/requests/aiohttp instrumentations
-nest under it. It then subscribes to the reply's body tap; the span and the duration run to the
-end of the body (the last chunk of a stream), where usage, response model and finish reasons are
-known. An early close or garbage collection ends the span too, exactly once (the tap guarantees
-it), marked ``llmshim.outcome=aborted``.
+Flow. The observer (``observer.py``) calls ``begin`` as a call starts: the span starts as a child
+of the caller's current context, with the attributes samplers look at (operation, provider, model,
+server) set at start, and is current while the request is sent, so HTTP client spans of
+OpenTelemetry's httpx/requests/aiohttp instrumentations nest under it. At the call's one end (the
+last chunk of a stream, where usage, response model and finish reasons are known; or an early
+close or garbage collection, marked ``llmshim.outcome=aborted``) the observer calls ``finish``:
+the outcome and llmshim's own attributes (from ``call.facts``) go on the span, it ends, and the
+metrics are recorded.
 
-Cost. With no SDK providers configured (the API's proxies), the policy is a pass-through. Every
+Cost. With no SDK providers configured (the API's proxies), nothing is made or recorded. Every
 exporter or processor failure is caught: it becomes a warning and ``llmshim.telemetry.errors``,
 never an exception in the caller's call.
 """
@@ -19,9 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -32,73 +31,19 @@ from .. import redact
 from .._version import __version__
 from ..call import Call
 from ..facts import error_type
+from .otel_names import (
+    CONTENT_ENV,
+    DURATION_BUCKETS,
+    LLMSHIM_ATTRIBUTES,
+    TOKEN_BUCKETS,
+    Instruments,
+    content_capture_mode,
+)
 
-__all__ = ["CONTENT_ENV", "LLMSHIM_ATTRIBUTES", "Instruments", "Telemetry", "content_capture_mode"]
+__all__ = ["CONTENT_ENV", "DURATION_BUCKETS", "LLMSHIM_ATTRIBUTES", "TOKEN_BUCKETS", "Instruments", "Telemetry",
+           "content_capture_mode"]
 
 log = logging.getLogger("llmshim")
-
-CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-
-#: llmshim's own span attributes. The names are a contract: the cache, retry and rate-limit
-#: policies record ``call.facts`` and telemetry writes them onto the span at its end.
-LLMSHIM_ATTRIBUTES = {
-    "llmshim.cache.hit": "bool: the answer came from llmshim's cache",
-    "llmshim.cache.age_s": "float: age of the cached answer, seconds",
-    "llmshim.cache.bypass": "str: why the cache stood aside (a test double or recorder answered)",
-    "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
-    "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
-    "llmshim.priority": "str: the call's priority class",
-    "llmshim.client.library": "str: the patched library that made the call",
-    "llmshim.outcome": "str: ok | error | aborted",
-}
-
-# Explicit bucket boundaries from the GenAI metrics conventions.
-DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
-TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
-FIRST_CHUNK_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
-PER_CHUNK_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
-
-
-def content_capture_mode(environ: Mapping[str, str] | None = None) -> tuple[bool, bool]:
-    """(on the span, as a span event) from OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT:
-    ``true``/``SPAN_ONLY`` → span attributes, ``EVENT_ONLY`` → an event, ``SPAN_AND_EVENT`` → both;
-    unset, ``false`` or ``NO_CONTENT`` → nothing (the default: prompts can be sensitive)."""
-    value = (environ if environ is not None else os.environ).get(CONTENT_ENV, "").strip().upper()
-    return value in ("TRUE", "1", "SPAN_ONLY", "SPAN_AND_EVENT"), value in ("EVENT_ONLY", "SPAN_AND_EVENT")
-
-
-class Instruments:
-    """The metric instruments, created once per meter provider. Names are part of the contract."""
-
-    def __init__(self, meter: metrics.Meter) -> None:
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self.first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk", unit="s",
-            description="Time to receive the first chunk of a streamed response.",
-            explicit_bucket_boundaries_advisory=FIRST_CHUNK_BUCKETS)
-        self.per_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_per_output_chunk", unit="s",
-            description="Time between consecutive chunks of a streamed response.",
-            explicit_bucket_boundaries_advisory=PER_CHUNK_BUCKETS)
-        # llmshim's own, named now so that the cache, retry and rate-limit policies fill them in.
-        self.cache_hits = meter.create_counter("llmshim.cache.hits", unit="{call}", description="Cache hits.")
-        self.cache_misses = meter.create_counter("llmshim.cache.misses", unit="{call}", description="Cache misses.")
-        self.cache_errors = meter.create_counter(
-            "llmshim.cache.errors", unit="{error}", description="Cache store failures (the call went on).")
-        self.retry_attempts = meter.create_counter(
-            "llmshim.retry.attempts", unit="{attempt}", description="Retried wire attempts.")
-        self.ratelimit_wait = meter.create_histogram(
-            "llmshim.ratelimit.wait", unit="s", description="Time a call waited for rate-limit permits.",
-            explicit_bucket_boundaries_advisory=FIRST_CHUNK_BUCKETS)
-        self.telemetry_errors = meter.create_counter(
-            "llmshim.telemetry.errors", unit="{error}",
-            description="Failures of span processors or exporters, caught by llmshim.")
-
 
 def _start_attributes(call: Call) -> dict[str, Any]:
     info = call.info
