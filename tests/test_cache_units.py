@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from llmshim.call import Call, ResponseInfo, WireRequest
 from llmshim.dialects import detect
+from llmshim.knobs import current_cache_control
 from llmshim.policies.cache import Plan, cache_control, plan
 from llmshim.policies.cache_recorder import storable
 from llmshim.store.cache_keys import (
@@ -113,10 +114,12 @@ def test_plan_a_call_answered_by_a_test_double_is_never_looked_up_or_stored() ->
 def test_plan_cache_control_sits_between_the_header_and_the_setting() -> None:
     call = make_call(DETERMINISTIC)
     with cache_control(mode="refresh", ttl=9):
-        assert decided(plan(call, "on", 60.0, "cache")) == (False, True, False, 9.0, "refresh")
+        block = current_cache_control()
+        assert decided(plan(call, "on", 60.0, "cache", block)) == (False, True, False, 9.0, "refresh")
         with_header = make_call(DETERMINISTIC, controls={"x-llmshim-cache": "only-if-cached, ttl=3"})
-        assert decided(plan(with_header, "on", 60.0, "cache")) == (True, False, True, 3.0, "replay")
-    assert decided(plan(call, "on", 60.0, "cache")) == (True, True, False, 60.0, "on")  # the block ended
+        assert decided(plan(with_header, "on", 60.0, "cache", block)) == (True, False, True, 3.0, "replay")
+    assert current_cache_control() is None  # the block ended
+    assert decided(plan(call, "on", 60.0, "cache", None)) == (True, True, False, 60.0, "on")
 
 
 MODES = st.sampled_from(["off", "on", "readonly", "refresh", "replay"])

@@ -31,8 +31,7 @@ from collections.abc import Callable
 
 from ..call import Call, Reply
 from ..facts import store_failed
-from ..knobs import CACHE_HEADER, MODES, CacheControl, cache_control
-from ..knobs import _control as _control
+from ..knobs import CACHE_HEADER, MODES, CacheControl, cache_control, current_cache_control
 from ..knobs import header_cache_control as _header_control
 from ..pipeline import AsyncHandler, Handler, track
 from ..singleflight import Flight, Flights
@@ -67,9 +66,10 @@ def _nondeterministic(call: Call) -> bool:
     return info.seed is None and (info.temperature is None or info.temperature > 0)
 
 
-def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str) -> Plan:
-    """What to do with this request. Pure: reads the call, the settings and the call's controls."""
-    control = _control.get()
+def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, control: CacheControl | None = None) -> Plan:
+    """What to do with this request. Pure: from the call (its ``x-llmshim-cache`` control header
+    first), the caller's ``cache_control()`` block (``control``, read by the policy) and the
+    settings, in that order of precedence."""
     header_mode, header_ttl = _header_control(call.controls.get(HEADER))
     mode = header_mode or (control.mode if control and control.mode else mode)
     ttl = header_ttl or (control.ttl if control and control.ttl else ttl)
@@ -213,7 +213,7 @@ class CachePolicy:
 
     # -- the seam --------------------------------------------------------------------------------
     def _before(self, call: Call) -> tuple[Plan, str | None, Reply | None]:
-        decided = plan(call, self.mode, self.ttl, self.nondeterministic)
+        decided = plan(call, self.mode, self.ttl, self.nondeterministic, current_cache_control())
         if not (decided.lookup or decided.store):
             return decided, None, None
         key = self._key(call)
