@@ -1,6 +1,6 @@
 """What llmshim adds to each call, measured side by side in one run.
 
-    python benchmarks/overhead.py [--calls 3000] [--block 50]
+    python benchmarks/overhead.py [--calls 3000] [--block 50] [--against /path/to/earlier/tree]
 
 Each mode runs in its own worker process, so that one mode's imports and patches cannot slow
 another's (openllmetry's instrumentor, for one, leaves the SDK slower after ``uninstrument()``).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,11 +70,12 @@ def set_up_mode(mode: str) -> None:
         import llmshim
 
         llmshim.on("call_completed", lambda record: None)
+        only = {"cache": "off", "retry_mode": "off"}  # exactly the features the mode names, whatever the defaults
         if mode == "llmshim-hook":
-            llmshim.install(telemetry=False)
+            llmshim.install(telemetry=False, **only)
         else:
             tracer_provider, meter_provider = _sdk()
-            llmshim.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
+            llmshim.install(tracer_provider=tracer_provider, meter_provider=meter_provider, telemetry=True, **only)
         return
     module = {"openllmetry": "opentelemetry.instrumentation.openai",
               "openai-v2": "opentelemetry.instrumentation.openai_v2"}[mode]
@@ -151,17 +153,22 @@ def worker(mode: str, client: str, url: str) -> int:
 
 
 
-def bench_client(client: str, url: str, calls: int, block: int) -> None:
-    modes = MODES if client.startswith("openai") else MODES[:3]
+def bench_client(client: str, url: str, calls: int, block: int, against: str | None = None) -> None:
+    modes: list[str] = list(MODES if client.startswith("openai") else MODES[:3])
+    if against:  # the same llmshim modes, imported from another source tree (an earlier commit)
+        modes[1:3] = [modes[1], f"{modes[1]}@before", modes[2], f"{modes[2]}@before"]
     workers: dict[str, subprocess.Popen[str]] = {}
     for mode in modes:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", mode, client, url], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if mode.endswith("@before") and against:
+            env["PYTHONPATH"] = against + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", mode.removesuffix("@before"), client, url],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         pin(proc.pid, 0)
         assert proc.stdout is not None
         answer = json.loads(proc.stdout.readline())
         if "error" in answer:
-            print(f"- {LABELS[client]}: {LABELS[mode]} not measured ({answer['error']})")
+            print(f"- {LABELS[client]}: {_label(mode)} not measured ({answer['error']})")
             proc.communicate()
             continue
         workers[mode] = proc
@@ -181,8 +188,12 @@ def bench_client(client: str, url: str, calls: int, block: int) -> None:
     for mode, values in samples.items():
         p50, p99 = statistics.median(values) * 1e6, pct(values, 0.99) * 1e6
         added = "       - |        -" if mode == "off" else f"{p50 - off_p50:+8.0f} | {p99 - off_p99:+8.0f}"
-        print(f"| {LABELS[client]:<28} | {LABELS[mode]:<40} | {len(values) / sum(values):7.0f} | {p50:7.0f} | "
+        print(f"| {LABELS[client]:<28} | {_label(mode):<40} | {len(values) / sum(values):7.0f} | {p50:7.0f} | "
               f"{p99:7.0f} | {added} |", flush=True)
+
+
+def _label(mode: str) -> str:
+    return LABELS[mode.removesuffix("@before")] + (" [before]" if mode.endswith("@before") else "")
 
 
 def in_process_cost(iterations: int) -> tuple[float, float]:
@@ -210,7 +221,7 @@ def in_process_cost(iterations: int) -> tuple[float, float]:
         reply.tap.complete()
 
     llmshim.on("call_completed", lambda record: None)
-    llmshim.install(telemetry=False)
+    llmshim.install(telemetry=False, cache="off", retry_mode="off")
     try:
         for _ in range(1000):
             one()
@@ -230,6 +241,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=3000, help="calls per mode per client")
     parser.add_argument("--block", type=int, default=50, help="calls per block; blocks go round-robin over modes")
+    parser.add_argument("--against", default=None,
+                        help="a source tree of an earlier llmshim (e.g. a git worktree): its llmshim modes run "
+                             "side by side, marked [before]")
     args = parser.parse_args()
     import openai
 
@@ -244,7 +258,7 @@ def main() -> int:
         print("|------------------------------|------------------------------------------|---------|---------|"
               "---------|----------|----------|")
         for client in CLIENTS:
-            bench_client(client, url, args.calls, args.block)
+            bench_client(client, url, args.calls, args.block, args.against)
         p50, p99 = in_process_cost(20000)
         print(f"\nllmshim's own work per call, no sockets, hot loop (20000 calls, 1 hook): p50 {p50:.1f} us, "
               f"p99 {p99:.1f} us")
