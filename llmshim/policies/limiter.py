@@ -29,6 +29,7 @@ from .scheduler import Key, Waiter
 
 if TYPE_CHECKING:
     from ..dialects import ServerLimits
+    from ..store.base import LimitStore
 
 __all__ = ["Limiter"]
 
@@ -48,7 +49,7 @@ class Limiter:
     """All keys of one process. ``clock``, ``schedule`` and ``store_thread`` are injectable for tests."""
 
     def __init__(self, burst: float, clock: Callable[[], float] = time.monotonic,
-                 schedule: Callable[[float, Callable[[], None]], None] | None = None, shared: object = None,
+                 schedule: Callable[[float, Callable[[], None]], None] | None = None, shared: LimitStore | None = None,
                  store_thread: shared_budget.StoreThread | None = None) -> None:
         self.burst = burst
         self.shared = shared
@@ -185,7 +186,7 @@ class Limiter:
                     if wait is not None and wait <= 0:
                         key.granted(waiter)
                         waiter.wake()
-                if answer == 0 and (wait is None or wait > 0):  # taken from the store, not granted here
+                if answer == 0 and key.shared is not None and (wait is None or wait > 0):  # taken, not granted
                     shared_budget.give_back(key.shared, key.name,
                                             {d.name: min(d.cost, d.burst * d.rate) / d.rate for d in dims})
                 if wait is None:  # it left while the store was asked

@@ -27,6 +27,7 @@ from ..values import Limits
 
 if TYPE_CHECKING:
     from ..dialects import ServerLimits
+    from ..store.base import LimitStore
 
 __all__ = ["SHARE_EVERY", "Key", "Waiter"]
 
@@ -61,7 +62,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class Key:
-    def __init__(self, limits: Limits, burst: float, name: str = "", shared: object = None,
+    def __init__(self, limits: Limits, burst: float, name: str = "", shared: LimitStore | None = None,
                  concurrency: int | None = None) -> None:
         self.name, self.shared = name, shared
         # Local servers: at most ``capacity`` calls in flight; halved on 503, regrown by one per

@@ -31,10 +31,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..facts import store_failed as report_store_failure
 from ..gcra import Dim
+
+if TYPE_CHECKING:
+    from ..store.base import LimitStore
 
 __all__ = ["STORE_THREAD", "StoreThread", "ask", "give_back", "store_failed", "write_block"]
 
@@ -119,7 +122,7 @@ def store_failed(exc: BaseException) -> None:
             "recovers (warned once a minute)", type(exc).__name__, exc)
 
 
-def ask(shared: Any, name: str, dims: Iterable[Dim], level: str) -> float | None:
+def ask(shared: LimitStore, name: str, dims: Iterable[Dim], level: str) -> float | None:
     """The machine-wide budget's answer: 0 (taken), seconds to wait (nothing taken), or None (the
     store failed: nothing known). Store I/O: only on the store thread."""
     try:
@@ -130,7 +133,7 @@ def ask(shared: Any, name: str, dims: Iterable[Dim], level: str) -> float | None
         return None
 
 
-def give_back(shared: Any, name: str, seconds: Mapping[str, float]) -> None:
+def give_back(shared: LimitStore, name: str, seconds: Mapping[str, float]) -> None:
     """Return what was taken and not used (reconciled tokens, a permit its waiter left behind):
     seconds of each dimension's theoretical arrival time. Silent on failure, as before the split."""
     for dim, amount in seconds.items():
@@ -138,7 +141,7 @@ def give_back(shared: Any, name: str, seconds: Mapping[str, float]) -> None:
             shared.give_back(name, dim, amount)
 
 
-def write_block(shared: Any, name: str, seconds: float) -> None:
+def write_block(shared: LimitStore, name: str, seconds: float) -> None:
     try:
         shared.block_for(name, seconds)
     except Exception as exc:
