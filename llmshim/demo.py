@@ -246,10 +246,11 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     failures += 1
                     out.write("      llmshim saw: nothing (this is a bug)\n")
                     continue
+                tokens = (f"tokens saved in={record.saved_input_tokens} out={record.saved_output_tokens}"
+                          if record.cache_hit else f"tokens in={record.input_tokens} out={record.output_tokens}")
                 out.write(
                     f"      llmshim saw: {record.library} | {record.provider} {record.operation} "
-                    f"model={record.model or '-'} stream={str(record.stream).lower()} | "
-                    f"tokens in={record.input_tokens} out={record.output_tokens} | "
+                    f"model={record.model or '-'} stream={str(record.stream).lower()} | {tokens} | "
                     f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | "
                     f"{'cache hit' if record.cache_hit else 'live'} | {record.outcome}\n")
             if importlib.util.find_spec("requests") is not None:

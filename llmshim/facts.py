@@ -36,10 +36,16 @@ class Facts:
 
     cache_hit: bool | None = None  # None: the cache was not consulted
     cache_age_s: float | None = None  # a hit's age
-    tokens_saved: int = 0  # a hit's input + output tokens, as the provider reported them when paid
+    saved_input_tokens: int | None = None  # a hit's tokens, as the provider reported them when paid
+    saved_output_tokens: int | None = None
     retries: int = 0  # wire attempts llmshim retried
     ratelimit_wait_s: float | None = None  # None: no limit applied; else seconds queued for permits
     priority: str | None = None  # the priority class a limit applied with
+
+    @property
+    def tokens_saved(self) -> int:
+        """A hit's input + output tokens: spent once, when the answer was paid for, not again."""
+        return (self.saved_input_tokens or 0) + (self.saved_output_tokens or 0)
 
     @property
     def throttled(self) -> bool:

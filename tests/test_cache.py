@@ -66,7 +66,8 @@ def test_second_identical_call_is_a_hit_with_an_identical_parse(
     assert len(server.received) == 1, "the hit reached the server"
     done = [r for r in records if r.event == "call_completed"]
     assert [r.cache_hit for r in done] == [False, True]
-    assert (done[1].input_tokens, done[1].output_tokens) == (expect.input_tokens, expect.output_tokens)
+    assert (done[1].saved_input_tokens, done[1].saved_output_tokens) == (expect.input_tokens, expect.output_tokens)
+    assert (done[1].input_tokens, done[1].output_tokens) == (None, None)  # a hit spends nothing
     assert llmshim.stats()["tokens_saved"] >= (expect.input_tokens or 0) + (expect.output_tokens or 0)
 
 

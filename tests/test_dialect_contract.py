@@ -424,7 +424,7 @@ def test_a_new_dialect_is_one_module_and_one_registry_line(
     assert headers.get("x-llmshim-cache") is not None
     stats = llmshim.stats()
     assert (stats["total_calls"], stats["completed"], stats["cache_hits"], stats["cache_misses"]) == (2, 2, 1, 1)
-    assert (stats["input_tokens"], stats["output_tokens"], stats["tokens_saved"]) == (6, 6, 6)  # hits count too
+    assert (stats["input_tokens"], stats["output_tokens"], stats["tokens_saved"]) == (3, 3, 6)  # a hit spends nothing
     live, hit = (dict(s.attributes or {}) for s in exporter.get_finished_spans()
                  if s.instrumentation_scope.name == "llmshim")
     assert live["gen_ai.provider.name"] == "acme" and live["gen_ai.request.model"] == "a1"
@@ -434,7 +434,8 @@ def test_a_new_dialect_is_one_module_and_one_registry_line(
     assert json.loads(live["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "one two three"}]}]
     assert json.loads(live["gen_ai.output.messages"])[0]["parts"][0]["content"] == "one two three "  # the stream, read
-    assert hit["llmshim.cache.hit"] is True and hit["gen_ai.usage.output_tokens"] == 3
+    assert hit["llmshim.cache.hit"] is True and hit["llmshim.cache.saved.output_tokens"] == 3
+    assert "gen_ai.usage.output_tokens" not in hit
 
 
 def _acme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:

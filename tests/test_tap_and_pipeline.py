@@ -166,7 +166,8 @@ def test_the_observer_reports_each_call_once_from_its_facts() -> None:
         call = _call()
 
         def inner(call: Call) -> Reply:
-            call.facts = Facts(cache_hit=True, tokens_saved=7, retries=2, ratelimit_wait_s=0.5, priority="high")
+            call.facts = Facts(cache_hit=True, saved_input_tokens=3, saved_output_tokens=4, retries=2,
+                               ratelimit_wait_s=0.5, priority="high")
             reply = _reply()
             reply.tap.subscribe(OnEnd(lambda: setattr(call, "outcome", "ok")))
             return reply

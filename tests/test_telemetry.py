@@ -418,7 +418,8 @@ def test_stats_count_calls_outcomes_tokens_and_latency(server: FakeLLMServer, sh
         assert (snapshot["total_calls"], snapshot["completed"], snapshot["failed"]) == (5, 4, 1)
         assert snapshot["input_tokens"] == 3 * 5 + 2 and snapshot["output_tokens"] == 3 * 4
         assert 0 < snapshot["average_latency_s"] < 1
-        assert snapshot["by_model"]["ollama/llama3.2"] == {"calls": 4, "input_tokens": 15, "output_tokens": 12}
+        assert snapshot["by_model"]["ollama/llama3.2"] == {"calls": 4, "input_tokens": 15, "output_tokens": 12,
+                                                       "tokens_saved": 0}
         assert json.loads((tmp_path / "stats.json").read_text())["total_calls"] == 5
         assert llmshim.stats(reset=True)["total_calls"] == 5 and llmshim.stats()["total_calls"] == 0
     finally:
@@ -446,7 +447,8 @@ def test_llmshim_span_attribute_names_are_pinned_and_carried(server: FakeLLMServ
     from llmshim.policies.telemetry import LLMSHIM_ATTRIBUTES
 
     assert sorted(LLMSHIM_ATTRIBUTES) == [
-        "llmshim.cache.age_s", "llmshim.cache.bypass", "llmshim.cache.hit", "llmshim.client.library", "llmshim.outcome",
+        "llmshim.cache.age_s", "llmshim.cache.bypass", "llmshim.cache.hit", "llmshim.cache.saved.input_tokens",
+        "llmshim.cache.saved.output_tokens", "llmshim.client.library", "llmshim.outcome",
         "llmshim.priority", "llmshim.ratelimit.wait_s", "llmshim.retry.count"]
 
     class Marks:  # stands in for a later policy that records its own attributes on the call

@@ -66,6 +66,12 @@ def _nondeterministic(call: Call) -> bool:
     return info.seed is None and (info.temperature is None or info.temperature > 0)
 
 
+def _tokens(usage: object, name: str) -> int | None:
+    """A token count from a stored entry's metadata, or None (absent, or not a count)."""
+    value = usage.get(name) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, control: CacheControl | None = None) -> Plan:
     """What to do with this request. Pure: from the call (its ``x-llmshim-cache`` control header
     first), the caller's ``cache_control()`` block (``control``, read by the policy) and the
@@ -155,7 +161,10 @@ class CachePolicy:
         if hit and entry is not None:
             facts.cache_age_s = max(0.0, CLOCK() - entry.created_at)
             usage = entry.meta.get("usage") or {}
-            saved = facts.tokens_saved = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
+            facts.saved_input_tokens, facts.saved_output_tokens = _tokens(usage, "input_tokens"), _tokens(
+                usage, "output_tokens")
+            saved = facts.tokens_saved
+
         def note() -> None:
             try:
                 self.store.note(hits=int(hit), misses=int(not hit), tokens_saved=saved)

@@ -43,17 +43,20 @@ class CallRecord:
     response_model: str | None = None
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # spent: what the provider produced for this call (None on a cache hit)
     output_tokens: int | None = None
     duration: float | None = None
     time_to_first_chunk: float | None = None
     error_type: str | None = None
     outcome: str | None = None  # ok | error | aborted
     cache_hit: bool | None = None  # None: the cache was not consulted
+    saved_input_tokens: int | None = None  # a cache hit's tokens, not spent again
+    saved_output_tokens: int | None = None
 
     @classmethod
     def of(cls, event: str, call: Call) -> CallRecord:
         info, response = call.info, call.response
+        spent = response if response is not None and not call.facts.cache_hit else None
         return cls(
             event=event, provider=info.provider, operation=info.operation, model=info.model,
             stream=info.stream, library=call.library, url=redact.public_url(call.request.url),
@@ -61,11 +64,12 @@ class CallRecord:
             response_model=response.model if response else None,
             response_id=response.id if response else None,
             finish_reasons=tuple(response.finish_reasons) if response else (),
-            input_tokens=response.usage.input_tokens if response else None,
-            output_tokens=response.usage.output_tokens if response else None,
+            input_tokens=spent.usage.input_tokens if spent else None,
+            output_tokens=spent.usage.output_tokens if spent else None,
             duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
             error_type=error_type(call), outcome=call.outcome,
-            cache_hit=call.facts.cache_hit,
+            cache_hit=call.facts.cache_hit, saved_input_tokens=call.facts.saved_input_tokens,
+            saved_output_tokens=call.facts.saved_output_tokens,
         )
 
 

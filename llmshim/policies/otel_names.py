@@ -19,6 +19,8 @@ CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 LLMSHIM_ATTRIBUTES = {
     "llmshim.cache.hit": "bool: the answer came from llmshim's cache",
     "llmshim.cache.age_s": "float: age of the cached answer, seconds",
+    "llmshim.cache.saved.input_tokens": "int: a hit's input tokens, not spent again (gen_ai.usage.* is absent)",
+    "llmshim.cache.saved.output_tokens": "int: a hit's output tokens, not spent again",
     "llmshim.cache.bypass": "str: why the cache stood aside (a test double or recorder answered)",
     "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
     "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
@@ -63,6 +65,9 @@ class Instruments:
         # llmshim's own, named now so that the cache, retry and rate-limit policies fill them in.
         self.cache_hits = meter.create_counter("llmshim.cache.hits", unit="{call}", description="Cache hits.")
         self.cache_misses = meter.create_counter("llmshim.cache.misses", unit="{call}", description="Cache misses.")
+        self.tokens_saved = meter.create_counter(
+            "llmshim.cache.tokens_saved", unit="{token}",
+            description="Tokens a cache hit did not spend again (by gen_ai.token.type).")
         self.cache_errors = meter.create_counter(
             "llmshim.cache.errors", unit="{error}", description="Cache store failures (the call went on).")
         self.retry_attempts = meter.create_counter(

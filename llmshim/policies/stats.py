@@ -27,6 +27,9 @@ _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache
            "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved")
 
 
+_MODEL_FIELDS = ("calls", "input_tokens", "output_tokens", "tokens_saved")
+
+
 class Stats:
     def __init__(self) -> None:
         self._lock = threading.RLock()  # re-entrant: a reply collected inside ends its call here too
@@ -55,28 +58,31 @@ class Stats:
             self._counts["total_calls"] += 1
 
     def call_ended(self, call: Call) -> None:
+        """Count the call. Tokens are *spent* only when the provider produced them: a cache hit's
+        tokens go to ``tokens_saved`` (in total and for its model), never to input/output tokens."""
         outcome = {"ok": "completed", "aborted": "aborted"}.get(call.outcome or "", "failed")
-        usage = call.response.usage if call.response is not None else None
-        key = f"{call.info.provider}/{call.info.model or '-'}"
         facts = call.facts
+        usage = call.response.usage if call.response is not None and not facts.cache_hit else None
+        key = f"{call.info.provider}/{call.info.model or '-'}"
         with self._lock:
             counts = self._counts
             counts[outcome] += 1
             if facts.cache_hit is not None:
                 counts["cache_hits" if facts.cache_hit else "cache_misses"] += 1
-                counts["tokens_saved"] += facts.tokens_saved
             counts["retries"] += facts.retries
             counts["throttled_calls"] += facts.throttled
             if call.duration is not None:
                 self._latency_total += call.duration
                 self._latency_count += 1
-            model = self._models.setdefault(key, {"calls": 0, "input_tokens": 0, "output_tokens": 0})
+            model = self._models.setdefault(key, dict.fromkeys(_MODEL_FIELDS, 0))
             model["calls"] += 1
+            saved = facts.tokens_saved
+            counts["tokens_saved"] += saved
+            model["tokens_saved"] += saved
             if usage is not None:
-                self._counts["input_tokens"] += usage.input_tokens or 0
-                self._counts["output_tokens"] += usage.output_tokens or 0
-                model["input_tokens"] += usage.input_tokens or 0
-                model["output_tokens"] += usage.output_tokens or 0
+                for field, count in (("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens)):
+                    counts[field] += count or 0
+                    model[field] += count or 0
         if self._path is not None and time.monotonic() - self._written >= 1.0:
             self.write()
 

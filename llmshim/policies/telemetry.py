@@ -81,6 +81,10 @@ def _fact_attributes(call: Call) -> dict[str, Any]:
         attributes["llmshim.cache.hit"] = facts.cache_hit
     if facts.cache_age_s is not None:
         attributes["llmshim.cache.age_s"] = facts.cache_age_s
+    if facts.saved_input_tokens is not None:
+        attributes["llmshim.cache.saved.input_tokens"] = facts.saved_input_tokens
+    if facts.saved_output_tokens is not None:
+        attributes["llmshim.cache.saved.output_tokens"] = facts.saved_output_tokens
     if facts.retries:
         attributes["llmshim.retry.count"] = facts.retries
     if facts.ratelimit_wait_s is not None:
@@ -205,10 +209,11 @@ class Telemetry:
                 attributes["gen_ai.response.id"] = response.id
             if response.finish_reasons:
                 attributes["gen_ai.response.finish_reasons"] = list(response.finish_reasons)
-            if response.usage.input_tokens is not None:
-                attributes["gen_ai.usage.input_tokens"] = response.usage.input_tokens
-            if response.usage.output_tokens is not None:
-                attributes["gen_ai.usage.output_tokens"] = response.usage.output_tokens
+            if not call.facts.cache_hit:  # gen_ai.usage.* is what the provider produced for this call
+                if response.usage.input_tokens is not None:
+                    attributes["gen_ai.usage.input_tokens"] = response.usage.input_tokens
+                if response.usage.output_tokens is not None:
+                    attributes["gen_ai.usage.output_tokens"] = response.usage.output_tokens
         if call.status is not None:
             attributes["http.response.status_code"] = call.status
         if call.info.stream and call.time_to_first_chunk is not None:
@@ -250,19 +255,24 @@ class Telemetry:
             attributes["gen_ai.response.model"] = end["gen_ai.response.model"]
         if "error.type" in end:
             attributes["error.type"] = end["error.type"]
+        facts = call.facts
+        attributes["llmshim.cache.hit"] = bool(facts.cache_hit)  # so a histogram can be split: hits vs paid calls
         if call.duration is not None:
             instruments.duration.record(call.duration, attributes)
-        if call.response is not None:
+        if call.response is not None and not facts.cache_hit:  # tokens spent: the provider produced them
             usage = call.response.usage
             for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
                 if count is not None:
                     instruments.tokens.record(count, {**attributes, "gen_ai.token.type": token_type})
+        for token_type, count in (("input", facts.saved_input_tokens), ("output", facts.saved_output_tokens)):
+            if count:
+                instruments.tokens_saved.add(count, {**attributes, "gen_ai.token.type": token_type})
         if info.stream and call.time_to_first_chunk is not None:
             instruments.first_chunk.record(call.time_to_first_chunk, attributes)
             times = call.chunk_times or []
             for earlier, later in itertools.pairwise(times):
                 instruments.per_chunk.record(later - earlier, attributes)
-        facts, provider = call.facts, {"gen_ai.provider.name": info.provider}
+        provider = {"gen_ai.provider.name": info.provider}
         if facts.cache_hit is not None:
             (instruments.cache_hits if facts.cache_hit else instruments.cache_misses).add(1, provider)
         if facts.retries:
