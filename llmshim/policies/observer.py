@@ -14,7 +14,7 @@ observer through ``llmshim.facts.store_failed``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..call import Call, Reply
 from ..facts import StoreKind, listen_store_failures
@@ -24,7 +24,7 @@ from . import events
 from .stats import STATS, Stats
 
 if TYPE_CHECKING:
-    from .telemetry import Instruments, Telemetry
+    from .telemetry import Begun, Instruments, Telemetry
 
 __all__ = ["ObserverPolicy"]
 
@@ -45,48 +45,46 @@ class ObserverPolicy:
         if self.telemetry is not None:
             self.telemetry.store_failed(kind, operation)
 
-    def _start(self, call: Call) -> tuple[Any, Any] | None:
+    def _start(self, call: Call) -> Begun | None:
         begun = self.telemetry.begin(call) if self.telemetry is not None else None
         self.stats.call_started()
         if events.any_hooks():
             events.emit("call_started", call)
         return begun
 
-    def _detach(self, begun: tuple[Any, Any] | None) -> None:
+    def _detach(self, begun: Begun | None, call: Call) -> None:
         """The span stops being current once the reply's headers are back (the body may be read
         anywhere, later); it ends with the call."""
         if begun is not None and self.telemetry is not None:
-            self.telemetry.detach(begun[1])
+            self.telemetry.detach(begun, call)
 
-    def _end(self, call: Call, span: Any) -> None:
+    def _end(self, call: Call, begun: Begun | None) -> None:
         self.stats.call_ended(call)
-        if span is not None and self.telemetry is not None:
-            self.telemetry.finish(span, call)
+        if begun is not None and self.telemetry is not None:
+            self.telemetry.finish(begun, call)
         events.emit_end(call)
 
     def handle(self, call: Call, next: Handler) -> Reply:
         begun = self._start(call)
-        span = begun[0] if begun is not None else None
         try:
             reply = next(call)
         except BaseException:
-            self._detach(begun)
-            self._end(call, span)
+            self._detach(begun, call)
+            self._end(call, begun)
             raise
-        self._detach(begun)
-        reply.tap.subscribe(OnEnd(lambda: self._end(call, span)))
+        self._detach(begun, call)
+        reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
         return reply
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
         begun = self._start(call)
-        span = begun[0] if begun is not None else None
         try:
             reply = await anext(call)
         except BaseException:
-            self._detach(begun)
-            self._end(call, span)
+            self._detach(begun, call)
+            self._end(call, begun)
             raise
-        self._detach(begun)
-        reply.tap.subscribe(OnEnd(lambda: self._end(call, span)))
+        self._detach(begun, call)
+        reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
         return reply
 

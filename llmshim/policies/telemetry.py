@@ -17,10 +17,12 @@ never an exception in the caller's call.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -69,6 +71,42 @@ def _start_attributes(call: Call) -> dict[str, Any]:
 def _input_messages(call: Call) -> list[dict[str, Any]]:
     """The prompt in the spec's message shape, as the call's dialect reads it."""
     return call.info.input_messages
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Begun:
+    """A call's span as begun: llmshim's own (``owned``, current while sending through ``token``),
+    or a framework's GenAI span for the same call that llmshim only adds its attributes to."""
+
+    span: trace.Span
+    token: Any
+    owned: bool
+
+
+#: Operation names that are one model call (not an agent run or a tool execution span).
+_CALL_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "generate_content", "completion"})
+
+
+def is_genai_span_for(span: trace.Span, operation: str, model: str | None) -> bool:
+    """Whether ``span`` (the current one as a call starts) is another instrumentation's GenAI span
+    for this very call: recording, not llmshim's, marked as one model call by the GenAI conventions
+    (``gen_ai.operation.name``, or the older ``gen_ai.system``) or OpenInference (``LLM``), and for
+    the same model when both name one. A parent that wraps many calls (an agent run, a workflow)
+    has another operation name and is left alone."""
+    attributes = getattr(span, "attributes", None)
+    if not span.is_recording() or not isinstance(attributes, Mapping):
+        return False
+    scope = getattr(span, "instrumentation_scope", None)
+    if scope is not None and getattr(scope, "name", None) == "llmshim":
+        return False
+    named = attributes.get("gen_ai.operation.name")
+    if named is not None:
+        if named not in _CALL_OPERATIONS and named != operation:
+            return False
+    elif "gen_ai.system" not in attributes and attributes.get("openinference.span.kind") != "LLM":
+        return False
+    theirs = attributes.get("gen_ai.request.model", attributes.get("llm.model_name"))
+    return theirs is None or model is None or theirs == model
 
 
 def _fact_attributes(call: Call) -> dict[str, Any]:
@@ -140,15 +178,23 @@ class Telemetry:
         return resolved[1] if resolved else None
 
     # -- the start -----------------------------------------------------------------------------
-    def begin(self, call: Call) -> tuple[trace.Span, Any] | None:
-        """Start the call's span and make it current (the caller detaches ``token`` once the
-        reply's headers are back); None when no SDK is configured or starting failed."""
+    def begin(self, call: Call) -> Begun | None:
+        """Start the call's span and make it current (the caller detaches it once the reply's
+        headers are back); None when no SDK is configured or starting failed.
+
+        One span per LLM call: when the current span is already a GenAI span for this very call
+        (a framework's own instrumentation: openllmetry, pydantic-ai, openinference, ...), llmshim
+        starts none and adds its own attributes to that one when the call ends (``owned`` False)."""
         resolved = self._resolve()
         if resolved is None:
             return None
         tracer = resolved[0]
         try:
             info = call.info
+            current = trace.get_current_span()
+            if is_genai_span_for(current, info.operation, info.model):
+                call.started_at = time.perf_counter()
+                return Begun(current, None, owned=False)
             span = tracer.start_span(f"{info.operation} {info.model}" if info.model else info.operation,
                                      kind=SpanKind.CLIENT, attributes=_start_attributes(call))
             call.started_at = time.perf_counter()  # durations and time to first chunk count from here
@@ -160,11 +206,23 @@ class Telemetry:
         except Exception:
             self._failed("starting a span")
             return None
-        return span, token
+        return Begun(span, token, owned=True)
 
-    @staticmethod
-    def detach(token: Any) -> None:
-        otel_context.detach(token)
+    def detach(self, begun: Begun, call: Call) -> None:
+        """The reply's headers are back: llmshim's span stops being current. A framework's span
+        gets llmshim's attributes now, while it surely records (a framework may end its span as the
+        stream ends, before llmshim hears of that end); the outcome follows at the end if it can."""
+        if begun.token is not None:
+            otel_context.detach(begun.token)
+        if not begun.owned:
+            self._enrich(begun.span, call)
+
+    def _enrich(self, span: trace.Span, call: Call) -> None:
+        try:
+            if span.is_recording():
+                span.set_attributes({**_fact_attributes(call), "llmshim.client.library": call.library})
+        except Exception:
+            self._failed("enriching a span")
 
     def store_failed(self, kind: str, operation: str) -> None:
         if kind != "cache":
@@ -177,8 +235,22 @@ class Telemetry:
             self._failed("recording metrics")
 
     # -- the end -------------------------------------------------------------------------------
-    def finish(self, span: trace.Span, call: Call) -> None:
-        """Set the outcome on the span, end it, record the metrics. Never raises."""
+    def finish(self, begun: Begun, call: Call) -> None:
+        """Set the outcome on the span, end it, record the metrics. Never raises. On a framework's
+        span: llmshim's own attributes only, and only llmshim's own metrics (the framework records
+        the GenAI ones; recording them again would double every dashboard)."""
+        span = begun.span
+        if not begun.owned:
+            try:
+                if span.is_recording():
+                    span.set_attributes({**_fact_attributes(call), "llmshim.outcome": call.outcome or "error"})
+            except Exception:
+                self._failed("enriching a span")
+            try:
+                self._record_llmshim_metrics(call)
+            except Exception:
+                self._failed("recording metrics")
+            return
         try:
             attributes = self._end_attributes(call)
             if span.is_recording():
@@ -264,21 +336,28 @@ class Telemetry:
             for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
                 if count is not None:
                     instruments.tokens.record(count, {**attributes, "gen_ai.token.type": token_type})
-        for token_type, count in (("input", facts.saved_input_tokens), ("output", facts.saved_output_tokens)):
-            if count:
-                instruments.tokens_saved.add(count, {**attributes, "gen_ai.token.type": token_type})
         if info.stream and call.time_to_first_chunk is not None:
             instruments.first_chunk.record(call.time_to_first_chunk, attributes)
             times = call.chunk_times or []
             for earlier, later in itertools.pairwise(times):
                 instruments.per_chunk.record(later - earlier, attributes)
-        provider = {"gen_ai.provider.name": info.provider}
+        self._record_llmshim_metrics(call)
+
+    def _record_llmshim_metrics(self, call: Call) -> None:
+        resolved = self._instruments
+        if resolved is None:
+            return
+        instruments, facts = resolved[1], call.facts
+        provider = {"gen_ai.provider.name": call.info.provider}
         if facts.cache_hit is not None:
             (instruments.cache_hits if facts.cache_hit else instruments.cache_misses).add(1, provider)
         if facts.retries:
             instruments.retry_attempts.add(facts.retries, provider)
         if facts.ratelimit_wait_s is not None:
             instruments.ratelimit_wait.record(facts.ratelimit_wait_s, {"llmshim.priority": facts.priority or "normal"})
+        for token_type, count in (("input", facts.saved_input_tokens), ("output", facts.saved_output_tokens)):
+            if count:
+                instruments.tokens_saved.add(count, {**provider, "gen_ai.token.type": token_type})
 
     def _failed(self, what: str) -> None:
         log.warning("llmshim: OpenTelemetry failed while %s; the call is not affected", what, exc_info=True)
