@@ -93,8 +93,14 @@ def settings(environ: dict[str, str]) -> Any:
     return {"masked": _plain(loaded.masked())}
 
 
+def variables(_: Any) -> Any:
+    from llmshim import config
+
+    return sorted(option.env for option in config.OPTIONS)
+
+
 def main() -> None:
-    handlers = {"recognise": recognise, "settings": settings}
+    handlers = {"recognise": recognise, "settings": settings, "variables": variables}
     for line in sys.stdin:
         question = json.loads(line)
         try:
