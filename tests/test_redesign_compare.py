@@ -193,3 +193,41 @@ def test_every_setting_accepts_and_refuses_as_before(probes: tuple[Probe, Probe]
     if "masked" in old:
         shown_old, shown_new = _masked(old), _masked(new)
         assert shown_old == {name: shown_new.get(name) for name in shown_old}, environ
+
+
+# -- whole scenarios: stats, spans, metric points, hooks, warnings --------------------------------
+
+def _scenario(tree: Path, name: str, telemetry: bool) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
+    env["PYTHONPATH"] = str(tree)
+    done = subprocess.run([sys.executable, str(PROBE), "scenario", json.dumps({"name": name, "telemetry": telemetry})],
+                          capture_output=True, text=True, env=env, cwd=str(tree), timeout=100)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    for hook in answer["hooks"]:
+        if hook[0] == "call_started":  # test_redesign_review::test_a_started_call_has_no_error_type
+            hook[4] = None
+    if name.startswith("limits_store"):  # a store round trip over 1 ms counts as throttled, in both trees
+        answer["stats"].pop("throttled_calls")
+    return answer
+
+
+SCENARIOS = ["plain", "cache", "retry", "replay_miss", "queue_timeout", "reset", "dropped_stream", "broken_cache_file",
+             "error_statuses", "redis_down", "limits_store_broken", "limits_store_healthy", "aiohttp",
+             "uninstall_mid_stream", "install_churn", "reset_retried", "throttled_retries"]
+REGRESSIONS = {
+    ("reset_retried", True): "a call that succeeded after a retried transport error carries error.type on its span "
+                             "and its duration metric (facts.error_type reads call.error before the outcome)",
+    ("throttled_retries", True): "throttled_calls and llmshim.ratelimit.wait count once per call, were once per attempt",
+    ("throttled_retries", False): "throttled_calls counts once per call, was once per throttled attempt",
+}
+
+
+@pytest.mark.parametrize("telemetry", [True, False], ids=["telemetry", "no-telemetry"])
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_reports_as_before(name: str, telemetry: bool, request: pytest.FixtureRequest) -> None:
+    if (name, telemetry) in REGRESSIONS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=REGRESSIONS[name, telemetry]))
+    old, new = _scenario(OLD, name, telemetry), _scenario(ROOT, name, telemetry)
+    for part in ("results", "stats", "hooks", "warnings", "warning_count", "spans", "metrics"):
+        assert old[part] == new[part], part
