@@ -218,7 +218,7 @@ SCENARIOS = ["plain", "cache", "retry", "replay_miss", "queue_timeout", "reset",
 REGRESSIONS = {
     ("reset_retried", True): "a call that succeeded after a retried transport error carries error.type on its span "
                              "and its duration metric (facts.error_type reads call.error before the outcome)",
-    ("throttled_retries", True): "throttled_calls and llmshim.ratelimit.wait count once per call, were once per attempt",
+    ("throttled_retries", True): "throttled_calls and llmshim.ratelimit.wait count once per call, were per attempt",
     ("throttled_retries", False): "throttled_calls counts once per call, was once per throttled attempt",
 }
 
