@@ -72,16 +72,18 @@ def store_failed(kind: StoreKind, operation: str) -> None:
 
 
 def error_type(call: Call) -> str | None:
-    """The one definition of a call's ``error.type``: the exception's class, ``aborted`` for a body
+    """The one definition of a call's ``error.type``: None for a call that succeeded (even after a
+    retried attempt failed) or has not ended; else the exception's class, ``aborted`` for a body
     abandoned without one, the HTTP status of an error answer, the error a 2xx body carried (the
-    server's own words, scrubbed: they may echo a key), ``_OTHER`` for an error with no detail;
-    None for a call that did not fail."""
-    if call.error is not None:
-        return type(call.error).__qualname__
-    if call.outcome == "aborted":
-        return "aborted"
+    server's own words, scrubbed: they may echo a key), ``_OTHER`` for an error with no detail."""
     if call.outcome == "ok":
         return None
+    if call.error is not None:
+        return type(call.error).__qualname__
+    if call.outcome is None:
+        return None
+    if call.outcome == "aborted":
+        return "aborted"
     if call.status is not None and call.status >= 400:
         return str(call.status)
     if call.response is not None and call.response.error:

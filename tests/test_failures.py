@@ -224,7 +224,7 @@ def test_llmshim_keeps_no_response_alive(server: FakeLLMServer, shim: None,
     behind in llmshim's registry of watched responses."""
     import weakref
 
-    from llmshim import call as call_module
+    from llmshim import tap as call_module
 
     body = {"model": "m", "messages": MSG}
     dropped = [requests.post(server.url + "/api/chat", json=body, stream=True, timeout=5)]

@@ -114,7 +114,8 @@ def _call(outcome: str | None = None, status: int | None = None, error: BaseExce
     ("error", None, ConnectionResetError(), "ConnectionResetError"),
     ("aborted", 200, None, "aborted"),
     ("aborted", 200, TimeoutError(), "TimeoutError"),
-    (None, None, None, "_OTHER"),
+    (None, None, None, None),  # not ended (a call_started record)
+    ("ok", 200, ConnectionResetError(), None),  # succeeded after a retried attempt failed
 ])
 def test_error_type_has_one_definition(outcome: str | None, status: int | None, error: BaseException | None,
                                        expected: str | None) -> None:

@@ -291,7 +291,7 @@ class Telemetry:
         if call.info.stream and call.time_to_first_chunk is not None:
             attributes["gen_ai.response.time_to_first_chunk"] = call.time_to_first_chunk
         if call.outcome != "aborted" or call.error is not None:  # an abandoned body is not an error
-            kind = error_type(call)
+            kind = error_type(call) or ("_OTHER" if call.outcome is None else None)  # None: a policy raised
             if kind is not None:
                 attributes["error.type"] = kind
         return attributes
