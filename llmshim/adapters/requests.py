@@ -140,5 +140,4 @@ def send_wrapper(module: Any, original: Any) -> Any:
 
     send.__wrapped__ = original  # type: ignore[attr-defined]
     send.__qualname__ = getattr(original, "__qualname__", "send")
-    send.__llmshim__ = True  # type: ignore[attr-defined]
     return send
