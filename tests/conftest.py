@@ -47,7 +47,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 @pytest.fixture
-def installed() -> Iterator[Callable[..., None]]:
+def installed() -> Iterator[Callable[..., object]]:
     """``installed(**settings)`` calls ``llmshim.install(**settings)`` (again to change settings);
     whatever the test does, llmshim is uninstalled when it ends."""
     try:
@@ -57,13 +57,13 @@ def installed() -> Iterator[Callable[..., None]]:
 
 
 @pytest.fixture
-def shim(installed: Callable[..., None]) -> None:
+def shim(installed: Callable[..., object]) -> None:
     """llmshim installed for the length of one test."""
     installed()
 
 
 @pytest.fixture
-def cached(installed: Callable[..., None], tmp_path: Path) -> Path:
+def cached(installed: Callable[..., object], tmp_path: Path) -> Path:
     """llmshim installed with the cache on, in a SQLite file of the test's own (its path)."""
     path = tmp_path / "cache.sqlite3"
     installed(cache="on", cache_path=str(path))
