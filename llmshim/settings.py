@@ -7,28 +7,42 @@ field name in upper case), the ``OPTIONS`` table that :func:`llmshim.config.load
 (and so ``status()``, ``doctor`` and ``repr``), and the README's table (``llmshim settings`` prints
 it; a test keeps the README equal to it). A field's default is its declared default parsed, so
 ``Settings()`` and ``load({})`` cannot disagree. A new setting is one field here and its wiring.
+
+The parsers are ``values.py``'s (shared) and ``setting_parsers.py``'s (particular to one setting:
+the ranges and forms of durations and counts, the libraries, the priority class).
 """
 
 # ruff: noqa: RUF009  (setting() returns a dataclasses.field: its default is built per instance)
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 from . import redact
+from .setting_parsers import (
+    DAY,
+    ENTRY_SIZE,
+    LIBRARIES,
+    MAX_WAIT,
+    PRIORITY_FORM,
+    SIZE,
+    auto_workers,
+    count,
+    duration,
+    optional,
+    parse_ignored_headers,
+    parse_libraries,
+    parse_model_limits,
+    parse_priority,
+)
 from .values import (
     BOOLEAN_FORM,
-    COUNT_UNITS,
-    DURATION_UNITS,
-    SIZE_UNITS,
     CacheMode,
     CacheScope,
     LimitStore,
     Nondeterministic,
-    Number,
     OtelExporter,
     PriorityClass,
     RedisURL,
@@ -36,84 +50,12 @@ from .values import (
     boolean,
     choice,
     hosts,
-    parse_limits,
     path,
     redis_url,
     store,
-    text,
-    word,
 )
 
 __all__ = ["LIBRARIES", "OPTIONS", "Option", "Settings", "markdown_table", "setting", "variable"]
-
-#: Client libraries llmshim can patch, in the order they are reported.
-LIBRARIES: tuple[str, ...] = ("httpx", "httpx2", "requests", "aiohttp")
-
-DAY = 86400
-_MAX_WAIT = Decimal(30 * DAY)  # the longest a call may be made to wait for anything
-
-
-# -- parsers particular to one setting (the shared ones are in llmshim.values) ---------------------
-
-def _parse_libraries(raw: Any) -> frozenset[str]:
-    items = [str(x) for x in raw] if isinstance(raw, (list, tuple, set, frozenset)) else text(raw).split(",")
-    names = {word(item) for item in items if item.strip()}
-    if names == {"all"}:
-        return frozenset(LIBRARIES)
-    if names == {"none"}:
-        return frozenset()
-    unknown = names - set(LIBRARIES)
-    if unknown or not names:
-        raise ValueError(f"'all', 'none' or a comma-separated list of {', '.join(LIBRARIES)}")
-    return frozenset(names)
-
-
-def _duration(low: str, high: Decimal, *, none: bool = False) -> Number:
-    return Number(DURATION_UNITS, Decimal(low), high, "seconds, or a number with a unit: 250ms, 90s, 30m, 12h, 7d",
-                  none=frozenset({"none", "never"}) if none else None)
-
-
-def _count(low: int, high: int, *, none: bool = False, auto: Callable[[], int] | None = None) -> Number:
-    return Number(COUNT_UNITS, Decimal(low), Decimal(high),
-                  "a whole number such as 30000 or 30k (k = thousand, m = million)", whole=True,
-                  none=frozenset({"none"}) if none else frozenset({"auto"}) if auto else None, auto=auto)
-
-
-def _auto_workers() -> int:
-    return min(32, (os.cpu_count() or 1) * 4 + 4)
-
-
-_SIZE = Number(SIZE_UNITS, Decimal(1), Decimal(2**50),
-               "bytes, or a size: 512M or 1G (M, G = MiB, GiB), 500MB (MB = 10^6 bytes), 2GiB", whole=True,
-               none=frozenset({"none"}))
-_ENTRY_SIZE = Number(SIZE_UNITS, Decimal(1024), Decimal(2**30),
-                     "a size from 1K to 1G: 512K, 32M (K, M, G = KiB, MiB, GiB), 10MB", whole=True)
-_PRIORITY_FORM = "critical, high, normal or low (also urgent, medium, 0-3)"
-
-
-def _parse_limits(raw: Any) -> dict[str, Any]:
-    return parse_limits(text(raw or ""))
-
-
-def _parse_priority(raw: Any) -> str:
-    from .knobs import resolve_priority
-
-    try:
-        return resolve_priority(word(raw))
-    except ValueError:
-        raise ValueError(_PRIORITY_FORM) from None
-
-
-def _parse_ignored_headers(raw: Any) -> frozenset[str]:
-    from .store.cache_keys import parse_ignored_headers
-
-    return parse_ignored_headers(raw)
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``parse``, except that an empty value (or None) means None."""
-    return lambda raw: None if raw is None or text(raw) == "" else parse(raw)
-
 
 # -- the declaration --------------------------------------------------------------------------------
 
@@ -158,7 +100,7 @@ class Settings:
     enabled: bool = setting(boolean, "true", BOOLEAN_FORM,
                             "Master switch. `false` makes `install()` a no-op: nothing is patched.")
     libraries: frozenset[str] = setting(
-        _parse_libraries, "all", f"all, none, or a comma-separated subset of {', '.join(LIBRARIES)}",
+        parse_libraries, "all", f"all, none, or a comma-separated subset of {', '.join(LIBRARIES)}",
         "Which client libraries to patch: `all`, `none`, or a comma-separated subset of "
         + ", ".join(f"`{name}`" for name in LIBRARIES) + ".")
     telemetry: bool = setting(boolean, "true", BOOLEAN_FORM,
@@ -183,21 +125,21 @@ class Settings:
                                 "With `LLMSHIM_CACHE_URL`: a local SQLite front (`LLMSHIM_CACHE_PATH`) for hits, "
                                 "Redis behind it.")
     cache_ttl: float | None = setting(
-        _duration("0.001", Decimal(3650 * DAY), none=True), "",
+        duration("0.001", Decimal(3650 * DAY), none=True), "",
         "seconds or 250ms/90s/30m/12h/7d, from 1ms to 3650d; empty or none: no expiry",
         "How long an answer stays valid: seconds or `250ms`, `90s`, `30m`, `12h`, `7d`; 1ms to 3650d. Empty, "
         "`none` or `never`: no expiry. `0` is refused.", shown_default="empty (no expiry)")
     cache_max_entries: int | None = setting(
-        _count(1, 10**12, none=True), "", "a whole number from 1 to 10^12, or empty/none",
+        count(1, 10**12, none=True), "", "a whole number from 1 to 10^12, or empty/none",
         "Evict least recently used answers beyond this many (`100000`, `100k`); 1 to 10^12. Empty or `none`: no "
         "limit. `0` is refused.", shown_default="empty (no limit)")
     cache_max_bytes: int | None = setting(
-        _SIZE, "1GiB",
+        SIZE, "1GiB",
         "a size such as 512M or 1G (binary: MiB, GiB), 500MB (decimal) or 2GiB, at most 1 PiB; or empty/none",
         "Evict least recently used answers beyond this total size (`512M`, `500MB`, `2GiB`); 1 byte to 1 PiB. "
         "Empty or `none`: no limit. `0` is refused.")
     cache_max_entry_bytes: int = setting(
-        _ENTRY_SIZE, "32M", "a size from 1K to 1G: 512K, 32M (K, M, G = KiB, MiB, GiB), 10MB",
+        ENTRY_SIZE, "32M", "a size from 1K to 1G: 512K, 32M (K, M, G = KiB, MiB, GiB), 10MB",
         "The largest answer kept (`512K`, `32M`, `10MB`); 1K to 1G. A bigger body reaches the caller as it comes, "
         "is never buffered beyond this size, and is not cached.")
     cache_scope: CacheScope = setting(
@@ -205,12 +147,12 @@ class Settings:
         "`credential`: answers shared only between callers with the same credentials (an HMAC of them is in the "
         "key). `shared`: one answer for everyone; other headers still count.")
     cache_ignore_headers: frozenset[str] = setting(
-        _parse_ignored_headers, "", "comma-separated header names (x-trace-* for a prefix) that are not credentials",
+        parse_ignored_headers, "", "comma-separated header names (x-trace-* for a prefix) that are not credentials",
         "Request headers that never change the answer, left out of the key (comma-separated names, `x-trace-*` "
         "for a prefix), on top of the built-in noise list. A credential-like name is refused (`ConfigError`); no "
         "pattern can drop a credential from the scope.")
     cache_coalesce_timeout: float = setting(
-        _duration("0", Decimal(3600)), "30", "seconds or 90s/5m, from 0 to 1h",
+        duration("0", Decimal(3600)), "30", "seconds or 90s/5m, from 0 to 1h",
         "How long an identical request waits for one already in flight in another thread or task before going "
         "upstream itself (seconds, `90s`, `5m`); 0 to 1h. `0`: never wait. A request never waits on one of its own "
         "thread or task.")
@@ -222,38 +164,38 @@ class Settings:
         choice(RetryMode), "auto", "auto, llmshim, sdk or off",
         "`auto` (retry, except the OpenAI SDK's own attempts), `llmshim` (always), `sdk` / `off` (never).")
     retry_max_attempts: int = setting(
-        _count(1, 100), "3", "a whole number from 1 to 100 (0 is refused: use LLMSHIM_RETRY_MODE=off for no retries)",
+        count(1, 100), "3", "a whole number from 1 to 100 (0 is refused: use LLMSHIM_RETRY_MODE=off for no retries)",
         "Total attempts per call, the first included; 1 to 100. `0` is refused: use `LLMSHIM_RETRY_MODE=off` for "
         "no retries.")
     retry_max_delay: float = setting(
-        _duration("0", _MAX_WAIT), "20", "seconds or 90s/2m, from 0 to 30d",
+        duration("0", MAX_WAIT), "20", "seconds or 90s/2m, from 0 to 30d",
         "Cap of one wait before a retry (seconds, `90s`, `2m`); 0 to 30d. A server that asks for longer "
         "(`retry-after`, `retry-after-ms`) gets its 429/503 handed back to the caller at once. `0`: retry at once, "
         "and hand back any 429/503 whose server asks for a delay.")
     rpm: int | None = setting(
-        _count(1, 10**12, none=True), "", "a whole number of requests per minute >= 1 (60, 3.5k), or empty/none",
+        count(1, 10**12, none=True), "", "a whole number of requests per minute >= 1 (60, 3.5k), or empty/none",
         "Requests per minute per (origin, credential, model) without a more specific limit: a whole number from 1 "
         "(`60`, `3.5k`). Empty or `none`: no limit. `0` is refused.", shown_default="empty (no limit)")
     tpm: int | None = setting(
-        _count(1, 10**12, none=True), "", "a whole number of tokens per minute >= 1 (30000, 30k, 2m), or empty/none",
+        count(1, 10**12, none=True), "", "a whole number of tokens per minute >= 1 (30000, 30k, 2m), or empty/none",
         "Tokens per minute, likewise (`30000`, `30k`, `2m`).", shown_default="empty (no limit)")
     limits: dict[str, Any] = setting(
-        _parse_limits, "", "model=NUMBERrpm,NUMBERtpm;...",
+        parse_model_limits, "", "model=NUMBERrpm,NUMBERtpm;...",
         "Per-model limits: `gpt-4o=500rpm,30000tpm;llama3.2=60rpm`, replacing `LLMSHIM_RPM` / `LLMSHIM_TPM` for "
         "that model. Each rate above 0 and at most 10^12 a minute; leave a dimension out for no limit on it.")
     ratelimit_burst: float = setting(
-        _duration("0", Decimal(DAY)), "10", "seconds, from 0 to 1d",
+        duration("0", Decimal(DAY)), "10", "seconds, from 0 to 1d",
         "Seconds' worth of the limit that may go at once after a quiet spell; 0 to 1d. `0`: strict pacing (one "
         "request, or one call's tokens, at a time).")
     priority: PriorityClass = setting(
-        _parse_priority, "normal", _PRIORITY_FORM,
+        parse_priority, "normal", PRIORITY_FORM,
         "Default priority class: `critical`, `high`, `normal`, `low` (also `urgent`, `medium`, `0`-`3`).")
     queue_timeout: float = setting(
-        _duration("0", _MAX_WAIT), "60", "seconds or 90s/5m, from 0 to 30d",
+        duration("0", MAX_WAIT), "60", "seconds or 90s/5m, from 0 to 30d",
         "How long a call may wait for a permit before it gets a 429 (seconds, `90s`, `5m`); 0 to 30d. `0`: never "
         "wait.")
     max_concurrency: int | None = setting(
-        _count(1, 10**6, none=True), "", "a whole number from 1 to 10^6, or empty/none",
+        count(1, 10**6, none=True), "", "a whole number from 1 to 10^6, or empty/none",
         "Calls in flight to a local server at most; halved on 503, regrown on success; 1 to 10^6. Empty or `none`: "
         "no limit. `0` is refused.", shown_default="empty (no limit)")
     local_hosts: frozenset[str] = setting(
@@ -265,19 +207,19 @@ class Settings:
         "`memory` (this process), `sqlite:///path` (an absolute path; every process on the machine) or a Redis "
         "URL, `redis://host:port/db`, `redis+cluster://`, `redis+sentinel://`... (every host).", secret=True)
     token_reservation: int = setting(
-        _count(0, 10**8), "1024", "a whole number of tokens from 0 to 10^8 (0: reserve none)",
+        count(0, 10**8), "1024", "a whole number of tokens from 0 to 10^8 (0: reserve none)",
         "Output tokens reserved for a request that sets no `max_tokens`-style limit; 0 to 10^8. `0`: reserve none.")
     async_workers: int = setting(
-        _count(1, 1024, auto=_auto_workers), "",
+        count(1, 1024, auto=auto_workers), "",
         "a number of threads from 1 to 1024, or empty/auto for 4 x CPUs + 4 (at most 32)",
         "Threads of `llmshim.aio`'s shared pool; 1 to 1024. Empty or `auto`: the default. `0` is refused.",
         shown_default="4 \u00d7 CPUs + 4, at most 32")
     async_queue_size: int = setting(
-        _count(0, 10**6), "100", "a whole number from 0 to 10^6 (0: no queue beyond the running calls)",
+        count(0, 10**6), "100", "a whole number from 0 to 10^6 (0: no queue beyond the running calls)",
         "Calls that may wait for a thread; beyond it, callers wait asynchronously for a slot; 0 to 10^6. `0`: no "
         "queue beyond the running calls.")
     async_timeout: float | None = setting(
-        _duration("0.001", _MAX_WAIT, none=True), "", "seconds, from 1ms to 30d, or empty/none for no timeout",
+        duration("0.001", MAX_WAIT, none=True), "", "seconds, from 1ms to 30d, or empty/none for no timeout",
         "Per call, seconds: the awaiting task gets `TimeoutError` at once; 1ms to 30d. Empty or `none`: no "
         "timeout. `0` is refused.", shown_default="empty (none)")
     async_enabled: bool = setting(boolean, "true", BOOLEAN_FORM,
@@ -287,7 +229,7 @@ class Settings:
         "Where to write a JSON snapshot of `llmshim.stats()` (at most once a second and at exit) for "
         "`llmshim stats`; created 0600. Empty: no file.")
     run_otel_exporter: OtelExporter | None = setting(
-        _optional(choice(OtelExporter)), "", "console, otlp or empty",
+        optional(choice(OtelExporter)), "", "console, otlp or empty",
         "Set by `llmshim run --otel-exporter`: each Python process of the program starts with a global tracer "
         "provider exporting spans to the console (`console`) or over OTLP/HTTP (`otlp`, configured by "
         "`OTEL_EXPORTER_OTLP_*`). Read as the interpreter starts, so `install()` refuses it. Empty: none.",

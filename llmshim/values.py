@@ -222,7 +222,7 @@ def redis_url(raw: Any) -> RedisURL | None:
     if not value:
         return None
     if value.startswith(_CLUSTER_SCHEMES):
-        from .store.redis_client import parse_redis_url
+        from .store.redis_url import parse_redis_url
 
         parse_redis_url(value)  # ValueError naming the form, never repeating the URL
         return RedisURL(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,24 +47,27 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 @pytest.fixture
-def shim() -> Iterator[None]:
-    """llmshim installed for the length of one test."""
-    llmshim.install()
+def installed() -> Iterator[Callable[..., object]]:
+    """``installed(**settings)`` calls ``llmshim.install(**settings)`` (again to change settings);
+    whatever the test does, llmshim is uninstalled when it ends."""
     try:
-        yield
+        yield llmshim.install
     finally:
         llmshim.uninstall()
 
 
 @pytest.fixture
-def cached(tmp_path: Path) -> Iterator[Path]:
+def shim(installed: Callable[..., object]) -> None:
+    """llmshim installed for the length of one test."""
+    installed()
+
+
+@pytest.fixture
+def cached(installed: Callable[..., object], tmp_path: Path) -> Path:
     """llmshim installed with the cache on, in a SQLite file of the test's own (its path)."""
     path = tmp_path / "cache.sqlite3"
-    llmshim.install(cache="on", cache_path=str(path))
-    try:
-        yield path
-    finally:
-        llmshim.uninstall()
+    installed(cache="on", cache_path=str(path))
+    return path
 
 
 @pytest.fixture

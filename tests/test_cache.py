@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,9 @@ def cache_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cached(cache_path: Path) -> Iterator[Path]:
-    llmshim.install(cache="on", cache_path=str(cache_path))
-    try:
-        yield cache_path
-    finally:
-        llmshim.uninstall()
+def cached(installed: Callable[..., object], cache_path: Path) -> Path:
+    installed(cache="on", cache_path=str(cache_path))
+    return cache_path
 
 
 def _post(server: FakeLLMServer, body: Any = None, **kwargs: Any) -> requests.Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -30,13 +30,9 @@ FAST = {"model": "m", "messages": [{"role": "user", "content": "one two three"}]
 
 
 @pytest.fixture
-def cached(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("LLMSHIM_CACHE", "on")
-    llmshim.install(cache_coalesce_timeout="0.5")
-    try:
-        yield
-    finally:
-        llmshim.uninstall()
+def cached(installed: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSHIM_CACHE", "on")  # in the environment: it outlives a test's own install()
+    installed(cache_coalesce_timeout="0.5")
 
 
 def _cache() -> CachePolicy:

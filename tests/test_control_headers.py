@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import openai
 import pytest
 import requests
 
-import llmshim
 from llmshim.testing import FakeLLMServer
 
 CONTROLS = {"X-LLMSHIM-Cache": "no-store", "x-llmshim-priority": "high", "X-Llmshim-Whatever": "1"}
@@ -107,15 +106,11 @@ LIBRARIES: dict[str, Callable[[FakeLLMServer, str, str, str | None], None]] = {
 
 
 @pytest.fixture(params=["cache-off", "cache-on"])
-def installed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+def in_each_cache_mode(request: pytest.FixtureRequest, installed: Callable[..., object], tmp_path: Path) -> None:
     if request.param == "cache-on":
-        llmshim.install(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+        installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
     else:
-        llmshim.install()
-    try:
-        yield
-    finally:
-        llmshim.uninstall()
+        installed()
 
 
 def _assert_clean(server: FakeLLMServer) -> None:
@@ -129,7 +124,7 @@ def _assert_clean(server: FakeLLMServer) -> None:
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("library", sorted(LIBRARIES))
 def test_control_headers_never_reach_the_upstream(library: str, shape: str, server: FakeLLMServer,
-                                                  installed: None) -> None:
+                                                  in_each_cache_mode: None) -> None:
     method, path, kind = SHAPES[shape]
     LIBRARIES[library](server, method, path, kind)
     _assert_clean(server)
@@ -137,7 +132,7 @@ def test_control_headers_never_reach_the_upstream(library: str, shape: str, serv
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_sdk_extra_headers_never_reach_the_upstream(stream: bool, server: FakeLLMServer,
-                                                           installed: None) -> None:
+                                                           in_each_cache_mode: None) -> None:
     client = openai.OpenAI(base_url=server.openai_base_url, api_key="sk-test", max_retries=0)
     result = client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}],
                                             stream=stream, extra_headers={**CONTROLS, **KEPT})

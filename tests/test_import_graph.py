@@ -100,7 +100,7 @@ def test_the_graph_sees_function_level_and_relative_imports() -> None:
     assert "llmshim.redact" in graph["llmshim.config"]  # `from . import redact`: the submodule
     assert "llmshim.values" in graph["llmshim.settings"]
     assert "llmshim" in graph["llmshim.demo"]  # `from . import install`: the package root
-    assert "llmshim.store.redis_client" in graph["llmshim.values"]  # inside redis_url()
+    assert "llmshim.store.redis_url" in graph["llmshim.values"]  # inside redis_url()
 
 
 def test_cycles_are_found_and_reported_shortest_first() -> None:

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -446,13 +446,10 @@ def test_the_ignore_setting_parses_names_and_prefixes() -> None:
 # -- end to end: real clients, the real cache file, the bundled server ----------------------------
 
 @pytest.fixture
-def cached(tmp_path: Path) -> Iterator[Path]:
+def cached(installed: Callable[..., object], tmp_path: Path) -> Path:
     path = tmp_path / "cache.sqlite3"
-    llmshim.install(cache="on", cache_path=str(path), cache_ignore_headers="x-my-trace")
-    try:
-        yield path
-    finally:
-        llmshim.uninstall()
+    installed(cache="on", cache_path=str(path), cache_ignore_headers="x-my-trace")
+    return path
 
 
 @pytest.mark.parametrize(("first", "second"), [("中国人", "日本語"), ("Привет", "Пока"), ("مرحبا", "وداعا"),

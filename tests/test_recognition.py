@@ -238,12 +238,9 @@ def test_non_llm_posts_reach_the_server_every_time(todo_api: FakeLLMServer, tmp_
 # -- real clients' calls are still recognised ---------------------------------------------------
 
 @pytest.fixture
-def observed(records: list[llmshim.CallRecord]) -> Iterator[list[llmshim.CallRecord]]:
-    llmshim.install()
-    try:
-        yield records
-    finally:
-        llmshim.uninstall()
+def observed(installed: Callable[..., object], records: list[llmshim.CallRecord]) -> list[llmshim.CallRecord]:
+    installed()
+    return records
 
 
 def _calls(records: list[llmshim.CallRecord]) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmshim.store.redis_client import parse_redis_url
+from llmshim.store.redis_url import parse_redis_url
 from llmshim.testing import FakeLLMServer
 
 if os.environ.get("CI"):

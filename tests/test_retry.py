@@ -4,7 +4,7 @@ fault injection (the server counts every attempt that reaches it)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -69,14 +69,10 @@ def test_budget_allows_a_floor_then_a_tenth_of_requests() -> None:
 
 
 @pytest.fixture
-def retrying(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "auto")
+def retrying(installed: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "auto")  # in the environment: it outlives a test's own install()
     monkeypatch.setenv("LLMSHIM_RETRY_MAX_DELAY", "0.05")
-    llmshim.install()
-    try:
-        yield
-    finally:
-        llmshim.uninstall()
+    installed()
 
 
 def test_the_sdk_retry_loop_is_not_multiplied(server: FakeLLMServer, retrying: None) -> None:

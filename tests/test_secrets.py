@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -215,15 +215,12 @@ def test_a_mistyped_url_exits_2_without_echoing_the_password(command: str, secre
 # -- a call: spans, records, logs, stats ---------------------------------------------------------------
 
 @pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
+def spans(installed: Callable[..., object]) -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    llmshim.install(tracer_provider=provider)
-    try:
-        yield exporter
-    finally:
-        llmshim.uninstall()
+    installed(tracer_provider=provider)
+    return exporter
 
 
 def _span_text(exporter: InMemorySpanExporter) -> str:

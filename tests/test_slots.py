@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import aiohttp
 import httpx
@@ -39,14 +39,10 @@ def _until(predicate: object) -> None:
 
 
 @pytest.fixture
-def one_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("LLMSHIM_MAX_CONCURRENCY", "1")
+def one_slot(installed: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSHIM_MAX_CONCURRENCY", "1")  # in the environment: it outlives a test's own install()
     monkeypatch.setenv("LLMSHIM_QUEUE_TIMEOUT", "30")
-    llmshim.install()
-    try:
-        yield
-    finally:
-        llmshim.uninstall()
+    installed()
 
 
 @pytest.mark.parametrize("client", ["requests", "httpx", "aiohttp"])

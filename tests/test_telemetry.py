@@ -10,7 +10,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -58,13 +58,10 @@ class Otel:
 
 
 @pytest.fixture
-def otel() -> Iterator[Otel]:
+def otel(installed: Callable[..., object]) -> Otel:
     setup = Otel()
-    setup.install()
-    try:
-        yield setup
-    finally:
-        llmshim.uninstall()
+    installed(tracer_provider=setup.tracer_provider, meter_provider=setup.meter_provider)
+    return setup
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

@@ -61,10 +61,11 @@ def bypass_reason(check: Callable[[], str | None]) -> str | None:
 
 
 def _unwrap(function: Any) -> Any:
-    """Through wrappers that call what they wrap: llmshim's own, and wrapt's (OpenTelemetry's)."""
+    """Through wrappers that call what they wrap: llmshim's own adapters' (a wrapper left in place by
+    an uninstall under someone else's, then wrapped again) and wrapt's (OpenTelemetry's)."""
     for _ in range(8):
         inner = getattr(function, "__wrapped__", None)
-        if inner is None or not (getattr(function, "__llmshim__", False) or _is_wrapt(function)):
+        if inner is None or not (_is_wrapt(function) or _defined_in(function, "llmshim.adapters")):
             break
         function = inner
     return getattr(function, "__func__", function)  # a bound method: its function
@@ -72,7 +73,17 @@ def _unwrap(function: Any) -> Any:
 
 def _is_wrapt(function: Any) -> bool:
     wrapt = sys.modules.get("wrapt")
-    return wrapt is not None and isinstance(function, wrapt.ObjectProxy)
+    proxy = getattr(wrapt, "BaseObjectProxy", None) or getattr(wrapt, "ObjectProxy", None)  # wrapt 2 / wrapt 1
+    return proxy is not None and isinstance(function, proxy)
+
+
+def _defined_in(function: Any, package: str) -> bool:
+    """Whether ``function``'s code is in ``package``'s own source files."""
+    module = getattr(function, "__module__", None)
+    code = getattr(function, "__code__", None)
+    if not isinstance(module, str) or code is None or not (module == package or module.startswith(package + ".")):
+        return False
+    return bool(getattr(sys.modules.get(module), "__file__", None) == code.co_filename)
 
 
 def genuine(function: Any, package: str) -> bool:
@@ -83,11 +94,7 @@ def genuine(function: Any, package: str) -> bool:
     function = _unwrap(function)
     if _GENUINE.get(id(function)) is function:
         return True
-    module = getattr(function, "__module__", None)
-    code = getattr(function, "__code__", None)
-    if not isinstance(module, str) or code is None or not (module == package or module.startswith(package + ".")):
-        return False
-    if getattr(sys.modules.get(module), "__file__", None) != code.co_filename:
+    if not _defined_in(function, package):
         return False
     _GENUINE[id(function)] = function
     return True

@@ -232,5 +232,4 @@ def async_wrapper(module: Any, original: Any) -> Any:
 def _mark(function: Any, original: Any) -> Any:
     function.__wrapped__ = original
     function.__qualname__ = getattr(original, "__qualname__", function.__qualname__)
-    function.__llmshim__ = True
     return function

@@ -8,7 +8,7 @@
   ``limits_redis``: the budget shared by every machine.
 - ``sqlite_files``: the one way llmshim opens a SQLite file (private modes, pragmas, WAL, fork
   safety, read-only media, per-thread connections closable from any thread).
-- ``redis_client``: Redis URLs (single server, Cluster, Sentinel) and the guarded client;
-  ``breaker``: the circuit breaker in front of it.
+- ``redis_url``: which Redis a URL names (single server, Cluster, Sentinel; pure);
+  ``redis_client``: the guarded client that reaches it; ``breaker``: the circuit breaker in front of it.
 - ``background``: store writes queued off event loops.
 """

@@ -5,7 +5,7 @@ one hash per entry; expiry is Redis' own (``PEXPIRE``); size is bounded by Redis
 (configure ``maxmemory`` with ``maxmemory-policy allkeys-lru``). ``TieredStore`` puts a local
 SQLite file in front: hits are local, misses fall through to Redis and are copied locally.
 
-Where Redis is: one server, a Cluster or a Sentinel-managed master (``redis_client.py`` reads
+Where Redis is: one server, a Cluster or a Sentinel-managed master (``redis_url.py`` reads
 the URL). Every command here names one key, so each works unchanged on a Cluster (the pipelines
 touch one key too). Timeouts are short (50 ms by default) and every operation goes through a
 circuit breaker: after a few failures in a row Redis is not asked at all for a while (then one

@@ -118,12 +118,17 @@ def _inputs(body: dict[str, Any], field: str = "input") -> list[str]:
 
 # -- OpenAI ------------------------------------------------------------------------------------
 
+def _openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The ``usage`` object of a chat or text completion (also the last event of a stream that asks for it)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def openai_chat(body: dict[str, Any]) -> Answer:
     model = body.get("model", "gpt-fake")
     pieces, finish, prompt_tokens = _reply_tokens(body)
     ident = "chatcmpl-" + _digest("chat", body)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
-             "total_tokens": prompt_tokens + len(pieces)}
+    usage = _openai_usage(prompt_tokens, len(pieces))
     if not body.get("stream"):
         return _json(200, {
             "id": ident, "object": "chat.completion", "created": CREATED, "model": model,
@@ -151,8 +156,7 @@ def openai_completion(body: dict[str, Any]) -> Answer:
     model = body.get("model", "gpt-fake-instruct")
     pieces, finish, prompt_tokens = _reply_tokens(body)
     ident = "cmpl-" + _digest("completion", body)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
-             "total_tokens": prompt_tokens + len(pieces)}
+    usage = _openai_usage(prompt_tokens, len(pieces))
     base = {"id": ident, "object": "text_completion", "created": CREATED, "model": model}
     if not body.get("stream"):
         return _json(200, {**base, "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None,

@@ -309,10 +309,6 @@ class FakeLLMServer:
             self.received.clear()
             self._recent.clear()
 
-    def requests_to(self, path_part: str) -> list[Received]:
-        with self._lock:
-            return [r for r in self.received if path_part in r.path]
-
     # -- internals ---------------------------------------------------------------------------
     def _record(self, received: Received) -> None:
         with self._lock:
