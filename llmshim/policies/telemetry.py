@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -32,7 +31,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from .. import redact
 from .._version import __version__
 from ..call import Call
-from ..facts import error_type
 from .otel_names import (
     CONTENT_ENV,
     DURATION_BUCKETS,
@@ -41,37 +39,18 @@ from .otel_names import (
     Instruments,
     content_capture_mode,
 )
+from .span_attributes import (
+    end_attributes,
+    fact_attributes,
+    is_genai_span_for,
+    record_exception,
+    start_attributes,
+)
 
 __all__ = ["CONTENT_ENV", "DURATION_BUCKETS", "LLMSHIM_ATTRIBUTES", "TOKEN_BUCKETS", "Instruments", "Telemetry",
            "content_capture_mode"]
 
 log = logging.getLogger("llmshim")
-
-def _start_attributes(call: Call) -> dict[str, Any]:
-    info = call.info
-    host, port = call.request.server
-    attributes: dict[str, Any] = {
-        "gen_ai.operation.name": info.operation,
-        "gen_ai.provider.name": info.provider,
-        "server.address": host,
-        "gen_ai.request.stream": info.stream,
-        "llmshim.client.library": call.library,
-    }
-    if port is not None:
-        attributes["server.port"] = port
-    if info.model:
-        attributes["gen_ai.request.model"] = info.model
-    for name, value in info.params.items():
-        if isinstance(value, (str, bool, int, float)) or (
-                isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value)):
-            attributes[f"gen_ai.request.{name}"] = value
-    return attributes
-
-
-def _input_messages(call: Call) -> list[dict[str, Any]]:
-    """The prompt in the spec's message shape, as the call's dialect reads it."""
-    return call.info.input_messages
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Begun:
@@ -81,69 +60,6 @@ class Begun:
     span: trace.Span
     token: Any
     owned: bool
-
-
-#: Operation names that are one model call (not an agent run or a tool execution span).
-_CALL_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "generate_content", "completion"})
-
-
-def is_genai_span_for(span: trace.Span, operation: str, model: str | None) -> bool:
-    """Whether ``span`` (the current one as a call starts) is another instrumentation's GenAI span
-    for this very call: recording, not llmshim's, marked as one model call by the GenAI conventions
-    (``gen_ai.operation.name``, or the older ``gen_ai.system``) or OpenInference (``LLM``), and for
-    the same model when both name one. A parent that wraps many calls (an agent run, a workflow)
-    has another operation name and is left alone."""
-    attributes = getattr(span, "attributes", None)
-    if not span.is_recording() or not isinstance(attributes, Mapping):
-        return False
-    scope = getattr(span, "instrumentation_scope", None)
-    if scope is not None and getattr(scope, "name", None) == "llmshim":
-        return False
-    named = attributes.get("gen_ai.operation.name")
-    if named is not None:
-        if named not in _CALL_OPERATIONS and named != operation:
-            return False
-    elif "gen_ai.system" not in attributes and attributes.get("openinference.span.kind") != "LLM":
-        return False
-    theirs = attributes.get("gen_ai.request.model", attributes.get("llm.model_name"))
-    return theirs is None or model is None or theirs == model
-
-
-def _fact_attributes(call: Call) -> dict[str, Any]:
-    """llmshim's own span attributes (``LLMSHIM_ATTRIBUTES``) from what the policies recorded."""
-    facts = call.facts
-    attributes: dict[str, Any] = {}
-    if call.cache_bypass:
-        attributes["llmshim.cache.bypass"] = call.cache_bypass
-    if facts.cache_hit is not None:
-        attributes["llmshim.cache.hit"] = facts.cache_hit
-    if facts.cache_age_s is not None:
-        attributes["llmshim.cache.age_s"] = facts.cache_age_s
-    if facts.saved_input_tokens is not None:
-        attributes["llmshim.cache.saved.input_tokens"] = facts.saved_input_tokens
-    if facts.saved_output_tokens is not None:
-        attributes["llmshim.cache.saved.output_tokens"] = facts.saved_output_tokens
-    if facts.retries:
-        attributes["llmshim.retry.count"] = facts.retries
-    if facts.ratelimit_wait_s is not None:
-        attributes["llmshim.ratelimit.wait_s"] = facts.ratelimit_wait_s
-    if facts.priority is not None:
-        attributes["llmshim.priority"] = facts.priority
-    return attributes
-
-
-def _record_exception(span: trace.Span, error: BaseException) -> None:
-    """The spec's exception event, as the SDK's ``record_exception`` writes it, with the message and
-    the stack trace scrubbed: an exception text can quote a URL with its key (``?key=...``)."""
-    import traceback
-
-    kind = type(error)
-    module = kind.__module__
-    span.add_event("exception", {
-        "exception.type": kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}",
-        "exception.message": redact.scrub_text(str(error)),
-        "exception.stacktrace": redact.scrub_text("".join(traceback.format_exception(error))),
-    })
 
 
 class Telemetry:
@@ -196,7 +112,7 @@ class Telemetry:
                 call.started_at = time.perf_counter()
                 return Begun(current, None, owned=False)
             span = tracer.start_span(f"{info.operation} {info.model}" if info.model else info.operation,
-                                     kind=SpanKind.CLIENT, attributes=_start_attributes(call))
+                                     kind=SpanKind.CLIENT, attributes=start_attributes(call))
             call.started_at = time.perf_counter()  # durations and time to first chunk count from here
             if span.is_recording():
                 call.capture_content = self.capture_span or self.capture_event
@@ -220,7 +136,7 @@ class Telemetry:
     def _enrich(self, span: trace.Span, call: Call) -> None:
         try:
             if span.is_recording():
-                span.set_attributes({**_fact_attributes(call), "llmshim.client.library": call.library})
+                span.set_attributes({**fact_attributes(call), "llmshim.client.library": call.library})
         except Exception:
             self._failed("enriching a span")
 
@@ -243,7 +159,7 @@ class Telemetry:
         if not begun.owned:
             try:
                 if span.is_recording():
-                    span.set_attributes({**_fact_attributes(call), "llmshim.outcome": call.outcome or "error"})
+                    span.set_attributes({**fact_attributes(call), "llmshim.outcome": call.outcome or "error"})
             except Exception:
                 self._failed("enriching a span")
             try:
@@ -252,13 +168,13 @@ class Telemetry:
                 self._failed("recording metrics")
             return
         try:
-            attributes = self._end_attributes(call)
+            attributes = end_attributes(call)
             if span.is_recording():
                 span.set_attributes(attributes)
                 self._content(span, call)
                 if call.outcome == "error":
                     if call.error is not None:
-                        _record_exception(span, call.error)
+                        record_exception(span, call.error)
                     description = (f"{type(call.error).__name__}: {redact.scrub_text(str(call.error))}"
                                    if call.error else attributes.get("error.type"))
                     span.set_status(Status(StatusCode.ERROR, str(description)))
@@ -270,36 +186,10 @@ class Telemetry:
         except Exception:
             self._failed("recording metrics")
 
-    @staticmethod
-    def _end_attributes(call: Call) -> dict[str, Any]:
-        attributes: dict[str, Any] = {**_fact_attributes(call), "llmshim.outcome": call.outcome or "error"}
-        response = call.response
-        if response is not None:
-            if response.model:
-                attributes["gen_ai.response.model"] = response.model
-            if response.id:
-                attributes["gen_ai.response.id"] = response.id
-            if response.finish_reasons:
-                attributes["gen_ai.response.finish_reasons"] = list(response.finish_reasons)
-            if not call.facts.cache_hit:  # gen_ai.usage.* is what the provider produced for this call
-                if response.usage.input_tokens is not None:
-                    attributes["gen_ai.usage.input_tokens"] = response.usage.input_tokens
-                if response.usage.output_tokens is not None:
-                    attributes["gen_ai.usage.output_tokens"] = response.usage.output_tokens
-        if call.status is not None:
-            attributes["http.response.status_code"] = call.status
-        if call.info.stream and call.time_to_first_chunk is not None:
-            attributes["gen_ai.response.time_to_first_chunk"] = call.time_to_first_chunk
-        if call.outcome != "aborted" or call.error is not None:  # an abandoned body is not an error
-            kind = error_type(call) or ("_OTHER" if call.outcome is None else None)  # None: a policy raised
-            if kind is not None:
-                attributes["error.type"] = kind
-        return attributes
-
     def _content(self, span: trace.Span, call: Call) -> None:
         if not (self.capture_span or self.capture_event):
             return
-        content: dict[str, Any] = {"gen_ai.input.messages": json.dumps(_input_messages(call), ensure_ascii=False)}
+        content: dict[str, Any] = {"gen_ai.input.messages": json.dumps(call.info.input_messages, ensure_ascii=False)}
         response = call.response
         if response is not None and response.output is not None:
             output = [{"role": "assistant", "parts": [{"type": "text", "content": "".join(response.output)}],

@@ -1,0 +1,126 @@
+"""What goes on a GenAI span, as pure functions of the call: the attributes samplers see at the
+start, the outcome and llmshim's own attributes at the end (from ``call.facts``), the scrubbed
+exception event, and whether a span someone else started is already the GenAI span of this very
+call (then llmshim adds to it instead of starting a second one)."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+
+from .. import redact
+from ..call import Call
+from ..facts import error_type
+
+__all__ = ["end_attributes", "fact_attributes", "is_genai_span_for", "record_exception", "start_attributes"]
+
+
+def start_attributes(call: Call) -> dict[str, Any]:
+    info = call.info
+    host, port = call.request.server
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": info.operation,
+        "gen_ai.provider.name": info.provider,
+        "server.address": host,
+        "gen_ai.request.stream": info.stream,
+        "llmshim.client.library": call.library,
+    }
+    if port is not None:
+        attributes["server.port"] = port
+    if info.model:
+        attributes["gen_ai.request.model"] = info.model
+    for name, value in info.params.items():
+        if isinstance(value, (str, bool, int, float)) or (
+                isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value)):
+            attributes[f"gen_ai.request.{name}"] = value
+    return attributes
+
+
+#: Operation names that are one model call (not an agent run or a tool execution span).
+_CALL_OPERATIONS = frozenset({"chat", "text_completion", "embeddings", "generate_content", "completion"})
+
+
+def is_genai_span_for(span: trace.Span, operation: str, model: str | None) -> bool:
+    """Whether ``span`` (the current one as a call starts) is another instrumentation's GenAI span
+    for this very call: recording, not llmshim's, marked as one model call by the GenAI conventions
+    (``gen_ai.operation.name``, or the older ``gen_ai.system``) or OpenInference (``LLM``), and for
+    the same model when both name one. A parent that wraps many calls (an agent run, a workflow)
+    has another operation name and is left alone."""
+    attributes = getattr(span, "attributes", None)
+    if not span.is_recording() or not isinstance(attributes, Mapping):
+        return False
+    scope = getattr(span, "instrumentation_scope", None)
+    if scope is not None and getattr(scope, "name", None) == "llmshim":
+        return False
+    named = attributes.get("gen_ai.operation.name")
+    if named is not None:
+        if named not in _CALL_OPERATIONS and named != operation:
+            return False
+    elif "gen_ai.system" not in attributes and attributes.get("openinference.span.kind") != "LLM":
+        return False
+    theirs = attributes.get("gen_ai.request.model", attributes.get("llm.model_name"))
+    return theirs is None or model is None or theirs == model
+
+
+def fact_attributes(call: Call) -> dict[str, Any]:
+    """llmshim's own span attributes (``LLMSHIM_ATTRIBUTES``) from what the policies recorded."""
+    facts = call.facts
+    attributes: dict[str, Any] = {}
+    if call.cache_bypass:
+        attributes["llmshim.cache.bypass"] = call.cache_bypass
+    if facts.cache_hit is not None:
+        attributes["llmshim.cache.hit"] = facts.cache_hit
+    if facts.cache_age_s is not None:
+        attributes["llmshim.cache.age_s"] = facts.cache_age_s
+    if facts.saved_input_tokens is not None:
+        attributes["llmshim.cache.saved.input_tokens"] = facts.saved_input_tokens
+    if facts.saved_output_tokens is not None:
+        attributes["llmshim.cache.saved.output_tokens"] = facts.saved_output_tokens
+    if facts.retries:
+        attributes["llmshim.retry.count"] = facts.retries
+    if facts.ratelimit_wait_s is not None:
+        attributes["llmshim.ratelimit.wait_s"] = facts.ratelimit_wait_s
+    if facts.priority is not None:
+        attributes["llmshim.priority"] = facts.priority
+    return attributes
+
+
+def record_exception(span: trace.Span, error: BaseException) -> None:
+    """The spec's exception event, as the SDK's ``record_exception`` writes it, with the message and
+    the stack trace scrubbed: an exception text can quote a URL with its key (``?key=...``)."""
+    kind = type(error)
+    module = kind.__module__
+    span.add_event("exception", {
+        "exception.type": kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}",
+        "exception.message": redact.scrub_text(str(error)),
+        "exception.stacktrace": redact.scrub_text("".join(traceback.format_exception(error))),
+    })
+
+
+def end_attributes(call: Call) -> dict[str, Any]:
+    attributes: dict[str, Any] = {**fact_attributes(call), "llmshim.outcome": call.outcome or "error"}
+    response = call.response
+    if response is not None:
+        if response.model:
+            attributes["gen_ai.response.model"] = response.model
+        if response.id:
+            attributes["gen_ai.response.id"] = response.id
+        if response.finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = list(response.finish_reasons)
+        if not call.facts.cache_hit:  # gen_ai.usage.* is what the provider produced for this call
+            if response.usage.input_tokens is not None:
+                attributes["gen_ai.usage.input_tokens"] = response.usage.input_tokens
+            if response.usage.output_tokens is not None:
+                attributes["gen_ai.usage.output_tokens"] = response.usage.output_tokens
+    if call.status is not None:
+        attributes["http.response.status_code"] = call.status
+    if call.info.stream and call.time_to_first_chunk is not None:
+        attributes["gen_ai.response.time_to_first_chunk"] = call.time_to_first_chunk
+    if call.outcome != "aborted" or call.error is not None:  # an abandoned body is not an error
+        kind = error_type(call) or ("_OTHER" if call.outcome is None else None)  # None: a policy raised
+        if kind is not None:
+            attributes["error.type"] = kind
+    return attributes
