@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .run import main as run_main
 
-        return run_main(program_of(args.program, program), cache=args.cache, priority=args.priority, exporter=args.otel_exporter)
+        return run_main(program_of(args.program, program), cache=args.cache, priority=args.priority,
+                        exporter=args.otel_exporter)
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
