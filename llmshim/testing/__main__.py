@@ -29,6 +29,7 @@ fault SPEC: comma-separated key=value pairs, or just a status (--fault 503):
   status=N        answer N (default body: the dialect's error shape)
   times=N|always  how many matching requests take it (default 1)
   path=TEXT       only requests whose path contains TEXT
+  body=TEXT       the error message in the dialect's error shape
   header=NAME:VALUE  add a response header (repeatable), e.g. header=retry-after-ms:1500
   reset=before_headers|after_chunks  close with a TCP reset (after_chunks=N streamed pieces first)
   delay=SECONDS   wait before answering;  chunk_delay=SECONDS  between streamed pieces
@@ -65,8 +66,8 @@ def parse_fault(spec: str) -> tuple[Fault, int | None]:
             if not colon or not name.strip():
                 raise ValueError(f"header={value!r} is not NAME:VALUE")
             headers.append((name.strip(), text.strip()))
-        elif key == "path":
-            fields["path"] = value
+        elif key in ("path", "body"):
+            fields[key] = value
         elif key == "reset":
             if value not in _RESETS:
                 raise ValueError(f"reset={value}: one of {', '.join(_RESETS)}")
