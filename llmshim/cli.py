@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from typing import get_args
@@ -16,17 +17,23 @@ from typing import get_args
 from .values import CacheMode, OtelExporter
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+    from .testing.__main__ import SERVE_PARSER, add_serve_options
+
     parser = argparse.ArgumentParser(prog="llmshim", description="Caching, rate limiting, retries and "
                                      "OpenTelemetry for every LLM call in a Python process.")
+    parser.add_argument("--version", action="version", version=f"llmshim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run real client calls against the bundled LLM server and show what llmshim saw")
     sub.add_parser("status", help="install llmshim from LLMSHIM_* settings and print what it patches")
     stats = sub.add_parser("stats", help="print the stats snapshot a process wrote to LLMSHIM_STATS_FILE")
-    stats.add_argument("--file", default=None, help="snapshot path (default: $LLMSHIM_STATS_FILE, else the demo's)")
+    stats.add_argument("--file", default=None, help="snapshot path (default: $LLMSHIM_STATS_FILE; when unset, the "
+                       "snapshot `llmshim demo` wrote, announced as such)")
     stats.add_argument("--json", action="store_true", help="print the raw JSON")
     cache = sub.add_parser("cache", help="inspect and maintain the response cache (LLMSHIM_CACHE_PATH)")
-    cache.add_argument("--path", default=None, help="cache file (default: LLMSHIM_CACHE_PATH, else the XDG default)")
+    cache.add_argument("--path", default=None, help="cache file (default: LLMSHIM_CACHE_PATH, else the XDG default); "
+                       "given before the subcommand: llmshim cache --path F stats")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     cache_sub.add_parser("stats", help="entries, bytes, hit rate, tokens saved")
     listing = cache_sub.add_parser("ls", help="the newest entries (redacted)")
@@ -41,21 +48,48 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--cache", choices=get_args(CacheMode), default=None)
     run_parser.add_argument("--priority", default=None, help="default priority class (critical, high, normal, low)")
     run_parser.add_argument("--otel-exporter", choices=get_args(OtelExporter), default=None,
-                     help="export spans to the console or over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT)")
-    run_parser.add_argument("program", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    sub.add_parser("doctor", help="what is installed and patched, settings, cache and store health, conflicts")
+                            help="export spans to the console or over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    run_parser.add_argument("program", nargs=argparse.REMAINDER,
+                            help="-- COMMAND [ARGS...]: everything after -- reaches the program untouched")
+    sub.add_parser("doctor", help="what is installed and patched, settings, cache and store health, conflicts, "
+                   "client libraries llmshim cannot see")
     sub.add_parser("settings", help="every LLMSHIM_* setting: default and meaning (the README's table, Markdown)")
-    serve = sub.add_parser("serve", help="run the bundled local LLM server (see python -m llmshim.testing)")
-    serve.add_argument("--port", type=int, default=8080)
-    args, rest = parser.parse_known_args(argv)
+    add_serve_options(sub.add_parser("serve", help="run the bundled local LLM server (OpenAI, Ollama and llama.cpp "
+                                     "dialects, fault injection)", **SERVE_PARSER))
+    return parser
+
+
+def split_program(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``argv`` cut at its first ``--``: (llmshim's own arguments, the program's or None).
+
+    The program's part never reaches argparse, so its flags (and any ``--`` of its own) pass through
+    untouched whatever Python's argparse does with ``--``."""
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def program_of(parsed: list[str], after_cut: list[str] | None) -> list[str]:
+    """The command ``llmshim run`` starts. ``parsed``: what argparse left for the program before the
+    cut (``llmshim run python app.py``); when the program began there, the ``--`` was the program's own."""
+    if after_cut is None:
+        return list(parsed)
+    return [*parsed, "--", *after_cut] if parsed else list(after_cut)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    own, program = split_program(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(own)  # unknown flags are errors (exit 2), for every command
+    if program is not None and args.command != "run":
+        parser.error(f"unrecognized arguments: -- {' '.join(program)}")
 
     if args.command == "run":
         from .run import main as run_main
 
-        program = list(args.program)
-        if program[:1] == ["--"]:
-            program = program[1:]
-        return run_main(program, cache=args.cache, priority=args.priority, exporter=args.otel_exporter)
+        return run_main(program_of(args.program, program), cache=args.cache, priority=args.priority,
+                        exporter=args.otel_exporter)
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
@@ -90,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return _print_stats(args.file, args.json)
     if args.command == "cache":
         return _cache(args)
-    from .testing.__main__ import main as serve_main
+    from .testing.__main__ import serve
 
-    return serve_main(["serve", "--port", str(args.port), *rest])
+    return serve(args)
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -150,26 +184,58 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class StatsSource:
+    """Which snapshot ``llmshim stats`` reads and why: ``origin`` is ``--file``, ``LLMSHIM_STATS_FILE``
+    or ``demo`` (the file ``llmshim demo`` writes), or None when there is nothing to read."""
+
+    path: str
+    origin: str | None
+
+
+def stats_source(given: str | None, variable: str | None, demo_path: str, demo_exists: bool) -> StatsSource:
+    """Where the snapshot comes from. The demo's file is read only when nothing else is named and it
+    exists, and then it is announced: it is another process's numbers, not the caller's program's."""
+    if given:
+        return StatsSource(given, "--file")
+    if variable:
+        return StatsSource(variable, "LLMSHIM_STATS_FILE")
+    return StatsSource(demo_path, "demo" if demo_exists else None)
+
+
 def _print_stats(path: str | None, raw: bool) -> int:
+    import os
+    import time
+
     from .config import ConfigError, read
     from .demo import DEMO_STATS_FILE, format_stats
 
     try:
-        path = path or read("stats_file") or DEMO_STATS_FILE
+        source = stats_source(path, read("stats_file"), DEMO_STATS_FILE, os.path.exists(DEMO_STATS_FILE))
     except ConfigError as exc:
         print(f"llmshim: {exc}", file=sys.stderr)
         return 2
-    try:
-        with open(path) as handle:
-            snapshot = json.load(handle)
-    except (OSError, ValueError) as exc:
-        print(f"llmshim: no stats snapshot at {path} ({exc}); set LLMSHIM_STATS_FILE in the process "
-              "to watch, or run `llmshim demo`", file=sys.stderr)
+    if source.origin is None:
+        print(f"llmshim: no stats snapshot: no --file, LLMSHIM_STATS_FILE is unset, and `llmshim demo` has written "
+              f"none at {source.path}. Set LLMSHIM_STATS_FILE=/some/file.json in the process to watch (and here), "
+              "or pass --file", file=sys.stderr)
         return 1
+    try:
+        with open(source.path) as handle:
+            snapshot = json.load(handle)
+        written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(source.path)))
+    except (OSError, ValueError) as exc:
+        print(f"llmshim: no stats snapshot at {source.path} (from {source.origin}: {exc}); set LLMSHIM_STATS_FILE "
+              "in the process to watch, or run `llmshim demo`", file=sys.stderr)
+        return 1
+    if source.origin == "demo":
+        print(f"llmshim: showing the snapshot `llmshim demo` wrote at {written} ({source.path}, pid "
+              f"{snapshot.get('pid')}), not your program's: --file and LLMSHIM_STATS_FILE are unset",
+              file=sys.stderr if raw else sys.stdout)
     if raw:
         print(json.dumps(snapshot, indent=2))
         return 0
-    print(format_stats(snapshot, source=f"{path} (pid {snapshot.get('pid')})"))
+    print(format_stats(snapshot, source=f"{source.path} (pid {snapshot.get('pid')}, written {written})"))
     return 0
 
 

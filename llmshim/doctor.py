@@ -11,22 +11,14 @@ import contextlib
 import importlib
 import importlib.metadata
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
-from . import config, redact
+from . import config, doctor_checks, redact
 from .values import RedisURL
 
 __all__ = ["main"]
 
-#: Other instrumentations that emit GenAI spans for the same calls (duplicates with llmshim's).
-CONFLICTS = {
-    "opentelemetry-instrumentation-openai": "openllmetry's openai instrumentation",
-    "opentelemetry-instrumentation-openai-v2": "the official openai-v2 instrumentation",
-    "opentelemetry-instrumentation-ollama": "openllmetry's ollama instrumentation",
-    "openinference-instrumentation-openai": "OpenInference's openai instrumentation",
-    "traceloop-sdk": "Traceloop's SDK",
-}
 TESTED = {"openai": (1, 3), "httpx": (0, 0), "httpx2": (2, 2), "requests": (2, 2), "aiohttp": (3, 3)}
 
 
@@ -38,12 +30,17 @@ def _version(name: str) -> str | None:
 
 
 def main(out: TextIO) -> int:
+    """Write the report to ``out``; the exit code. Called inside a program (``llmshim.doctor.main(sys.stdout)``)
+    it also lists the client libraries that program has imported."""
+    before = dict(sys.modules)
     broken = False
 
     def line(text: str = "") -> None:
         out.write(text + "\n")
 
-    line(f"llmshim {_version('llmshim') or 'source tree'} on Python {sys.version.split()[0]}")
+    from ._version import __version__
+
+    line(f"llmshim {__version__} on Python {sys.version.split()[0]}")
     try:
         settings = config.load()
     except config.ConfigError as exc:
@@ -90,6 +87,10 @@ def main(out: TextIO) -> int:
 
     line("\nsettings (secrets masked):")
     for key, value in settings.masked().items():
+        if key == "cache_path" and value is None:
+            from .store.cache_sqlite import default_path
+
+            value = f"{default_path()}  (the default: LLMSHIM_CACHE_PATH is unset)"
         line(f"  {key:<24} {value}")
 
     line("\ncache:")
@@ -108,13 +109,7 @@ def main(out: TextIO) -> int:
          + ("  (no SDK configured: llmshim emits no spans)"
             if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider" else ""))
     line(f"  meter provider   {type(metrics.get_meter_provider()).__name__}")
-    found = [f"{label} ({package} {_version(package)})" for package, label in CONFLICTS.items() if _version(package)]
-    line("\nconflicts:")
-    if found:
-        for item in found:
-            line(f"  WARNING: {item} is installed: if it is active, the same calls get two GenAI spans")
-    else:
-        line("  none found")
+    _report_libraries(line, before)
     line("\n" + ("BROKEN: see above" if broken else "ok"))
     return 1 if broken else 0
 
@@ -125,7 +120,10 @@ def _check_cache(settings: config.Settings, line: Callable[[str], None]) -> bool
     from .store.cache_sqlite import SQLiteStore, default_path
 
     path = settings.cache_path or default_path()
-    line(f"  mode {settings.cache}, file {path}")
+    line(f"  mode {settings.cache}, file {path}" + ("" if settings.cache_path else "  (the default)"))
+    if settings.cache_nondeterministic == "cache":
+        line("  sampled calls (temperature > 0 or unset, no seed) are cached too: LLMSHIM_CACHE_NONDETERMINISTIC=skip "
+             "leaves them out, LLMSHIM_CACHE=off turns the cache off")
     if settings.cache_url:
         line(f"  redis {redact.scrub_setting_url(settings.cache_url)}"
              + (" (behind a local SQLite front)" if settings.cache_local else ""))
@@ -136,6 +134,12 @@ def _check_cache(settings: config.Settings, line: Callable[[str], None]) -> bool
             line("  redis reachable")
         except Exception as exc:
             line(f"  BROKEN: redis unreachable: {_error(exc)}")
+            return True
+    if not settings.cache_url or settings.cache_local:  # the SQLite file is in use
+        problem = doctor_checks.judge_cache_path(doctor_checks.probe_path(path),
+                                                 needs_write=settings.cache not in ("readonly", "replay"))
+        if problem is not None:
+            line(f"  BROKEN: {problem}")
             return True
     if not os.path.exists(path):
         line("  not created yet (it will be on the first cached call)")
@@ -167,6 +171,29 @@ def _check_limits(settings: config.Settings, line: Callable[[str], None]) -> boo
             line(f"  BROKEN: redis unreachable: {_error(exc)}")
             return True
     return False
+
+
+def _report_libraries(line: Callable[[str], None], imported: Mapping[str, object]) -> None:
+    """Client libraries llmshim cannot see, and other GenAI instrumentations (spans may double).
+
+    ``imported``: the modules the process had before doctor imported anything itself (doctor's own
+    imports of requests would otherwise always show urllib3)."""
+    blind = doctor_checks.found(doctor_checks.BLIND_SPOTS, imported, doctor_checks.versions(doctor_checks.BLIND_SPOTS))
+    line("\nclient libraries llmshim cannot see (their LLM calls are not cached, limited, retried or traced):")
+    for library, how in blind:
+        line(f"  {library.module:<13} {how}: {library.what}; {library.why}")
+    if not blind:
+        line("  none found")
+    table = doctor_checks.INSTRUMENTATIONS
+    others = doctor_checks.found(table, imported, doctor_checks.versions(table))
+    active = doctor_checks.active_instrumentors()
+    line("\nconflicts: other GenAI instrumentations")
+    for library, how in others:
+        state = "ACTIVE" if any(m.startswith(library.module) for m in active) else how
+        line(f"  WARNING: {library.what} ({library.distribution}) {state}: {library.why}; with it on, the same "
+             "calls get two GenAI spans and dashboards may count them twice")
+    if not others:
+        line("  none found")
 
 
 def _error(exc: BaseException) -> str:
