@@ -15,7 +15,8 @@ PRELUDE = """
 import json, sys
 import llmshim
 seen = []
-llmshim.on("call_completed", lambda r: seen.append((r.library, r.provider, r.model, r.output_tokens)))
+llmshim.on("call_completed", lambda r: seen.append(  # tokens the answer holds: spent, or saved by a cache hit
+    (r.library, r.provider, r.model, r.saved_output_tokens if r.cache_hit else r.output_tokens)))
 def call_all(url):
     import asyncio, requests, httpx, httpx2, aiohttp, openai
     body = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": False}

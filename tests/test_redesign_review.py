@@ -1,9 +1,9 @@
 """A hostile review of the redesign (issue 13): one observer, facts, the store layer, the store thread.
 
 Real clients over real sockets to a FakeLLMServer, real SQLite files, fresh interpreters for fork.
-Each test states a promise and tries to break it. Regressions found in files the lead is editing
-(facts.py, policies/observer.py, telemetry.py, retry.py) are strict xfails naming the cause.
-The old-vs-new comparisons are in tests/test_redesign_compare.py (they need the old tree).
+Each test states a promise and tries to break it; the regressions it found are fixed and kept as
+tests. (Old-vs-new comparisons of recognition, cache keys, settings and whole scenarios were run
+against the pre-redesign tree once, outside CI; the closing note of issue 13 gives the figures.)
 """
 
 from __future__ import annotations
