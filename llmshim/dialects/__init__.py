@@ -13,7 +13,6 @@ recognised a request does the host name who serves it (``CallInfo.provider``, fr
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,6 +101,8 @@ def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
         if info is not None:
             provider = known_provider(urlsplit(request.url).hostname or "", path)
             if provider is not None and provider != info.provider:
-                info = dataclasses.replace(info, provider=provider)
+                # the info was made just now and nobody holds it yet: set the field in place, as a
+                # frozen dataclass' __post_init__ would (dataclasses.replace costs 5x detect's rest)
+                object.__setattr__(info, "provider", provider)
             return dialect, info
     return None
