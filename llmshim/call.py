@@ -91,7 +91,10 @@ class CallInfo:
     ``param_names`` table: most calls never need them, and every call pays for what is eager here.
     """
 
-    provider: str  # gen_ai.provider.name: openai | ollama | llama_cpp
+    # gen_ai.provider.name: who serves the call, named from a known host (groq, azure.ai.openai...,
+    # llmshim.providers), else the dialect's name (openai | ollama | llama_cpp). The wire itself is
+    # ``dialect.name``: the cache key uses that, never this.
+    provider: str
     operation: str  # gen_ai.operation.name: chat | text_completion | embeddings
     endpoint: str  # the dialect's route, e.g. "chat/completions", "api/generate", "completion"
     model: str | None
@@ -130,8 +133,9 @@ class CallInfo:
 
 @dataclasses.dataclass(slots=True)
 class Usage:
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # all of the prompt's tokens, cached ones included
     output_tokens: int | None = None
+    cached_input_tokens: int | None = None  # of input_tokens, those read from the provider's prompt cache
 
 
 @dataclasses.dataclass(slots=True)

@@ -3,7 +3,9 @@
 ``detect`` is the only entry point adapters use: it answers a :class:`Dialect` and the
 :class:`~llmshim.call.CallInfo` for an LLM request, or None for anything else (which then passes
 through untouched). Recognition never looks at host or port: one llama.cpp port serves native and
-OpenAI-compatible routes, and OpenAI-compatible servers live anywhere.
+OpenAI-compatible routes, and OpenAI-compatible servers live anywhere. Only once a dialect has
+recognised a request does the host name who serves it (``CallInfo.provider``, from
+``llmshim.providers``: ``groq``, ``azure.ai.openai``...); a host not known keeps the dialect's name.
 
 ``DIALECTS`` is the registry: a new dialect is one module (a :class:`Dialect` subclass, see
 ``_base.py``) and one line here. Nothing else in llmshim names a dialect's routes or fields.
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..call import CallInfo, ResponseInfo, WireRequest
+from ..providers import known_provider
 from ._base import Dialect, Framing, ServerLimits
 from ._framing import JsonBody, NdjsonReader, SseReader, loads_object
 from .llamacpp import LLAMACPP
@@ -95,5 +99,10 @@ def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
     for dialect in DIALECTS:
         info = dialect.recognise(path, body)
         if info is not None:
+            provider = known_provider(urlsplit(request.url).hostname or "", path)
+            if provider is not None and provider != info.provider:
+                # the info was made just now and nobody holds it yet: set the field in place, as a
+                # frozen dataclass' __post_init__ would (dataclasses.replace costs 5x detect's rest)
+                object.__setattr__(info, "provider", provider)
             return dialect, info
     return None

@@ -72,7 +72,9 @@ class Dialect:
     """One wire dialect. Subclasses set the class attributes and implement ``recognise`` and
     ``absorb``; every other method has a default that says "this wire has no such thing"."""
 
-    name: ClassVar[str]  # gen_ai.provider.name
+    #: The wire's name (``openai``, ``ollama``, ``llama_cpp``): the cache key's, and the provider's
+    #: name for a host ``llmshim.providers`` does not know (``detect`` names known hosts' providers).
+    name: ClassVar[str]
     #: The path endings this dialect may recognise, derived from its route table: ``detect``'s cheap
     #: pre-check (before any body is parsed) is the union of every registered dialect's suffixes.
     suffixes: ClassVar[tuple[str, ...]]

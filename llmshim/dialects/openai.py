@@ -217,6 +217,10 @@ class OpenAIDialect(Dialect):
             into.usage.input_tokens = prompt
         if output is not None:
             into.usage.output_tokens = output
+        details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        if cached is not None:
+            into.usage.cached_input_tokens = cached
 
 
 def _error_type(error: Any) -> str:

@@ -229,7 +229,8 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
     else:
         scope = "anonymous"
     fields = call.dialect.cache_ignored_fields(call.info)  # routing hints the server never acts on
-    head = _text([KEY_VERSION, call.info.provider, call.info.endpoint, request.method.upper(), url, headers, scope])
+    # the wire's name, not the provider's: naming providers from hosts must not change any key
+    head = _text([KEY_VERSION, call.dialect.name, call.info.endpoint, request.method.upper(), url, headers, scope])
     if len(request.body) > EXACT_BODY_BYTES:  # stricter, never looser: no second parse of a huge body
         return head, "exact:" + hashlib.sha256(request.body).hexdigest()
     return head, canonical_body(request.body, fields)
