@@ -276,15 +276,21 @@ def format_stats(snapshot: dict[str, object], source: str = "this process") -> s
             return "-"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
+    def dollars(value: object) -> str:  # "-": no call had an honest price (a local server, an unknown model)
+        return f"${value:.6f}" if isinstance(value, float) else "-"
+
     lines = [f"llmshim stats from {source}"]
     for key in ("total_calls", "completed", "failed", "aborted", "throttled_calls", "retries", "cache_hits",
                 "cache_misses", "cache_hit_rate", "average_latency_s", "input_tokens", "output_tokens",
                 "tokens_saved"):
         lines.append(f"  {key:<18} {show(snapshot.get(key))}")
+    for key in ("cost_usd", "saved_cost_usd"):
+        lines.append(f"  {key:<18} {dollars(snapshot.get(key))}")
     by_model = snapshot.get("by_model") or {}
     if isinstance(by_model, dict) and by_model:
         lines.append("  by provider/model:")
         for name, counts in by_model.items():
             lines.append(f"    {name:<36} calls={counts['calls']} in={counts['input_tokens']} "
-                         f"out={counts['output_tokens']}")
+                         f"out={counts['output_tokens']} saved={counts.get('tokens_saved', 0)} "
+                         f"cost={dollars(counts.get('cost_usd'))} saved_cost={dollars(counts.get('saved_cost_usd'))}")
     return "\n".join(lines)

@@ -38,6 +38,8 @@ class Facts:
     cache_age_s: float | None = None  # a hit's age
     saved_input_tokens: int | None = None  # a hit's tokens, as the provider reported them when paid
     saved_output_tokens: int | None = None
+    cost_usd: float | None = None  # what the provider charged for this call (None: no honest price)
+    saved_cost_usd: float | None = None  # a cache hit's price, not paid again
     retries: int = 0  # wire attempts llmshim retried
     ratelimit_wait_s: float | None = None  # None: no limit applied; else seconds queued for permits
     priority: str | None = None  # the priority class a limit applied with

@@ -52,6 +52,8 @@ class CallRecord:
     cache_hit: bool | None = None  # None: the cache was not consulted
     saved_input_tokens: int | None = None  # a cache hit's tokens, not spent again
     saved_output_tokens: int | None = None
+    cost_usd: float | None = None  # what the provider charged (genai-prices); None: no honest price
+    saved_cost_usd: float | None = None  # a cache hit's price, not paid again
 
     @classmethod
     def of(cls, event: str, call: Call) -> CallRecord:
@@ -69,7 +71,8 @@ class CallRecord:
             duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
             error_type=error_type(call), outcome=call.outcome,
             cache_hit=call.facts.cache_hit, saved_input_tokens=call.facts.saved_input_tokens,
-            saved_output_tokens=call.facts.saved_output_tokens,
+            saved_output_tokens=call.facts.saved_output_tokens, cost_usd=call.facts.cost_usd,
+            saved_cost_usd=call.facts.saved_cost_usd,
         )
 
 

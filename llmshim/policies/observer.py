@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..call import Call, Reply
+from ..cost import cost_of
 from ..facts import StoreKind, listen_store_failures
 from ..pipeline import AsyncHandler, Handler
 from ..tap import OnEnd
@@ -59,6 +60,7 @@ class ObserverPolicy:
             self.telemetry.detach(begun, call)
 
     def _end(self, call: Call, begun: Begun | None) -> None:
+        _price(call)
         self.stats.call_ended(call)
         if begun is not None and self.telemetry is not None:
             self.telemetry.finish(begun, call)
@@ -88,3 +90,16 @@ class ObserverPolicy:
         reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
         return reply
 
+
+def _price(call: Call) -> None:
+    """The call's price in US dollars (``llmshim.cost``), on its facts: spent, or for a cache hit
+    saved. None where there is no honest price (an unknown model, a local server, no usage)."""
+    if call.response is None:
+        return
+    cost = cost_of(call)
+    if cost is None:
+        return
+    if call.facts.cache_hit:
+        call.facts.saved_cost_usd = float(cost)
+    else:
+        call.facts.cost_usd = float(cost)

@@ -21,6 +21,8 @@ LLMSHIM_ATTRIBUTES = {
     "llmshim.cache.age_s": "float: age of the cached answer, seconds",
     "llmshim.cache.saved.input_tokens": "int: a hit's input tokens, not spent again (gen_ai.usage.* is absent)",
     "llmshim.cache.saved.output_tokens": "int: a hit's output tokens, not spent again",
+    "llmshim.cache.saved.cost_usd": "float: a hit's price in US dollars, not paid again",
+    "llmshim.cost.usd": "float: what the provider charged for this call, US dollars (genai-prices)",
     "llmshim.cache.bypass": "str: why the cache stood aside (a test double or recorder answered)",
     "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
     "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
@@ -68,6 +70,10 @@ class Instruments:
         self.tokens_saved = meter.create_counter(
             "llmshim.cache.tokens_saved", unit="{token}",
             description="Tokens a cache hit did not spend again (by gen_ai.token.type).")
+        self.cost = meter.create_counter(
+            "llmshim.cost", unit="USD", description="What LLM calls cost, from the provider's reported usage.")
+        self.saved_cost = meter.create_counter(
+            "llmshim.cache.saved_cost", unit="USD", description="What cache hits did not pay again.")
         self.cache_errors = meter.create_counter(
             "llmshim.cache.errors", unit="{error}", description="Cache store failures (the call went on).")
         self.retry_attempts = meter.create_counter(

@@ -79,6 +79,10 @@ def fact_attributes(call: Call) -> dict[str, Any]:
         attributes["llmshim.cache.saved.input_tokens"] = facts.saved_input_tokens
     if facts.saved_output_tokens is not None:
         attributes["llmshim.cache.saved.output_tokens"] = facts.saved_output_tokens
+    if facts.cost_usd is not None:
+        attributes["llmshim.cost.usd"] = facts.cost_usd
+    if facts.saved_cost_usd is not None:
+        attributes["llmshim.cache.saved.cost_usd"] = facts.saved_cost_usd
     if facts.retries:
         attributes["llmshim.retry.count"] = facts.retries
     if facts.ratelimit_wait_s is not None:

@@ -44,7 +44,8 @@ class Stats:
             self._counts: dict[str, int] = dict.fromkeys(_FIELDS, 0)
             self._latency_total = 0.0
             self._latency_count = 0
-            self._models: dict[str, dict[str, int]] = {}
+            self._models: dict[str, dict[str, Any]] = {}
+            self._money: dict[str, float | None] = {"cost_usd": None, "saved_cost_usd": None}
             self._started = time.time()
 
     def add(self, **increments: int) -> None:
@@ -74,7 +75,8 @@ class Stats:
             if call.duration is not None:
                 self._latency_total += call.duration
                 self._latency_count += 1
-            model = self._models.setdefault(key, dict.fromkeys(_MODEL_FIELDS, 0))
+            model = self._models.setdefault(key, {**dict.fromkeys(_MODEL_FIELDS, 0), "cost_usd": None,
+                                                  "saved_cost_usd": None})
             model["calls"] += 1
             saved = facts.tokens_saved
             counts["tokens_saved"] += saved
@@ -83,6 +85,10 @@ class Stats:
                 for field, count in (("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens)):
                     counts[field] += count or 0
                     model[field] += count or 0
+            for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd)):
+                if amount is not None:  # a sum of honest prices; None until one call was priced
+                    self._money[field] = (self._money[field] or 0.0) + amount
+                    model[field] = (model.get(field) or 0.0) + amount
         if self._path is not None and time.monotonic() - self._written >= 1.0:
             self.write()
 
@@ -92,6 +98,7 @@ class Stats:
             looked_up = counts["cache_hits"] + counts["cache_misses"]
             return {
                 **counts,
+                **self._money,
                 "average_latency_s": self._latency_total / self._latency_count if self._latency_count else None,
                 "cache_hit_rate": counts["cache_hits"] / looked_up if looked_up else None,
                 "by_model": {redact.scrub_text(k): dict(v) for k, v in sorted(self._models.items())},

@@ -248,6 +248,12 @@ class Telemetry:
         for token_type, count in (("input", facts.saved_input_tokens), ("output", facts.saved_output_tokens)):
             if count:
                 instruments.tokens_saved.add(count, {**provider, "gen_ai.token.type": token_type})
+        if facts.cost_usd is not None or facts.saved_cost_usd is not None:
+            priced = {**provider, "gen_ai.request.model": call.info.model or ""}
+            if facts.cost_usd is not None:
+                instruments.cost.add(facts.cost_usd, priced)
+            if facts.saved_cost_usd is not None:
+                instruments.saved_cost.add(facts.saved_cost_usd, priced)
 
     def _failed(self, what: str) -> None:
         log.warning("llmshim: OpenTelemetry failed while %s; the call is not affected", what, exc_info=True)
