@@ -47,6 +47,8 @@ class ObserverPolicy:
             self.telemetry.store_failed(kind, operation)
 
     def _start(self, call: Call) -> Begun | None:
+        if not _warming:
+            _warm_prices()
         begun = self.telemetry.begin(call) if self.telemetry is not None else None
         self.stats.call_started()
         if events.any_hooks():
@@ -89,6 +91,25 @@ class ObserverPolicy:
         self._detach(begun, call)
         reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
         return reply
+
+
+_warming: list[bool] = []
+
+
+def _warm_prices() -> None:
+    """Load the price list (``llmshim[cost]``: ~0.3 s) on a daemon thread as the process's first LLM
+    call starts: it overlaps that call's own network time, the call does not pay for it at its end,
+    and a process that never calls an LLM never loads it. Nothing when it is not installed."""
+    _warming.append(True)
+    import importlib.util
+
+    if importlib.util.find_spec("genai_prices") is None:
+        return
+    import threading
+
+    from ..cost import warm_up
+
+    threading.Thread(target=warm_up, name="llmshim-prices", daemon=True).start()
 
 
 def _price(call: Call) -> None:
