@@ -306,7 +306,11 @@ def test_a_broken_cache_store_is_counted_once_and_warned_once(
 
 
 def test_a_broken_limits_store_fails_open_once_counted(server: FakeLLMServer, otel: Otel, tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmshim.policies import shared_budget
+
+    monkeypatch.setattr(shared_budget, "_last_warning", [0.0])  # warned once a minute per process: start afresh
     path = tmp_path / "limits.sqlite3"
     path.write_bytes(b"this is not a database" * 200)
     otel.install(rpm="60000", ratelimit_store=f"sqlite:///{path}")
