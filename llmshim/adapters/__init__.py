@@ -92,11 +92,33 @@ def _apply(patch: Patch, module: Any) -> None:
     _applied[patch] = (original, replacement)
 
 
+def _initializing(module: Any) -> bool:
+    """The module is in ``sys.modules`` but another thread is still running its code (an import in
+    progress): its classes may not exist yet. The post-import hook patches it when it is done."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _patch_when_imported(module: Any) -> None:
+    """Patch ``module`` once the thread importing it is done (polled: the import system has no
+    public "imported" event for a module already in ``sys.modules``)."""
+    def wait() -> None:
+        for _ in range(6000):  # at most a minute
+            if not _initializing(module):
+                _on_import(module)
+                return
+            threading.Event().wait(0.01)
+
+    threading.Thread(target=wait, name="llmshim-patch-after-import", daemon=True).start()
+
+
 def _on_import(module: Any) -> None:
     """wrapt post-import hook. Never raises: a raising hook would break the user's import."""
     try:
         with _lock:
             if not _wanted:
+                return
+            if _initializing(module):
+                _patch_when_imported(module)
                 return
             for patch in PATCHES:
                 if patch.module == module.__name__:

@@ -20,6 +20,7 @@ from ..call import Call, Reply
 from ..cost import cost_of
 from ..facts import StoreKind, listen_store_failures
 from ..pipeline import AsyncHandler, Handler
+from ..providers import known_provider
 from ..tap import OnEnd
 from . import events
 from .stats import STATS, Stats
@@ -47,7 +48,7 @@ class ObserverPolicy:
             self.telemetry.store_failed(kind, operation)
 
     def _start(self, call: Call) -> Begun | None:
-        if not _warming:
+        if not _warming and known_provider(call.request.server[0], call.request.path) is not None:
             _warm_prices()
         begun = self.telemetry.begin(call) if self.telemetry is not None else None
         self.stats.call_started()
@@ -97,19 +98,24 @@ _warming: list[bool] = []
 
 
 def _warm_prices() -> None:
-    """Load the price list (``llmshim[cost]``: ~0.3 s) on a daemon thread as the process's first LLM
-    call starts: it overlaps that call's own network time, the call does not pay for it at its end,
-    and a process that never calls an LLM never loads it. Nothing when it is not installed."""
+    """Load the price list (``llmshim[cost]``: ~0.3 s) on a thread as the process's first call to a
+    priced provider starts: it overlaps that call's own network time, so the call does not pay for
+    it at its end; a process that never calls one never loads it. Nothing when it is not installed.
+    The thread is joined at exit: an interpreter that ends while a daemon thread is inside an
+    extension module's import can abort ("FATAL: exception not rethrown")."""
     _warming.append(True)
     import importlib.util
 
     if importlib.util.find_spec("genai_prices") is None:
         return
+    import atexit
     import threading
 
     from ..cost import warm_up
 
-    threading.Thread(target=warm_up, name="llmshim-prices", daemon=True).start()
+    thread = threading.Thread(target=warm_up, name="llmshim-prices", daemon=True)
+    thread.start()
+    atexit.register(thread.join, 10.0)
 
 
 def _price(call: Call) -> None:
