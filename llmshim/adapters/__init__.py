@@ -93,8 +93,9 @@ def _apply(patch: Patch, module: Any) -> None:
 
 
 def _initializing(module: Any) -> bool:
-    """The module is in ``sys.modules`` but another thread is still running its code (an import in
-    progress): its classes may not exist yet. The post-import hook patches it when it is done."""
+    """The module's import has not returned yet. Inside wrapt's post-import hook that is so though
+    its code has run; in another thread's import in progress its classes may not exist yet: only a
+    missing attribute tells the two apart (``_on_import``)."""
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
@@ -117,12 +118,15 @@ def _on_import(module: Any) -> None:
         with _lock:
             if not _wanted:
                 return
-            if _initializing(module):
-                _patch_when_imported(module)
-                return
             for patch in PATCHES:
                 if patch.module == module.__name__:
-                    _apply(patch, module)
+                    try:
+                        _apply(patch, module)
+                    except AttributeError:
+                        if not _initializing(module):
+                            raise
+                        _patch_when_imported(module)  # its code is still running in another thread
+                        return
     except Exception:
         log.warning("llmshim: could not patch %s; it is left untouched", module.__name__, exc_info=True)
 
