@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from loop_lag_probe import LoopLag
 from test_loop_lag import LOCKER, _body
 
 import llmshim
@@ -53,30 +54,20 @@ async def test_a_shared_rate_limit_store_never_freezes_the_loop(server: FakeLLMS
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert locker.stdout is not None
             assert locker.stdout.readline().strip() == "locked"
-            loop = asyncio.get_running_loop()
-            lags: list[float] = []
-            stop = asyncio.Event()
-
-            async def tick() -> None:
-                while not stop.is_set():
-                    start = loop.time()
-                    await asyncio.sleep(0.005)
-                    lags.append(loop.time() - start - 0.005)
-
-            ticker = asyncio.create_task(tick())
+            lag = LoopLag()
+            lag.start()
             errors = STATS.snapshot()["store_errors"]
             try:
                 answers = await asyncio.gather(*(client.post(url, json=_body(f"limited {i}")) for i in range(3)))
                 await asyncio.sleep(5.0)  # keep the lock (and keep measuring) for 5 s in all
             finally:
-                stop.set()
-                await ticker
+                await lag.stop()
                 locker.communicate("\n", timeout=10)
             assert STATS.snapshot()["store_errors"] > errors  # the store really was locked: it failed open
             expected = [f"Echo: limited {i}" for i in range(3)]
             assert [a.json()["choices"][0]["message"]["content"] for a in answers] == expected
-            print(f"largest loop lag while the limits file was locked for 5 s: {max(lags) * 1000:.1f} ms")
-            assert max(lags) < 1.0  # one take on the loop would freeze it for the 2 s busy timeout
+            print(f"largest loop lag while the limits file was locked for 5 s: {lag.largest * 1000:.1f} ms")
+            assert lag.largest < 1.0  # one take on the loop would freeze it for the 2 s busy timeout
             answer = await client.post(url, json=_body("after"))  # the store works again
             assert answer.status_code == 200
     finally:

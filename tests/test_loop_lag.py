@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from loop_lag_probe import LoopLag
 
 import llmshim
 from llmshim.policies.cache import CachePolicy
@@ -50,30 +51,20 @@ async def test_cache_writes_never_freeze_the_loop_while_another_process_holds_th
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert locker.stdout is not None and locker.stdin is not None
             assert locker.stdout.readline().strip() == "locked"
-            loop = asyncio.get_running_loop()
-            lags: list[float] = []
-            stop = asyncio.Event()
-
-            async def tick() -> None:
-                while not stop.is_set():
-                    start = loop.time()
-                    await asyncio.sleep(0.005)
-                    lags.append(loop.time() - start - 0.005)
-
-            ticker = asyncio.create_task(tick())
+            lag = LoopLag()
+            lag.start()
             try:
                 answers = await asyncio.gather(*(client.post(url, json=_body(f"question {i}")) for i in range(5)))
                 # Keep the lock (and keep measuring) for 5 s, past two busy timeouts: the queued writes wait
                 # and fail open on the writer thread, never on the loop.
                 await asyncio.sleep(5.0)
             finally:
-                stop.set()
-                await ticker
+                await lag.stop()
                 locker.communicate("\n", timeout=10)  # release the lock; closes the pipes
             for i, answer in enumerate(answers):
                 assert answer.json()["choices"][0]["message"]["content"] == f"Echo: question {i}"
-            print(f"largest loop lag while the lock was held for 5 s: {max(lags) * 1000:.1f} ms")
-            assert max(lags) < 1.0  # one blocked write would freeze the loop for the 2 s busy timeout
+            print(f"largest loop lag while the lock was held for 5 s: {lag.largest * 1000:.1f} ms")
+            assert lag.largest < 1.0  # one blocked write would freeze the loop for the 2 s busy timeout
             assert cache.writes.idle(60)
             # The cache works again once the lock is free: new answers are stored and hit.
             fresh = [(await client.post(url, json=_body(f"later {i}"))).json() for i in range(3)]
