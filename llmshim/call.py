@@ -22,6 +22,7 @@ from .tap import OnEnd, Tap, TapObserver
 
 if TYPE_CHECKING:
     from .dialects import Dialect
+    from .tokens import TextTally
 
 __all__ = ["Call", "CallInfo", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
 
@@ -145,15 +146,44 @@ class ResponseInfo:
     model: str | None = None
     id: str | None = None
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
-    usage: Usage = dataclasses.field(default_factory=Usage)
+    usage: Usage = dataclasses.field(default_factory=Usage)  # what the provider reported, nothing else
     done: bool = False  # the dialect's done marker was seen ([DONE], "done": true, "stop": true, ...)
     error: str | None = None  # an error event inside a 2xx body (mid-stream error)
     output: list[str] | None = None  # the answer's text pieces, collected only when content is captured
     chunks: int = 0  # messages read (SSE events, NDJSON lines; 1 for a whole body)
+    # The generated text, held to be counted only if the provider reports no usage (llmshim.tokens).
+    tally: TextTally | None = dataclasses.field(default=None, repr=False)
+    # When the provider reported no usage: llmshim's estimate and how it was made (llmshim.tokens).
+    estimated: Usage | None = None
+    estimator: str | None = None
+
+    @property
+    def wants_text(self) -> bool:
+        """Whether the answer's text is wanted (captured content, or a tally): dialects skip
+        looking for it otherwise."""
+        return self.output is not None or self.tally is not None
 
     def add_text(self, text: Any) -> None:
-        if self.output is not None and isinstance(text, str) and text:
-            self.output.append(text)
+        """A piece of the answer's text: captured (when content is) and tallied."""
+        if isinstance(text, str) and text:
+            if self.output is not None:
+                self.output.append(text)
+            if self.tally is not None:
+                self.tally.add(text)
+
+    def add_generated(self, text: Any) -> None:
+        """Generated text that is not the answer's prose (a tool call's arguments): tallied only."""
+        if self.tally is not None and isinstance(text, str) and text:
+            self.tally.add(text)
+
+    @property
+    def tokens(self) -> Usage | None:
+        """The usage to account for this answer: the provider's, else llmshim's estimate (then
+        ``estimator`` is set), else None."""
+        usage = self.usage
+        if usage.input_tokens is not None or usage.output_tokens is not None:
+            return usage
+        return self.estimated
 
 
 async def _nothing() -> None:

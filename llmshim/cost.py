@@ -136,14 +136,16 @@ def price(provider: str | None, model: str | None, input_tokens: int | None, out
 def cost_of(call: Call) -> Decimal | None:
     """What ``call`` cost (or, for a cache hit, what it would have cost: the replayed answer's
     usage), from its host's provider, the model its response names (else the request's) and the
-    usage the provider reported. None when :func:`price` has no answer or the call has no
-    response. Never raises."""
+    usage the provider reported, else llmshim's estimate of it (``ResponseInfo.tokens``). None when
+    :func:`price` has no answer or the call has no response. Never raises."""
     try:
         response = call.response
         if response is None:
             return None
         host, _ = call.request.server
-        usage = response.usage
+        usage = response.tokens
+        if usage is None:
+            return None
         return price(known_provider(host, call.request.path), response.model or call.info.model,
                      usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
     except Exception:

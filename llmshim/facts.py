@@ -43,6 +43,9 @@ class Facts:
     retries: int = 0  # wire attempts llmshim retried
     ratelimit_wait_s: float | None = None  # None: no limit applied; else seconds queued for permits
     priority: str | None = None  # the priority class a limit applied with
+    # How llmshim counted the call's tokens (spent, or a hit's saved) when the provider reported
+    # none: "tiktoken:<encoding>" or "approximation" (llmshim.tokens). None: the provider's counts.
+    estimator: str | None = None
 
     @property
     def tokens_saved(self) -> int:

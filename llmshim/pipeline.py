@@ -26,6 +26,7 @@ from .call import Call, Reply
 from .context import in_call
 from .dialects import BodyParser
 from .tap import OnEnd
+from .tokens import estimate
 
 __all__ = ["AsyncHandler", "Handler", "Pipeline", "Policy", "ResponseTracker", "track"]
 
@@ -76,6 +77,7 @@ class ResponseTracker:
             return
         call.response = info = self._parser.finish()
         call.outcome = "error" if info.error else "ok"
+        estimate(call.info, info)
 
     def on_abort(self, error: BaseException | None) -> None:
         parser = self._parser

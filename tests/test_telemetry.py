@@ -419,7 +419,8 @@ def test_stats_count_calls_outcomes_tokens_and_latency(server: FakeLLMServer, sh
         assert snapshot["input_tokens"] == 3 * 5 + 2 and snapshot["output_tokens"] == 3 * 4
         assert 0 < snapshot["average_latency_s"] < 1
         assert snapshot["by_model"]["ollama/llama3.2"] == {"calls": 4, "input_tokens": 15, "output_tokens": 12,
-                                                       "tokens_saved": 0, "cost_usd": None, "saved_cost_usd": None}
+                                                       "tokens_saved": 0, "estimated_tokens": 0, "cost_usd": None,
+                                                           "saved_cost_usd": None}
         assert json.loads((tmp_path / "stats.json").read_text())["total_calls"] == 5
         assert llmshim.stats(reset=True)["total_calls"] == 5 and llmshim.stats()["total_calls"] == 0
     finally:
@@ -450,7 +451,8 @@ def test_llmshim_span_attribute_names_are_pinned_and_carried(server: FakeLLMServ
         "llmshim.cache.age_s", "llmshim.cache.bypass", "llmshim.cache.hit", "llmshim.cache.saved.cost_usd",
         "llmshim.cache.saved.input_tokens", "llmshim.cache.saved.output_tokens", "llmshim.client.library",
         "llmshim.cost.usd", "llmshim.outcome",
-        "llmshim.priority", "llmshim.ratelimit.wait_s", "llmshim.retry.count"]
+        "llmshim.priority", "llmshim.ratelimit.wait_s", "llmshim.retry.count",
+        "llmshim.usage.estimated.input_tokens", "llmshim.usage.estimated.output_tokens", "llmshim.usage.estimator"]
 
     class Marks:  # stands in for a later policy that records its own attributes on the call
         def handle(self, call: Any, next: Any) -> Any:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from ..call import CallInfo, ResponseInfo, WireRequest
 from ..providers import known_provider
+from ..tokens import tally_for
 from ._base import Dialect, Framing, ServerLimits
 from ._framing import JsonBody, NdjsonReader, SseReader, loads_object
 from .llamacpp import LLAMACPP
@@ -47,6 +48,7 @@ class BodyParser:
         self.dialect, self.call_info, self.result = dialect, info, ResponseInfo()
         if capture:
             self.result.output = []
+        self.result.tally = tally_for(info)
         self._reader: SseReader | NdjsonReader | JsonBody = self._READERS[dialect.framing(content_type, info)]()
 
     def feed(self, data: bytes) -> None:

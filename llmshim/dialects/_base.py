@@ -153,6 +153,16 @@ class Dialect:
             return [{"role": "user", "parts": [{"type": "text", "content": p}]} for p in prompt if isinstance(p, str)]
         return []
 
+    def prompt_extras(self, info: CallInfo) -> list[Any]:
+        """What the prompt carries besides its messages that the model reads as tokens (tool
+        definitions, a response schema), for the token estimate. Default: nothing."""
+        return []
+
+    def reports_usage(self, info: CallInfo) -> bool:
+        """Whether this request's answer will carry the provider's token counts. When it will not,
+        llmshim prepares to estimate them (``llmshim.tokens``). Default: it will."""
+        return True
+
     def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
         """The top-level request fields that cannot change this call's answer nor what the server
         keeps, left out of its cache key. Default: none (everything is in the key)."""

@@ -86,7 +86,7 @@ class OllamaDialect(Dialect):
             into.model = message["model"]
         if info.operation == "embeddings":
             into.done = True
-        elif into.output is not None:
+        elif into.wants_text:
             chat_message = message.get("message")
             into.add_text(chat_message.get("content") if isinstance(chat_message, dict) else message.get("response"))
         if message.get("done") is True:

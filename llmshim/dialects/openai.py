@@ -60,6 +60,7 @@ def _int(value: Any) -> int | None:
 
 
 _PROMPT_CACHE_KEY = frozenset({"prompt_cache_key"})
+_PROMPT_EXTRAS = ("tools", "functions", "response_format", "text")
 _RESET = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _RESET_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -121,6 +122,18 @@ class OpenAIDialect(Dialect):
                                   stream=body.get("stream") is True, body=body)
         return None
 
+    def prompt_extras(self, info: CallInfo) -> list[Any]:
+        """Tool and function definitions and a response schema: the model reads them as tokens."""
+        return [info.body[field] for field in _PROMPT_EXTRAS if info.body.get(field) is not None]
+
+    def reports_usage(self, info: CallInfo) -> bool:
+        """Whole answers and Responses API streams carry usage; a chat or text completion stream
+        only when the request asked (``stream_options.include_usage``)."""
+        if not info.stream or info.endpoint == "responses":
+            return True
+        options = info.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
     def cache_ignored_fields(self, info: CallInfo) -> frozenset[str]:
         """``prompt_cache_key`` routes to OpenAI's prompt cache; chat completions never echo it
         (the Responses API does, so there it stays in the key)."""
@@ -167,9 +180,16 @@ class OpenAIDialect(Dialect):
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 into.finish_reasons.append(reason)
-            if into.output is not None:
+            if into.wants_text:
                 part = choice.get("message") or choice.get("delta")
-                into.add_text(part.get("content") if isinstance(part, dict) else choice.get("text"))
+                if isinstance(part, dict):
+                    into.add_text(part.get("content"))
+                    for tool_call in part.get("tool_calls") or ():
+                        function = tool_call.get("function") if isinstance(tool_call, dict) else None
+                        if isinstance(function, dict):
+                            into.add_generated(function.get("arguments"))
+                else:
+                    into.add_text(choice.get("text"))
         self._usage(message.get("usage"), into)
         if not info.stream:
             into.done = True  # a whole JSON body that parsed is complete
@@ -201,7 +221,7 @@ class OpenAIDialect(Dialect):
             if status in ("completed", "incomplete"):
                 into.done = True
             self._usage(response.get("usage"), into)
-            if kind is None and into.output is not None:  # a whole response: its text is in `output`
+            if kind is None and into.wants_text:  # a whole response: its text is in `output`
                 for item in response.get("output") or ():
                     for part in (item.get("content") or ()) if isinstance(item, dict) else ():
                         if isinstance(part, dict) and part.get("type") == "output_text":

@@ -144,10 +144,12 @@ class CachePolicy:
 
     def save(self, call: Call, key: str, headers: list[tuple[str, str]], body: bytes, ttl: float | None) -> None:
         now = CLOCK()
-        usage = call.response.usage if call.response else None
+        usage = call.response.tokens if call.response else None  # reported, else estimated
         meta = {**cache_keys.summary(call), "status": call.status,
                 "usage": {"input_tokens": usage.input_tokens if usage else None,
                           "output_tokens": usage.output_tokens if usage else None}}
+        if call.response is not None and usage is call.response.estimated:
+            meta["estimator"] = call.response.estimator
         try:
             self.store.put(Entry(key, int(call.status or 200), headers, body, now, now + ttl if ttl else None, meta),
                            now)
@@ -163,6 +165,8 @@ class CachePolicy:
             usage = entry.meta.get("usage") or {}
             facts.saved_input_tokens, facts.saved_output_tokens = _tokens(usage, "input_tokens"), _tokens(
                 usage, "output_tokens")
+            estimator = entry.meta.get("estimator")
+            facts.estimator = estimator if isinstance(estimator, str) and facts.tokens_saved else None
             saved = facts.tokens_saved
 
         def note() -> None:

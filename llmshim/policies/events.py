@@ -44,7 +44,7 @@ class CallRecord:
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
     input_tokens: int | None = None  # spent: what the provider produced for this call (None on a cache hit)
-    output_tokens: int | None = None
+    output_tokens: int | None = None  # (estimated by llmshim when ``estimator`` is set)
     duration: float | None = None
     time_to_first_chunk: float | None = None
     error_type: str | None = None
@@ -54,11 +54,14 @@ class CallRecord:
     saved_output_tokens: int | None = None
     cost_usd: float | None = None  # what the provider charged (genai-prices); None: no honest price
     saved_cost_usd: float | None = None  # a cache hit's price, not paid again
+    # How llmshim counted the tokens (and so the cost) when the provider reported none:
+    # "tiktoken:<encoding>" or "approximation". None: the provider's own counts.
+    estimator: str | None = None
 
     @classmethod
     def of(cls, event: str, call: Call) -> CallRecord:
         info, response = call.info, call.response
-        spent = response if response is not None and not call.facts.cache_hit else None
+        spent = response.tokens if response is not None and not call.facts.cache_hit else None
         return cls(
             event=event, provider=info.provider, operation=info.operation, model=info.model,
             stream=info.stream, library=call.library, url=redact.public_url(call.request.url),
@@ -66,13 +69,13 @@ class CallRecord:
             response_model=response.model if response else None,
             response_id=response.id if response else None,
             finish_reasons=tuple(response.finish_reasons) if response else (),
-            input_tokens=spent.usage.input_tokens if spent else None,
-            output_tokens=spent.usage.output_tokens if spent else None,
+            input_tokens=spent.input_tokens if spent else None,
+            output_tokens=spent.output_tokens if spent else None,
             duration=call.duration, time_to_first_chunk=call.time_to_first_chunk,
             error_type=error_type(call), outcome=call.outcome,
             cache_hit=call.facts.cache_hit, saved_input_tokens=call.facts.saved_input_tokens,
             saved_output_tokens=call.facts.saved_output_tokens, cost_usd=call.facts.cost_usd,
-            saved_cost_usd=call.facts.saved_cost_usd,
+            saved_cost_usd=call.facts.saved_cost_usd, estimator=call.facts.estimator,
         )
 
 

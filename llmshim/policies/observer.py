@@ -63,7 +63,7 @@ class ObserverPolicy:
             self.telemetry.detach(begun, call)
 
     def _end(self, call: Call, begun: Begun | None) -> None:
-        _price(call)
+        _account(call)
         self.stats.call_ended(call)
         if begun is not None and self.telemetry is not None:
             self.telemetry.finish(begun, call)
@@ -118,11 +118,23 @@ def _warm_prices() -> None:
     atexit.register(thread.join, 10.0)
 
 
-def _price(call: Call) -> None:
-    """The call's price in US dollars (``llmshim.cost``), on its facts: spent, or for a cache hit
-    saved. None where there is no honest price (an unknown model, a local server, no usage)."""
-    if call.response is None:
+def _account(call: Call) -> None:
+    """The call's tokens and price on its facts. Tokens the provider did not report but llmshim
+    estimated (``llmshim.tokens``) are flagged with their ``estimator``: for a paid call they are
+    what it spent; for a cache hit whose entry kept no counts, what it saved. Then the price in US
+    dollars (``llmshim.cost``): spent, or for a hit saved; None where there is no honest price (an
+    unknown model, a local server, no tokens)."""
+    response = call.response
+    if response is None:
         return
+    facts = call.facts
+    estimated = response.estimated
+    if estimated is not None and response.tokens is estimated:
+        if not facts.cache_hit:
+            facts.estimator = response.estimator
+        elif facts.saved_input_tokens is None and facts.saved_output_tokens is None:
+            facts.saved_input_tokens, facts.saved_output_tokens = estimated.input_tokens, estimated.output_tokens
+            facts.estimator = response.estimator
     cost = cost_of(call)
     if cost is None:
         return

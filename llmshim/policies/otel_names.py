@@ -23,6 +23,10 @@ LLMSHIM_ATTRIBUTES = {
     "llmshim.cache.saved.output_tokens": "int: a hit's output tokens, not spent again",
     "llmshim.cache.saved.cost_usd": "float: a hit's price in US dollars, not paid again",
     "llmshim.cost.usd": "float: what the provider charged for this call, US dollars (genai-prices)",
+    "llmshim.usage.estimator": "str: how llmshim counted tokens the provider did not report: tiktoken:<encoding> | "
+                               "approximation (the cost and saved tokens are then estimates too)",
+    "llmshim.usage.estimated.input_tokens": "int: llmshim's estimate of the prompt's tokens (no gen_ai.usage.*)",
+    "llmshim.usage.estimated.output_tokens": "int: llmshim's estimate of the answer's tokens",
     "llmshim.cache.bypass": "str: why the cache stood aside (a test double or recorder answered)",
     "llmshim.retry.count": "int: wire attempts retried by llmshim for this call",
     "llmshim.ratelimit.wait_s": "float: time waited for rate-limit permits, seconds",
@@ -72,6 +76,9 @@ class Instruments:
             description="Tokens a cache hit did not spend again (by gen_ai.token.type).")
         self.cost = meter.create_counter(
             "llmshim.cost", unit="USD", description="What LLM calls cost, from the provider's reported usage.")
+        self.estimated_tokens = meter.create_counter(
+            "llmshim.usage.estimated_tokens", unit="{token}",
+            description="Tokens llmshim estimated for calls whose provider reported none (by gen_ai.token.type).")
         self.saved_cost = meter.create_counter(
             "llmshim.cache.saved_cost", unit="USD", description="What cache hits did not pay again.")
         self.cache_errors = meter.create_counter(

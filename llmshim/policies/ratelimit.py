@@ -164,7 +164,7 @@ class RateLimitPolicy:
         limiter = self.limiter
 
         def reconcile() -> None:
-            usage = call.response.usage if call.response else None
+            usage = call.response.tokens if call.response else None  # reported, else estimated
             if usage is None or usage.input_tokens is None or key.tokens is None:
                 return
             limiter.give_back(key, waiter.tokens - (usage.input_tokens + (usage.output_tokens or 0)))

@@ -83,6 +83,12 @@ def fact_attributes(call: Call) -> dict[str, Any]:
         attributes["llmshim.cost.usd"] = facts.cost_usd
     if facts.saved_cost_usd is not None:
         attributes["llmshim.cache.saved.cost_usd"] = facts.saved_cost_usd
+    if facts.estimator is not None:
+        attributes["llmshim.usage.estimator"] = facts.estimator
+        estimated = call.response.estimated if call.response is not None and not facts.cache_hit else None
+        if estimated is not None:
+            attributes["llmshim.usage.estimated.input_tokens"] = estimated.input_tokens
+            attributes["llmshim.usage.estimated.output_tokens"] = estimated.output_tokens
     if facts.retries:
         attributes["llmshim.retry.count"] = facts.retries
     if facts.ratelimit_wait_s is not None:

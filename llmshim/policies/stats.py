@@ -24,10 +24,11 @@ from ..call import Call
 __all__ = ["STATS", "Stats"]
 
 _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
-           "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved")
+           "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved",
+           "estimated_input_tokens", "estimated_output_tokens")
 
 
-_MODEL_FIELDS = ("calls", "input_tokens", "output_tokens", "tokens_saved")
+_MODEL_FIELDS = ("calls", "input_tokens", "output_tokens", "tokens_saved", "estimated_tokens")
 
 
 class Stats:
@@ -45,7 +46,8 @@ class Stats:
             self._latency_total = 0.0
             self._latency_count = 0
             self._models: dict[str, dict[str, Any]] = {}
-            self._money: dict[str, float | None] = {"cost_usd": None, "saved_cost_usd": None}
+            self._money: dict[str, float | None] = {"cost_usd": None, "saved_cost_usd": None,
+                                                    "estimated_cost_usd": None}
             self._started = time.time()
 
     def add(self, **increments: int) -> None:
@@ -60,10 +62,14 @@ class Stats:
 
     def call_ended(self, call: Call) -> None:
         """Count the call. Tokens are *spent* only when the provider produced them: a cache hit's
-        tokens go to ``tokens_saved`` (in total and for its model), never to input/output tokens."""
+        tokens go to ``tokens_saved`` (in total and for its model), never to input/output tokens.
+        Spent tokens the provider did not report but llmshim estimated count too, and again under
+        ``estimated_*``, as does their cost: the totals answer "what did we spend", the estimated
+        part says how much of that is an estimate."""
         outcome = {"ok": "completed", "aborted": "aborted"}.get(call.outcome or "", "failed")
         facts = call.facts
-        usage = call.response.usage if call.response is not None and not facts.cache_hit else None
+        usage = call.response.tokens if call.response is not None and not facts.cache_hit else None
+        estimated = usage is not None and facts.estimator is not None
         key = f"{call.info.provider}/{call.info.model or '-'}"
         with self._lock:
             counts = self._counts
@@ -85,7 +91,11 @@ class Stats:
                 for field, count in (("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens)):
                     counts[field] += count or 0
                     model[field] += count or 0
-            for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd)):
+                    if estimated:
+                        counts[f"estimated_{field}"] += count or 0
+                        model["estimated_tokens"] += count or 0
+            for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd),
+                                  ("estimated_cost_usd", facts.cost_usd if estimated else None)):
                 if amount is not None:  # a sum of honest prices; None until one call was priced
                     self._money[field] = (self._money[field] or 0.0) + amount
                     model[field] = (model.get(field) or 0.0) + amount

@@ -248,8 +248,14 @@ class Telemetry:
         for token_type, count in (("input", facts.saved_input_tokens), ("output", facts.saved_output_tokens)):
             if count:
                 instruments.tokens_saved.add(count, {**provider, "gen_ai.token.type": token_type})
+        estimated = call.response.estimated if call.response is not None and not facts.cache_hit else None
+        if estimated is not None and facts.estimator is not None:
+            for token_type, count in (("input", estimated.input_tokens), ("output", estimated.output_tokens)):
+                if count:
+                    instruments.estimated_tokens.add(count, {**provider, "gen_ai.token.type": token_type})
         if facts.cost_usd is not None or facts.saved_cost_usd is not None:
-            priced = {**provider, "gen_ai.request.model": call.info.model or ""}
+            priced: dict[str, Any] = {**provider, "gen_ai.request.model": call.info.model or "",
+                      "llmshim.usage.estimated": facts.estimator is not None}
             if facts.cost_usd is not None:
                 instruments.cost.add(facts.cost_usd, priced)
             if facts.saved_cost_usd is not None:
