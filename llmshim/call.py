@@ -151,6 +151,7 @@ class ResponseInfo:
     error: str | None = None  # an error event inside a 2xx body (mid-stream error)
     output: list[str] | None = None  # the answer's text pieces, collected only when content is captured
     chunks: int = 0  # messages read (SSE events, NDJSON lines; 1 for a whole body)
+    service_tier: str | None = None  # the tier the provider says it served (OpenAI: default, flex, priority...)
     # The generated text, held to be counted only if the provider reports no usage (llmshim.tokens).
     tally: TextTally | None = dataclasses.field(default=None, repr=False)
     # When the provider reported no usage: llmshim's estimate and how it was made (llmshim.tokens).

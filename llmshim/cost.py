@@ -93,22 +93,28 @@ def _count(value: int | None) -> int | None:
 
 @functools.lru_cache(maxsize=4096)
 def _priced(provider_id: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int | None,
-            at: _dt.datetime | None, _day: tuple[int, int, int] | None, library: Any) -> Decimal | None:
+            service_tier: str | None, at: _dt.datetime | None, _day: tuple[int, int, int] | None,
+            library: Any) -> Decimal | None:
     """The library's price; ``_day`` only keys the memory (prices have dates), ``library`` too
     (another snapshot or a re-installed library is another price list)."""
     usage = library.Usage(input_tokens=input_tokens, output_tokens=output_tokens,
                           **({} if cached_input_tokens is None else {"cache_read_tokens": cached_input_tokens}))
-    calculation = library.calc_price(usage, model, provider_id=provider_id, genai_request_timestamp=at)
+    context = {"service_tier": service_tier} if service_tier else None  # flex, priority...: their own rates
+    calculation = library.calc_price(usage, model, provider_id=provider_id, genai_request_timestamp=at,
+                                     price_context=context)
     total = calculation.total_price
     return total if isinstance(total, Decimal) else Decimal(str(total))
 
 
 def price(provider: str | None, model: str | None, input_tokens: int | None, output_tokens: int | None,
-          cached_input_tokens: int | None = None, *, at: _dt.datetime | None = None) -> Decimal | None:
+          cached_input_tokens: int | None = None, *, service_tier: str | None = None,
+          at: _dt.datetime | None = None) -> Decimal | None:
     """US dollars for this usage of ``model`` at ``provider`` (llmshim's name of a known host's
     provider, :func:`llmshim.providers.known_provider`; None for an unknown host), at time ``at``
     (default: now). ``input_tokens`` counts the whole prompt, cached tokens included (OpenAI's
-    convention); ``cached_input_tokens`` of them were read from the provider's prompt cache.
+    convention); ``cached_input_tokens`` of them were read from the provider's prompt cache;
+    ``service_tier`` is the tier the provider says it served (``flex``, ``priority``...: priced at
+    that tier's rates where the library lists them, else at the standard ones).
 
     None, never 0 and never an exception, when there is no honest answer: no provider, no model,
     no tokens at all (a count missing beside a known one counts 0: embeddings have no output),
@@ -125,7 +131,7 @@ def price(provider: str | None, model: str | None, input_tokens: int | None, out
     try:
         day = None if at is not None else time.gmtime()[:3]
         return _priced(provider_id, model, _count(input_tokens) or 0, _count(output_tokens) or 0,
-                       _count(cached_input_tokens), at, day, library)
+                       _count(cached_input_tokens), service_tier, at, day, library)
     except LookupError:  # the provider or the model is not in the library's list
         _unknown.add((provider_id, model))
         return None
@@ -147,7 +153,8 @@ def cost_of(call: Call) -> Decimal | None:
         if usage is None:
             return None
         return price(known_provider(host, call.request.path), response.model or call.info.model,
-                     usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+                     usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+                     service_tier=response.service_tier)
     except Exception:
         return None
 

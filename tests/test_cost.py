@@ -212,3 +212,29 @@ def _ended(url: str, model: str, response_model: str | None = "=", input_tokens:
     call.response = ResponseInfo(model=model if response_model == "=" else response_model,
                                  usage=Usage(input_tokens, output_tokens))
     return call
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+def test_the_service_tier_the_provider_served_is_priced_at_its_rates(genai_prices: Any, tier: str) -> None:
+    """The response names the tier (OpenAI: ``service_tier``), streamed or whole: it is read by the
+    dialect and priced at that tier's rates; a tier the library has no rates for is the standard."""
+    standard = price("openai", "o4-mini", 10_000, 2_000)
+    tiered = price("openai", "o4-mini", 10_000, 2_000, service_tier=tier)
+    assert standard is not None and tiered is not None and tiered != standard
+    assert tiered == Decimal(genai_prices.calc_price(genai_prices.Usage(input_tokens=10_000, output_tokens=2_000),
+                                                     "o4-mini", provider_id="openai",
+                                                     price_context={"service_tier": tier}).total_price)
+    assert price("openai", "o4-mini", 10_000, 2_000, service_tier="default") == standard
+    body = json.dumps({"id": "c", "object": "chat.completion", "model": "o4-mini-2025-04-16", "service_tier": tier,
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 10_000, "completion_tokens": 2_000}}).encode()
+    request = WireRequest("POST", "https://api.openai.com/v1/chat/completions", (),
+                          json.dumps({"model": "o4-mini", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    dialect, info = detect(request) or (None, None)
+    assert dialect is not None and info is not None
+    parser = BodyParser(dialect, info, "application/json")
+    parser.feed(body)
+    call = Call(request=request, info=info, library="test", dialect=dialect, response=parser.finish())
+    assert call.response is not None and call.response.service_tier == tier
+    assert cost_of(call) == tiered

@@ -174,6 +174,8 @@ class OpenAIDialect(Dialect):
             into.model = message["model"]
         if isinstance(message.get("id"), str):
             into.id = message["id"]
+        if isinstance(message.get("service_tier"), str):
+            into.service_tier = message["service_tier"]
         for choice in message.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -209,6 +211,8 @@ class OpenAIDialect(Dialect):
             into.model = response["model"]
         if isinstance(response.get("id"), str):
             into.id = response["id"]
+        if isinstance(response.get("service_tier"), str):
+            into.service_tier = response["service_tier"]
         status = response.get("status")
         if kind is None or kind in ("response.completed", "response.incomplete", "response.failed"):
             if status == "failed" or kind == "response.failed":
