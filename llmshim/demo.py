@@ -50,8 +50,8 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
 
         async def go() -> str:
             async with openai.AsyncOpenAI(base_url=v1, api_key="sk-demo") as client:
-                stream = await client.chat.completions.create(
-                    model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True})
+                stream = await client.chat.completions.create(  # no usage asked: llmshim estimates it
+                    model="gpt-4o", messages=MSG, stream=True)
                 return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         return asyncio.run(go())
@@ -112,7 +112,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
         ("OpenAI SDK chat", "openai", openai_chat),
         ("OpenAI SDK chat, same question again", "openai", openai_chat),
         ("OpenAI SDK chat, streamed", "openai", openai_stream),
-        ("AsyncOpenAI chat, streamed", "openai", openai_async_stream),
+        ("AsyncOpenAI chat, streamed without usage (llmshim estimates it)", "openai", openai_async_stream),
         ("OpenAI SDK embeddings", "openai", openai_embeddings),
         ("OpenAI SDK Responses API", "openai", openai_responses),
         ("requests -> Ollama /api/chat (NDJSON)", "requests", requests_ollama_stream),
@@ -248,9 +248,13 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     continue
                 tokens = (f"tokens saved in={record.saved_input_tokens} out={record.saved_output_tokens}"
                           if record.cache_hit else f"tokens in={record.input_tokens} out={record.output_tokens}")
+                if record.estimator is not None:
+                    tokens += f" (estimated: {record.estimator})"
+                paid = record.saved_cost_usd if record.cache_hit else record.cost_usd
+                money = f"cost ${paid:.6f}" if paid is not None else "cost - (a local server has no price)"
                 out.write(
                     f"      llmshim saw: {record.library} | {record.provider} {record.operation} "
-                    f"model={record.model or '-'} stream={str(record.stream).lower()} | {tokens} | "
+                    f"model={record.model or '-'} stream={str(record.stream).lower()} | {tokens} | {money} | "
                     f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | "
                     f"{'cache hit' if record.cache_hit else 'live'} | {record.outcome}\n")
             if importlib.util.find_spec("requests") is not None:
@@ -282,9 +286,9 @@ def format_stats(snapshot: dict[str, object], source: str = "this process") -> s
     lines = [f"llmshim stats from {source}"]
     for key in ("total_calls", "completed", "failed", "aborted", "throttled_calls", "retries", "cache_hits",
                 "cache_misses", "cache_hit_rate", "average_latency_s", "input_tokens", "output_tokens",
-                "tokens_saved"):
+                "estimated_input_tokens", "estimated_output_tokens", "tokens_saved"):
         lines.append(f"  {key:<18} {show(snapshot.get(key))}")
-    for key in ("cost_usd", "saved_cost_usd"):
+    for key in ("cost_usd", "estimated_cost_usd", "saved_cost_usd"):
         lines.append(f"  {key:<18} {dollars(snapshot.get(key))}")
     by_model = snapshot.get("by_model") or {}
     if isinstance(by_model, dict) and by_model:
