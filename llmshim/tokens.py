@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
@@ -115,6 +116,19 @@ def encoding_for(model: str | None, *, wait: float | None = 0.0) -> Any | None:
     if wait is None or wait > 0:
         loader.join(wait)
     return _encodings.get(name)
+
+
+def _forget_loaders_in_child() -> None:
+    """A forked child has none of its parent's threads: a load the parent had under way would never
+    end in the child, so it is forgotten there (asked again on the next estimate)."""
+    global _lock
+    _lock = threading.Lock()
+    for name in [name for name in _loaders if name not in _encodings]:
+        del _loaders[name]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_loaders_in_child)
 
 
 def load(model: str, timeout: float | None = 30.0) -> bool:

@@ -325,3 +325,30 @@ def test_a_tokenizer_that_cannot_load_is_not_asked_again(monkeypatch: pytest.Mon
     assert not tokens.load("gpt-4")
     assert [tokens.count(["some text"], "gpt-4")[1] for _ in range(3)] == [tokens.APPROXIMATION] * 3
     assert asked == ["cl100k_base"]
+
+
+def test_a_child_forked_while_the_tokenizer_loads_loads_it_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    release = threading.Event()
+    real = tiktoken.get_encoding
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (release.wait(30), real(name))[1])
+    monkeypatch.setattr(tokens, "_encodings", {})
+    monkeypatch.setattr(tokens, "_loaders", {})
+    assert tokens.encoding_for("gpt-4") is None  # the parent's load is under way, held
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's loader thread does not exist here
+        os.close(read)
+        try:
+            monkeypatch.setattr(tiktoken, "get_encoding", real)
+            os.write(write, b"1" if tokens.load("gpt-4", timeout=30) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    release.set()
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert tokens.load("gpt-4")
