@@ -88,8 +88,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "input_chars": len(json.dumps([MESSAGES[1:], "be brief"])),
         "input_messages": [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}],
         "framing": {"text/event-stream; charset=utf-8": "sse", "application/json": "json", None: "json"},
+        "quota": (429, b'{"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit", '
+                       b'"details": {"error_code": "enforced_spend_limit_reached"}}}', "enforced_spend_limit_reached"),
         # its own rate-limit headers (not these x-ratelimit-*): tests/test_anthropic.py
-        "quota": None, "loading": None, "health_url": None, "limits": ServerLimits(),
+        "loading": None, "health_url": None, "limits": ServerLimits(),
     },
 }
 RATE_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",

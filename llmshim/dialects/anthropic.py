@@ -25,7 +25,10 @@ whole prompt, Anthropic's uncached ``input_tokens`` plus ``cache_creation_input_
 
 The server states its limits in ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-
 {limit,remaining,reset}`` headers, the reset as an RFC 3339 time. Its 529 ``overloaded_error`` is
-retried as any 52x is; a 429 carries ``retry-after``, which the limiter already reads.
+retried as any 52x is; a 429 carries ``retry-after``, which the limiter already reads. A 429 whose
+``error.details.error_code`` is a spend limit (``contract_spend_limit_reached``,
+``enforced_spend_limit_reached``: the anthropic SDK's error table names them) is an exhausted
+quota: waiting cannot help, so it is not retried. Its ``ramp_limit_exceeded`` is load, and is.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from typing import Any
 from ..call import CallInfo, ResponseInfo, Usage
 from . import _shapes as shapes
 from ._base import Dialect, ServerLimits
+from ._framing import loads_object
 from .openai import header_number
 
-__all__ = ["ANTHROPIC", "FINISH_REASONS", "AnthropicDialect", "absorb_usage", "parse_time", "server_limits_at"]
+__all__ = ["ANTHROPIC", "FINISH_REASONS", "SPEND_LIMITS", "AnthropicDialect", "absorb_usage", "parse_time",
+           "server_limits_at"]
 
 # path suffix, endpoint, operation. count_tokens first: both end in a route of this table.
 _ROUTES: tuple[tuple[str, str, str], ...] = (
@@ -62,6 +67,9 @@ PARAMS = {
 #: Anthropic's stop reasons -> the names OpenTelemetry's Anthropic instrumentation reports
 #: (``normalize_finish_reason`` in opentelemetry-instrumentation-anthropic); others pass as sent.
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+#: 429 error codes (``error.details.error_code``) that mean a spend limit, not load.
+SPEND_LIMITS = frozenset({"contract_spend_limit_reached", "enforced_spend_limit_reached"})
 
 _INPUT_PARTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
@@ -168,6 +176,7 @@ class AnthropicDialect(Dialect):
     name = "anthropic"
     suffixes = tuple(route[0] for route in _ROUTES)
     param_names = PARAMS
+    quota_statuses = frozenset({429})
 
     def recognise(self, path: str, body: dict[str, Any]) -> CallInfo | None:
         for suffix, endpoint, operation in _ROUTES:
@@ -188,6 +197,16 @@ class AnthropicDialect(Dialect):
 
     def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
         return server_limits_at(headers, time.time())
+
+    def quota_exhausted(self, status: int, body: bytes) -> str | None:
+        """A 429 for a spend limit (its ``error.details.error_code``): billing, not load."""
+        if status != 429 or b"spend_limit" not in body:
+            return None
+        answer = loads_object(body)
+        error = answer.get("error") if isinstance(answer, dict) else None
+        details = error.get("details") if isinstance(error, dict) else None
+        code = details.get("error_code") if isinstance(details, dict) else None
+        return code if code in SPEND_LIMITS else None
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if not isinstance(message, dict):
