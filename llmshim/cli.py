@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what is installed and patched, settings, cache and store health, conflicts, "
                    "client libraries llmshim cannot see")
     sub.add_parser("settings", help="every LLMSHIM_* setting: default and meaning (the README's table, Markdown)")
-    add_serve_options(sub.add_parser("serve", help="run the bundled local LLM server (OpenAI, Ollama and llama.cpp "
-                                     "dialects, fault injection)", **SERVE_PARSER))
+    add_serve_options(sub.add_parser("serve", help="run the bundled local LLM server (OpenAI, Ollama, llama.cpp "
+                                     "and Anthropic dialects, fault injection)", **SERVE_PARSER))
     return parser
 
 

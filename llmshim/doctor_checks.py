@@ -46,8 +46,6 @@ BLIND_SPOTS = (
             "its adapters are its own, not requests'"),
     Library("websockets", "websockets", "realtime APIs (OpenAI Realtime) over WebSocket",
             "a WebSocket is not an HTTP request/response"),
-    Library("anthropic", "anthropic", "Anthropic's Messages API (the anthropic SDK)",
-            "on httpx, but llmshim recognises the OpenAI, Ollama and llama.cpp dialects only"),
     Library("google.genai", "google-genai", "the Gemini API (google-genai SDK)",
             "on httpx/aiohttp, but not a dialect llmshim recognises (Gemini's OpenAI-compatible endpoint is)"),
 )

@@ -80,6 +80,19 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "loading": (503, b'{"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}'),
         "health_url": "http://h:1/health", "limits": ServerLimits(),
     },
+    "anthropic": {  # no seed on this wire; the system prompt is counted, not a message
+        "path": "/v1/messages",
+        "body": {"model": "m", "system": "be brief", "messages": MESSAGES[1:], "max_tokens": 9, "temperature": 0.5,
+                 "seed": 3, "options": {"num_predict": 2}},
+        "max_output_tokens": 9, "temperature": 0.5, "seed": None,
+        "input_chars": len(json.dumps([MESSAGES[1:], "be brief"])),
+        "input_messages": [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}],
+        "framing": {"text/event-stream; charset=utf-8": "sse", "application/json": "json", None: "json"},
+        "quota": (429, b'{"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit", '
+                       b'"details": {"error_code": "enforced_spend_limit_reached"}}}', "enforced_spend_limit_reached"),
+        # its own rate-limit headers (not these x-ratelimit-*): tests/test_anthropic.py
+        "loading": None, "health_url": None, "limits": ServerLimits(),
+    },
 }
 RATE_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
                 "x-ratelimit-reset-requests": "1.5s", "x-ratelimit-limit-tokens": "1000",

@@ -202,3 +202,12 @@ class Dialect:
     def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
         """The server's rate limits as its response ``headers`` (case-insensitive) state them."""
         return ServerLimits()
+
+    # -- what the call is --------------------------------------------------------------------
+
+    def generates(self, info: CallInfo) -> bool:
+        """Whether this call runs the model (generates or embeds: the default), or only asks the
+        server about a request without running it (Anthropic's ``count_tokens``). A call that does
+        not generate is never cached and does not take a permit from the generation rate limits
+        (its answer is a measure, and providers limit such calls apart)."""
+        return True

@@ -69,6 +69,8 @@ class RateLimitPolicy:
         return host in self.local_hosts or host in ("localhost", "::1") or host.startswith("127.")
 
     def _plan(self, call: Call) -> tuple[Key, Waiter] | None:
+        if not call.dialect.generates(call.info):  # count_tokens: limited apart by its provider
+            return None
         limits = self.per_model.get(call.info.model or "", self.default)
         host, port = call.request.server
         concurrency = self.max_concurrency if self.max_concurrency and self._local(host) else None

@@ -23,7 +23,10 @@ token counts are whitespace words, so the same request always gets the same byte
   Ollama     POST /api/chat, /api/generate, /api/embed, /api/embeddings (NDJSON); GET /api/tags,
              /api/version
   llama.cpp  POST /completion, /infill, /embedding (SSE); GET /health
-OpenAI routes carry x-ratelimit-* headers and x-request-id.
+  Anthropic  POST /v1/messages (SSE events when "stream": true; tool_use with a forced tool_choice),
+             /v1/messages/count_tokens
+OpenAI routes carry x-ratelimit-* headers and x-request-id; Anthropic routes anthropic-ratelimit-*
+(resets as RFC 3339 times) and request-id, and errors in Anthropic's shape (--fault 529: overloaded_error).
 
 fault SPEC: comma-separated key=value pairs, or just a status (--fault 503):
   status=N        answer N (default body: the dialect's error shape)
@@ -126,8 +129,8 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmshim.testing")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_options(sub.add_parser("serve", help="serve OpenAI, Ollama and llama.cpp dialects on 127.0.0.1",
-                                     **SERVE_PARSER))
+    add_serve_options(sub.add_parser("serve", help="serve the OpenAI, Ollama, llama.cpp and Anthropic dialects "
+                                     "on 127.0.0.1", **SERVE_PARSER))
     return serve(parser.parse_args(argv))
 
 

@@ -1,9 +1,10 @@
 """A protocol-faithful local LLM server with fault injection, for tests, demos and benchmarks.
 
 It speaks OpenAI (chat/completions/embeddings/responses, SSE with ``[DONE]`` and
-``stream_options.include_usage``), Ollama (chat/generate/embed, NDJSON), and llama.cpp
-(``/completion`` SSE, ``/health``) over real HTTP/1.1 on 127.0.0.1, with keep-alive and chunked
-streams flushed piece by piece. It sends real ``x-ratelimit-*`` headers and can be made to fail:
+``stream_options.include_usage``), Ollama (chat/generate/embed, NDJSON), llama.cpp
+(``/completion`` SSE, ``/health``) and Anthropic (``/v1/messages``, SSE events: ``anthropic_wire.py``)
+over real HTTP/1.1 on 127.0.0.1, with keep-alive and chunked streams flushed piece by piece. It
+sends real ``x-ratelimit-*`` (Anthropic: ``anthropic-ratelimit-*``) headers and can be made to fail:
 
     server.inject(Fault(status=429, headers={"retry-after-ms": "1500"}))   # the next request
     server.inject(Fault(reset="before_headers"), times=2)                  # the next two
@@ -22,6 +23,7 @@ import collections
 import dataclasses
 import gzip
 import json
+import math
 import socket
 import struct
 import sys
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from . import anthropic_wire
 from .responses import Answer, answer_for
 
 __all__ = ["FakeLLMServer", "Fault", "Received"]
@@ -347,6 +350,8 @@ class FakeLLMServer:
         return allowed, int(level), 0.0 if allowed else (1.0 - level) / rate, (limit - level) / rate
 
     def _answer(self, received: Received, path: str, fault: Fault | None) -> Answer | None:
+        if anthropic_wire.speaks(received.method, path):
+            return self._answer_anthropic(received, path, fault)
         openai_route = not path.startswith("/api/") and received.method == "POST"
         allowed, remaining, wait, reset = self._rate()
         limit_headers = [
@@ -376,6 +381,32 @@ class FakeLLMServer:
                 body = None
             answer = answer_for(received.method, path, body)
             answer.headers = [*answer.headers, *limit_headers, ("x-request-id", f"req_{len(self.received)}")]
+        return answer
+
+    def _answer_anthropic(self, received: Received, path: str, fault: Fault | None) -> Answer:
+        """Anthropic's routes: its rate-limit headers and error shape, the same faults and RPM limit."""
+        allowed, remaining, wait, reset = self._rate()
+        request_id = f"req_{len(self.received)}"
+        headers = [("request-id", request_id),
+                   *anthropic_wire.limit_headers(self.rpm_limit or 10000, remaining, reset, time.time())]
+        json_type = ("Content-Type", "application/json")
+        if not allowed:
+            return Answer(429, [json_type, ("retry-after", str(max(1, math.ceil(wait)))), *headers],
+                          anthropic_wire.error_body(429, None, request_id))
+        if fault is not None and fault.status is not None:
+            extra = list(fault.headers.items()) if isinstance(fault.headers, dict) else list(fault.headers)
+            if "content-type" not in {k.lower() for k, _ in extra}:
+                extra.insert(0, json_type)
+            error = anthropic_wire.error_body(fault.status, fault.body, request_id)
+            return Answer(fault.status, extra + headers, error)
+        answer = self.responder(received) if self.responder is not None else None
+        if answer is None:
+            try:
+                body = json.loads(received.body) if received.body else None
+            except ValueError:
+                body = None
+            answer = anthropic_wire.answer(path, body)
+            answer.headers = [*answer.headers, *headers]
         return answer
 
 
