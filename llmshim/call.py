@@ -137,6 +137,7 @@ class Usage:
     input_tokens: int | None = None  # all of the prompt's tokens, cached ones included
     output_tokens: int | None = None
     cached_input_tokens: int | None = None  # of input_tokens, those read from the provider's prompt cache
+    cache_write_tokens: int | None = None  # of input_tokens, those written to it (Anthropic bills them higher)
 
 
 @dataclasses.dataclass(slots=True)
@@ -153,7 +154,7 @@ class ResponseInfo:
     chunks: int = 0  # messages read (SSE events, NDJSON lines; 1 for a whole body)
     service_tier: str | None = None  # the tier the provider says it served (OpenAI: default, flex, priority...)
     # The generated text, held to be counted only if the provider reports no usage (llmshim.tokens).
-    tally: TextTally | None = dataclasses.field(default=None, repr=False)
+    tally: TextTally | None = dataclasses.field(default=None, repr=False, compare=False)
     # When the provider reported no usage: llmshim's estimate and how it was made (llmshim.tokens).
     estimated: Usage | None = None
     estimator: str | None = None

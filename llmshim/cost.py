@@ -93,12 +93,13 @@ def _count(value: int | None) -> int | None:
 
 @functools.lru_cache(maxsize=4096)
 def _priced(provider_id: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int | None,
-            service_tier: str | None, at: _dt.datetime | None, _day: tuple[int, int, int] | None,
-            library: Any) -> Decimal | None:
+            cache_write_tokens: int | None, service_tier: str | None, at: _dt.datetime | None,
+            _day: tuple[int, int, int] | None, library: Any) -> Decimal | None:
     """The library's price; ``_day`` only keys the memory (prices have dates), ``library`` too
     (another snapshot or a re-installed library is another price list)."""
-    usage = library.Usage(input_tokens=input_tokens, output_tokens=output_tokens,
-                          **({} if cached_input_tokens is None else {"cache_read_tokens": cached_input_tokens}))
+    cache = {name: count for name, count in (("cache_read_tokens", cached_input_tokens),
+                                             ("cache_write_tokens", cache_write_tokens)) if count is not None}
+    usage = library.Usage(input_tokens=input_tokens, output_tokens=output_tokens, **cache)
     context = {"service_tier": service_tier} if service_tier else None  # flex, priority...: their own rates
     calculation = library.calc_price(usage, model, provider_id=provider_id, genai_request_timestamp=at,
                                      price_context=context)
@@ -107,12 +108,13 @@ def _priced(provider_id: str, model: str, input_tokens: int, output_tokens: int,
 
 
 def price(provider: str | None, model: str | None, input_tokens: int | None, output_tokens: int | None,
-          cached_input_tokens: int | None = None, *, service_tier: str | None = None,
-          at: _dt.datetime | None = None) -> Decimal | None:
+          cached_input_tokens: int | None = None, *, cache_write_tokens: int | None = None,
+          service_tier: str | None = None, at: _dt.datetime | None = None) -> Decimal | None:
     """US dollars for this usage of ``model`` at ``provider`` (llmshim's name of a known host's
     provider, :func:`llmshim.providers.known_provider`; None for an unknown host), at time ``at``
     (default: now). ``input_tokens`` counts the whole prompt, cached tokens included (OpenAI's
-    convention); ``cached_input_tokens`` of them were read from the provider's prompt cache;
+    convention); ``cached_input_tokens`` of them were read from the provider's prompt cache and
+    ``cache_write_tokens`` written to it (Anthropic bills a write above the input rate);
     ``service_tier`` is the tier the provider says it served (``flex``, ``priority``...: priced at
     that tier's rates where the library lists them, else at the standard ones).
 
@@ -131,7 +133,7 @@ def price(provider: str | None, model: str | None, input_tokens: int | None, out
     try:
         day = None if at is not None else time.gmtime()[:3]
         return _priced(provider_id, model, _count(input_tokens) or 0, _count(output_tokens) or 0,
-                       _count(cached_input_tokens), service_tier, at, day, library)
+                       _count(cached_input_tokens), _count(cache_write_tokens), service_tier, at, day, library)
     except LookupError:  # the provider or the model is not in the library's list
         _unknown.add((provider_id, model))
         return None
@@ -154,7 +156,7 @@ def cost_of(call: Call) -> Decimal | None:
             return None
         return price(known_provider(host, call.request.path), response.model or call.info.model,
                      usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
-                     service_tier=response.service_tier)
+                     cache_write_tokens=usage.cache_write_tokens, service_tier=response.service_tier)
     except Exception:
         return None
 

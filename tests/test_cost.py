@@ -238,3 +238,20 @@ def test_the_service_tier_the_provider_served_is_priced_at_its_rates(genai_price
     call = Call(request=request, info=info, library="test", dialect=dialect, response=parser.finish())
     assert call.response is not None and call.response.service_tier == tier
     assert cost_of(call) == tiered
+
+
+def test_a_prompt_cache_write_is_priced_at_its_own_rate(genai_prices: Any) -> None:
+    """Anthropic bills writing the prompt cache above the input rate and reading it below: both
+    parts of the prompt reach the library, read from the answer's usage by the dialect."""
+    from llmshim.dialects.anthropic import absorb_usage
+
+    usage = Usage()
+    absorb_usage({"input_tokens": 2000, "cache_creation_input_tokens": 8000, "cache_read_input_tokens": 0,
+                  "output_tokens": 100}, usage)
+    assert (usage.input_tokens, usage.cache_write_tokens, usage.cached_input_tokens) == (10_000, 8000, 0)
+    plain = price("anthropic", "claude-sonnet-4-5", 10_000, 100)
+    written = price("anthropic", "claude-sonnet-4-5", 10_000, 100, cached_input_tokens=0, cache_write_tokens=8000)
+    assert plain is not None and written is not None and written > plain
+    assert written == Decimal(genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=10_000, output_tokens=100, cache_read_tokens=0, cache_write_tokens=8000),
+        "claude-sonnet-4-5", provider_id="anthropic").total_price)

@@ -104,6 +104,8 @@ def absorb_usage(usage: Any, into: Usage) -> None:
     if read is not None:
         into.cached_input_tokens = read
         known_read = read
+    if created is not None:
+        into.cache_write_tokens = created
     into.input_tokens = (rest or 0) + known_read
 
 
@@ -198,6 +200,10 @@ class AnthropicDialect(Dialect):
     def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
         return server_limits_at(headers, time.time())
 
+    def prompt_extras(self, info: CallInfo) -> list[Any]:
+        """The system prompt and tool definitions: the model reads them as tokens."""
+        return [info.body[field] for field in ("system", "tools") if info.body.get(field) is not None]
+
     def quota_exhausted(self, status: int, body: bytes) -> str | None:
         """A 429 for a spend limit (its ``error.details.error_code``): billing, not load."""
         if status != 429 or b"spend_limit" not in body:
@@ -236,6 +242,8 @@ class AnthropicDialect(Dialect):
             delta = message.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta":
                 into.add_text(delta.get("text"))
+            elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":  # a tool call's input
+                into.add_generated(delta.get("partial_json"))
         elif kind == "message_delta":
             delta = message.get("delta")
             if isinstance(delta, dict):
@@ -250,7 +258,10 @@ class AnthropicDialect(Dialect):
         if isinstance(message.get("id"), str):
             into.id = message["id"]
         self._stop(message.get("stop_reason"), into)
-        absorb_usage(message.get("usage"), into.usage)
+        usage = message.get("usage")
+        absorb_usage(usage, into.usage)
+        if isinstance(usage, dict) and isinstance(usage.get("service_tier"), str):
+            into.service_tier = usage["service_tier"]
 
     @staticmethod
     def _stop(reason: Any, into: ResponseInfo) -> None:
