@@ -120,7 +120,7 @@ STREAM = _events(
     {"type": "message_stop"},
 )
 EXPECTED = ResponseInfo(model="claude-haiku-4-5-20251001", id="msg_01", finish_reasons=["tool_calls"],
-                        usage=Usage(input_tokens=2112, output_tokens=37, cached_input_tokens=2000), done=True,
+                        usage=Usage(input_tokens=2112, output_tokens=37, cached_input_tokens=2000, cache_write_tokens=100), done=True,
                         output=["Héllo 🙂", " wörld"], chunks=12)
 
 
@@ -153,7 +153,7 @@ def test_the_bundled_servers_stream_and_whole_answer_read_alike() -> None:
     whole = anthropic_wire.messages(body)
     live = _parse(list(streamed.chunks or ()), {**body, "stream": True})
     read = _parse([whole.body], body, "application/json")
-    assert live.usage == read.usage == Usage(input_tokens=5, output_tokens=3, cached_input_tokens=3)
+    assert live.usage == read.usage == Usage(input_tokens=5, output_tokens=3, cached_input_tokens=3, cache_write_tokens=0)
     assert live.finish_reasons == read.finish_reasons == ["stop"]  # stop_sequence
     assert "".join(live.output or ()) == "".join(read.output or ()) == "Echo: hi "
     assert live.done and read.done and str(live.id).startswith("msg_") and str(read.id).startswith("msg_")
@@ -164,17 +164,17 @@ def test_the_bundled_servers_stream_and_whole_answer_read_alike() -> None:
 @pytest.mark.parametrize(("usages", "expected"), [
     ([{"input_tokens": 10, "output_tokens": 1}], Usage(10, 1, None)),
     ([{"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1},
-      {"output_tokens": 9}], Usage(10, 9, 0)),  # an older message_delta: only the output count
+      {"output_tokens": 9}], Usage(10, 9, 0, 0)),  # an older message_delta: only the output count
     ([{"input_tokens": 10, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": 1},
       {"input_tokens": 10, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": 9}],
-     Usage(35, 9, 20)),  # a newer one restates them all
+     Usage(35, 9, 20, 5)),  # a newer one restates them all
     ([{"input_tokens": 10, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": 1},
       {"input_tokens": 14, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 26, "output_tokens": 9}],
-     Usage(45, 9, 26)),  # server tools grew the prompt: the later counts win
+     Usage(45, 9, 26, 5)),  # server tools grew the prompt: the later counts win
     ([{"input_tokens": 10, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": 1},
       {"input_tokens": None, "cache_creation_input_tokens": None, "cache_read_input_tokens": 30, "output_tokens": 2}],
-     Usage(45, 2, 30)),  # null keeps; the cache read alone is known apart
-    ([{"cache_creation_input_tokens": 7, "output_tokens": 0}], Usage(7, 0, None)),
+     Usage(45, 2, 30, 5)),  # null keeps; the cache read alone is known apart
+    ([{"cache_creation_input_tokens": 7, "output_tokens": 0}], Usage(7, 0, None, 7)),
     ([{"input_tokens": -1, "output_tokens": True, "cache_read_input_tokens": "9"}], Usage()),  # not counts
     (["usage", None, {}], Usage()),
 ])
@@ -280,7 +280,8 @@ def test_a_claude_call_costs_what_the_library_says_with_cached_input_cheaper() -
     call = _call("/v1/messages", {**BODY, "stream": True})
     call.response = _parse([STREAM])  # 2112 prompt tokens, 2000 of them read from the prompt cache
     paid = cost.cost_of(call)
-    library = genai_prices.calc_price(genai_prices.Usage(input_tokens=2112, output_tokens=37, cache_read_tokens=2000),
+    library = genai_prices.calc_price(genai_prices.Usage(input_tokens=2112, output_tokens=37, cache_read_tokens=2000,
+                                                         cache_write_tokens=100),
                                       "claude-haiku-4-5-20251001", provider_id="anthropic").total_price
     assert paid is not None and paid == Decimal(str(library))
     uncached = cost.price("anthropic", "claude-haiku-4-5-20251001", 2112, 37)
