@@ -120,7 +120,8 @@ STREAM = _events(
     {"type": "message_stop"},
 )
 EXPECTED = ResponseInfo(model="claude-haiku-4-5-20251001", id="msg_01", finish_reasons=["tool_calls"],
-                        usage=Usage(input_tokens=2112, output_tokens=37, cached_input_tokens=2000, cache_write_tokens=100), done=True,
+                        usage=Usage(input_tokens=2112, output_tokens=37, cached_input_tokens=2000,
+                                    cache_write_tokens=100), done=True,
                         output=["Héllo 🙂", " wörld"], chunks=12)
 
 
@@ -153,7 +154,8 @@ def test_the_bundled_servers_stream_and_whole_answer_read_alike() -> None:
     whole = anthropic_wire.messages(body)
     live = _parse(list(streamed.chunks or ()), {**body, "stream": True})
     read = _parse([whole.body], body, "application/json")
-    assert live.usage == read.usage == Usage(input_tokens=5, output_tokens=3, cached_input_tokens=3, cache_write_tokens=0)
+    assert live.usage == read.usage == Usage(input_tokens=5, output_tokens=3, cached_input_tokens=3,
+                                             cache_write_tokens=0)
     assert live.finish_reasons == read.finish_reasons == ["stop"]  # stop_sequence
     assert "".join(live.output or ()) == "".join(read.output or ()) == "Echo: hi "
     assert live.done and read.done and str(live.id).startswith("msg_") and str(read.id).startswith("msg_")
