@@ -75,10 +75,12 @@ class WireRequest:
 
     @property
     def server(self) -> tuple[str, int | None]:
-        """(host, port) with the scheme's default port filled in."""
-        parts = urlsplit(self.url)
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-        return parts.hostname or "", port
+        """(host, port) with the scheme's default port filled in. Worked out once per origin
+        (scheme://authority): several policies ask for every call."""
+        url = self.url
+        start = url.find("//")
+        end = url.find("/", start + 2) if start >= 0 else -1
+        return _server_of(url if end < 0 else url[:end])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +188,16 @@ class ResponseInfo:
         if usage.input_tokens is not None or usage.output_tokens is not None:
             return usage
         return self.estimated
+
+
+@functools.lru_cache(maxsize=512)
+def _server_of(origin: str) -> tuple[str, int | None]:
+    parts = urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: as urlsplit's callers saw before, no port
+        port = None
+    return parts.hostname or "", port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 async def _nothing() -> None:

@@ -21,13 +21,50 @@ from ._doubles import httpx_double, mark_bypass
 __all__ = ["async_wrapper", "sync_wrapper", "to_wire"]
 
 
-def to_wire(request: Any) -> WireRequest | None:
-    """The request as sent; None when its body is a stream we must not consume (uploads)."""
+def to_wire(request: Any, headers: tuple[tuple[str, str], ...] | None = None) -> WireRequest | None:
+    """The request as sent; None when its body is a stream we must not consume (uploads).
+    ``headers``: the request's headers already decoded (:func:`header_items`)."""
     try:
         body = request.content
     except Exception:  # RequestNotRead: a streaming body, never an LLM call we can read
         return None
-    return WireRequest(request.method, str(request.url), tuple(request.headers.multi_items()), body)
+    return WireRequest(request.method, str(request.url), headers if headers is not None else header_items(request),
+                       body)
+
+
+def header_items(request: Any) -> tuple[tuple[str, str], ...]:
+    """The request's headers as (name, value) strings, as ``Headers.multi_items()`` gives them (same
+    encoding, names lower-cased as httpx does), decoded in one pass: ``multi_items`` looks up the
+    encoding twice per header."""
+    headers = request.headers
+    try:
+        encoding = headers.encoding
+        return tuple((key.lower().decode(encoding), value.decode(encoding)) for key, value in headers.raw)
+    except Exception:  # another Headers than httpx's own: its public view
+        return tuple(headers.multi_items())
+
+
+class _Headers:
+    """One request's decoded headers, decoded once for both uses a call makes of them (the scan
+    for x-llmshim-* controls and the wire request), and again only after controls were stripped."""
+
+    __slots__ = ("items", "request")
+
+    def __init__(self, request: Any) -> None:
+        self.request, self.items = request, header_items(request)
+
+    def strip(self, names: list[str]) -> None:
+        headers = self.request.headers
+        for name in names:
+            if name in headers:
+                del headers[name]
+        self.items = header_items(self.request)
+
+    def listed(self) -> tuple[tuple[str, str], ...]:
+        return self.items
+
+    def wire(self) -> WireRequest | None:
+        return to_wire(self.request, self.items)
 
 
 class _Feed:
@@ -85,15 +122,6 @@ def _bodies(module: Any) -> tuple[type, type]:
 
         cached = _body_classes[module.__name__] = (ReplaySyncBody, ReplayAsyncBody)
     return cached
-
-
-def _strip(request: Any) -> Any:
-    def strip(names: list[str]) -> None:
-        for name in names:
-            if name in request.headers:
-                del request.headers[name]
-
-    return strip
 
 
 def _replayer(module: Any, client: Any, request: Any, body_class: type, stream_class: type) -> Any:
@@ -191,7 +219,8 @@ def sync_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
+        headers = _Headers(request)
+        call = begin(library, headers.wire, headers.strip, headers.listed)
         if call is None:
             return original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))
@@ -213,7 +242,8 @@ def async_wrapper(module: Any, original: Any) -> Any:
     library = module.__name__
 
     async def _send_single_request(self: Any, request: Any) -> Any:
-        call = begin(library, lambda: to_wire(request), _strip(request), request.headers.multi_items)
+        headers = _Headers(request)
+        call = begin(library, headers.wire, headers.strip, headers.listed)
         if call is None:
             return await original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))

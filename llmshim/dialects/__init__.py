@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..call import CallInfo, ResponseInfo, WireRequest
 from ..providers import known_provider
@@ -103,7 +102,7 @@ def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
     for dialect in DIALECTS:
         info = dialect.recognise(path, body)
         if info is not None:
-            provider = known_provider(urlsplit(request.url).hostname or "", path)
+            provider = known_provider(request.server[0], path)
             if provider is not None and provider != info.provider:
                 # the info was made just now and nobody holds it yet: set the field in place, as a
                 # frozen dataclass' __post_init__ would (dataclasses.replace costs 5x detect's rest)
