@@ -108,6 +108,13 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
         with ollama.Client(host=url) as client:
             return client.chat(model="llama3.2", messages=MSG).message.content
 
+    def anthropic_stream() -> Any:
+        import anthropic
+
+        with anthropic.Anthropic(base_url=url, api_key="sk-ant-demo") as client, client.messages.stream(
+                model="claude-haiku-4-5", max_tokens=64, messages=MSG) as stream:
+            return "".join(stream.text_stream)
+
     return [
         ("OpenAI SDK chat", "openai", openai_chat),
         ("OpenAI SDK chat, same question again", "openai", openai_chat),
@@ -120,6 +127,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
         ("aiohttp -> llama.cpp /completion (SSE)", "aiohttp", aiohttp_llamacpp_stream),
         ("httpx -> Ollama /api/embed", "httpx", httpx_ollama_embed),
         ("ollama client chat", "ollama", ollama_client_chat),
+        ("Anthropic SDK messages, streamed", "anthropic", anthropic_stream),
     ]
 
 
