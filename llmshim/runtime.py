@@ -103,7 +103,10 @@ def control_headers(headers: Iterable[tuple[str, str]]) -> tuple[dict[str, str],
     [names as spelled]). A quick scan of names: it runs for every request while llmshim is active."""
     controls: dict[str, str] = {}
     names: list[str] = []
-    for name, value in headers:
+    pairs = headers if isinstance(headers, (tuple, list)) else list(headers)
+    if CONTROL_PREFIX not in "\0".join([name for name, _ in pairs]).lower():  # one C pass: the usual case
+        return controls, names
+    for name, value in pairs:
         if len(name) > _PREFIX_LENGTH and name[:_PREFIX_LENGTH].lower() == CONTROL_PREFIX:
             controls[name.lower()] = value
             names.append(name)

@@ -38,8 +38,14 @@ def header_items(request: Any) -> tuple[tuple[str, str], ...]:
     encoding twice per header."""
     headers = request.headers
     try:
-        encoding = headers.encoding
-        return tuple((key.lower().decode(encoding), value.decode(encoding)) for key, value in headers.raw)
+        encoding, raw = headers.encoding, headers.raw
+        # One decode of all names and one of all values (C loops), split on a byte no header holds
+        # (h11 refuses NUL in names and values); should one hold it, the plain per-item decode.
+        names = b"\0".join([key for key, _ in raw]).lower().decode(encoding).split("\0")
+        values = b"\0".join([value for _, value in raw]).decode(encoding).split("\0")
+        if len(names) == len(values) == len(raw):
+            return tuple(zip(names, values, strict=True))
+        return tuple((key.lower().decode(encoding), value.decode(encoding)) for key, value in raw)
     except Exception:  # another Headers than httpx's own: its public view
         return tuple(headers.multi_items())
 
