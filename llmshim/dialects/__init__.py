@@ -21,6 +21,7 @@ from ..call import CallInfo, ResponseInfo, WireRequest
 from ..providers import known_provider
 from ._base import Dialect, Framing, ServerLimits
 from ._framing import JsonBody, NdjsonReader, SseReader, loads_object
+from .gemini import GEMINI
 from .llamacpp import LLAMACPP
 from .ollama import OLLAMA
 from .openai import OPENAI
@@ -32,6 +33,7 @@ DIALECTS: tuple[Dialect, ...] = (
     OLLAMA,
     LLAMACPP,  # root routes only; before OpenAI, whose suffixes also end llama.cpp's /completions
     OPENAI,
+    GEMINI,
 )
 
 

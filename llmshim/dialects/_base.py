@@ -192,3 +192,18 @@ class Dialect:
     def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
         """The server's rate limits as its response ``headers`` (case-insensitive) state them."""
         return ServerLimits()
+
+    # -- hooks added with the Gemini dialect (issue 16) ----------------------------------------
+
+    def generates(self, info: CallInfo) -> bool:
+        """Whether the call asks the model for an answer (a generation or an embedding). A utility
+        route recognised only to be seen and traced (Gemini's ``countTokens``) answers False: the
+        cache neither looks it up nor stores it, and the rate limiter lets it pass without a permit
+        (it does not spend the generation budget). Default: every recognised call generates."""
+        return True
+
+    def retry_delay(self, status: int, body: bytes) -> float | None:
+        """Seconds the error ``body`` of a ``quota_statuses`` answer asks to wait before a retry
+        (Google's ``RetryInfo``), for servers that say it in the body rather than in
+        ``retry-after``. None: the body says nothing (headers still count)."""
+        return None

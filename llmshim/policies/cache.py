@@ -84,6 +84,8 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, contro
         return Plan(False, False, False, ttl, "cache off")
     if call.cache_bypass:  # a test double or a recorder answers: never store it, never hide it
         return Plan(False, False, False, ttl, call.cache_bypass)
+    if not call.dialect.generates(call.info):  # a utility route (count tokens): seen, never cached
+        return Plan(False, False, False, ttl, "not a generation")
     if body.get("background") or body.get("previous_response_id") or body.get("conversation"):
         return Plan(False, False, False, ttl, "stateful request")
     if nondeterministic == "skip" and mode != "replay" and _nondeterministic(call):

@@ -69,12 +69,14 @@ class RateLimitPolicy:
         return host in self.local_hosts or host in ("localhost", "::1") or host.startswith("127.")
 
     def _plan(self, call: Call) -> tuple[Key, Waiter] | None:
+        if not call.dialect.generates(call.info):  # a utility route (count tokens): no generation budget
+            return None
         limits = self.per_model.get(call.info.model or "", self.default)
         host, port = call.request.server
         concurrency = self.max_concurrency if self.max_concurrency and self._local(host) else None
         if limits.rpm is None and limits.tpm is None and concurrency is None:
             return None
-        credential = credential_of(call.request.headers)
+        credential = credential_of(call.request.headers, call.request.url)
         scope = hashlib.sha256(credential.encode()).hexdigest()[:12] if credential else "-"
         name = f"{host}:{port}|{scope}|{call.info.model or '-'}"
         header = call.controls.get(PRIORITY_HEADER)
