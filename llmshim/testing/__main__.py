@@ -23,6 +23,8 @@ token counts are whitespace words, so the same request always gets the same byte
   Ollama     POST /api/chat, /api/generate, /api/embed, /api/embeddings (NDJSON); GET /api/tags,
              /api/version
   llama.cpp  POST /completion, /infill, /embedding (SSE); GET /health
+  Gemini     POST /v1beta/models/M:generateContent, :streamGenerateContent (SSE with ?alt=sse),
+             :embedContent, :batchEmbedContents, :countTokens (Vertex AI paths too)
 OpenAI routes carry x-ratelimit-* headers and x-request-id.
 
 fault SPEC: comma-separated key=value pairs, or just a status (--fault 503):
