@@ -64,7 +64,8 @@ RECOGNISED = [
     ("http://127.0.0.1:9/v1/models/gemini-2.0-flash:generateContent", {"contents": CONTENTS},
      ("gcp.gemini", "generate_content", "generateContent", "gemini-2.0-flash", False, True)),
     # Gemini's OpenAI-compatible routes are the OpenAI wire, served by Google
-    (API + "/v1beta/openai/chat/completions", {"model": "gemini-2.0-flash", "messages": [{"role": "user", "content": "x"}]},
+    (API + "/v1beta/openai/chat/completions",
+     {"model": "gemini-2.0-flash", "messages": [{"role": "user", "content": "x"}]},
      ("gcp.gemini", "chat", "chat/completions", "gemini-2.0-flash", False, True)),
 ]
 
@@ -124,7 +125,8 @@ def test_input_messages_map_roles_tools_and_the_system_instruction() -> None:
     assert found[1].input_messages == [
         {"role": "system", "parts": [{"type": "text", "content": "brief"}]},
         {"role": "user", "parts": [{"type": "text", "content": "weather?"}]},
-        {"role": "assistant", "parts": [{"type": "tool_call", "id": None, "name": "get", "arguments": {"city": "Oslo"}}]},
+        {"role": "assistant",
+         "parts": [{"type": "tool_call", "id": None, "name": "get", "arguments": {"city": "Oslo"}}]},
         {"role": "user", "parts": [{"type": "tool_call_response", "id": None, "response": {"t": 3}}]}]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
@@ -71,7 +72,7 @@ def _contents(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
-def _generate_body(body: dict[str, Any]) -> bool:
+def _generate_body(body: Mapping[str, Any]) -> bool:
     return _contents(body.get("contents"))
 
 

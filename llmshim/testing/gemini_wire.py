@@ -43,8 +43,8 @@ def error_body(status: int, body: Any = None, retry_delay: str | None = None) ->
         return body
     if isinstance(body, dict):
         return json.dumps(body).encode()
-    error: dict[str, Any] = {"code": status, "message": body or _MESSAGES.get(status, f"The server had an error ({status})"),
-                             "status": STATUS_NAMES.get(status, "UNKNOWN")}
+    message = body or _MESSAGES.get(status, f"The server had an error ({status})")
+    error: dict[str, Any] = {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
     if retry_delay is not None:
         error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
     return json.dumps({"error": error}, indent=2).encode()
@@ -124,10 +124,7 @@ def _generate(model: str, body: dict[str, Any], stream: bool, sse: bool) -> Answ
         return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": ident}
 
     final_usage = _usage(body, answer_tokens)
-    if call is not None:
-        whole = [{"functionCall": call}]
-    else:
-        whole = [{"text": "".join(pieces)}]
+    whole: list[dict[str, Any]] = [{"functionCall": call}] if call is not None else [{"text": "".join(pieces)}]
     if not stream:
         return Answer(200, list(_JSON), json.dumps(response(whole, finish, final_usage), indent=2).encode())
     running = _usage(body, None)

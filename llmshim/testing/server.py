@@ -371,9 +371,9 @@ class FakeLLMServer:
             names = {k.lower() for k, _ in headers}
             if "content-type" not in names:
                 headers.insert(0, ("Content-Type", "application/json"))
-            body = gemini_wire.error_body(fault.status, fault.body) if gemini else \
+            error = gemini_wire.error_body(fault.status, fault.body) if gemini else \
                 _error_body(path, fault.status, fault.body)
-            return Answer(fault.status, headers + limit_headers, body)
+            return Answer(fault.status, headers + limit_headers, error)
         answer = self.responder(received) if self.responder is not None else None
         if answer is None:
             try:
