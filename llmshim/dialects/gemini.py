@@ -224,9 +224,8 @@ class GeminiDialect(Dialect):
             if isinstance(reason, str):
                 into.finish_reasons.append(reason.lower())
                 into.done = True
-            if into.output is not None:
-                for part in _parts(candidate.get("content")):
-                    into.add_text(part.get("content"))
+            for part in _parts(candidate.get("content")):  # add_text keeps it only where it is wanted
+                into.add_text(part.get("content"))
         feedback = message.get("promptFeedback")
         if isinstance(feedback, dict) and isinstance(feedback.get("blockReason"), str):
             into.done = True  # the prompt was blocked: this is the whole answer
