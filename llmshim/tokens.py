@@ -45,7 +45,7 @@ __all__ = ["APPROXIMATION", "GENERATIONS", "TextTally", "approximate", "count", 
 #: The estimator's name when no tiktoken encoding counted the text.
 APPROXIMATION = "approximation"
 #: The operations whose answers are generated text, which an estimate can count.
-GENERATIONS = frozenset({"chat", "text_completion"})
+GENERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 #: OpenAI's chat framing, as its cookbook counts it: tokens per message and to prime the reply.
 MESSAGE_TOKENS = 3
 REPLY_TOKENS = 3

@@ -42,6 +42,24 @@ def _wire(path: str, body: Any, url: str = "http://h:1") -> WireRequest:
 # One representative request per dialect, and what each hook answers for it. A dialect added to the
 # registry without a row here fails test_every_registered_dialect_has_a_representative.
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+GEMINI_CONTENTS = [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": [{"text": "yo"}]}]
+GEMINI_SYSTEM = {"parts": [{"text": "be brief"}]}
+GEMINI_SAMPLE: dict[str, Any] = {  # sampling sits in generationConfig; top-level fields are not the wire's
+    "path": "/v1beta/models/gemini-2.0-flash:generateContent",
+    "body": {"contents": GEMINI_CONTENTS, "systemInstruction": GEMINI_SYSTEM, "max_tokens": 9, "temperature": 1,
+             "generationConfig": {"maxOutputTokens": 7, "temperature": 0.5, "seed": 3}},
+    "max_output_tokens": 7, "temperature": 0.5, "seed": 3,
+    "input_chars": len(json.dumps([GEMINI_SYSTEM, GEMINI_CONTENTS])),
+    "input_messages": [{"role": "system", "parts": [{"type": "text", "content": "be brief"}]},
+                       {"role": "user", "parts": [{"type": "text", "content": "hi"}]},
+                       {"role": "assistant", "parts": [{"type": "text", "content": "yo"}]}],
+    "framing": {"text/event-stream": "sse", "application/json; charset=UTF-8": "json", None: "json"},
+    "quota": (429, json.dumps({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+         "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}).encode(),
+        "RESOURCE_EXHAUSTED (per day)"),
+    "loading": None, "health_url": None, "limits": ServerLimits(),
+}
 SAMPLES: dict[str, dict[str, Any]] = {
     "openai": {
         "path": "/v1/chat/completions",
@@ -93,6 +111,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         # its own rate-limit headers (not these x-ratelimit-*): tests/test_anthropic.py
         "loading": None, "health_url": None, "limits": ServerLimits(),
     },
+    "gcp.gemini": GEMINI_SAMPLE,
 }
 RATE_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
                 "x-ratelimit-reset-requests": "1.5s", "x-ratelimit-limit-tokens": "1000",

@@ -22,6 +22,7 @@ from ..tokens import tally_for
 from ._base import Dialect, Framing, ServerLimits
 from ._framing import JsonBody, NdjsonReader, SseReader, loads_object
 from .anthropic import ANTHROPIC
+from .gemini import GEMINI
 from .llamacpp import LLAMACPP
 from .ollama import OLLAMA
 from .openai import OPENAI
@@ -34,6 +35,7 @@ DIALECTS: tuple[Dialect, ...] = (
     LLAMACPP,  # root routes only; before OpenAI, whose suffixes also end llama.cpp's /completions
     OPENAI,
     ANTHROPIC,
+    GEMINI,
 )
 
 

@@ -207,7 +207,14 @@ class Dialect:
 
     def generates(self, info: CallInfo) -> bool:
         """Whether this call runs the model (generates or embeds: the default), or only asks the
-        server about a request without running it (Anthropic's ``count_tokens``). A call that does
-        not generate is never cached and does not take a permit from the generation rate limits
-        (its answer is a measure, and providers limit such calls apart)."""
+        server about a request without running it (Anthropic's ``count_tokens``, Gemini's
+        ``countTokens``). A call that does not generate is never cached and does not take a permit
+        from the generation rate limits (its answer is a measure, and providers limit such calls
+        apart)."""
         return True
+
+    def retry_delay(self, status: int, body: bytes) -> float | None:
+        """Seconds the error ``body`` of a ``quota_statuses`` answer asks to wait before a retry
+        (Google's ``RetryInfo``), for servers that say it in the body rather than in
+        ``retry-after``. None: the body says nothing (headers still count)."""
+        return None

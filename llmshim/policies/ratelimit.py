@@ -76,7 +76,7 @@ class RateLimitPolicy:
         concurrency = self.max_concurrency if self.max_concurrency and self._local(host) else None
         if limits.rpm is None and limits.tpm is None and concurrency is None:
             return None
-        credential = credential_of(call.request.headers)
+        credential = credential_of(call.request.headers, call.request.url)
         scope = hashlib.sha256(credential.encode()).hexdigest()[:12] if credential else "-"
         name = f"{host}:{port}|{scope}|{call.info.model or '-'}"
         header = call.controls.get(PRIORITY_HEADER)

@@ -88,13 +88,14 @@ def _seconds(raw: str, scale: float) -> float | None:
 def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | None = None,
            headers: Mapping[str, str] | None = None, body_error: str | None = None,
            transport_error: bool = False, sdk_attempt: bool = False, mode: RetryMode = "auto",
-           rand: float = 0.5, time_left: float | None = None) -> Decision:
+           rand: float = 0.5, time_left: float | None = None, body_delay: float | None = None) -> Decision:
     """Whether attempt number ``attempt`` (1-based) is followed by another, and after how long.
 
     ``rand`` in [0, 1) is the jitter draw, passed in so the function stays pure. A server that asks
     for more than ``max_delay`` gets its 429/503 handed back to the caller at once (the OpenAI SDK
     likewise ignores a retry-after above 60 s); no wait may outlast ``time_left``, the seconds the
-    caller's own timeout leaves (None: unknown)."""
+    caller's own timeout leaves (None: unknown). ``body_delay``: the wait the error body asks for
+    (the dialect's ``retry_delay``: Google's RetryInfo), used when no header names one."""
     if mode in ("off", "sdk") or (mode == "auto" and sdk_attempt):
         return Decision(False, 0.0, "the SDK retries" if sdk_attempt or mode == "sdk" else "retries off")
     if not transport_error:
@@ -110,6 +111,8 @@ def decide(*, attempt: int, max_attempts: int, max_delay: float, status: int | N
     if attempt >= max_attempts:
         return Decision(False, 0.0, f"{max_attempts} attempts made")
     floor = server_delay(headers) if not transport_error else None
+    if floor is None and not transport_error:
+        floor = body_delay
     if floor is not None and floor > max_delay:
         return Decision(False, 0.0, f"the server asked to wait {floor:.6g} s, more than the {max_delay:g} s cap")
     backoff = rand * min(max_delay, BASE_DELAY * 2 ** min(attempt - 1, 64))  # full jitter
@@ -164,12 +167,13 @@ class RetryPolicy:
         transport = error is not None and isinstance(error, call.transport_errors)
         if error is not None and not transport:
             return Decision(False, 0.0, "not a transport error")
+        body_error, body_delay = _body_says(call, reply)
         decision = decide(
             attempt=attempt, max_attempts=self.max_attempts, max_delay=self.max_delay,
             status=reply.status if reply else None, headers=reply.headers if reply else None,
-            body_error=_quota_error(call, reply), transport_error=transport,
+            body_error=body_error, transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
-            rand=self._rand(), time_left=call.timeout)
+            rand=self._rand(), time_left=call.timeout, body_delay=body_delay)
         if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision
@@ -236,13 +240,15 @@ async def _adrop(reply: Reply) -> None:
         reply.tap.abort(None)
 
 
-def _quota_error(call: Call, reply: Reply | None) -> str | None:
-    """The dialect's code for an exhausted quota (OpenAI: a 429 ``insufficient_quota``): not retried."""
+def _body_says(call: Call, reply: Reply | None) -> tuple[str | None, float | None]:
+    """What the error body says, read by the dialect: its code for an exhausted quota (OpenAI: a
+    429 ``insufficient_quota``; not retried), and the wait it asks for (Google's RetryInfo)."""
     if reply is None or reply.peek is None or reply.status not in call.dialect.quota_statuses:
-        return None  # the body is read only where the dialect's quota answer can be
+        return None, None  # the body is read only where the dialect's quota answer can be
     try:
         body = reply.peek()
         code: str | None = call.dialect.quota_exhausted(reply.status, body)
+        delay: float | None = call.dialect.retry_delay(reply.status, body)
     except Exception:
-        return None
-    return code
+        return None, None
+    return code, delay

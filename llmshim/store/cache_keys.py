@@ -14,9 +14,11 @@ answer. Two requests share a key only when they are the same request after this 
 - **Headers**: deny by default. Every request header enters the key except ``NOISE_HEADERS`` /
   ``NOISE_PREFIXES`` (transport, tracing, SDK telemetry, idempotency keys) and the names a user adds
   with ``LLMSHIM_CACHE_IGNORE_HEADERS``; a header whose name looks like a credential can never be
-  ignored. Credentials (and URL user info) make the *scope*: an HMAC under the salt, or ``"shared"``
-  when the user opts in to one answer for every credential.
-- **URL**: scheme and host lower-cased, default port dropped; path and query exactly as sent.
+  ignored. Credentials (URL user info, and query parameters named like one: Gemini's ``?key=``)
+  make the *scope*: an HMAC under the salt, or ``"shared"`` when the user opts in to one answer
+  for every credential.
+- **URL**: scheme and host lower-cased, default port dropped; path and query exactly as sent, but
+  for the credential parameters, which the scope holds instead.
 
 The material is never stored: only the HMAC of it is, so no header value or secret leaves memory.
 """
@@ -35,7 +37,7 @@ from ..call import Call
 
 __all__ = ["CREDENTIAL_HEADERS", "KEY_VERSION", "NOISE_HEADERS", "NOISE_PREFIXES", "cache_key",
            "canonical_body", "credential_of", "is_credential_header", "key_material",
-           "parse_ignored_headers", "split_headers", "summary"]
+           "parse_ignored_headers", "split_headers", "split_query", "summary"]
 
 KEY_VERSION = 2
 
@@ -114,6 +116,7 @@ NOISE_HEADERS = frozenset({
     "x-cloud-trace-context", "elastic-apm-traceparent", "newrelic", "x-request-id", "request-id",
     "x-correlation-id", "x-client-request-id",
     "idempotency-key", "x-idempotency-key",
+    "x-goog-api-client",  # google-genai's SDK and Python versions, as x-stainless-* are the OpenAI SDK's
 })
 #: Header name prefixes that are noise likewise (``x-llmshim-*`` are llmshim's own controls).
 NOISE_PREFIXES = ("x-stainless-", "x-b3-", "x-datadog-", "uberctx-", "x-llmshim-")
@@ -179,13 +182,32 @@ def split_headers(headers: Iterable[tuple[str, str]], authority: str, ignored: f
 _API_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 
 
-def credential_of(headers: tuple[tuple[str, str], ...]) -> str | None:
-    """The API key a request carries in a provider's own header, or None: rate limiting budgets
-    per API key (a session cookie must not split one key's budget)."""
+def credential_of(headers: tuple[tuple[str, str], ...], url: str = "") -> str | None:
+    """The API key a request carries in a provider's own header, else in its URL's ``key``
+    query parameter (Gemini's ``?key=``), or None: rate limiting budgets per API key (a session
+    cookie must not split one key's budget)."""
     for name, value in headers:
         if name.lower() in _API_KEY_HEADERS and value:
             return value
-    return None
+    _, credentials = split_query(urlsplit(url).query) if "?" in url else ("", [])
+    return next((value for name, value in credentials if name == "key" and value), None)
+
+
+def split_query(query: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the query without its credential parameters, exactly as sent otherwise; those parameters
+    as (name, raw value) pairs). A parameter is a credential's when its name is one a header's
+    would be (``key``, ``api_key``, ``access_token``...)."""
+    if not query:
+        return query, []
+    kept: list[str] = []
+    credentials: list[tuple[str, str]] = []
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name and is_credential_header(name):
+            credentials.append((name, value))
+        else:
+            kept.append(pair)
+    return ("&".join(kept), credentials) if credentials else (query, [])
 
 
 # -- URL and key -------------------------------------------------------------------------------
@@ -202,6 +224,18 @@ def normalise_url(url: str) -> tuple[str, str, str]:
         authority += f":{port}"
     userinfo = parts.netloc.rpartition("@")[0]
     return urlunsplit((scheme, authority, parts.path or "/", parts.query, "")), authority, userinfo
+
+
+def _url_credentials(url: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the normalised URL without credential query parameters, those parameters as ``?name``
+    pairs for the scope). The URL is untouched when its query names no credential."""
+    if "?" not in url:
+        return url, []
+    parts = urlsplit(url)
+    query, found = split_query(parts.query)
+    if not found:
+        return url, []
+    return urlunsplit(parts._replace(query=query)), [("?" + name, value) for name, value in found]
 
 
 def _text(value: Any) -> str:
@@ -222,6 +256,8 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
     url, authority, userinfo = normalise_url(request.url)
     ignored_headers = frozenset(name for name in ignored_headers if not is_credential_header(name.rstrip("*")))
     headers, credentials = split_headers(request.headers, authority, ignored_headers)
+    url, query_credentials = _url_credentials(url)
+    credentials += query_credentials  # appended only when present: other keys stay as they were
     if shared:
         scope = "shared"
     elif credentials or userinfo:

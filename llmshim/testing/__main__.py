@@ -25,6 +25,8 @@ token counts are whitespace words, so the same request always gets the same byte
   llama.cpp  POST /completion, /infill, /embedding (SSE); GET /health
   Anthropic  POST /v1/messages (SSE events when "stream": true; tool_use with a forced tool_choice),
              /v1/messages/count_tokens
+  Gemini     POST /v1beta/models/M:generateContent, :streamGenerateContent (SSE with ?alt=sse),
+             :embedContent, :batchEmbedContents, :countTokens (Vertex AI paths too)
 OpenAI routes carry x-ratelimit-* headers and x-request-id; Anthropic routes anthropic-ratelimit-*
 (resets as RFC 3339 times) and request-id, and errors in Anthropic's shape (--fault 529: overloaded_error).
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from . import anthropic_wire
+from . import anthropic_wire, gemini_wire
 from .responses import Answer, answer_for
 
 __all__ = ["FakeLLMServer", "Fault", "Received"]
@@ -352,7 +352,8 @@ class FakeLLMServer:
     def _answer(self, received: Received, path: str, fault: Fault | None) -> Answer | None:
         if anthropic_wire.speaks(received.method, path):
             return self._answer_anthropic(received, path, fault)
-        openai_route = not path.startswith("/api/") and received.method == "POST"
+        gemini = gemini_wire.is_gemini(path)  # Google's routes: its own error shape, no x-ratelimit-*
+        openai_route = not path.startswith("/api/") and received.method == "POST" and not gemini
         allowed, remaining, wait, reset = self._rate()
         limit_headers = [
             ("x-ratelimit-limit-requests", str(self.rpm_limit or 10000)),
@@ -362,6 +363,8 @@ class FakeLLMServer:
             ("x-ratelimit-remaining-tokens", "1999000"),
             ("x-ratelimit-reset-tokens", "30ms"),
         ] if openai_route else []
+        if not allowed and gemini:
+            return gemini_wire.rate_limited(wait)
         if not allowed:
             wait_ms = max(1, int(wait * 1000))
             return Answer(429, [("Content-Type", "application/json"), ("retry-after-ms", str(wait_ms)),
@@ -372,14 +375,17 @@ class FakeLLMServer:
             names = {k.lower() for k, _ in headers}
             if "content-type" not in names:
                 headers.insert(0, ("Content-Type", "application/json"))
-            return Answer(fault.status, headers + limit_headers, _error_body(path, fault.status, fault.body))
+            error = gemini_wire.error_body(fault.status, fault.body) if gemini else \
+                _error_body(path, fault.status, fault.body)
+            return Answer(fault.status, headers + limit_headers, error)
         answer = self.responder(received) if self.responder is not None else None
         if answer is None:
             try:
                 body = json.loads(received.body) if received.body else None
             except ValueError:
                 body = None
-            answer = answer_for(received.method, path, body)
+            answer = gemini_wire.answer(path, received.path.partition("?")[2], body) if gemini else \
+                answer_for(received.method, path, body)
             answer.headers = [*answer.headers, *limit_headers, ("x-request-id", f"req_{len(self.received)}")]
         return answer
 
