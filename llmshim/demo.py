@@ -115,6 +115,14 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
                 model="claude-haiku-4-5", max_tokens=64, messages=MSG) as stream:
             return "".join(stream.text_stream)
 
+    def gemini_stream() -> Any:
+        from google import genai
+        from google.genai import types
+
+        with genai.Client(api_key="AIza-demo", http_options=types.HttpOptions(base_url=url)) as client:
+            return "".join(chunk.text or "" for chunk in client.models.generate_content_stream(
+                model="gemini-2.0-flash", contents="Name three colours of the rainbow"))
+
     return [
         ("OpenAI SDK chat", "openai", openai_chat),
         ("OpenAI SDK chat, same question again", "openai", openai_chat),
@@ -128,6 +136,7 @@ def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
         ("httpx -> Ollama /api/embed", "httpx", httpx_ollama_embed),
         ("ollama client chat", "ollama", ollama_client_chat),
         ("Anthropic SDK messages, streamed", "anthropic", anthropic_stream),
+        ("google-genai SDK, streamed (Gemini)", "google.genai", gemini_stream),
     ]
 
 
