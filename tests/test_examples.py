@@ -26,13 +26,15 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted(monkeypatch: py
     assert text.count("| cache hit |") == 1 and "same question again" in text
     for seen in (f"{OPENAI_LIBRARY} | openai chat", f"{OPENAI_LIBRARY} | openai embeddings", "requests | ollama chat",
                  "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
-                 "httpx | ollama embeddings", "httpx | ollama chat"):
+                 "httpx | ollama embeddings", "httpx | ollama chat", "| anthropic chat",
+                 "| gcp.gemini generate_content"):
         assert seen in text, seen
     assert "tokens in=None" not in text
-    assert text.count("| ok") == 11
-    assert text.count("outcome=ok") == 17  # one span per call: 11 above, the retried one, 5 prioritised
+    assert text.count("| ok") == 13
+    assert text.count("outcome=ok") == 19  # one span per call: 13 above, the retried one, 5 prioritised
     assert "  demo: OpenAI SDK chat (" in text and "\n    chat gpt-4o-mini (" in text  # nested under the app span
-    assert "total_calls        17" in text and "cache_hits         1" in text and "retries            1" in text
+    assert "(estimated: " in text  # the stream sent without usage
+    assert "total_calls        19" in text and "cache_hits         1" in text and "retries            1" in text
 
 
 @pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])
