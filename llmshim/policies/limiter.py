@@ -61,6 +61,8 @@ class Limiter:
         self._timer_at: float | None = None
         self._timer_obj: threading.Timer | None = None
         self._pump_queued = False
+        self._pump_keys: set[Key] = set()  # keys a queued pass must look at (shared store)
+        self._pump_all = False  # ... or every key (the timer's pass)
         _LIMITERS.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -69,7 +71,7 @@ class Limiter:
         afresh (the rate budgets, a copy of the parent's, are kept)."""
         self._lock = threading.RLock()
         self._timer_at, self._timer_obj = None, None
-        self._pump_queued = False
+        self._pump_queued, self._pump_keys, self._pump_all = False, set(), False
         for key in self._keys.values():
             key.in_flight = 0
             for queue in key.queues.values():
@@ -85,12 +87,12 @@ class Limiter:
     def enqueue(self, key: Key, waiter: Waiter) -> None:
         with self._lock:
             key.queues[waiter.priority].append(waiter)
-        self.pump()
+        self.pump(key)
 
     def release(self, key: Key, status: int | None) -> None:
         with self._lock:
             key.release(status)
-        self.pump()
+        self.pump(key)
 
     def withdraw(self, key: Key, waiter: Waiter) -> bool:
         """Remove a waiter that gives up; False if it was granted meanwhile (it then owns a permit)."""
@@ -114,14 +116,14 @@ class Limiter:
         shared, name, seconds = key.shared, key.name, until - self.clock()
         if shared is not None:
             self._store.submit(lambda: shared_budget.write_block(shared, name, seconds))
-        self.pump()
+        self.pump(key)
 
     def unblock(self, key: Key) -> None:
         """The server is ready again (its health watch ended)."""
         with self._lock:
             key.blocked_until = 0.0
             key.watching = False
-        self.pump()
+        self.pump(key)
 
     def give_back(self, key: Key, tokens: float) -> None:
         """A call used ``tokens`` fewer than it reserved (negative: more)."""
@@ -133,7 +135,7 @@ class Limiter:
         shared, name = key.shared, key.name
         if shared is not None:
             self._store.submit(lambda: shared_budget.give_back(shared, name, seconds))
-        self.pump()
+        self.pump(key)
 
     def close(self) -> None:
         """Release the shared store, on the store thread after what is queued for it."""
@@ -147,14 +149,21 @@ class Limiter:
             return (sum(key.in_flight for key in self._keys.values()),
                     sum(len(queue) for key in self._keys.values() for queue in key.queues.values()))
 
-    def pump(self) -> None:
-        """Grant every permit that is due now; arrange one wake-up for the next one. With a shared
+    def pump(self, key: Key | None = None) -> None:
+        """Grant every permit that is due now on ``key`` (what changed: a waiter came, a call
+        ended, a block was set or lifted), or on every key (None: the timer's pass); arrange one
+        wake-up for the next one. Keys are independent budgets, so a change on one key never makes
+        another's waiter due: an acquire costs the same with 1 or 100 keys busy. With a shared
         store the pass runs on the store thread, queued once however often it is asked for."""
         if self.shared is None:
             with self._lock:  # no I/O in the pass: one hold for all of it
-                self._pass()
+                self._pass(None if key is None else (key,))
             return
         with self._lock:
+            if key is None:
+                self._pump_all = True
+            else:
+                self._pump_keys.add(key)
             if self._pump_queued:
                 return
             self._pump_queued = True
@@ -163,13 +172,15 @@ class Limiter:
     def _queued_pass(self) -> None:
         with self._lock:
             self._pump_queued = False  # asked again from here on: one more pass
-        self._pass()
+            keys = None if self._pump_all else tuple(self._pump_keys)
+            self._pump_keys, self._pump_all = set(), False
+        self._pass(keys)
 
-    def _pass(self) -> None:
+    def _pass(self, only: tuple[Key, ...] | None = None) -> None:
         soonest: float | None = None
         store_up = True  # after one failure this pass asks the store no more (one busy timeout, not N)
         with self._lock:
-            keys = list(self._keys.values())
+            keys = list(self._keys.values()) if only is None else list(only)
         for key in keys:
             while True:
                 with self._lock:
