@@ -64,7 +64,8 @@ def _dump(obj: Any) -> Any:
     """The SDK's parsed object; the server's Date header (a clock, not the answer) left out."""
     data = obj.model_dump(mode="json")
     headers = (data.get("sdk_http_response") or {}).get("headers") or {}
-    headers.pop("date", None)
+    for name in [name for name in headers if name.lower() == "date"]:  # aiohttp keeps the server's "Date"
+        del headers[name]
     return data
 
 

@@ -371,19 +371,13 @@ class FakeLLMServer:
                                 ("retry-after", str(max(1, round(wait)))), *limit_headers],
                           _error_body(path, 429, None))
         if fault is not None and fault.status is not None:
-            headers = list(fault.headers.items()) if isinstance(fault.headers, dict) else list(fault.headers)
-            names = {k.lower() for k, _ in headers}
-            if "content-type" not in names:
-                headers.insert(0, ("Content-Type", "application/json"))
+            headers = _fault_headers(fault)
             error = gemini_wire.error_body(fault.status, fault.body) if gemini else \
                 _error_body(path, fault.status, fault.body)
             return Answer(fault.status, headers + limit_headers, error)
         answer = self.responder(received) if self.responder is not None else None
         if answer is None:
-            try:
-                body = json.loads(received.body) if received.body else None
-            except ValueError:
-                body = None
+            body = _request_json(received)
             answer = gemini_wire.answer(path, received.path.partition("?")[2], body) if gemini else \
                 answer_for(received.method, path, body)
             answer.headers = [*answer.headers, *limit_headers, ("x-request-id", f"req_{len(self.received)}")]
@@ -400,20 +394,29 @@ class FakeLLMServer:
             return Answer(429, [json_type, ("retry-after", str(max(1, math.ceil(wait)))), *headers],
                           anthropic_wire.error_body(429, None, request_id))
         if fault is not None and fault.status is not None:
-            extra = list(fault.headers.items()) if isinstance(fault.headers, dict) else list(fault.headers)
-            if "content-type" not in {k.lower() for k, _ in extra}:
-                extra.insert(0, json_type)
             error = anthropic_wire.error_body(fault.status, fault.body, request_id)
-            return Answer(fault.status, extra + headers, error)
+            return Answer(fault.status, _fault_headers(fault) + headers, error)
         answer = self.responder(received) if self.responder is not None else None
         if answer is None:
-            try:
-                body = json.loads(received.body) if received.body else None
-            except ValueError:
-                body = None
-            answer = anthropic_wire.answer(path, body)
+            answer = anthropic_wire.answer(path, _request_json(received))
             answer.headers = [*answer.headers, *headers]
         return answer
+
+
+def _fault_headers(fault: Fault) -> list[tuple[str, str]]:
+    """An injected fault's headers, with a JSON content type unless it names one."""
+    headers = list(fault.headers.items()) if isinstance(fault.headers, dict) else list(fault.headers)
+    if "content-type" not in {name.lower() for name, _ in headers}:
+        headers.insert(0, ("Content-Type", "application/json"))
+    return headers
+
+
+def _request_json(received: Received) -> Any:
+    """The request's JSON body, or None (no body, or not JSON)."""
+    try:
+        return json.loads(received.body) if received.body else None
+    except ValueError:
+        return None
 
 
 def _duration(seconds: float) -> str:
