@@ -15,7 +15,6 @@ Pure values and parsers only: nothing here does I/O or knows a policy's internal
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -68,6 +67,8 @@ class priority(contextlib.ContextDecorator):  # used like a function: `with llms
         _priority.reset(self._tokens.pop())
 
     def __call__(self, fn: F) -> F:
+        import asyncio  # on decorating, not when the settings parse a priority as a process starts
+
         if asyncio.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:

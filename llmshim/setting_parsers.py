@@ -75,6 +75,8 @@ def parse_priority(raw: Any) -> str:
 
 
 def parse_ignored_headers(raw: Any) -> frozenset[str]:
+    if not raw:  # none ignored (the default): nothing to check, so the cache key code is not imported
+        return frozenset()
     from .store import cache_keys
 
     return cache_keys.parse_ignored_headers(raw)
