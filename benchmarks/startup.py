@@ -12,9 +12,11 @@ the next round), so that all modes see the same moment-to-moment machine:
 
 Every mode has the same ``PYTHONPATH`` (the tree measured, so that its llmshim is the one imported)
 and the same kind of user site directory (``PYTHONUSERBASE``; only the pth mode's holds a file).
-Reported: the median wall time of a start with p10-p90, and the difference to plain. On a loaded
-machine wall time is noisy, so when valgrind is installed each mode is also counted in machine
-instructions by callgrind (repeatable: the same count run after run), also against plain.
+Reported: the median wall time of a start with p10-p90, the median CPU time (user + system, from
+the child's resource usage: less sensitive than wall time to other processes, not immune), each
+with the difference to plain. On a loaded machine both are noisy, so when valgrind is installed
+each mode is also counted in machine instructions by callgrind (repeatable: the same count run
+after run), also against plain.
 ``--against TREE`` adds the same two llmshim modes for another source tree (an earlier commit's
 worktree, say), measured in the same rounds.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,13 +64,16 @@ def modes(tree: Path, users: Path, label: str) -> dict[str, dict[str, str]]:
     return plain | {f"run{label}": run, f"pth{label}": dict(base, PYTHONUSERBASE=str(with_pth))}
 
 
-def start(env: dict[str, str]) -> float:
+def start(env: dict[str, str]) -> tuple[float, float]:
+    """One ``python -c pass``: (wall time, CPU time of the process, user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", "pass"], env=env, capture_output=True)
     elapsed = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode or done.stderr:
         raise SystemExit(f"python -c pass failed ({done.returncode}): {done.stderr.decode()}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def instructions(env: dict[str, str]) -> int | None:
@@ -92,24 +98,33 @@ def main() -> None:
             envs |= modes(args.against.resolve(), Path(tmp), " (against)")
         for env in envs.values():
             start(env)  # write every .pyc before measuring
-        times: dict[str, list[float]] = {name: [] for name in envs}
+        walls: dict[str, list[float]] = {name: [] for name in envs}
+        cpus: dict[str, list[float]] = {name: [] for name in envs}
         for _ in range(args.runs):
             for name, env in envs.items():
-                times[name].append(start(env))
+                wall, cpu = start(env)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
         counts = {name: None if args.no_callgrind else instructions(env) for name, env in envs.items()}
     print(f"python -c pass, {args.runs} starts per mode, in turns; Python {sys.version.split()[0]}; tree {TREE}"
           + (f"; against {args.against}" if args.against else ""))
-    plain_ms = statistics.median(times["plain"]) * 1000
-    plain_ir = counts["plain"]
-    print(f"{'mode':<16} {'median':>9} {'p10-p90':>15} {'added':>9}   {'instructions':>14} {'added':>12}")
-    for name, values in times.items():
-        median = statistics.median(values) * 1000
-        spread = f"{pct(values, 0.1) * 1000:.1f}-{pct(values, 0.9) * 1000:.1f}"
-        added = "" if name == "plain" else f"{median - plain_ms:+.1f} ms"
-        count = counts[name]
-        ir = f"{count / 1e6:,.1f} M" if count is not None else "n/a"
-        ir_added = "" if name == "plain" or count is None or plain_ir is None else f"{(count - plain_ir) / 1e6:+,.1f} M"
-        print(f"{name:<16} {median:>6.1f} ms {spread:>12} ms {added:>9}   {ir:>14} {ir_added:>12}")
+    print(f"{'mode':<15} {'wall median':>11} {'p10-p90':>13} {'added':>9}   {'CPU median':>10} {'added':>9}   "
+          f"{'instructions':>12} {'added':>10}")
+    for name in envs:
+        wall, cpu, count = statistics.median(walls[name]), statistics.median(cpus[name]), counts[name]
+        spread = f"{pct(walls[name], 0.1) * 1000:.1f}-{pct(walls[name], 0.9) * 1000:.1f}"
+        print(f"{name:<15} {wall * 1000:>8.1f} ms {spread:>10} ms {_added(wall, walls):>9}   "
+              f"{cpu * 1000:>7.1f} ms {_added(cpu, cpus):>9}   "
+              f"{'n/a' if count is None else f'{count / 1e6:,.1f} M':>12} {_added_count(count, counts['plain']):>10}")
+
+
+def _added(value: float, by_mode: dict[str, list[float]]) -> str:
+    plain = statistics.median(by_mode["plain"])
+    return "" if value == plain else f"{(value - plain) * 1000:+.1f} ms"
+
+
+def _added_count(count: int | None, plain: int | None) -> str:
+    return "" if count is None or plain is None or count == plain else f"{(count - plain) / 1e6:+,.1f} M"
 
 
 if __name__ == "__main__":
