@@ -61,9 +61,18 @@ _LAZY = {"__version__": "._version", "cache_control": ".knobs", "priority": ".kn
 
 
 def __getattr__(name: str) -> Any:
+    """A lazy public name, or a submodule: ``llmshim.runtime`` works after ``import llmshim`` alone,
+    as it did when the package imported everything."""
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        if name.startswith("__"):  # probes such as __wrapped__: never a submodule
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # the import sets it on the package
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value  # once: later reads find the module attribute
     return value

@@ -51,8 +51,12 @@ class State:
         return pipeline if pipeline is not None else self._first_use()
 
     def _first_use(self) -> Pipeline:
+        from .pipeline import Pipeline
+
         with self._lock:
             if self._pipeline is None:
+                if self._build is None:  # not installed: no policies, and nothing kept
+                    return Pipeline()
                 self._pipeline = _fail_open(self._build)
                 self._build = None  # after the build: a fork during it leaves the child its own to do
             return self._pipeline
@@ -76,18 +80,17 @@ class State:
         self._lock = threading.Lock()  # a fork while another thread was building: not held here
 
 
-def _fail_open(build: Build | None) -> Pipeline:
+def _fail_open(build: Build) -> Pipeline:
     """The staged pipeline, built inside the first call that needs it: a failure there is a warning
-    and a pipeline without policies (the call goes through untouched), never the caller's error."""
+    and a pipeline without policies (calls go through untouched), never the caller's error."""
     from .pipeline import Pipeline
 
-    if build is not None:
-        try:
-            return build()
-        except Exception:
-            log.warning("llmshim: could not set up the cache, limits or telemetry; calls go through "
-                        "without them", exc_info=True)
-    return Pipeline()
+    try:
+        return build()
+    except Exception:
+        log.warning("llmshim: could not set up the cache, limits or telemetry; calls go through without them",
+                    exc_info=True)
+        return Pipeline()
 
 
 STATE = State()
