@@ -1,6 +1,6 @@
 """What llmshim adds to the start-up of every Python process it is installed in, side by side.
 
-    python benchmarks/startup.py [--runs 200] [--against /path/to/earlier/tree] [--no-callgrind]
+    python benchmarks/startup.py [--runs 200] [--against /path/to/earlier/tree] [--source] [--no-callgrind]
 
 ``python -c pass`` is started over and over in three ways, in turns (one run of each mode, then
 the next round), so that all modes see the same moment-to-moment machine:
@@ -18,7 +18,10 @@ with the difference to plain. On a loaded machine both are noisy, so when valgri
 each mode is also counted in machine instructions by callgrind (repeatable: the same count run
 after run), also against plain.
 ``--against TREE`` adds the same two llmshim modes for another source tree (an earlier commit's
-worktree, say), measured in the same rounds.
+``git archive``, say), measured in the same rounds. llmshim starts from bytecode, as an installed
+package does (written on a first start, under a temporary ``PYTHONPYCACHEPREFIX``); ``--source``
+measures it compiled at every start instead, as in an editable install with
+``PYTHONDONTWRITEBYTECODE=1``.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ from _common import pct
 TREE = Path(__file__).resolve().parent.parent
 
 
-def modes(tree: Path, users: Path, label: str) -> dict[str, dict[str, str]]:
+def modes(tree: Path, users: Path, label: str, source: bool) -> dict[str, dict[str, str]]:
     """The environments of one tree's modes: plain, run (the boot sitecustomize), pth."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")}
     base["PYTHONPATH"] = str(tree)
     base.pop("PYTHONHOME", None)
-    # Installed packages start from compiled bytecode: kept here under the temporary directory.
-    base.pop("PYTHONDONTWRITEBYTECODE", None)
-    base["PYTHONPYCACHEPREFIX"] = str(users / "pycache")
+    if source:  # every start compiles llmshim's modules (the standard library keeps its bytecode)
+        base["PYTHONDONTWRITEBYTECODE"] = "1"
+        if any(tree.rglob("__pycache__")):
+            sys.exit(f"--source: {tree} has __pycache__ directories; remove them first")
+    else:  # installed packages start from compiled bytecode: kept under the temporary directory
+        base.pop("PYTHONDONTWRITEBYTECODE", None)
+        base["PYTHONPYCACHEPREFIX"] = str(users / "pycache")
     empty, with_pth = users / "empty", users / f"pth-{label}"
     site = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
     for home in (empty, with_pth):
@@ -90,12 +97,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="starts per mode (default 200)")
     parser.add_argument("--against", type=Path, help="another source tree, measured in the same rounds")
-    parser.add_argument("--no-callgrind", action="store_true", help="wall time only")
+    parser.add_argument("--no-callgrind", action="store_true", help="wall and CPU time only")
+    parser.add_argument("--source", action="store_true",
+                        help="no bytecode for llmshim: compiled at every start (PYTHONDONTWRITEBYTECODE=1, as in an "
+                             "editable install where that is set)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        envs = modes(TREE, Path(tmp), "")
+        envs = modes(TREE, Path(tmp), "", args.source)
         if args.against is not None:
-            envs |= modes(args.against.resolve(), Path(tmp), " (against)")
+            envs |= modes(args.against.resolve(), Path(tmp), " (against)", args.source)
         for env in envs.values():
             start(env)  # write every .pyc before measuring
         walls: dict[str, list[float]] = {name: [] for name in envs}
@@ -106,7 +116,8 @@ def main() -> None:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
         counts = {name: None if args.no_callgrind else instructions(env) for name, env in envs.items()}
-    print(f"python -c pass, {args.runs} starts per mode, in turns; Python {sys.version.split()[0]}; tree {TREE}"
+    print(f"python -c pass, {args.runs} starts per mode, in turns; Python {sys.version.split()[0]}; "
+          f"{'from source' if args.source else 'from bytecode'}; tree {TREE}"
           + (f"; against {args.against}" if args.against else ""))
     print(f"{'mode':<15} {'wall median':>11} {'p10-p90':>13} {'added':>9}   {'CPU median':>10} {'added':>9}   "
           f"{'instructions':>12} {'added':>10}")

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.machinery
 import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..state import STATE
+
+if TYPE_CHECKING:
+    import importlib.machinery
 
 __all__ = ["PATCHES", "Patch", "apply_all", "ensure_hooks", "patched", "remove_all"]
 
