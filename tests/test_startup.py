@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import site
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +36,8 @@ START_UP_MODULES = ["llmshim", "llmshim.adapters", "llmshim.config", "llmshim.re
 #: What the first patched library's import or the first call brings, never the start.
 HEAVY = ["asyncio", "email", "hashlib", "importlib.metadata", "json", "opentelemetry", "sqlite3", "wrapt"]
 
-STARTS = ["llmshim run", ".pth"]
+STARTS = ["llmshim run", pytest.param(".pth", marks=pytest.mark.skipif(
+    not site.ENABLE_USER_SITE, reason="the .pth goes in the user site directory, disabled here"))]
 
 
 def _environment(how: str, tmp_path: Path, **settings: str) -> dict[str, str]:
