@@ -12,23 +12,30 @@ PYTEST_DONT_REWRITE: pytest marks every top-level package of a distribution that
 (``llmshim run -- pytest``, a ``.pth``, a ``sitecustomize``); this marker in the docstring is how
 pytest is told that this package has no assertions to rewrite, so that warning never stops a run
 configured with ``filterwarnings = error``.
+
+Importing the package and calling ``install()`` costs a process little (``llmshim run`` and a
+``.pth`` do it in every Python process, most of which never make an LLM call): settings are parsed
+and checked, import hooks set; the rest of llmshim is imported when a patched library is, and the
+pipeline (cache file, limits, telemetry) is built on the first LLM call. The names below that live
+elsewhere (``priority``, ``on``, ``__version__``...) are imported on first use (``__getattr__``).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import adapters, config
-from ._version import __version__
 from .config import ConfigError, Settings
-from .knobs import cache_control, priority
-from .pipeline import Pipeline
-from .policies.events import CallRecord, off, on
-from .policies.stats import STATS
-from .runtime import STATE, build_pipeline
+from .state import STATE
+
+if TYPE_CHECKING:
+    from ._version import __version__
+    from .knobs import cache_control, priority
+    from .pipeline import Pipeline
+    from .policies.events import CallRecord, off, on
 
 __all__ = [
     "CallRecord",
@@ -47,6 +54,28 @@ __all__ = [
 ]
 
 _lock = threading.Lock()
+
+#: Public names imported on first use, and the module each comes from.
+_LAZY = {"__version__": "._version", "cache_control": ".knobs", "priority": ".knobs",
+         "CallRecord": ".policies.events", "off": ".policies.events", "on": ".policies.events"}
+
+
+def __getattr__(name: str) -> Any:
+    """A lazy public name, or a submodule: ``llmshim.runtime`` works after ``import llmshim`` alone,
+    as it did when the package imported everything."""
+    module = _LAZY.get(name)
+    if module is None:
+        if name.startswith("__"):  # probes such as __wrapped__: never a submodule
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # the import sets it on the package
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later reads find the module attribute
+    return value
 
 
 def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overrides: Any) -> Settings:
@@ -67,8 +96,8 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overri
             return settings
         if STATE.active and settings.libraries != STATE.settings.libraries:
             _uninstall_locked()  # a different set of libraries: re-patch from scratch
-        previous, STATE.pipeline = STATE.pipeline, build_pipeline(settings, tracer_provider, meter_provider)
-        previous.retire(successor=STATE.pipeline)  # its calls in flight finish on it; it closes after them
+        STATE.swap(lambda: _build(settings, tracer_provider, meter_provider))  # built on first use
+        _write_stats_to(settings.stats_file)
         STATE.settings = settings
         STATE.active = True
         adapters.apply_all()
@@ -84,8 +113,22 @@ def uninstall() -> None:
 def _uninstall_locked() -> None:
     STATE.active = False  # every wrapper is a pass-through from this instant
     adapters.remove_all()
-    retired, STATE.pipeline = STATE.pipeline, Pipeline()
-    retired.retire()  # calls in flight finish on it; its stores close when the last one ends
+    STATE.swap(None)  # calls in flight finish on the pipeline; its stores close when the last one ends
+
+
+def _build(settings: Settings, tracer_provider: Any, meter_provider: Any) -> Pipeline:
+    from .runtime import build_pipeline
+
+    return build_pipeline(settings, tracer_provider, meter_provider)
+
+
+def _write_stats_to(path: str | None) -> None:
+    """Where ``stats()`` snapshots go (as calls end, and at exit). The counters come with the first
+    call: only a file to write, or one to stop writing, imports them now."""
+    if path is not None or "llmshim.policies.stats" in sys.modules:
+        from .policies.stats import STATS
+
+        STATS.write_to(path)
 
 
 def is_installed() -> bool:
@@ -95,6 +138,8 @@ def is_installed() -> bool:
 def stats(reset: bool = False) -> dict[str, Any]:
     """In-process counters since start (or the last reset): calls, outcomes, cache, throttling,
     retries, average latency, tokens in/out and saved, per provider/model."""
+    from .policies.stats import STATS
+
     snapshot = STATS.snapshot()
     if reset:
         STATS.reset()
@@ -103,6 +148,10 @@ def stats(reset: bool = False) -> dict[str, Any]:
 
 def status() -> dict[str, Any]:
     """What is patched (library, version, attributes) and the active settings, secrets masked."""
+    import importlib.metadata
+
+    from ._version import __version__
+
     libraries: dict[str, Any] = {}
     applied = adapters.patched()
     for library in config.LIBRARIES:

@@ -11,7 +11,6 @@ naming the nearest one.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -61,6 +60,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(environ):
         if not name.upper().startswith("LLMSHIM_") or name in known:
             continue
+        import difflib  # only a process with a stray LLMSHIM_* variable pays for it
+
         nearest = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
         hint = f"did you mean {nearest[0]}?" if nearest else "see the list of LLMSHIM_* settings in the README"
         warnings.append(f"llmshim: unknown variable {name} is ignored; {hint}")

@@ -15,7 +15,6 @@ Pure values and parsers only: nothing here does I/O or knows a policy's internal
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -23,25 +22,15 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, get_args
 
-from .values import CacheMode, PriorityClass
+from .values import PRIORITIES, CacheMode, resolve_priority
 
 __all__ = ["CACHE_HEADER", "MODES", "PRIORITIES", "PRIORITY_HEADER", "CacheControl", "cache_control",
            "current_cache_control", "current_priority", "header_cache_control", "priority", "resolve_priority"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# -- priority ----------------------------------------------------------------------------------------
-PRIORITIES: tuple[str, ...] = get_args(PriorityClass)  # highest first
-_ALIASES = {"urgent": "critical", "medium": "normal", "0": "critical", "1": "high", "2": "normal", "3": "low"}
+# -- priority (its names, aliases and resolve_priority are values.py's: the settings parse them) -------
 PRIORITY_HEADER = "x-llmshim-priority"
-
-
-def resolve_priority(value: str) -> str:
-    """A priority name from its name or alias (``urgent``, ``medium``, ``0``-``3``); ValueError otherwise."""
-    name = _ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
-    if name not in PRIORITIES:
-        raise ValueError(f"priority {value!r}: expected one of {', '.join(PRIORITIES)} (or urgent, medium, 0-3)")
-    return name
 
 
 _priority: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmshim_priority", default=None)
@@ -68,6 +57,8 @@ class priority(contextlib.ContextDecorator):  # used like a function: `with llms
         _priority.reset(self._tokens.pop())
 
     def __call__(self, fn: F) -> F:
+        import asyncio  # on decorating, not when the settings parse a priority as a process starts
+
         if asyncio.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:

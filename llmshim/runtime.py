@@ -1,9 +1,10 @@
-"""Process-wide state the adapters consult on every call, and ``begin``: their common first step.
+"""What the adapters do on every call, ``begin`` (their common first step), and ``build_pipeline``.
 
-``STATE.active`` is read first by every wrapper: uninstall flips it, and at that instant every
-patched method becomes a pass-through, even where another library wrapped ours and we cannot
-unwrap. ``begin`` must never raise: llmshim fails open, so a bug in recognising a request means
-the request passes through untouched, with a warning.
+``STATE`` (``llmshim.state``: whether llmshim is active, its settings, its pipeline) is re-exported
+here for the adapters. ``begin`` must never raise: llmshim fails open, so a bug in recognising a
+request means the request passes through untouched, with a warning. Imported when the first
+patched library is, never by ``install()`` alone: this module brings the calls, dialects and
+policies with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .context import in_call
 from .dialects import detect
 from .pipeline import Pipeline, Policy
 from .policies.observer import ObserverPolicy
-from .policies.stats import STATS
+from .state import STATE, State
 from .values import RedisURL, SQLiteFile
 
 if TYPE_CHECKING:
@@ -27,18 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["STATE", "State", "begin", "build_pipeline", "control_headers"]
 
 log = logging.getLogger("llmshim")
-
-
-class State:
-    __slots__ = ("active", "pipeline", "settings")
-
-    def __init__(self) -> None:
-        self.active = False
-        self.settings = Settings()
-        self.pipeline = Pipeline()
-
-
-STATE = State()
 
 
 def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provider: Any = None) -> Pipeline:
@@ -90,7 +79,6 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,
             default_priority=settings.priority, queue_timeout=settings.queue_timeout,
             default_output_tokens=settings.token_reservation))
-    STATS.write_to(settings.stats_file)
     return Pipeline(policies)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from .values import COUNT_UNITS, DURATION_UNITS, SIZE_UNITS, Number, parse_limits, text, word
+from .values import COUNT_UNITS, DURATION_UNITS, SIZE_UNITS, Number, parse_limits, resolve_priority, text, word
 
 __all__ = ["DAY", "ENTRY_SIZE", "LIBRARIES", "MAX_WAIT", "PRIORITY_FORM", "SIZE", "auto_workers", "count", "duration",
            "optional", "parse_ignored_headers", "parse_libraries", "parse_model_limits", "parse_priority"]
@@ -66,8 +66,6 @@ def parse_model_limits(raw: Any) -> dict[str, Any]:
 
 
 def parse_priority(raw: Any) -> str:
-    from .knobs import resolve_priority
-
     try:
         return resolve_priority(word(raw))
     except ValueError:
@@ -75,6 +73,8 @@ def parse_priority(raw: Any) -> str:
 
 
 def parse_ignored_headers(raw: Any) -> frozenset[str]:
+    if not raw:  # none ignored (the default): nothing to check, so the cache key code is not imported
+        return frozenset()
     from .store import cache_keys
 
     return cache_keys.parse_ignored_headers(raw)

@@ -93,7 +93,7 @@ def setting(parse: Callable[[Any], Any], default: str, accepted: str, doc: str, 
     return dataclasses.field(default_factory=lambda: parse(default), metadata={_OPTION: option})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)  # its own __repr__ masks secrets
 class Settings:
     """The effective configuration. Frozen: a new install() builds a new one and swaps it in whole."""
 

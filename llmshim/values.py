@@ -29,9 +29,10 @@ from decimal import Decimal
 from typing import Any, Literal, TypeAlias, get_args
 from urllib.parse import urlsplit
 
-__all__ = ["BOOLEAN_FORM", "COUNT_UNITS", "DURATION_UNITS", "SIZE_UNITS", "CacheMode", "CacheScope", "LimitStore",
-           "Memory", "Nondeterministic", "Number", "OtelExporter", "PriorityClass", "RedisURL", "RetryMode",
-           "SQLiteFile", "StoreURL", "boolean", "choice", "hosts", "path", "redis_url", "store", "text", "word"]
+__all__ = ["BOOLEAN_FORM", "COUNT_UNITS", "DURATION_UNITS", "PRIORITIES", "SIZE_UNITS", "CacheMode", "CacheScope",
+           "LimitStore", "Memory", "Nondeterministic", "Number", "OtelExporter", "PriorityClass", "RedisURL",
+           "RetryMode", "SQLiteFile", "StoreURL", "boolean", "choice", "hosts", "path", "redis_url", "resolve_priority",
+           "store", "text", "word"]
 
 CacheMode: TypeAlias = Literal["off", "on", "readonly", "refresh", "replay"]
 CacheScope: TypeAlias = Literal["credential", "shared"]
@@ -39,6 +40,18 @@ Nondeterministic: TypeAlias = Literal["cache", "skip"]
 RetryMode: TypeAlias = Literal["auto", "llmshim", "sdk", "off"]
 PriorityClass: TypeAlias = Literal["critical", "high", "normal", "low"]
 OtelExporter: TypeAlias = Literal["console", "otlp"]
+
+PRIORITIES: tuple[str, ...] = get_args(PriorityClass)  # highest first
+_PRIORITY_ALIASES = {"urgent": "critical", "medium": "normal", "0": "critical", "1": "high", "2": "normal", "3": "low"}
+
+
+def resolve_priority(value: str) -> str:
+    """A priority name from its name or alias (``urgent``, ``medium``, ``0``-``3``); ValueError otherwise."""
+    name = _PRIORITY_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    if name not in PRIORITIES:
+        raise ValueError(f"priority {value!r}: expected one of {', '.join(PRIORITIES)} (or urgent, medium, 0-3)")
+    return name
+
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

@@ -13,6 +13,9 @@ it found on entry), so llmshim and vcrpy never fight over one attribute, in eith
 
 Patching happens in wrapt post-import hooks, so ``install()`` works before or after the library
 is imported; methods are patched on the classes, so objects made before ``install()`` are covered.
+wrapt itself (and the ``importlib.metadata`` and ``inspect`` it imports, most of what ``install()``
+would cost a process) is imported only when one of these libraries is: until then a small finder
+(``_Watch``) waits for their names, and hands the first one's import to wrapt's hooks.
 Only what llmshim put there is ever removed: ``remove_all`` restores an attribute only while our
 replacement is still the outermost one.
 """
@@ -24,12 +27,13 @@ import importlib
 import logging
 import sys
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import wrapt
+from ..state import STATE
 
-from ..runtime import STATE
+if TYPE_CHECKING:
+    import importlib.machinery
 
 __all__ = ["PATCHES", "Patch", "apply_all", "ensure_hooks", "patched", "remove_all"]
 
@@ -133,10 +137,58 @@ def _on_import(module: Any) -> None:
 
 def ensure_hooks() -> None:
     """Register the post-import hooks once per module (wrapt has no way to unregister them)."""
+    import wrapt
+
     with _lock:
         for name in {patch.module for patch in PATCHES} - _hooked:
             _hooked.add(name)
             wrapt.register_post_import_hook(_on_import, name)
+
+
+class _Watch:
+    """A finder first on ``sys.meta_path`` that waits for a patched library's import and lets
+    wrapt's import hook finder load it, so its hooks run; every other import it leaves alone.
+
+    It stays in place once wrapt's finder is in (ahead of it): an import that was already past
+    wrapt's place in ``sys.meta_path`` when it came in still meets this one, and is handed over.
+    Finders are called under the global import lock, so ``_busy`` needs no lock of its own."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+        self._busy: set[str] = set()
+
+    def find_spec(self, name: str, path: Sequence[str] | None = None,
+                  target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name not in self._names or name in self._busy:
+            return None
+        self._busy.add(name)  # wrapt's finder asks the import system again: not us, this time
+        try:
+            ensure_hooks()
+            import wrapt.importer
+
+            finder: Any = next((f for f in sys.meta_path if isinstance(f, wrapt.importer.ImportHookFinder)), None)
+            if finder is None:
+                return None
+            spec: importlib.machinery.ModuleSpec | None = finder.find_spec(name, path, target)
+            return spec
+        except Exception:  # never break the program's import
+            log.warning("llmshim: could not watch the import of %s", name, exc_info=True)
+            return None
+        finally:
+            self._busy.discard(name)
+
+
+_watch: _Watch | None = None
+
+
+def _watch_imports() -> None:
+    """Hooks for the patched libraries: wrapt's now if it is imported already, else ``_Watch``'s."""
+    global _watch
+    if "wrapt" in sys.modules:
+        ensure_hooks()
+    elif _watch is None:
+        _watch = _Watch(frozenset(patch.module for patch in PATCHES))
+        sys.meta_path.insert(0, _watch)
 
 
 def apply_all() -> None:
@@ -144,7 +196,7 @@ def apply_all() -> None:
     global _wanted
     with _lock:
         _wanted = True
-        ensure_hooks()
+        _watch_imports()
         for name in {patch.module for patch in PATCHES}:
             module = sys.modules.get(name)
             if module is not None:
