@@ -2,9 +2,10 @@
 
 Wall-clock medians on a shared 2-core VM move by ±100 µs between runs; instruction counts do not
 depend on what else the machine is doing, so a change to the hot path can be judged on a loaded
-machine. Each figure is the difference of four whole-process counts - the SDK making 20 warm-up
-calls then N more, or none more, without and with llmshim (features off, one hook) - so start-up
-and warm-up cancel out:
+machine (the garbage collector is off and hashing seeded: a collection's millions of instructions
+would otherwise land in one count and not another). Each figure is the difference of four
+whole-process counts - the SDK making 20 warm-up calls then N more, or none more, without and with
+llmshim (features off, one hook) - so start-up and warm-up cancel out:
 
     added per call = ((with, N) - (with, 0) - (without, N) + (without, 0)) / N
 
@@ -29,7 +30,8 @@ import time
 CLIENT = """
 import sys
 sys.path.insert(0, {tree!r})
-import openai, llmshim
+import gc, openai, llmshim
+gc.disable()  # a collection now or later is millions of instructions: counts would be noise
 client = openai.OpenAI(base_url={url!r}, api_key="sk-bench", max_retries=0)
 MSG = [{{"role": "user", "content": "Name three colours of the rainbow"}}]
 if {installed}:
@@ -46,7 +48,8 @@ def instructions(tree: str, url: str, installed: bool, calls: int) -> int:
     try:
         done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                os.path.realpath(sys.executable), script.name],
-                              capture_output=True, text=True, env={**os.environ, "LLMSHIM_CACHE": "off"})
+                              capture_output=True, text=True,
+                              env={**os.environ, "LLMSHIM_CACHE": "off", "PYTHONHASHSEED": "0"})
     finally:
         os.unlink(script.name)
     found = re.search(r"Collected : (\d+)", done.stderr)
