@@ -9,8 +9,10 @@ llmshim (features off, one hook) - so start-up and warm-up cancel out:
 
     added per call = ((with, N) - (with, 0) - (without, N) + (without, 0)) / N
 
-The bundled LLM server runs in its own process (not counted). ``--against TREE`` counts another
-checkout (say, the commit before a change) the same way in the same run.
+The SDK talks to an in-memory transport (httpx2's ``MockTransport``, the body streamed as a socket's
+is): a real socket makes the count depend on how the answer happened to arrive (one read or
+several), which moved it by hundreds of thousands of instructions between runs. ``--against TREE``
+counts another checkout (say, the commit before a change) the same way in the same run.
 
     python benchmarks/instructions.py --calls 100 --against /tmp/tree-before
 
@@ -25,14 +27,26 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 CLIENT = """
 import sys
 sys.path.insert(0, {tree!r})
-import gc, openai, llmshim
+import gc, json, httpx2, openai, llmshim
 gc.disable()  # a collection now or later is millions of instructions: counts would be noise
-client = openai.OpenAI(base_url={url!r}, api_key="sk-bench", max_retries=0)
+ANSWER = json.dumps({{"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                      "choices": [{{"index": 0, "message": {{"role": "assistant", "content": "Red, green, blue."}},
+                                   "finish_reason": "stop"}}],
+                      "usage": {{"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19}}}}).encode()
+
+class Body(httpx2.SyncByteStream):  # streamed to the caller as a socket's body is, not preloaded
+    def __iter__(self):
+        yield ANSWER
+
+def answer(request):
+    return httpx2.Response(200, headers={{"content-type": "application/json"}}, stream=Body())
+
+client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="sk-bench", max_retries=0,
+                       http_client=httpx2.Client(transport=httpx2.MockTransport(answer)))
 MSG = [{{"role": "user", "content": "Name three colours of the rainbow"}}]
 if {installed}:
     llmshim.on("call_completed", lambda record: None)
@@ -42,9 +56,9 @@ for _ in range(20 + {calls}):
 """
 
 
-def instructions(tree: str, url: str, installed: bool, calls: int) -> int:
+def instructions(tree: str, installed: bool, calls: int) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(CLIENT.format(tree=tree, url=url, installed=installed, calls=calls))
+        script.write(CLIENT.format(tree=tree, installed=installed, calls=calls))
     try:
         done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                os.path.realpath(sys.executable), script.name],
@@ -58,10 +72,10 @@ def instructions(tree: str, url: str, installed: bool, calls: int) -> int:
     return int(found.group(1))
 
 
-def added_per_call(tree: str, url: str, calls: int) -> tuple[int, int]:
+def added_per_call(tree: str, calls: int) -> tuple[int, int]:
     """(instructions of one SDK call without llmshim, instructions llmshim adds to it)."""
-    without = instructions(tree, url, False, calls) - instructions(tree, url, False, 0)
-    with_shim = instructions(tree, url, True, calls) - instructions(tree, url, True, 0)
+    without = instructions(tree, False, calls) - instructions(tree, False, 0)
+    with_shim = instructions(tree, True, calls) - instructions(tree, True, 0)
     return without // calls, (with_shim - without) // calls
 
 
@@ -71,22 +85,14 @@ def main() -> int:
     parser.add_argument("--against", metavar="TREE", help="another llmshim checkout, counted the same way")
     args = parser.parse_args()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = 18000 + os.getpid() % 1000
-    server = subprocess.Popen([sys.executable, "-m", "llmshim.testing", "serve", "--port", str(port)],
-                              cwd=here, env={**os.environ, "PYTHONPATH": here},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(2.0)  # the server binds; the first counted run would fail loudly otherwise
-        url = f"http://127.0.0.1:{port}/v1"
-        trees = [("this tree", here)] + ([("--against", args.against)] if args.against else [])
-        print(f"instructions per OpenAI SDK call (sync, chat), {args.calls} calls after 20 warm-up, callgrind")
-        print("| tree | SDK call without llmshim | added by llmshim (features off, 1 hook) | share |")
-        print("|---|---|---|---|")
-        for name, tree in trees:
-            base, added = added_per_call(tree, url, args.calls)
-            print(f"| {name} ({tree}) | {base:,} | +{added:,} | {added / base:.1%} |", flush=True)
-    finally:
-        server.terminate()
+    trees = [("this tree", here)] + ([("--against", args.against)] if args.against else [])
+    print(f"instructions per OpenAI SDK call (sync, chat, in-memory transport), {args.calls} calls after 20 "
+          "warm-up, callgrind")
+    print("| tree | SDK call without llmshim | added by llmshim (features off, 1 hook) | share |")
+    print("|---|---|---|---|")
+    for name, tree in trees:
+        base, added = added_per_call(tree, args.calls)
+        print(f"| {name} ({tree}) | {base:,} | +{added:,} | {added / base:.1%} |", flush=True)
     return 0
 
 
