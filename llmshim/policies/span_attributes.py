@@ -65,36 +65,38 @@ def is_genai_span_for(span: trace.Span, operation: str, model: str | None) -> bo
     return theirs is None or model is None or theirs == model
 
 
+#: llmshim's span attribute -> the ``Facts`` field it reports, written when the field is not None:
+#: a new fact on the span is one line here.
+_FACT_ATTRIBUTES = (
+    ("llmshim.cache.hit", "cache_hit"),
+    ("llmshim.cache.age_s", "cache_age_s"),
+    ("llmshim.cache.saved.input_tokens", "saved_input_tokens"),
+    ("llmshim.cache.saved.output_tokens", "saved_output_tokens"),
+    ("llmshim.cost.usd", "cost_usd"),
+    ("llmshim.cache.saved.cost_usd", "saved_cost_usd"),
+    ("llmshim.usage.estimator", "estimator"),
+    ("llmshim.ratelimit.wait_s", "ratelimit_wait_s"),
+    ("llmshim.priority", "priority"),
+)
+
+
 def fact_attributes(call: Call) -> dict[str, Any]:
     """llmshim's own span attributes (``LLMSHIM_ATTRIBUTES``) from what the policies recorded."""
     facts = call.facts
     attributes: dict[str, Any] = {}
     if call.cache_bypass:
         attributes["llmshim.cache.bypass"] = call.cache_bypass
-    if facts.cache_hit is not None:
-        attributes["llmshim.cache.hit"] = facts.cache_hit
-    if facts.cache_age_s is not None:
-        attributes["llmshim.cache.age_s"] = facts.cache_age_s
-    if facts.saved_input_tokens is not None:
-        attributes["llmshim.cache.saved.input_tokens"] = facts.saved_input_tokens
-    if facts.saved_output_tokens is not None:
-        attributes["llmshim.cache.saved.output_tokens"] = facts.saved_output_tokens
-    if facts.cost_usd is not None:
-        attributes["llmshim.cost.usd"] = facts.cost_usd
-    if facts.saved_cost_usd is not None:
-        attributes["llmshim.cache.saved.cost_usd"] = facts.saved_cost_usd
-    if facts.estimator is not None:
-        attributes["llmshim.usage.estimator"] = facts.estimator
-        estimated = call.response.estimated if call.response is not None and not facts.cache_hit else None
+    for name, field in _FACT_ATTRIBUTES:
+        value = getattr(facts, field)
+        if value is not None:
+            attributes[name] = value
+    if facts.estimator is not None and call.response is not None and not facts.cache_hit:
+        estimated = call.response.estimated
         if estimated is not None:
             attributes["llmshim.usage.estimated.input_tokens"] = estimated.input_tokens
             attributes["llmshim.usage.estimated.output_tokens"] = estimated.output_tokens
     if facts.retries:
         attributes["llmshim.retry.count"] = facts.retries
-    if facts.ratelimit_wait_s is not None:
-        attributes["llmshim.ratelimit.wait_s"] = facts.ratelimit_wait_s
-    if facts.priority is not None:
-        attributes["llmshim.priority"] = facts.priority
     return attributes
 
 
