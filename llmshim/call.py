@@ -35,6 +35,9 @@ class WireRequest:
     url: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    # ``path`` and ``server``, worked out on first use: several policies ask for them on every call.
+    _path: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _server: tuple[str, int | None] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
@@ -47,16 +50,11 @@ class WireRequest:
     @property
     def path(self) -> str:
         """The URL's path, by string slicing: it runs for every request a patched library sends."""
-        url = self.url
-        start = url.find("/", url.find("//") + 2) if "//" in url else url.find("/")
-        if start < 0:
-            return "/"
-        end = len(url)
-        for mark in ("?", "#"):
-            found = url.find(mark, start)
-            if found >= 0:
-                end = min(end, found)
-        return url[start:end]
+        path = self._path
+        if path is None:
+            path = _path_of(self.url)
+            object.__setattr__(self, "_path", path)  # frozen to its users; a memo is not a change
+        return path
 
     @property
     def public_url(self) -> str:
@@ -77,10 +75,26 @@ class WireRequest:
     def server(self) -> tuple[str, int | None]:
         """(host, port) with the scheme's default port filled in. Worked out once per origin
         (scheme://authority): several policies ask for every call."""
-        url = self.url
-        start = url.find("//")
-        end = url.find("/", start + 2) if start >= 0 else -1
-        return _server_of(url if end < 0 else url[:end])
+        server = self._server
+        if server is None:
+            url = self.url
+            start = url.find("//")
+            end = url.find("/", start + 2) if start >= 0 else -1
+            server = _server_of(url if end < 0 else url[:end])
+            object.__setattr__(self, "_server", server)
+        return server
+
+
+def _path_of(url: str) -> str:
+    start = url.find("/", url.find("//") + 2) if "//" in url else url.find("/")
+    if start < 0:
+        return "/"
+    end = len(url)
+    for mark in ("?", "#"):
+        found = url.find(mark, start)
+        if found >= 0:
+            end = min(end, found)
+    return url[start:end]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +264,9 @@ class Call:
     # Why the cache must neither look up nor store this call, set by the adapter: a test double or a
     # recorder answers it, not the network (llmshim.adapters._doubles). None: the real network.
     cache_bypass: str | None = None
+    # The adapter's send of this request through its library's original method (sync or async to
+    # match the chain it runs on): the pipeline's chain, built once, ends by calling it.
+    send: Callable[[Call], Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def duration(self) -> float | None:

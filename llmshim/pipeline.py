@@ -121,6 +121,7 @@ class Pipeline:
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
         self.policies = tuple(policies)
+        self._handler, self._ahandler = _chain(self.policies), _achain(self.policies)
         # Re-entrant: the garbage collector may run inside any block holding it and end a reply
         # dropped unread, whose call then leaves this pipeline from the same thread.
         self._lock = threading.RLock()
@@ -145,6 +146,7 @@ class Pipeline:
             at = next((i + 1 for i, p in enumerate(policies) if after is not None and isinstance(p, after)), 0)
             policies.insert(at, policy)
             self.policies = tuple(policies)
+            self._handler, self._ahandler = _chain(self.policies), _achain(self.policies)
 
     @property
     def closed(self) -> bool:
@@ -208,8 +210,9 @@ class Pipeline:
         pipeline = self._admit()
         if pipeline is None:
             return _pass_through(call, send)
+        call.send = send
         try:
-            reply = pipeline._chain(send)(call)
+            reply = pipeline._handler(call)
         except BaseException:
             pipeline._leave()
             raise
@@ -219,46 +222,13 @@ class Pipeline:
         pipeline = self._admit()
         if pipeline is None:
             return await _apass_through(call, asend)
+        call.send = asend
         try:
-            reply = await pipeline._achain(asend)(call)
+            reply = await pipeline._ahandler(call)
         except BaseException:
             pipeline._leave()
             raise
         return pipeline._held_until_end(reply)
-
-    def _chain(self, send: Handler) -> Handler:
-        def terminal(call: Call) -> Reply:
-            token = in_call.set(True)
-            try:
-                reply = send(call)
-            except BaseException as exc:
-                _failed(call, exc)
-                raise
-            finally:
-                in_call.reset(token)
-            return track(call, reply)
-
-        handler: Handler = terminal
-        for policy in reversed(self.policies):
-            handler = _bind(policy, handler)
-        return handler
-
-    def _achain(self, asend: AsyncHandler) -> AsyncHandler:
-        async def terminal(call: Call) -> Reply:
-            token = in_call.set(True)
-            try:
-                reply = await asend(call)
-            except BaseException as exc:
-                _failed(call, exc)
-                raise
-            finally:
-                in_call.reset(token)
-            return track(call, reply)
-
-        handler: AsyncHandler = terminal
-        for policy in reversed(self.policies):
-            handler = _abind(policy, handler)
-        return handler
 
 
 def _pass_through(call: Call, send: Handler) -> Reply:
@@ -280,6 +250,48 @@ async def _apass_through(call: Call, asend: AsyncHandler) -> Reply:
         in_call.reset(token)
     reply.tap.release()
     return reply
+
+
+def _terminal(call: Call) -> Reply:
+    """The chain's end: the adapter's send (``call.send``), outside llmshim's own call context."""
+    assert call.send is not None
+    token = in_call.set(True)
+    try:
+        reply: Reply = call.send(call)
+    except BaseException as exc:
+        _failed(call, exc)
+        raise
+    finally:
+        in_call.reset(token)
+    return track(call, reply)
+
+
+async def _aterminal(call: Call) -> Reply:
+    assert call.send is not None
+    token = in_call.set(True)
+    try:
+        reply: Reply = await call.send(call)
+    except BaseException as exc:
+        _failed(call, exc)
+        raise
+    finally:
+        in_call.reset(token)
+    return track(call, reply)
+
+
+def _chain(policies: Sequence[Policy]) -> Handler:
+    """The policies bound outermost first around the terminal, once per pipeline (not per call)."""
+    handler: Handler = _terminal
+    for policy in reversed(policies):
+        handler = _bind(policy, handler)
+    return handler
+
+
+def _achain(policies: Sequence[Policy]) -> AsyncHandler:
+    handler: AsyncHandler = _aterminal
+    for policy in reversed(policies):
+        handler = _abind(policy, handler)
+    return handler
 
 
 def _bind(policy: Policy, next: Handler) -> Handler:

@@ -94,11 +94,24 @@ def scrub_url(url: str) -> str:
     return text[:start] + head + tail
 
 
+_ALREADY_PUBLIC: dict[str, None] = {}  # URLs found to have nothing to remove (so holding them holds no secret)
+
+
 def public_url(url: str) -> str:
-    """``scheme://host[:port]/path``: no userinfo, no query, no fragment; never raises."""
+    """``scheme://host[:port]/path``: no userinfo, no query, no fragment; never raises.
+
+    It runs as every call ends: a URL found to be public already is remembered (a few hundred
+    at most), so the usual endpoint is scanned once, not per call."""
     text = str(url)
+    if text in _ALREADY_PUBLIC:
+        return text
     if "@" not in text and "?" not in text and "#" not in text:  # the common case: nothing to remove
-        return _KEY_SHAPES.sub(_key_shape, text)
+        public = _KEY_SHAPES.sub(_key_shape, text)
+        if public == text:
+            if len(_ALREADY_PUBLIC) >= 512:
+                _ALREADY_PUBLIC.clear()
+            _ALREADY_PUBLIC[text] = None
+        return public
     scrubbed = scrub_url(text)
     cut = min((i for i in (scrubbed.find("?"), scrubbed.find("#")) if i >= 0), default=len(scrubbed))
     head = scrubbed[:cut]

@@ -77,3 +77,55 @@ def test_an_acquire_looks_at_its_own_key_only_however_many_are_busy(monkeypatch:
     looked.clear()
     limiter.pump()  # the timer's pass: every key, each still waiting
     assert len(set(looked)) == 101 and fired
+
+
+@settings(max_examples=300, deadline=None)
+@given(url=URLS)
+def test_a_requests_path_is_worked_out_once_and_stays_urlsplits(url: str) -> None:
+    import dataclasses
+
+    request = WireRequest("POST", url, (), b"")
+    expected = urlsplit(url).path or "/"
+    assert request.path == expected and request.path == expected  # the memo answers the same
+    moved = dataclasses.replace(request, url="http://other:1/v1/embeddings?x=1")
+    assert (moved.path, moved.server) == ("/v1/embeddings", ("other", 1))  # a replaced request is not the memo's
+    assert request == WireRequest("POST", url, (), b"")  # the memo is not part of equality
+
+
+def test_a_call_record_has_every_field_and_is_frozen() -> None:
+    """``CallRecord.of`` fills the record's ``__dict__`` directly: every declared field must be there,
+    equal to what the dataclass's own ``__init__`` would make, and the record still frozen."""
+    import dataclasses
+
+    from llmshim.call import Call, CallInfo, ResponseInfo, Usage
+    from llmshim.dialects.openai import OPENAI
+    from llmshim.policies.events import CallRecord
+
+    info = CallInfo(provider="openai", operation="chat", endpoint="chat/completions", model="m", stream=False)
+    call = Call(request=WireRequest("POST", "https://api.openai.com/v1/chat/completions", (), b"{}"), info=info,
+                library="httpx2", dialect=OPENAI, status=200, outcome="ok", ended_at=10.0**9,
+                response=ResponseInfo(model="m-1", id="c1", finish_reasons=["stop"], usage=Usage(3, 4)))
+    call.facts.cache_hit, call.facts.cost_usd = False, 0.5
+    record = CallRecord.of("call_completed", call)
+    assert set(vars(record)) == {field.name for field in dataclasses.fields(CallRecord)}
+    assert record == CallRecord(**vars(record)) and hash(record) == hash(CallRecord(**vars(record)))
+    assert (record.input_tokens, record.output_tokens, record.cost_usd, record.response_model) == (3, 4, 0.5, "m-1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.model = "other"  # type: ignore[misc]
+
+
+KEYED_URLS = st.builds(lambda host, path: f"https://{host}{path}", st.sampled_from(["api.openai.com", "127.0.0.1:8"]),
+                       st.sampled_from(["/v1/chat/completions", "/v1/sk-proj-" + "a" * 40 + "/x",
+                                        "/key/AIza" + "b" * 35, "/v1/" + "é" * 3]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(url=KEYED_URLS)
+def test_a_public_url_is_the_same_remembered_or_not_and_no_key_is_remembered(url: str) -> None:
+    from llmshim import redact
+
+    redact._ALREADY_PUBLIC.clear()
+    first = redact.public_url(url)
+    assert redact.public_url(url) == first  # the second time from the memo, if at all
+    assert all(redact.public_url(kept) == kept for kept in redact._ALREADY_PUBLIC)
+    assert not any("sk-proj-" in kept or "AIza" in kept for kept in redact._ALREADY_PUBLIC)

@@ -28,6 +28,7 @@ _FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache
            "estimated_input_tokens", "estimated_output_tokens")
 
 
+_OUTCOME_FIELDS: dict[str | None, str] = {"ok": "completed", "aborted": "aborted"}  # any other outcome counts as failed
 _MODEL_FIELDS = ("calls", "input_tokens", "output_tokens", "tokens_saved", "estimated_tokens")
 
 
@@ -66,7 +67,7 @@ class Stats:
         Spent tokens the provider did not report but llmshim estimated count too, and again under
         ``estimated_*``, as does their cost: the totals answer "what did we spend", the estimated
         part says how much of that is an estimate."""
-        outcome = {"ok": "completed", "aborted": "aborted"}.get(call.outcome or "", "failed")
+        outcome = _OUTCOME_FIELDS.get(call.outcome, "failed")
         facts = call.facts
         usage = call.response.tokens if call.response is not None and not facts.cache_hit else None
         estimated = usage is not None and facts.estimator is not None
@@ -81,12 +82,15 @@ class Stats:
             if call.duration is not None:
                 self._latency_total += call.duration
                 self._latency_count += 1
-            model = self._models.setdefault(key, {**dict.fromkeys(_MODEL_FIELDS, 0), "cost_usd": None,
-                                                  "saved_cost_usd": None})
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = {**dict.fromkeys(_MODEL_FIELDS, 0), "cost_usd": None,
+                                             "saved_cost_usd": None}
             model["calls"] += 1
             saved = facts.tokens_saved
-            counts["tokens_saved"] += saved
-            model["tokens_saved"] += saved
+            if saved:
+                counts["tokens_saved"] += saved
+                model["tokens_saved"] += saved
             if usage is not None:
                 for field, count in (("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens)):
                     counts[field] += count or 0
@@ -94,11 +98,12 @@ class Stats:
                     if estimated:
                         counts[f"estimated_{field}"] += count or 0
                         model["estimated_tokens"] += count or 0
-            for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd),
-                                  ("estimated_cost_usd", facts.cost_usd if estimated else None)):
-                if amount is not None:  # a sum of honest prices; None until one call was priced
-                    self._money[field] = (self._money[field] or 0.0) + amount
-                    model[field] = (model.get(field) or 0.0) + amount
+            if facts.cost_usd is not None or facts.saved_cost_usd is not None:
+                for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd),
+                                      ("estimated_cost_usd", facts.cost_usd if estimated else None)):
+                    if amount is not None:  # a sum of honest prices; None until one call was priced
+                        self._money[field] = (self._money[field] or 0.0) + amount
+                        model[field] = (model.get(field) or 0.0) + amount
         if self._path is not None and time.monotonic() - self._written >= 1.0:
             self.write()
 
