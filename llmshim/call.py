@@ -24,20 +24,79 @@ if TYPE_CHECKING:
     from .dialects import Dialect
     from .tokens import TextTally
 
-__all__ = ["Call", "CallInfo", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage", "WireRequest"]
+__all__ = ["Call", "CallInfo", "HeaderItems", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage",
+           "WireRequest"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+#: A request's headers as (name, value) strings, in sent order.
+HeaderItems = tuple[tuple[str, str], ...]
+
+
 class WireRequest:
-    """A request as it goes on the wire: method, absolute URL, headers in sent order, body bytes."""
+    """A request as it goes on the wire: method, absolute URL, headers in sent order, body bytes.
+
+    Immutable, compared by those four values. ``headers`` may be given as a function that reads
+    them: an adapter then decodes the library's headers only if a policy asks (the cache key, the
+    limiter's credential, retry's SDK marker); with those features off no call pays for it.
+    ``path`` and ``server`` are worked out once, on first use: several policies ask every call."""
+
+    __slots__ = ("_headers", "_path", "_read_headers", "_server", "body", "method", "url")
 
     method: str
     url: str
-    headers: tuple[tuple[str, str], ...]
     body: bytes
-    # ``path`` and ``server``, worked out on first use: several policies ask for them on every call.
-    _path: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
-    _server: tuple[str, int | None] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _headers: HeaderItems | None
+    _read_headers: Callable[[], HeaderItems] | None
+    _path: str | None
+    _server: tuple[str, int | None] | None
+
+    def __init__(self, method: str, url: str,
+                 headers: HeaderItems | Callable[[], HeaderItems],
+                 body: bytes) -> None:
+        setter = object.__setattr__
+        setter(self, "method", method)
+        setter(self, "url", url)
+        setter(self, "body", body)
+        lazy = callable(headers)
+        setter(self, "_headers", None if lazy else headers)
+        setter(self, "_read_headers", headers if lazy else None)
+        setter(self, "_path", None)
+        setter(self, "_server", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    @property
+    def headers(self) -> HeaderItems:
+        headers = self._headers
+        if headers is None:
+            read = self._read_headers
+            headers = read() if read is not None else ()
+            object.__setattr__(self, "_headers", headers)  # a memo, not a change: read once
+            object.__setattr__(self, "_read_headers", None)  # and the library's request let go
+        return headers
+
+    def _values(self) -> tuple[Any, ...]:
+        return self.method, self.url, self.headers, self.body
+
+    def __eq__(self, other: object) -> bool:
+        return self._values() == other._values() if isinstance(other, WireRequest) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (f"WireRequest(method={self.method!r}, url={self.url!r}, headers={self.headers!r}, "
+                f"body={self.body!r})")
+
+    def replace(self, **changes: Any) -> WireRequest:
+        """A copy with ``changes`` (method, url, headers, body) applied."""
+        values: dict[str, Any] = {"method": self.method, "url": self.url, "headers": self.headers, "body": self.body}
+        values.update(changes)
+        return WireRequest(**values)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""

@@ -82,12 +82,10 @@ def test_an_acquire_looks_at_its_own_key_only_however_many_are_busy(monkeypatch:
 @settings(max_examples=300, deadline=None)
 @given(url=URLS)
 def test_a_requests_path_is_worked_out_once_and_stays_urlsplits(url: str) -> None:
-    import dataclasses
-
     request = WireRequest("POST", url, (), b"")
     expected = urlsplit(url).path or "/"
     assert request.path == expected and request.path == expected  # the memo answers the same
-    moved = dataclasses.replace(request, url="http://other:1/v1/embeddings?x=1")
+    moved = request.replace(url="http://other:1/v1/embeddings?x=1")
     assert (moved.path, moved.server) == ("/v1/embeddings", ("other", 1))  # a replaced request is not the memo's
     assert request == WireRequest("POST", url, (), b"")  # the memo is not part of equality
 
@@ -129,3 +127,53 @@ def test_a_public_url_is_the_same_remembered_or_not_and_no_key_is_remembered(url
     assert redact.public_url(url) == first  # the second time from the memo, if at all
     assert all(redact.public_url(kept) == kept for kept in redact._ALREADY_PUBLIC)
     assert not any("sk-proj-" in kept or "AIza" in kept for kept in redact._ALREADY_PUBLIC)
+
+
+def test_a_recognised_calls_info_has_every_field_as_its_init_makes() -> None:
+    """``Dialect.call_info`` fills the frozen CallInfo's ``__dict__`` directly: every field must be
+    there, equal to the dataclass's own ``__init__`` result, and still frozen."""
+    import dataclasses
+    import json
+
+    from llmshim.call import CallInfo
+    from llmshim.dialects import DIALECTS, detect
+
+    bodies = {"/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 3,
+                                       "temperature": 0.5, "max_tokens": 9},
+              "/api/chat": {"model": "m", "messages": [], "options": {"temperature": 1}},
+              "/completion": {"prompt": "hi"}, "/v1/messages": {"model": "m", "messages": [], "max_tokens": 5},
+              "/v1beta/models/m:generateContent": {"contents": []}}
+    seen = set()
+    for path, body in bodies.items():
+        found = detect(WireRequest("POST", "http://127.0.0.1:1" + path, (), json.dumps(body).encode()))
+        assert found is not None, path
+        dialect, info = found
+        seen.add(dialect.name)
+        fields = {field.name: getattr(info, field.name) for field in dataclasses.fields(CallInfo)}
+        assert info == CallInfo(**fields)
+        assert set(fields) <= set(vars(info))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            info.model = "other"  # type: ignore[misc]
+    assert seen == {dialect.name for dialect in DIALECTS}
+
+
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+@settings(max_examples=150, deadline=None)
+@given(pairs=st.lists(st.tuples(NAMES, VALUES), max_size=12), encoding=st.sampled_from([None, "latin-1", "utf-8"]))
+def test_headers_with_any_encoding_decode_as_multi_items(module: ModuleType, pairs: list[tuple[str, object]],
+                                                         encoding: str | None) -> None:
+    """Whatever encoding a Headers was given, or none (httpx then chooses ASCII, UTF-8 or ISO-8859-1
+    from the bytes), the one-pass decode equals ``multi_items()``; and it leaves the caller's Headers'
+    own choice unmade (``_encoding`` still unset)."""
+    raw = [(name.encode(), value if isinstance(value, bytes) else str(value).encode("utf-8")) for name, value in pairs]
+    request = module.Request("POST", "http://127.0.0.1:1/v1/chat/completions", content=b"{}")
+    request.headers = module.Headers(raw, encoding=encoding)
+    items = header_items(request)
+    assert request.headers._encoding == encoding  # the caller's Headers: no choice made for it
+    try:
+        expected = tuple(request.headers.multi_items())
+    except UnicodeDecodeError:  # bytes the named encoding cannot decode: httpx still sends them,
+        # and llmshim reads them byte for byte instead of failing the caller's request
+        expected = tuple((name.lower().decode("latin-1"), value.decode("latin-1")) for name, value in raw)
+    assert items == expected
+

@@ -39,7 +39,8 @@ def to_wire(request: Any) -> WireRequest | None:
         data = b""
     else:
         return None
-    return WireRequest(request.method, str(request.url), tuple(request.headers.items()), bytes(data))
+    headers = request.headers  # read only if a policy asks for them (WireRequest.headers)
+    return WireRequest(request.method, str(request.url), lambda: tuple(headers.items()), bytes(data))
 
 
 def _forget(key: int) -> None:

@@ -9,11 +9,11 @@ so the tap sees each piece as the caller reads it; the caller's own bytes are ne
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..call import Call, Reply, WireRequest
-from ..runtime import STATE, begin
+from ..call import Call, HeaderItems, Reply, WireRequest
+from ..runtime import CONTROL_PREFIX, STATE, begin
 from ..tap import Tap
 from ._decoding import Decoder, decoder_for
 from ._doubles import httpx_double, mark_bypass
@@ -21,9 +21,10 @@ from ._doubles import httpx_double, mark_bypass
 __all__ = ["async_wrapper", "sync_wrapper", "to_wire"]
 
 
-def to_wire(request: Any, headers: tuple[tuple[str, str], ...] | None = None) -> WireRequest | None:
+def to_wire(request: Any, headers: HeaderItems | Callable[[], HeaderItems] | None = None) -> WireRequest | None:
     """The request as sent; None when its body is a stream we must not consume (uploads).
-    ``headers``: the request's headers already decoded (:func:`header_items`)."""
+    ``headers``: the request's headers decoded, or the function that decodes them when asked
+    (default: :func:`header_items` now)."""
     try:
         body = request.content
     except Exception:  # RequestNotRead: a streaming body, never an LLM call we can read
@@ -32,45 +33,79 @@ def to_wire(request: Any, headers: tuple[tuple[str, str], ...] | None = None) ->
                        body)
 
 
-def header_items(request: Any) -> tuple[tuple[str, str], ...]:
-    """The request's headers as (name, value) strings, as ``Headers.multi_items()`` gives them (same
-    encoding, names lower-cased as httpx does), decoded in one pass: ``multi_items`` looks up the
-    encoding twice per header."""
+def header_items(request: Any) -> HeaderItems:
+    """The request's headers as (name, value) strings, exactly as ``Headers.multi_items()`` gives
+    them (names lower-cased as httpx keeps them, the encoding httpx would choose), decoded in a few
+    C passes: ``multi_items`` decodes each header twice in Python, and a fresh ``Headers``' first
+    ``encoding`` lookup tries every header as ASCII in a Python loop."""
     headers = request.headers
     try:
-        encoding, raw = headers.encoding, headers.raw
-        # One decode of all names and one of all values (C loops), split on a byte no header holds
-        # (h11 refuses NUL in names and values); should one hold it, the plain per-item decode.
-        names = b"\0".join([key for key, _ in raw]).lower().decode(encoding).split("\0")
-        values = b"\0".join([value for _, value in raw]).decode(encoding).split("\0")
-        if len(names) == len(values) == len(raw):
+        entries = headers._list  # [(raw name, lower-cased name, value)]: httpx's own storage
+        names_blob = b"\0".join([lowered for _, lowered, _ in entries])
+        values_blob = b"\0".join([value for _, _, value in entries])
+        encoding = headers._encoding or _encoding_of(names_blob, values_blob)
+        # One decode of all names and one of all values, split on a byte no header holds (h11
+        # refuses NUL in names and values); should one hold it, the plain per-item decode.
+        names = names_blob.decode(encoding).split("\0")
+        values = values_blob.decode(encoding).split("\0")
+        if len(names) == len(values) == len(entries):
             return tuple(zip(names, values, strict=True))
-        return tuple((key.lower().decode(encoding), value.decode(encoding)) for key, value in raw)
-    except Exception:  # another Headers than httpx's own: its public view
+        return tuple((lowered.decode(encoding), value.decode(encoding)) for _, lowered, value in entries)
+    except Exception:  # another Headers than httpx's own, or bytes its named encoding cannot decode
+        pass
+    try:
         return tuple(headers.multi_items())
+    except Exception:  # httpx itself cannot decode them (Headers(..., encoding="utf-8") of other bytes):
+        # httpx still sends them as they are; llmshim reads them as ISO-8859-1, byte for byte
+        return tuple((key.lower().decode("latin-1"), value.decode("latin-1")) for key, value in headers.raw)
+
+
+def _encoding_of(names: bytes, values: bytes) -> str:
+    """httpx's choice for headers that did not name one: ASCII when every name and value is,
+    else UTF-8 when every one decodes so, else ISO-8859-1. Joined with NUL the answer is the same:
+    a NUL neither adds a non-ASCII byte nor completes a truncated UTF-8 sequence."""
+    if names.isascii() and values.isascii():
+        return "ascii"
+    try:
+        names.decode("utf-8")
+        values.decode("utf-8")
+    except UnicodeDecodeError:
+        return "iso-8859-1"
+    return "utf-8"
 
 
 class _Headers:
-    """One request's decoded headers, decoded once for both uses a call makes of them (the scan
-    for x-llmshim-* controls and the wire request), and again only after controls were stripped."""
+    """One request's headers as a call uses them: the scan for x-llmshim-* controls (over the raw
+    names, decoding nothing when none is there: the usual case), their removal, and the decoded
+    headers of the wire request, read only if a policy asks for them (lazily, after any strip)."""
 
-    __slots__ = ("items", "request")
+    __slots__ = ("request",)
 
     def __init__(self, request: Any) -> None:
-        self.request, self.items = request, header_items(request)
+        self.request = request
+
+    def controls(self) -> HeaderItems:
+        """The headers to look for controls in: none at all unless a name starts like one."""
+        try:
+            names = b"\0".join([lowered for _, lowered, _ in self.request.headers._list])
+            if _CONTROL_PREFIX not in names:
+                return ()
+        except Exception:  # another Headers than httpx's own: look at all of them
+            pass
+        return header_items(self.request)
 
     def strip(self, names: list[str]) -> None:
         headers = self.request.headers
         for name in names:
             if name in headers:
                 del headers[name]
-        self.items = header_items(self.request)
-
-    def listed(self) -> tuple[tuple[str, str], ...]:
-        return self.items
 
     def wire(self) -> WireRequest | None:
-        return to_wire(self.request, self.items)
+        request = self.request
+        return to_wire(request, lambda: header_items(request))
+
+
+_CONTROL_PREFIX = CONTROL_PREFIX.encode()
 
 
 class _Feed:
@@ -226,7 +261,7 @@ def sync_wrapper(module: Any, original: Any) -> Any:
 
     def _send_single_request(self: Any, request: Any) -> Any:
         headers = _Headers(request)
-        call = begin(library, headers.wire, headers.strip, headers.listed)
+        call = begin(library, headers.wire, headers.strip, headers.controls)
         if call is None:
             return original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))
@@ -249,7 +284,7 @@ def async_wrapper(module: Any, original: Any) -> Any:
 
     async def _send_single_request(self: Any, request: Any) -> Any:
         headers = _Headers(request)
-        call = begin(library, headers.wire, headers.strip, headers.listed)
+        call = begin(library, headers.wire, headers.strip, headers.controls)
         if call is None:
             return await original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))

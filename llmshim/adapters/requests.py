@@ -50,7 +50,8 @@ def to_wire(request: Any) -> WireRequest | None:
         body = bytes(body)
     elif not isinstance(body, bytes):
         return None  # a generator or file upload: never an LLM call we can read
-    return WireRequest(request.method or "GET", request.url or "", tuple(request.headers.items()), body)
+    headers = request.headers  # read only if a policy asks for them (WireRequest.headers)
+    return WireRequest(request.method or "GET", request.url or "", lambda: tuple(headers.items()), body)
 
 
 def _reply(response: Any) -> Reply:
