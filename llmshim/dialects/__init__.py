@@ -102,6 +102,8 @@ def detect(request: WireRequest) -> tuple[Dialect, CallInfo] | None:
     if not isinstance(body, dict):
         return None
     for dialect in DIALECTS:
+        if not path.endswith(dialect.suffixes):  # one C call instead of asking a dialect without the route
+            continue
         info = dialect.recognise(path, body)
         if info is not None:
             provider = known_provider(request.server[0], path)

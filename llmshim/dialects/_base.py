@@ -76,7 +76,8 @@ class Dialect:
     #: name for a host ``llmshim.providers`` does not know (``detect`` names known hosts' providers).
     name: ClassVar[str]
     #: The path endings this dialect may recognise, derived from its route table: ``detect``'s cheap
-    #: pre-check (before any body is parsed) is the union of every registered dialect's suffixes.
+    #: pre-check (before any body is parsed) is the union of every registered dialect's suffixes, and a
+    #: dialect is asked to ``recognise`` only a path that ends in one of its own.
     suffixes: ClassVar[tuple[str, ...]]
     #: request body field (or options field) -> gen_ai.request.* suffix, in order of precedence
     param_names: ClassVar[Mapping[str, str]] = {}
@@ -111,13 +112,17 @@ class Dialect:
         source = body if params is None else params
         max_output = temperature = seed = None
         for field in self._max_tokens_fields:
-            max_output = positive_int(source.get(field))
-            if max_output is not None:
-                break
+            value = source.get(field)
+            if value is not None:
+                max_output = positive_int(value)
+                if max_output is not None:
+                    break
         for field in self._temperature_fields:
-            temperature = _number(source.get(field))
-            if temperature is not None:
-                break
+            value = source.get(field)
+            if value is not None:
+                temperature = _number(value)
+                if temperature is not None:
+                    break
         for field in self._seed_fields:
             seed = source.get(field)
             if seed is not None:

@@ -109,7 +109,7 @@ class OpenAIDialect(Dialect):
         for suffix, endpoint, operation, field, shape in _ROUTES:
             if not path.endswith(suffix) or (endpoint == "completions" and path.endswith("/chat/completions")):
                 continue
-            deployment = _AZURE_DEPLOYMENT.search(path + "/")
+            deployment = _AZURE_DEPLOYMENT.search(path + "/") if "/deployments/" in path else None
             stored_prompt = endpoint == "responses" and shapes.obj(body.get("prompt"))
             if not shapes.model_ok(body, required=deployment is None and not stored_prompt):
                 return None
