@@ -177,3 +177,29 @@ def test_headers_with_any_encoding_decode_as_multi_items(module: ModuleType, pai
         expected = tuple((name.lower().decode("latin-1"), value.decode("latin-1")) for name, value in raw)
     assert items == expected
 
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12)
+PADDING = st.text(st.sampled_from(" \t\n\r\x0b\x0c\u00a0\ufeffx,]}"), max_size=3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(document=st.one_of(
+    st.builds(lambda value, indent, before, after: before + __import__("json").dumps(value, indent=indent) + after,
+              JSON_VALUES, st.sampled_from([None, 0, 2]), PADDING, PADDING),
+    st.text(max_size=30), st.binary(max_size=30)))
+def test_the_json_llmshim_reads_is_what_json_loads_reads(document: str | bytes) -> None:
+    """``loads_object`` calls json's scanner directly: it must accept exactly what ``json.loads``
+    accepts (of UTF-8) and answer the same value; anything else is None, never an exception."""
+    import json
+
+    from llmshim.dialects._framing import loads_object
+
+    try:
+        text = document.decode("utf-8") if isinstance(document, bytes) else document
+        expected = json.loads(text)
+    except (ValueError, RecursionError):
+        expected = None
+    assert json.dumps(loads_object(document)) == json.dumps(expected)

@@ -68,36 +68,42 @@ class Stats:
         ``estimated_*``, as does their cost: the totals answer "what did we spend", the estimated
         part says how much of that is an estimate."""
         outcome = _OUTCOME_FIELDS.get(call.outcome, "failed")
-        facts = call.facts
-        usage = call.response.tokens if call.response is not None and not facts.cache_hit else None
+        facts, response, info = call.facts, call.response, call.info
+        usage = response.tokens if response is not None and not facts.cache_hit else None
         estimated = usage is not None and facts.estimator is not None
-        key = f"{call.info.provider}/{call.info.model or '-'}"
+        key = f"{info.provider}/{info.model or '-'}"
+        duration = call.duration
         with self._lock:
             counts = self._counts
             counts[outcome] += 1
             if facts.cache_hit is not None:
                 counts["cache_hits" if facts.cache_hit else "cache_misses"] += 1
-            counts["retries"] += facts.retries
-            counts["throttled_calls"] += facts.throttled
-            if call.duration is not None:
-                self._latency_total += call.duration
+            if facts.retries:
+                counts["retries"] += facts.retries
+            if facts.ratelimit_wait_s is not None and facts.throttled:
+                counts["throttled_calls"] += 1
+            if duration is not None:
+                self._latency_total += duration
                 self._latency_count += 1
             model = self._models.get(key)
             if model is None:
                 model = self._models[key] = {**dict.fromkeys(_MODEL_FIELDS, 0), "cost_usd": None,
                                              "saved_cost_usd": None}
             model["calls"] += 1
-            saved = facts.tokens_saved
-            if saved:
+            if facts.saved_input_tokens is not None or facts.saved_output_tokens is not None:
+                saved = facts.tokens_saved
                 counts["tokens_saved"] += saved
                 model["tokens_saved"] += saved
             if usage is not None:
-                for field, count in (("input_tokens", usage.input_tokens), ("output_tokens", usage.output_tokens)):
-                    counts[field] += count or 0
-                    model[field] += count or 0
-                    if estimated:
-                        counts[f"estimated_{field}"] += count or 0
-                        model["estimated_tokens"] += count or 0
+                spent_in, spent_out = usage.input_tokens or 0, usage.output_tokens or 0
+                counts["input_tokens"] += spent_in
+                counts["output_tokens"] += spent_out
+                model["input_tokens"] += spent_in
+                model["output_tokens"] += spent_out
+                if estimated:
+                    counts["estimated_input_tokens"] += spent_in
+                    counts["estimated_output_tokens"] += spent_out
+                    model["estimated_tokens"] += spent_in + spent_out
             if facts.cost_usd is not None or facts.saved_cost_usd is not None:
                 for field, amount in (("cost_usd", facts.cost_usd), ("saved_cost_usd", facts.saved_cost_usd),
                                       ("estimated_cost_usd", facts.cost_usd if estimated else None)):
