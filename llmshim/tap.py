@@ -124,12 +124,15 @@ class Tap:
         self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
-        for observer in list(self._observers):
+        failed = None
+        for observer in self._observers:  # runs per chunk of every stream: no copy of the list
             try:
                 observer.on_chunk(data)
             except Exception:  # an observer must never break the caller's read
                 log.warning("llmshim: body observer failed; detaching it", exc_info=True)
-                self._observers.remove(observer)
+                failed = [*(failed or ()), observer]
+        for observer in failed or ():
+            self._observers.remove(observer)
 
     def complete(self) -> None:
         self._end(None, completed=True)

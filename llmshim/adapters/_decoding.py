@@ -9,7 +9,7 @@ inflate to hundreds of megabytes (a gzip bomb), and llmshim never holds more tha
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 __all__ = ["PIECE", "Decoder", "decoder_for"]
@@ -18,13 +18,13 @@ PIECE = 256 * 1024
 
 
 class Decoder(Protocol):
-    def decode(self, data: bytes) -> Iterator[bytes]: ...
+    def decode(self, data: bytes) -> Iterable[bytes]: ...
     def flush(self) -> bytes: ...
 
 
 class _Identity:
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        yield data
+    def decode(self, data: bytes) -> Iterable[bytes]:
+        return (data,)  # per chunk of every stream: a tuple, not a generator
 
     def flush(self) -> bytes:
         return b""

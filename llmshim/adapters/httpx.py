@@ -165,12 +165,12 @@ def _bodies(module: Any) -> tuple[type, type]:
     return cached
 
 
-def _replayer(module: Any, client: Any, request: Any, body_class: type, stream_class: type) -> Any:
+def _replayer(module: Any, client: Any, request: Any, body_class: type, stream_class: type, is_async: bool) -> Any:
     def replay(status: int, headers: list[tuple[str, str]], body: bytes) -> Reply:
         response = module.Response(status, headers=headers, stream=body_class(body), request=request)
         response.default_encoding = getattr(client, "_default_encoding", "utf-8")
         response.elapsed = datetime.timedelta(0)
-        return _reply(response, stream_class)
+        return _reply(response, stream_class, is_async)
 
     return replay
 
@@ -231,21 +231,30 @@ def _streams(module: Any) -> tuple[type, type]:
     return TapSyncStream, TapAsyncStream
 
 
-def _reply(response: Any, stream_class: type) -> Reply:
+def _reply(response: Any, stream_class: type, is_async: bool) -> Reply:
     """Taps the response's byte stream. A response read at construction (``Response(json=...)``
     or ``content=`` from a mock transport) has its decoded content already: the tap gets it whole
     and ends at once, as the caller can never read that body from the stream."""
     tap = Tap()
-    if hasattr(response, "_content"):
+    if _preloaded(response):
         tap.chunk(response._content)
         tap.complete()
     else:
         feed = _Feed(tap, decoder_for(response.headers.get("content-encoding")))
         response.stream = stream_class(response.stream, feed)
         tap.abort_when_collected(response)  # dropped unread: the call still ends
-    if hasattr(response.stream, "aclose"):
+    if is_async:
         return Reply(response.status_code, response.headers, tap, response, adiscard=response.aclose)
     return Reply(response.status_code, response.headers, tap, response, discard=response.close, peek=response.read)
+
+
+def _preloaded(response: Any) -> bool:
+    """Whether httpx read the body at construction (it keeps it as ``_content``). Looked up in the
+    instance's dict where there is one: ``hasattr`` of a missing attribute raises inside."""
+    try:
+        return "_content" in response.__dict__ or hasattr(type(response), "_content")
+    except AttributeError:  # a response type with slots
+        return hasattr(response, "_content")
 
 
 def _read_timeout(request: Any) -> float | None:
@@ -265,12 +274,12 @@ def sync_wrapper(module: Any, original: Any) -> Any:
         if call is None:
             return original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))
-        call.replay = _replayer(module, self, request, sync_body, sync_stream)
+        call.replay = _replayer(module, self, request, sync_body, sync_stream, False)
         call.transport_errors = (module.TransportError,)
         call.timeout = _read_timeout(request)
 
         def send(call: Call) -> Reply:
-            return _reply(original(self, request), sync_stream)
+            return _reply(original(self, request), sync_stream, False)
 
         return STATE.pipeline.run(call, send).native
 
@@ -288,12 +297,12 @@ def async_wrapper(module: Any, original: Any) -> Any:
         if call is None:
             return await original(self, request)
         mark_bypass(call, lambda: httpx_double(module, self, request))
-        call.replay = _replayer(module, self, request, async_body, async_stream)
+        call.replay = _replayer(module, self, request, async_body, async_stream, True)
         call.transport_errors = (module.TransportError,)
         call.timeout = _read_timeout(request)
 
         async def send(call: Call) -> Reply:
-            return _reply(await original(self, request), async_stream)
+            return _reply(await original(self, request), async_stream, True)
 
         return (await STATE.pipeline.arun(call, send)).native
 

@@ -21,7 +21,6 @@ from ..cost import cost_of
 from ..facts import StoreKind, listen_store_failures
 from ..pipeline import AsyncHandler, Handler
 from ..providers import known_provider
-from ..tap import OnEnd
 from . import events
 from .stats import STATS, Stats
 
@@ -78,7 +77,7 @@ class ObserverPolicy:
             self._end(call, begun)
             raise
         self._detach(begun, call)
-        reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
+        reply.tap.subscribe(_Ending(self, call, begun))
         return reply
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
@@ -90,8 +89,27 @@ class ObserverPolicy:
             self._end(call, begun)
             raise
         self._detach(begun, call)
-        reply.tap.subscribe(OnEnd(lambda: self._end(call, begun)))
+        reply.tap.subscribe(_Ending(self, call, begun))
         return reply
+
+
+class _Ending:
+    """The observer's tap observer: at the body's one end (complete or abort, as ``call.outcome``
+    says) the call is reported. One object per call, no closure."""
+
+    __slots__ = ("begun", "call", "observer")
+
+    def __init__(self, observer: ObserverPolicy, call: Call, begun: Begun | None) -> None:
+        self.observer, self.call, self.begun = observer, call, begun
+
+    def on_chunk(self, data: bytes) -> None:
+        pass
+
+    def on_complete(self) -> None:
+        self.observer._end(self.call, self.begun)
+
+    def on_abort(self, error: BaseException | None) -> None:
+        self.observer._end(self.call, self.begun)
 
 
 _warming: list[bool] = []
