@@ -1,7 +1,11 @@
 """What goes on a GenAI span, as pure functions of the call: the attributes samplers see at the
-start, the outcome and llmshim's own attributes at the end (from ``call.facts``), the scrubbed
-exception event, and whether a span someone else started is already the GenAI span of this very
-call (then llmshim adds to it instead of starting a second one)."""
+start, the outcome and llmshim's own attributes at the end (from ``call.facts``), the GenAI metric
+points' attribute sets, the scrubbed exception event, and whether a span someone else started is
+already the GenAI span of this very call (then llmshim adds to it instead of starting a second one).
+
+The span's name, its start attributes (but the request's parameters) and the metric attribute sets
+are functions of a few plain values (``span_key``, plus the response model, error type and cache
+hit for the metrics): telemetry memoises them, so most calls build none of them again."""
 
 from __future__ import annotations
 

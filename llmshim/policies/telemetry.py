@@ -144,20 +144,20 @@ class Telemetry:
         tracer = resolved[0]
         try:
             info = call.info
-            current = trace.get_current_span()
+            parent = otel_context.get_current()  # read once, handed on: the SDK would read it thrice more
+            current = trace.get_current_span(parent)
             if is_genai_span_for(current, info.operation, info.model):
                 call.started_at = time.perf_counter()
                 return Begun(current, None, False)
             key = span_key(call)
             name, start = _memo(self._starts, key, span_start)
-            span = tracer.start_span(name, kind=SpanKind.CLIENT,
-                                     attributes=add_request_params(dict(start), info.params))
+            span = tracer.start_span(name, parent, SpanKind.CLIENT, add_request_params(dict(start), info.params))
             call.started_at = time.perf_counter()  # durations and time to first chunk count from here
             if span.is_recording():
                 call.capture_content = self.capture_span or self.capture_event
                 if info.stream:
                     call.chunk_times = []
-            token = otel_context.attach(trace.set_span_in_context(span))
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         except Exception:
             self._failed("starting a span")
             return None
