@@ -1,7 +1,11 @@
 """What goes on a GenAI span, as pure functions of the call: the attributes samplers see at the
-start, the outcome and llmshim's own attributes at the end (from ``call.facts``), the scrubbed
-exception event, and whether a span someone else started is already the GenAI span of this very
-call (then llmshim adds to it instead of starting a second one)."""
+start, the outcome and llmshim's own attributes at the end (from ``call.facts``), the GenAI metric
+points' attribute sets, the scrubbed exception event, and whether a span someone else started is
+already the GenAI span of this very call (then llmshim adds to it instead of starting a second one).
+
+The span's name, its start attributes (but the request's parameters) and the metric attribute sets
+are functions of a few plain values (``span_key``, plus the response model, error type and cache
+hit for the metrics): telemetry memoises them, so most calls build none of them again."""
 
 from __future__ import annotations
 
@@ -15,28 +19,68 @@ from .. import redact
 from ..call import Call
 from ..facts import error_type
 
-__all__ = ["end_attributes", "fact_attributes", "is_genai_span_for", "record_exception", "start_attributes"]
+__all__ = ["SpanKey", "add_request_params", "end_attributes", "fact_attributes", "is_genai_span_for",
+           "metric_attribute_sets", "record_exception", "span_key", "span_start"]
 
 
-def start_attributes(call: Call) -> dict[str, Any]:
+#: What a call's span name, start attributes and metric attribute sets are worked out from: the
+#: same for every call to one model of one server through one library, so telemetry memoises them.
+SpanKey = tuple[str, str, str, int | None, str | None, bool, str]
+
+
+def span_key(call: Call) -> SpanKey:
+    """(operation, provider, host, port, model, stream, library) of the call."""
     info = call.info
     host, port = call.request.server
+    return info.operation, info.provider, host, port, info.model, info.stream, call.library
+
+
+def span_start(operation: str, provider: str, host: str, port: int | None, model: str | None, stream: bool,
+               library: str) -> tuple[str, dict[str, Any]]:
+    """The span's name and the start attributes samplers see, but the request's parameters."""
     attributes: dict[str, Any] = {
-        "gen_ai.operation.name": info.operation,
-        "gen_ai.provider.name": info.provider,
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": provider,
         "server.address": host,
-        "gen_ai.request.stream": info.stream,
-        "llmshim.client.library": call.library,
+        "gen_ai.request.stream": stream,
+        "llmshim.client.library": library,
     }
     if port is not None:
         attributes["server.port"] = port
-    if info.model:
-        attributes["gen_ai.request.model"] = info.model
-    for name, value in info.params.items():
+    if model:
+        attributes["gen_ai.request.model"] = model
+    return (f"{operation} {model}" if model else operation), attributes
+
+
+def add_request_params(attributes: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``gen_ai.request.<name>`` for each request parameter an attribute can hold (a scalar or a
+    non-empty list of scalars)."""
+    for name, value in params.items():
         if isinstance(value, (str, bool, int, float)) or (
                 isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value)):
             attributes[f"gen_ai.request.{name}"] = value
     return attributes
+
+
+def metric_attribute_sets(operation: str, provider: str, host: str, port: int | None, model: str | None,
+                          response_model: str | None, error: str | None, cache_hit: bool,
+                          ) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+    """The GenAI metric points' attribute sets: (the call's, its input tokens', its output
+    tokens'). Never to be changed: telemetry hands the same ones to every call with the same values
+    (the SDK copies what it keeps). Plain dicts, not ``MappingProxyType``: the SDK's
+    ``isinstance(attributes, Mapping)`` misses the ABC cache for a mapping proxy, every time."""
+    attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
+                                  "server.address": host}
+    if port is not None:
+        attributes["server.port"] = port
+    if model:
+        attributes["gen_ai.request.model"] = model
+    if response_model is not None:
+        attributes["gen_ai.response.model"] = response_model
+    if error is not None:
+        attributes["error.type"] = error
+    attributes["llmshim.cache.hit"] = cache_hit  # so a histogram can be split: hits vs paid calls
+    return attributes, {**attributes, "gen_ai.token.type": "input"}, {**attributes, "gen_ai.token.type": "output"}
 
 
 #: Operation names that are one model call (not an agent run or a tool execution span).
@@ -49,8 +93,10 @@ def is_genai_span_for(span: trace.Span, operation: str, model: str | None) -> bo
     (``gen_ai.operation.name``, or the older ``gen_ai.system``) or OpenInference (``LLM``), and for
     the same model when both name one. A parent that wraps many calls (an agent run, a workflow)
     has another operation name and is left alone."""
+    if not span.is_recording():  # first: the usual current span is none at all (INVALID_SPAN)
+        return False
     attributes = getattr(span, "attributes", None)
-    if not span.is_recording() or not isinstance(attributes, Mapping):
+    if not isinstance(attributes, Mapping):
         return False
     scope = getattr(span, "instrumentation_scope", None)
     if scope is not None and getattr(scope, "name", None) == "llmshim":
@@ -86,7 +132,7 @@ def fact_attributes(call: Call) -> dict[str, Any]:
     attributes: dict[str, Any] = {}
     if call.cache_bypass:
         attributes["llmshim.cache.bypass"] = call.cache_bypass
-    for name, field in _FACT_ATTRIBUTES:
+    for name, field in _FACT_ATTRIBUTES:  # getattr in a loop: faster than one attrgetter and a zip, measured
         value = getattr(facts, field)
         if value is not None:
             attributes[name] = value

@@ -17,12 +17,12 @@ never an exception in the caller's call.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -40,26 +40,50 @@ from .otel_names import (
     content_capture_mode,
 )
 from .span_attributes import (
+    SpanKey,
+    add_request_params,
     end_attributes,
     fact_attributes,
     is_genai_span_for,
+    metric_attribute_sets,
     record_exception,
-    start_attributes,
+    span_key,
+    span_start,
 )
 
-__all__ = ["CONTENT_ENV", "DURATION_BUCKETS", "LLMSHIM_ATTRIBUTES", "TOKEN_BUCKETS", "Instruments", "Telemetry",
-           "content_capture_mode"]
+__all__ = ["CONTENT_ENV", "DURATION_BUCKETS", "LLMSHIM_ATTRIBUTES", "MEMO_LIMIT", "TOKEN_BUCKETS", "Instruments",
+           "Telemetry", "content_capture_mode"]
 
 log = logging.getLogger("llmshim")
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Begun:
-    """A call's span as begun: llmshim's own (``owned``, current while sending through ``token``),
-    or a framework's GenAI span for the same call that llmshim only adds its attributes to."""
+#: Most entries each memo of attribute sets keeps. A process calls a few models on a few servers;
+#: a stream of ever-new model names empties a full memo (a rebuild per call) instead of growing it.
+MEMO_LIMIT = 256
+
+_Key = TypeVar("_Key", bound=tuple[Any, ...])
+_Value = TypeVar("_Value")
+
+
+def _memo(memo: dict[_Key, _Value], key: _Key, build: Callable[..., _Value]) -> _Value:
+    """``build(*key)``, made once per key while the memo holds at most ``MEMO_LIMIT`` entries (a
+    race between threads can overshoot it by one entry per thread, never more)."""
+    value = memo.get(key)
+    if value is None:
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+        value = memo[key] = build(*key)
+    return value
+
+
+class Begun(NamedTuple):
+    """A call's span as begun: llmshim's own (``owned``, current while sending through ``token``;
+    ``key`` what its attributes were made of), or a framework's GenAI span for the same call that
+    llmshim only adds its attributes to."""
 
     span: trace.Span
     token: Any
     owned: bool
+    key: SpanKey | None = None
 
 
 class Telemetry:
@@ -72,12 +96,25 @@ class Telemetry:
         self._fixed_meter_provider = meter_provider
         self._tracer: tuple[Any, trace.Tracer] | None = None
         self._instruments: tuple[Any, Instruments] | None = None
+        self._resolved: tuple[Any, Any, tuple[trace.Tracer, Instruments] | None] = (None, None, None)
+        # Memos: the span's name and start attributes per SpanKey; the metric points' attribute
+        # sets per SpanKey's first five fields + (response model, error.type, cache hit).
+        self._starts: dict[SpanKey, tuple[str, dict[str, Any]]] = {}
+        self._metric_sets: dict[tuple[Any, ...], tuple[Mapping[str, Any], ...]] = {}
         self.capture_span, self.capture_event = content_capture_mode()
 
     # -- providers: resolved per call, so an SDK configured after install() is picked up ---------
     def _resolve(self) -> tuple[trace.Tracer, Instruments] | None:
         tracer_provider = self._fixed_tracer_provider or trace.get_tracer_provider()
         meter_provider = self._fixed_meter_provider or metrics.get_meter_provider()
+        resolved = self._resolved
+        if resolved[0] is tracer_provider and resolved[1] is meter_provider:
+            return resolved[2]  # the providers of the call before: what they gave then
+        found = self._resolve_for(tracer_provider, meter_provider)
+        self._resolved = (tracer_provider, meter_provider, found)
+        return found
+
+    def _resolve_for(self, tracer_provider: Any, meter_provider: Any) -> tuple[trace.Tracer, Instruments] | None:
         if (isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
                 and isinstance(meter_provider, (metrics.NoOpMeterProvider, _ProxyMeterProvider))):
             return None  # nothing configured: near-zero cost
@@ -107,22 +144,24 @@ class Telemetry:
         tracer = resolved[0]
         try:
             info = call.info
-            current = trace.get_current_span()
+            parent = otel_context.get_current()  # read once, handed on: the SDK would read it thrice more
+            current = trace.get_current_span(parent)
             if is_genai_span_for(current, info.operation, info.model):
                 call.started_at = time.perf_counter()
-                return Begun(current, None, owned=False)
-            span = tracer.start_span(f"{info.operation} {info.model}" if info.model else info.operation,
-                                     kind=SpanKind.CLIENT, attributes=start_attributes(call))
+                return Begun(current, None, False)
+            key = span_key(call)
+            name, start = _memo(self._starts, key, span_start)
+            span = tracer.start_span(name, parent, SpanKind.CLIENT, add_request_params(dict(start), info.params))
             call.started_at = time.perf_counter()  # durations and time to first chunk count from here
             if span.is_recording():
                 call.capture_content = self.capture_span or self.capture_event
                 if info.stream:
                     call.chunk_times = []
-            token = otel_context.attach(trace.set_span_in_context(span))
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         except Exception:
             self._failed("starting a span")
             return None
-        return Begun(span, token, owned=True)
+        return Begun(span, token, True, key)
 
     def detach(self, begun: Begun, call: Call) -> None:
         """The reply's headers are back: llmshim's span stops being current. A framework's span
@@ -171,7 +210,8 @@ class Telemetry:
             attributes = end_attributes(call)
             if span.is_recording():
                 span.set_attributes(attributes)
-                self._content(span, call)
+                if self.capture_span or self.capture_event:
+                    self._content(span, call)
                 if call.outcome == "error":
                     if call.error is not None:
                         record_exception(span, call.error)
@@ -182,13 +222,11 @@ class Telemetry:
         except Exception:
             self._failed("ending a span")
         try:
-            self._record_metrics(call, attributes)
+            self._record_metrics(call, attributes, begun.key or span_key(call))
         except Exception:
             self._failed("recording metrics")
 
     def _content(self, span: trace.Span, call: Call) -> None:
-        if not (self.capture_span or self.capture_event):
-            return
         content: dict[str, Any] = {"gen_ai.input.messages": json.dumps(call.info.input_messages, ensure_ascii=False)}
         response = call.response
         if response is not None and response.output is not None:
@@ -200,32 +238,28 @@ class Telemetry:
         if self.capture_event:
             span.add_event("gen_ai.client.inference.operation.details", content)
 
-    def _record_metrics(self, call: Call, end: dict[str, Any]) -> None:
+    def _record_metrics(self, call: Call, end: dict[str, Any], key: SpanKey) -> None:
+        """The GenAI metrics, their attribute sets from the memo: the same read-only mappings for
+        every call with the same attribute values (the SDK copies what it keeps)."""
         resolved = self._instruments
         if resolved is None:
             return
         instruments = resolved[1]
-        info = call.info
-        host, port = call.request.server
-        attributes: dict[str, Any] = {"gen_ai.operation.name": info.operation, "gen_ai.provider.name": info.provider,
-                                      "server.address": host}
-        if port is not None:
-            attributes["server.port"] = port
-        if info.model:
-            attributes["gen_ai.request.model"] = info.model
-        if "gen_ai.response.model" in end:
-            attributes["gen_ai.response.model"] = end["gen_ai.response.model"]
-        if "error.type" in end:
-            attributes["error.type"] = end["error.type"]
-        facts = call.facts
-        attributes["llmshim.cache.hit"] = bool(facts.cache_hit)  # so a histogram can be split: hits vs paid calls
-        if call.duration is not None:
-            instruments.duration.record(call.duration, attributes)
-        if call.response is not None and not facts.cache_hit:  # tokens spent: the provider produced them
-            usage = call.response.usage
-            for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
-                if count is not None:
-                    instruments.tokens.record(count, {**attributes, "gen_ai.token.type": token_type})
+        info, facts = call.info, call.facts
+        attributes, input_tokens, output_tokens = _memo(
+            self._metric_sets,
+            (*key[:5], end.get("gen_ai.response.model"), end.get("error.type"), bool(facts.cache_hit)),
+            metric_attribute_sets)
+        duration = call.duration
+        if duration is not None:
+            instruments.duration.record(duration, attributes)
+        response = call.response
+        if response is not None and not facts.cache_hit:  # tokens spent: the provider produced them
+            usage = response.usage
+            if usage.input_tokens is not None:
+                instruments.tokens.record(usage.input_tokens, input_tokens)
+            if usage.output_tokens is not None:
+                instruments.tokens.record(usage.output_tokens, output_tokens)
         if info.stream and call.time_to_first_chunk is not None:
             instruments.first_chunk.record(call.time_to_first_chunk, attributes)
             times = call.chunk_times or []
