@@ -203,3 +203,28 @@ def test_the_json_llmshim_reads_is_what_json_loads_reads(document: str | bytes) 
     except (ValueError, RecursionError):
         expected = None
     assert json.dumps(loads_object(document)) == json.dumps(expected)
+
+
+def test_a_calls_derived_values_are_worked_out_once_per_call() -> None:
+    """``CallInfo``'s derived values (params, input_chars, input_messages) are memos without a lock:
+    worked out on first read, the same object after, and each call its own."""
+    from llmshim.call import CallInfo
+    from llmshim.dialects.openai import OPENAI, OpenAIDialect
+
+    asked: list[str] = []
+
+    class Counting(OpenAIDialect):
+        def input_messages(self, info: CallInfo) -> list[dict[str, object]]:
+            asked.append("messages")
+            return OPENAI.input_messages(info)
+
+    dialect = Counting()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2, "stop": "x"}
+    first = dialect.recognise("/v1/chat/completions", body)
+    second = dialect.recognise("/v1/chat/completions", {**body, "temperature": 0.9})
+    assert first is not None and second is not None
+    assert first.params is first.params and first.params == {"temperature": 0.2, "stop_sequences": ["x"]}
+    assert second.params["temperature"] == 0.9  # its own, not the first call's
+    assert first.input_messages is first.input_messages and asked == ["messages"]
+    assert first.input_chars == first.input_chars > 0
+    assert type(CallInfo.params).__name__ == "_memo"  # the class attribute is the descriptor itself
