@@ -164,10 +164,10 @@ class CachePolicy:
         saved = 0
         if hit and entry is not None:
             facts.cache_age_s = max(0.0, CLOCK() - entry.created_at)
-            usage = entry.meta.get("usage") or {}
+            usage = entry.outcome.get("usage") or {}
             facts.saved_input_tokens, facts.saved_output_tokens = _tokens(usage, "input_tokens"), _tokens(
                 usage, "output_tokens")
-            estimator = entry.meta.get("estimator")
+            estimator = entry.outcome.get("estimator")
             facts.estimator = estimator if isinstance(estimator, str) and facts.tokens_saved else None
             saved = facts.tokens_saved
 
