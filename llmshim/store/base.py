@@ -11,11 +11,12 @@ Every method may raise (``sqlite3.Error``, ``OSError``, a Redis error): the poli
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-__all__ = ["CacheStore", "Defer", "Entry", "LimitStore", "decode", "outcome_of"]
+from .entry_text import description, outcome_of
+
+__all__ = ["CacheStore", "Defer", "Entry", "LimitStore"]
 
 #: Runs a write now or later (the cache passes ``Writes.run``: queued when on an event loop).
 Defer = Callable[[Callable[[], None]], object]
@@ -51,7 +52,7 @@ class Entry:
         entry.created_at, entry.expires_at = created_at, expires_at
         outcome = outcome_of(meta_text)
         if outcome is None:  # not written by llmshim's own ``put``: decode it all, now
-            entry._meta = entry.outcome = _object(meta_text)
+            entry._meta = entry.outcome = description(meta_text)
             entry._meta_text = None
         else:
             entry._meta, entry._meta_text, entry.outcome = None, meta_text, outcome
@@ -60,7 +61,7 @@ class Entry:
     @property
     def meta(self) -> dict[str, Any]:
         if self._meta is None:
-            self._meta = _object(self._meta_text or "{}")
+            self._meta = description(self._meta_text or "{}")
         return self._meta
 
     def _fields(self) -> tuple[Any, ...]:
@@ -74,51 +75,6 @@ class Entry:
     def __repr__(self) -> str:
         return (f"Entry(key={self.key!r}, status={self.status!r}, headers={self.headers!r}, body={self.body!r}, "
                 f"created_at={self.created_at!r}, expires_at={self.expires_at!r}, meta={self.meta!r})")
-
-
-#: ``json.dumps``' own spelling of the first field of what a write appends after the description.
-_OUTCOME_START = '"status": '
-#: How far from the end the outcome starts, at most, for the search to find it (status, two
-#: counts and an estimator's name take under 150 characters): a long prompt is not searched.
-_OUTCOME_WITHIN = 512
-_SCAN = json.JSONDecoder().scan_once
-
-
-def decode(text: str) -> Any:
-    """``json.loads(text)``, through the decoder's scanner alone for text as ``json.dumps`` writes
-    it (no whitespace around it): ``loads`` spends more in its Python wrappers than in decoding a
-    short text. Anything else takes ``json.loads``, which raises ValueError for what is not JSON."""
-    try:
-        value, end = _SCAN(text, 0)
-    except StopIteration:
-        end = -1
-    return value if end == len(text) else json.loads(text)
-
-
-def outcome_of(meta_text: str) -> dict[str, Any] | None:
-    """The trailing fields of a description as llmshim writes it (``{..., "status": ..., "usage":
-    ..., "estimator": ...}``), decoded without the request before them; None when the text does
-    not end that way (then the caller decodes it all). Pure.
-
-    Sound whatever the request holds: a quote inside a JSON string is escaped, so the text
-    ``"status": `` unescaped is a key; a key nested at depth d leaves d - 1 closing brackets after
-    its object's end, which the decoder refuses as extra data. A successful decode therefore
-    started at a top-level ``status`` key: the last one, since ``rfind`` finds it."""
-    start = meta_text.rfind(_OUTCOME_START, len(meta_text) - _OUTCOME_WITHIN)
-    if start < 0:
-        return None
-    try:
-        outcome = decode("{" + meta_text[start:])
-    except ValueError:
-        return None
-    return outcome if isinstance(outcome, dict) else None
-
-
-def _object(text: str) -> dict[str, Any]:
-    value = decode(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"an entry's description is a JSON object, not {type(value).__name__}")
-    return value
 
 
 class CacheStore(Protocol):

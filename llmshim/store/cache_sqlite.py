@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from .base import Defer, Entry, decode
+from .base import Defer, Entry
+from .entry_text import headers_of
 from .sqlite_files import Connections
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "default_path"]
@@ -206,7 +207,7 @@ class SQLiteStore:
             return None
         if now - last_access >= TOUCH_INTERVAL and not connections.read_only:
             (defer or _now)(lambda: self._touch(key, now))
-        return Entry.stored(key, int(status), list(map(tuple, decode(headers))), bytes(body), created_at,
+        return Entry.stored(key, int(status), headers_of(headers), bytes(body), created_at,
                             expires_at, meta)
 
     def _touch(self, key: str, now: float) -> None:
