@@ -79,7 +79,7 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, contro
     header_mode, header_ttl = _header_control(call.controls.get(HEADER))
     mode = header_mode or (control.mode if control and control.mode else mode)
     ttl = header_ttl or (control.ttl if control and control.ttl else ttl)
-    body = dict(call.info.body)
+    body = call.info.body
     if mode == "off":
         return Plan(False, False, False, ttl, "cache off")
     if call.cache_bypass:  # a test double or a recorder answers: never store it, never hide it
