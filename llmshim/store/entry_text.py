@@ -60,7 +60,7 @@ def outcome_of(meta_text: str) -> dict[str, Any] | None:
     ``"status": `` unescaped is a key; a key nested at depth d leaves d - 1 closing brackets after
     its object's end, which the decoder refuses as extra data. A successful decode therefore started
     at a top-level ``status`` key: the last one, since ``rfind`` finds it."""
-    start = meta_text.rfind(_OUTCOME_START, len(meta_text) - _OUTCOME_WITHIN)
+    start = meta_text.rfind(_OUTCOME_START, max(0, len(meta_text) - _OUTCOME_WITHIN))
     if start < 0:
         return None
     try:
