@@ -99,7 +99,9 @@ def test_the_faster_key_is_the_key_of_before(url: str, headers: tuple[tuple[str,
         assert cache_key(_call(url, headers, body), b"k" * 32, shared, names) == key
 
 
-def test_the_memos_keep_no_credential() -> None:
+def test_the_memos_keep_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_keys, "_PLAIN_URLS", {})
+    monkeypatch.setattr(cache_keys, "_KINDS", {})
     for _, url, headers, body, shared, ignored, _key in GOLDEN:
         names = parse_ignored_headers(list(ignored)) if ignored else frozenset()
         cache_key(_call(url, headers, body), b"k" * 32, shared, names)
@@ -129,6 +131,14 @@ def test_split_headers_answers_as_the_classification_without_memo(headers: list[
             kept.append((lowered, value))
     expected = (sorted(kept, key=lambda item: item[0]), sorted(credentials, key=lambda item: item[0]))
     assert split_headers(headers, "api.test", ignored) == expected
+
+
+def test_a_full_memo_begins_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_keys, "_PLAIN_URLS", {})
+    for port in range(cache_keys._PLAIN_URLS_MAX + 10):
+        normalise_url(f"http://127.0.0.1:{port}/v1/chat/completions")
+    assert len(cache_keys._PLAIN_URLS) <= cache_keys._PLAIN_URLS_MAX
+    assert f"http://127.0.0.1:{cache_keys._PLAIN_URLS_MAX + 9}/v1/chat/completions" in cache_keys._PLAIN_URLS
 
 
 def test_a_url_with_user_info_or_a_query_is_normalised_each_time() -> None:

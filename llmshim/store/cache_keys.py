@@ -179,8 +179,8 @@ def _noise(name: str, ignored: frozenset[str]) -> bool:
 
 _CREDENTIAL, _HOST, _NOISE, _KEPT = range(4)
 #: Per set of ignored headers, each header name as sent -> (its kind, lower-cased). Names repeat on
-#: every call (an SDK sends the same dozen or more); values are never kept here. Bounded: a name
-#: past ``_KINDS_PER_SET`` is classified afresh each time.
+#: every call (an SDK sends the same dozen or more); values are never kept here. Bounded: when
+#: full it is emptied, and the names in use are learnt again.
 _KINDS: dict[frozenset[str], dict[str, tuple[int, str]]] = {}
 _KINDS_PER_SET = 1024
 
@@ -211,8 +211,9 @@ def split_headers(headers: Iterable[tuple[str, str]], authority: str, ignored: f
         if known is None:
             lowered = name.lower()
             known = (_kind(lowered, ignored), lowered)
-            if len(kinds) < _KINDS_PER_SET:
-                kinds[name] = known
+            if len(kinds) >= _KINDS_PER_SET:  # full: begin again with the names in use now
+                kinds.clear()
+            kinds[name] = known
         kind, lowered = known
         if kind == _KEPT or (kind == _HOST and value.lower() != authority):
             kept.append((lowered, value))
@@ -257,7 +258,7 @@ def split_query(query: str) -> tuple[str, list[tuple[str, str]]]:
 # -- URL and key -------------------------------------------------------------------------------
 
 #: ``normalise_url`` of URLs without user info or query (never a credential): the few endpoints
-#: a program calls, each normalised once. Bounded.
+#: a program calls, each normalised once. Bounded: emptied when full.
 _PLAIN_URLS: dict[str, tuple[str, str, str]] = {}
 _PLAIN_URLS_MAX = 256
 
@@ -269,7 +270,9 @@ def normalise_url(url: str) -> tuple[str, str, str]:
     if known is not None:
         return known
     normalised = _normalise_url(url)
-    if "@" not in url and "?" not in url and len(_PLAIN_URLS) < _PLAIN_URLS_MAX:
+    if "@" not in url and "?" not in url:
+        if len(_PLAIN_URLS) >= _PLAIN_URLS_MAX:  # full: begin again with the URLs in use now
+            _PLAIN_URLS.clear()
         _PLAIN_URLS[url] = normalised
     return normalised
 
