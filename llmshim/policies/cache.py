@@ -79,7 +79,7 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, contro
     header_mode, header_ttl = _header_control(call.controls.get(HEADER))
     mode = header_mode or (control.mode if control and control.mode else mode)
     ttl = header_ttl or (control.ttl if control and control.ttl else ttl)
-    body = dict(call.info.body)
+    body = call.info.body
     if mode == "off":
         return Plan(False, False, False, ttl, "cache off")
     if call.cache_bypass:  # a test double or a recorder answers: never store it, never hide it
@@ -164,10 +164,10 @@ class CachePolicy:
         saved = 0
         if hit and entry is not None:
             facts.cache_age_s = max(0.0, CLOCK() - entry.created_at)
-            usage = entry.meta.get("usage") or {}
+            usage = entry.outcome.get("usage") or {}
             facts.saved_input_tokens, facts.saved_output_tokens = _tokens(usage, "input_tokens"), _tokens(
                 usage, "output_tokens")
-            estimator = entry.meta.get("estimator")
+            estimator = entry.outcome.get("estimator")
             facts.estimator = estimator if isinstance(estimator, str) and facts.tokens_saved else None
             saved = facts.tokens_saved
 

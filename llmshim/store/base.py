@@ -11,9 +11,10 @@ Every method may raise (``sqlite3.Error``, ``OSError``, a Redis error): the poli
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
+
+from .entry_text import description, outcome_of
 
 __all__ = ["CacheStore", "Defer", "Entry", "LimitStore"]
 
@@ -21,17 +22,59 @@ __all__ = ["CacheStore", "Defer", "Entry", "LimitStore"]
 Defer = Callable[[Callable[[], None]], object]
 
 
-@dataclasses.dataclass(frozen=True)
 class Entry:
-    """One stored answer: status, headers and body bytes as replayed, and a redacted description."""
+    """One stored answer: status, headers and body bytes as replayed, and a redacted description.
 
-    key: str
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    created_at: float
-    expires_at: float | None
-    meta: dict[str, Any]
+    ``meta``, the description (the request as ``llmshim cache show`` prints it, up to 64 KB of its
+    body, then the answer's status, usage and estimator), is decoded when first read. A hit reads
+    only ``outcome``: the description's last fields, which a store holding JSON text decodes alone
+    (``outcome_of``), so a hit does not pay for decoding a prompt it never looks at."""
+
+    __slots__ = ("_meta", "_meta_text", "body", "created_at", "expires_at", "headers", "key", "outcome", "status")
+
+    def __init__(self, key: str, status: int, headers: list[tuple[str, str]], body: bytes, created_at: float,
+                 expires_at: float | None, meta: dict[str, Any]) -> None:
+        self.key, self.status, self.headers, self.body = key, status, headers, body
+        self.created_at, self.expires_at = created_at, expires_at
+        self._meta: dict[str, Any] | None = meta
+        self._meta_text: str | None = None
+        #: What the hit reports: ``usage`` (input/output tokens) and ``estimator``, when present.
+        self.outcome: Mapping[str, Any] = meta
+
+    @classmethod
+    def stored(cls, key: str, status: int, headers: list[tuple[str, str]], body: bytes, created_at: float,
+               expires_at: float | None, meta_text: str) -> Entry:
+        """An entry read back from JSON text. Its outcome is decoded now (alone when it can be,
+        else the whole description): a text that is not JSON raises ValueError here, at the
+        lookup, where the cache turns it into a miss."""
+        entry = cls.__new__(cls)
+        entry.key, entry.status, entry.headers, entry.body = key, status, headers, body
+        entry.created_at, entry.expires_at = created_at, expires_at
+        outcome = outcome_of(meta_text)
+        if outcome is None:  # not written by llmshim's own ``put``: decode it all, now
+            entry._meta = entry.outcome = description(meta_text)
+            entry._meta_text = None
+        else:
+            entry._meta, entry._meta_text, entry.outcome = None, meta_text, outcome
+        return entry
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = description(self._meta_text or "{}")
+        return self._meta
+
+    def _fields(self) -> tuple[Any, ...]:
+        return self.key, self.status, self.headers, self.body, self.created_at, self.expires_at, self.meta
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable fields, as the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (f"Entry(key={self.key!r}, status={self.status!r}, headers={self.headers!r}, body={self.body!r}, "
+                f"created_at={self.created_at!r}, expires_at={self.expires_at!r}, meta={self.meta!r})")
 
 
 class CacheStore(Protocol):

@@ -25,11 +25,12 @@ The material is never stored: only the HMAC of it is, so no header value or secr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,16 +81,30 @@ def _int(text: str) -> int | dict[str, str]:
     return int(text) if len(text) <= _INT_DIGITS else _number(text)
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    return {"o": pairs}
+#: An object's pairs as ``{"o": pairs}``: ``dict.fromkeys(("o",), pairs)``, called from C without a
+#: Python frame (a request has an object per message, a hook call each).
+_object: Callable[[list[tuple[str, Any]]], dict[str, Any]] = functools.partial(dict.fromkeys, ("o",))
 
 
 def _constant(text: str) -> dict[str, str]:  # NaN, Infinity, -Infinity: not JSON, but Python parses them
     return {"c": text}
 
 
-_parse_canonical = json.JSONDecoder(object_pairs_hook=_object, parse_float=_number, parse_int=_int,
-                                    parse_constant=_constant).decode
+_canonical_decoder = json.JSONDecoder(object_pairs_hook=_object, parse_float=_number, parse_int=_int,
+                                      parse_constant=_constant)
+_canonical_scan: Callable[[str, int], tuple[Any, int]] = _canonical_decoder.scan_once  # type: ignore[attr-defined]
+#: The one encoder of every canonical text: ``json.dumps`` with arguments builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _parse_canonical(text: str) -> Any:
+    """``_canonical_decoder.decode(text)``; a text without whitespace around it (what clients
+    send) straight through the scanner, as ``decode`` would after skipping none."""
+    try:
+        value, end = _canonical_scan(text, 0)
+    except StopIteration:
+        end = -1
+    return value if end == len(text) else _canonical_decoder.decode(text)
 
 
 def canonical_body(raw: bytes, ignored: frozenset[str] = frozenset()) -> str:
@@ -103,7 +118,7 @@ def canonical_body(raw: bytes, ignored: frozenset[str] = frozenset()) -> str:
     value = _parse_canonical(raw.decode("utf-8"))
     if ignored and isinstance(value, dict) and "o" in value:
         value = {"o": [pair for pair in value["o"] if pair[0] not in ignored]}
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    return _encode(value)
 
 
 # -- headers -----------------------------------------------------------------------------------
@@ -162,21 +177,51 @@ def _noise(name: str, ignored: frozenset[str]) -> bool:
     return any(pattern.endswith("*") and name.startswith(pattern[:-1]) for pattern in ignored)
 
 
+_CREDENTIAL, _HOST, _NOISE, _KEPT = range(4)
+#: Per set of ignored headers, each header name as sent -> (its kind, lower-cased). Names repeat on
+#: every call (an SDK sends the same dozen or more); values are never kept here. Bounded: when
+#: full it is emptied, and the names in use are learnt again.
+_KINDS: dict[frozenset[str], dict[str, tuple[int, str]]] = {}
+_KINDS_PER_SET = 1024
+
+
+def _kind(lowered: str, ignored: frozenset[str]) -> int:
+    if is_credential_header(lowered):
+        return _CREDENTIAL
+    if _noise(lowered, ignored):
+        return _NOISE
+    return _HOST if lowered == "host" else _KEPT  # Host: kept unless it names the URL's own host
+
+
+def _first(item: tuple[str, str]) -> str:
+    return item[0]
+
+
 def split_headers(headers: Iterable[tuple[str, str]], authority: str, ignored: frozenset[str] = frozenset(),
                   ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(headers that select the answer, credential headers), each sorted by name (the relative order
     of repeated names kept); noise dropped. ``Host`` is noise only when it names the URL's own host."""
+    kinds = _KINDS.get(ignored)
+    if kinds is None:
+        kinds = _KINDS.setdefault(ignored, {}) if len(_KINDS) < 64 else {}
     kept: list[tuple[str, str]] = []
     credentials: list[tuple[str, str]] = []
     for name, value in headers:
-        lowered = name.lower()
-        if is_credential_header(lowered):
-            credentials.append((lowered, value))
-        elif lowered == "host" and value.lower() == authority:
-            continue
-        elif not _noise(lowered, ignored):
+        known = kinds.get(name)
+        if known is None:
+            lowered = name.lower()
+            known = (_kind(lowered, ignored), lowered)
+            if len(kinds) >= _KINDS_PER_SET:  # full: begin again with the names in use now
+                kinds.clear()
+            kinds[name] = known
+        kind, lowered = known
+        if kind == _KEPT or (kind == _HOST and value.lower() != authority):
             kept.append((lowered, value))
-    return sorted(kept, key=lambda item: item[0]), sorted(credentials, key=lambda item: item[0])
+        elif kind == _CREDENTIAL:
+            credentials.append((lowered, value))
+    kept.sort(key=_first)
+    credentials.sort(key=_first)
+    return kept, credentials
 
 
 _API_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -212,9 +257,27 @@ def split_query(query: str) -> tuple[str, list[tuple[str, str]]]:
 
 # -- URL and key -------------------------------------------------------------------------------
 
+#: ``normalise_url`` of URLs without user info or query (never a credential): the few endpoints
+#: a program calls, each normalised once. Bounded: emptied when full.
+_PLAIN_URLS: dict[str, tuple[str, str, str]] = {}
+_PLAIN_URLS_MAX = 256
+
+
 def normalise_url(url: str) -> tuple[str, str, str]:
     """(URL without user info, its authority ``host[:port]``, the user info): scheme and host
     lower-cased, default port dropped, path and query exactly as sent, fragment dropped."""
+    known = _PLAIN_URLS.get(url)
+    if known is not None:
+        return known
+    normalised = _normalise_url(url)
+    if "@" not in url and "?" not in url:
+        if len(_PLAIN_URLS) >= _PLAIN_URLS_MAX:  # full: begin again with the URLs in use now
+            _PLAIN_URLS.clear()
+        _PLAIN_URLS[url] = normalised
+    return normalised
+
+
+def _normalise_url(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
@@ -239,7 +302,22 @@ def _url_credentials(url: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def _text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    return _encode(value)
+
+
+#: Per user setting, the ignored header names that may be ignored (never a credential's).
+_IGNORABLE: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _ignorable(ignored_headers: frozenset[str]) -> frozenset[str]:
+    if not ignored_headers:
+        return ignored_headers
+    found = _IGNORABLE.get(ignored_headers)
+    if found is None:
+        found = frozenset(name for name in ignored_headers if not is_credential_header(name.rstrip("*")))
+        if len(_IGNORABLE) < 64:
+            _IGNORABLE[ignored_headers] = found
+    return found
 
 
 #: Bodies above this size are keyed by their exact bytes rather than their normalised JSON: the
@@ -254,14 +332,14 @@ def key_material(call: Call, salt: bytes, shared: bool, ignored_headers: frozens
     Never stored: the key is an HMAC of them."""
     request = call.request
     url, authority, userinfo = normalise_url(request.url)
-    ignored_headers = frozenset(name for name in ignored_headers if not is_credential_header(name.rstrip("*")))
+    ignored_headers = _ignorable(ignored_headers)
     headers, credentials = split_headers(request.headers, authority, ignored_headers)
     url, query_credentials = _url_credentials(url)
     credentials += query_credentials  # appended only when present: other keys stay as they were
     if shared:
         scope = "shared"
     elif credentials or userinfo:
-        scope = hmac.new(salt, _text([credentials, userinfo]).encode("ascii"), hashlib.sha256).hexdigest()
+        scope = hmac.digest(salt, _text([credentials, userinfo]).encode("ascii"), "sha256").hex()
     else:
         scope = "anonymous"
     fields = call.dialect.cache_ignored_fields(call.info)  # routing hints the server never acts on
@@ -276,10 +354,7 @@ def cache_key(call: Call, salt: bytes, shared: bool = False, ignored_headers: fr
     """HMAC-SHA256 under the cache's salt of the material; the head is one JSON line without a
     raw newline (``ensure_ascii``), so the separator cannot be forged by a header or URL."""
     head, body = key_material(call, salt, shared, ignored_headers)
-    digest = hmac.new(salt, head.encode("ascii"), hashlib.sha256)
-    digest.update(b"\n")
-    digest.update(body.encode("ascii"))
-    return digest.hexdigest()
+    return hmac.digest(salt, f"{head}\n{body}".encode("ascii"), "sha256").hex()  # one C call: HMAC(head, "\n", body)
 
 
 #: Requests up to this size keep their whole body in the entry's description (``llmshim cache show``).

@@ -37,6 +37,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from .base import Defer, Entry
+from .entry_text import headers_of
 from .sqlite_files import Connections
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "default_path"]
@@ -97,6 +98,9 @@ def _flush_all_at_exit() -> None:
 
 
 atexit.register(_flush_all_at_exit)  # once per process, not once per store: stores come and go with installs
+
+
+_GET = "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?"
 
 
 def _now(fn: Callable[[], None]) -> None:
@@ -185,17 +189,26 @@ class SQLiteStore:
     # -- entries ---------------------------------------------------------------------------------
     def get(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
         """The live entry for ``key``, or None. A read: the last-access touch it may be due is a
-        write, run through ``defer`` when given (the cache queues it off an event loop)."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?",
-                (key,)).fetchone()
-        if row is None or (row[4] is not None and row[4] <= now):
+        write, run through ``defer`` when given (the cache queues it off an event loop).
+
+        The hit path: one primary-key read on this thread's connection (``enter``/``leave``, no
+        context manager), the headers decoded, of the description only its last fields
+        (``Entry.stored``). A row that does not decode raises ValueError: the cache's miss."""
+        connections = self._connections
+        slot = connections.enter()
+        try:
+            row = slot.conn.execute(_GET, (key,)).fetchone()
+        finally:
+            connections.leave(slot)
+        if row is None:
             return None
-        if now - row[6] >= TOUCH_INTERVAL and not self.read_only:
+        status, headers, body, created_at, expires_at, meta, last_access = row
+        if expires_at is not None and expires_at <= now:
+            return None
+        if now - last_access >= TOUCH_INTERVAL and not connections.read_only:
             (defer or _now)(lambda: self._touch(key, now))
-        return Entry(key, int(row[0]), [tuple(h) for h in json.loads(row[1])], bytes(row[2]), row[3], row[4],
-                     json.loads(row[5]))
+        return Entry.stored(key, int(status), headers_of(headers), bytes(body), created_at,
+                            expires_at, meta)
 
     def _touch(self, key: str, now: float) -> None:
         with suppress(sqlite3.Error, OSError), self._write() as conn:  # advisory: a busy file keeps its hit
@@ -287,7 +300,10 @@ class SQLiteStore:
                                 (key_prefix, key_prefix + "g")).fetchall()
         if len(rows) != 1:
             return None
-        return self.get(rows[0][0], now=float("-inf"))
+        entry = self.get(rows[0][0], now=float("-inf"))
+        if entry is not None:
+            entry.meta  # noqa: B018  # decoded now: a broken description fails here, not in the caller
+        return entry
 
     def purge_expired(self, now: float) -> int:
         with self._write() as conn:

@@ -60,6 +60,16 @@ _OTHERS = 0o077  # every group and other permission bit
 _WARNED: set[tuple[str, str]] = set()
 _INHERITED: list[sqlite3.Connection] = []  # connections from before a fork: kept, never closed in the child
 WAL_ATTEMPTS = 50  # tries of the switch to WAL, 10 ms apart
+_pid = os.getpid()  # this process's, kept by the fork hook below: ``os.getpid()`` is a system call per use
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 # -- private files: the decision (pure) ------------------------------------------------------------
@@ -202,22 +212,28 @@ class Connections:
     @contextmanager
     def use(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection, for the length of the block; no thread closes it meanwhile."""
-        slot = self._enter()
+        slot = self.enter()
         try:
             yield slot.conn
         finally:
-            with self._lock:
-                slot.uses -= 1
-                close = slot.uses == 0 and slot.doomed
-            if close:
-                with suppress(sqlite3.Error):
-                    slot.conn.close()
+            self.leave(slot)
 
-    def _enter(self) -> _Slot:
+    def leave(self, slot: _Slot) -> None:
+        """Ends a use begun by ``enter`` (``use()`` without a generator: a cache hit's lookup is a
+        few microseconds, and a generator context manager cost as much again)."""
+        with self._lock:
+            slot.uses -= 1
+            close = slot.uses == 0 and slot.doomed
+        if close:
+            with suppress(sqlite3.Error):
+                slot.conn.close()
+
+    def enter(self) -> _Slot:
+        """Begins a use of this thread's connection (``slot.conn``); ``leave(slot)`` must follow."""
         slot: _Slot | None = getattr(self._local, "slot", None)
         if slot is not None:
             with self._lock:
-                if not slot.doomed and slot.pid == os.getpid():
+                if not slot.doomed and slot.pid == _pid:
                     slot.uses += 1
                     return slot
         slot = _Slot(self._connect())
