@@ -120,8 +120,7 @@ class Pipeline:
     """
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
-        self.policies = tuple(policies)
-        self._handler, self._ahandler = _chain(self.policies), _achain(self.policies)
+        self._set(tuple(policies))
         # Re-entrant: the garbage collector may run inside any block holding it and end a reply
         # dropped unread, whose call then leaves this pipeline from the same thread.
         self._lock = threading.RLock()
@@ -145,8 +144,14 @@ class Pipeline:
             policies = list(self.policies)
             at = next((i + 1 for i, p in enumerate(policies) if after is not None and isinstance(p, after)), 0)
             policies.insert(at, policy)
-            self.policies = tuple(policies)
-            self._handler, self._ahandler = _chain(self.policies), _achain(self.policies)
+            self._set(tuple(policies))
+
+    def _set(self, policies: tuple[Policy, ...]) -> None:
+        """The chain, bound once here (not per call), and whether any policy answers without the
+        upstream (then adapters must tell test doubles from the network: ``adapters._doubles``)."""
+        self.policies = policies
+        self.serves_answers = any(getattr(policy, "serves_answers", False) for policy in policies)
+        self._handler, self._ahandler = _chain(policies), _achain(policies)
 
     @property
     def closed(self) -> bool:
