@@ -2,21 +2,26 @@
 
 Wall-clock medians on a shared 2-core VM move by ±100 µs between runs; instruction counts do not
 depend on what else the machine is doing, so a change to the hot path can be judged on a loaded
-machine (the garbage collector is off and hashing seeded: a collection's millions of instructions
-would otherwise land in one count and not another). Each figure is the difference of four
-whole-process counts - the SDK making 20 warm-up calls then N more, or none more, without and with
-llmshim (features off, one hook) - so start-up and warm-up cancel out:
-
-    added per call = ((with, N) - (with, 0) - (without, N) + (without, 0)) / N
+machine. Only the measured loop is counted: the loop runs inside ``functools.reduce`` and callgrind
+collects inside that C function alone (``--toggle-collect=functools_reduce``), so start-up, imports
+and warm-up are never in the count. (An earlier version subtracted whole-process counts with and
+without the loop; start-up alone moves by ±12 M instructions between identical runs, ±200 k per
+call at 60 calls: more than the changes it was meant to judge.) The garbage collector is off and
+hashing seeded; repeated runs agree within a few thousand instructions per call.
 
 The SDK talks to an in-memory transport (httpx2's ``MockTransport``, the body streamed as a socket's
-is): a real socket makes the count depend on how the answer happened to arrive (one read or
-several), which moved it by hundreds of thousands of instructions between runs. ``--against TREE``
-counts another checkout (say, the commit before a change) the same way in the same run.
+is): a real socket makes the count depend on how the answer happened to arrive. Modes, each setting
+exactly what it names:
 
-    python benchmarks/instructions.py --calls 100 --against /tmp/tree-before
+- off: no llmshim;
+- floor: ``_floor_shim.py``, the least any shim must do to hand a hook a call's model and usage;
+- hook: llmshim, every feature off, one ``call_completed`` hook;
+- otel: llmshim with OpenTelemetry (real SDK, in-memory span exporter and metric reader), one hook.
 
-Needs valgrind (Debian's ``valgrind`` package). A few minutes per tree.
+    python benchmarks/instructions.py [--calls 40] [--modes off,floor,hook,otel] [--against TREE]
+
+``--against TREE`` counts another checkout (say, the commit before a change) the same way in the
+same run. Needs valgrind (Debian's ``valgrind`` package). About a minute per mode.
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ import tempfile
 CLIENT = """
 import sys
 sys.path.insert(0, {tree!r})
-import gc, json, httpx2, openai, llmshim
-gc.disable()  # a collection now or later is millions of instructions: counts would be noise
+import functools, gc, json, httpx2, openai, llmshim
 ANSWER = json.dumps({{"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
                       "choices": [{{"index": 0, "message": {{"role": "assistant", "content": "Red, green, blue."}},
                                    "finish_reason": "stop"}}],
@@ -48,20 +52,47 @@ def answer(request):
 client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="sk-bench", max_retries=0,
                        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)))
 MSG = [{{"role": "user", "content": "Name three colours of the rainbow"}}]
-if {installed}:
+mode = {mode!r}
+if mode == "floor":
+    sys.path.insert(0, {benchmarks!r})
+    import _floor_shim
+    _floor_shim.install()
+elif mode != "off":
     llmshim.on("call_completed", lambda record: None)
-    llmshim.install(telemetry=False, cache="off", retry_mode="off")
-for _ in range(20 + {calls}):
+    if mode == "otel":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        llmshim.install(telemetry=True, tracer_provider=tracer_provider,
+                        meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                        cache="off", retry_mode="off")
+    else:
+        llmshim.install(telemetry=False, cache="off", retry_mode="off")
+
+def one(acc, _):
     client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    return acc
+
+for _ in range(50):  # warm-up, not counted
+    one(0, 0)
+gc.collect()
+gc.disable()  # a collection is millions of instructions: counts would be noise
+functools.reduce(one, range({calls}), 0)  # the only code callgrind counts
 """
 
 
-def instructions(tree: str, installed: bool, calls: int) -> int:
+def per_call(tree: str, mode: str, calls: int) -> int:
+    """Instructions per SDK call in ``mode``, with llmshim imported from ``tree``."""
+    benchmarks = os.path.dirname(os.path.abspath(__file__))
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(CLIENT.format(tree=tree, installed=installed, calls=calls))
+        script.write(CLIENT.format(tree=tree, mode=mode, calls=calls, benchmarks=benchmarks))
     try:
         done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                               os.path.realpath(sys.executable), script.name],
+                               "--toggle-collect=functools_reduce", os.path.realpath(sys.executable), script.name],
                               capture_output=True, text=True,
                               env={**os.environ, "LLMSHIM_CACHE": "off", "PYTHONHASHSEED": "0"})
     finally:
@@ -69,30 +100,29 @@ def instructions(tree: str, installed: bool, calls: int) -> int:
     found = re.search(r"Collected : (\d+)", done.stderr)
     if found is None:
         raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
-    return int(found.group(1))
-
-
-def added_per_call(tree: str, calls: int) -> tuple[int, int]:
-    """(instructions of one SDK call without llmshim, instructions llmshim adds to it)."""
-    without = instructions(tree, False, calls) - instructions(tree, False, 0)
-    with_shim = instructions(tree, True, calls) - instructions(tree, True, 0)
-    return without // calls, (with_shim - without) // calls
+    return int(found.group(1)) // calls
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--modes", default="off,floor,hook,otel")
     parser.add_argument("--against", metavar="TREE", help="another llmshim checkout, counted the same way")
     args = parser.parse_args()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    trees = [("this tree", here)] + ([("--against", args.against)] if args.against else [])
-    print(f"instructions per OpenAI SDK call (sync, chat, in-memory transport), {args.calls} calls after 20 "
-          "warm-up, callgrind")
-    print("| tree | SDK call without llmshim | added by llmshim (features off, 1 hook) | share |")
+    modes = args.modes.split(",")
+    print(f"instructions per OpenAI SDK call (sync, chat, in-memory transport), {args.calls} calls after 50 "
+          "warm-up, callgrind inside the loop only")
+    print("| tree | mode | per call | added to off |")
     print("|---|---|---|---|")
-    for name, tree in trees:
-        base, added = added_per_call(tree, args.calls)
-        print(f"| {name} ({tree}) | {base:,} | +{added:,} | {added / base:.1%} |", flush=True)
+    off = per_call(here, "off", args.calls)
+    print(f"| - | off | {off:,} | - |", flush=True)
+    for name, tree in [("this tree", here)] + ([("--against", args.against)] if args.against else []):
+        for mode in modes:
+            if mode == "off" or (mode == "floor" and name != "this tree"):
+                continue
+            count = per_call(tree, mode, args.calls)
+            print(f"| {name} | {mode} | {count:,} | {count - off:+,} ({(count - off) / off:.1%}) |", flush=True)
     return 0
 
 

@@ -9,6 +9,8 @@ modes see the same moment-to-moment machine; workers share one core, the bundled
 other. Modes, for each client:
 
 - off: no llmshim;
+- floor: a minimal hand-written shim (``_floor_shim.py``): the least any shim must do to hand a
+  hook the model and usage of a call (parse the request, wrap the stream, parse the answer);
 - llmshim with every feature off and one ``call_completed`` hook (recognition, body reading, record);
 - llmshim with OpenTelemetry on (real SDK, in-memory exporter and metric reader);
 - for the OpenAI SDK: openllmetry's openai instrumentation, and the official
@@ -36,9 +38,10 @@ from _common import pct, pin, start_server
 
 MSG: Any = [{"role": "user", "content": "benchmark me please"}]
 CLIENTS = ("openai-sync", "openai-async", "requests-ollama")
-MODES = ("off", "llmshim-hook", "llmshim-otel", "openllmetry", "openai-v2")
+MODES = ("off", "floor", "llmshim-hook", "llmshim-otel", "openllmetry", "openai-v2")
 LABELS = {
-    "off": "off", "llmshim-hook": "llmshim (features off, 1 hook)", "llmshim-otel": "llmshim + OpenTelemetry",
+    "off": "off", "floor": "floor: a minimal hand-written shim + hook",
+    "llmshim-hook": "llmshim (features off, 1 hook)", "llmshim-otel": "llmshim + OpenTelemetry",
     "openllmetry": "openllmetry openai instrumentation", "openai-v2": "opentelemetry-instrumentation-openai-v2",
     "openai-sync": "OpenAI SDK sync -> /v1/chat", "openai-async": "AsyncOpenAI -> /v1/chat",
     "requests-ollama": "requests -> Ollama /api/chat",
@@ -65,6 +68,11 @@ def _sdk() -> tuple[Any, Any]:
 def set_up_mode(mode: str) -> None:
     """Switch the mode on for the life of this worker; raise if it cannot be."""
     if mode == "off":
+        return
+    if mode == "floor":
+        import _floor_shim
+
+        _floor_shim.install()
         return
     if mode.startswith("llmshim"):
         import llmshim
@@ -154,9 +162,9 @@ def worker(mode: str, client: str, url: str) -> int:
 
 
 def bench_client(client: str, url: str, calls: int, block: int, against: str | None = None) -> None:
-    modes: list[str] = list(MODES if client.startswith("openai") else MODES[:3])
+    modes: list[str] = list(MODES if client.startswith("openai") else MODES[:4])
     if against:  # the same llmshim modes, imported from another source tree (an earlier commit)
-        modes[1:3] = [modes[1], f"{modes[1]}@before", modes[2], f"{modes[2]}@before"]
+        modes[2:4] = [modes[2], f"{modes[2]}@before", modes[3], f"{modes[3]}@before"]
     workers: dict[str, subprocess.Popen[str]] = {}
     for mode in modes:
         env = dict(os.environ)
