@@ -252,7 +252,7 @@ def _preloaded(response: Any) -> bool:
     """Whether httpx read the body at construction (it keeps it as ``_content``). Looked up in the
     instance's dict where there is one: ``hasattr`` of a missing attribute raises inside."""
     try:
-        return "_content" in response.__dict__ or hasattr(type(response), "_content")
+        return "_content" in response.__dict__
     except AttributeError:  # a response type with slots
         return hasattr(response, "_content")
 
