@@ -27,6 +27,19 @@ DEMO_STATS_FILE = os.path.join(tempfile.gettempdir(), "llmshim-demo-stats.json")
 MSG: Any = [{"role": "user", "content": "Name three colours of the rainbow"}]
 
 
+#: Modules whose distribution on PyPI has another name.
+_DISTRIBUTIONS = {"google.genai": "google-genai"}
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported. ``find_spec`` of a dotted name imports its parent first,
+    and raises when the parent is missing (``google.genai`` without any ``google`` package)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def _steps(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
     """(title, module it needs, function) for each demo call."""
     v1 = url + "/v1"
@@ -246,8 +259,8 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
         try:
             out.write(f"llmshim demo: bundled LLM server on {server.url}, llmshim installed\n\n")
             for title, module, step in _steps(server.url):
-                if importlib.util.find_spec(module) is None:
-                    out.write(f"  skipped {title}: `pip install {module}` to include it\n")
+                if not _importable(module):
+                    out.write(f"  skipped {title}: `pip install {_DISTRIBUTIONS.get(module, module)}` to include it\n")
                     continue
                 before = len(seen)
                 try:
@@ -274,7 +287,7 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
                     f"model={record.model or '-'} stream={str(record.stream).lower()} | {tokens} | {money} | "
                     f"{_ms(record.duration)} ms, first chunk {_ms(record.time_to_first_chunk)} ms | "
                     f"{'cache hit' if record.cache_hit else 'live'} | {record.outcome}\n")
-            if importlib.util.find_spec("requests") is not None:
+            if _importable("requests"):
                 failures += _retry_and_priorities(out, server, tracer_provider)
         finally:
             from .policies.stats import STATS

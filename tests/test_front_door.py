@@ -352,3 +352,23 @@ def test_blind_spots_and_instrumentations_are_found_purely() -> None:
                                                                    ("grpc", "imported")]
     assert not {"httpx", "httpx2", "requests", "aiohttp"} & {library.module for library in table}
     assert all(library.why and library.what for library in (*table, *doctor_checks.INSTRUMENTATIONS))
+
+
+def test_the_demo_without_any_client_library_skips_each_with_its_pip_name(tmp_path: Path) -> None:
+    """A bare ``pip install llmshim`` has none of the clients the demo drives. It must skip each
+    with the distribution to install, and end normally: ``find_spec("google.genai")`` raises when
+    no ``google`` package exists at all (it did, ending the demo with a traceback)."""
+    from tests.conftest import run_python
+
+    hidden = ("openai", "requests", "aiohttp", "httpx", "httpx2", "ollama", "anthropic", "google")
+    out = run_python(
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {hidden!r}: raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from llmshim.demo import run\n"
+        "sys.exit(run(sys.stdout))\n",
+        env={"XDG_CACHE_HOME": str(tmp_path), "LLMSHIM_STATS_FILE": str(tmp_path / "stats.json")}, timeout=120)
+    assert "skipped google-genai SDK, streamed (Gemini): `pip install google-genai` to include it" in out
+    assert "`pip install openai` to include it" in out and "Traceback" not in out
