@@ -19,7 +19,7 @@ from .. import redact
 from ..call import Call
 from ..facts import error_type
 
-__all__ = ["EVENTS", "CallRecord", "any_hooks", "emit", "emit_end", "off", "on"]
+__all__ = ["EVENTS", "CallRecord", "emit", "emit_end", "off", "on"]
 
 log = logging.getLogger("llmshim")
 
@@ -108,10 +108,6 @@ def off(event: Event, fn: Hook | None = None) -> None:
     """Remove ``fn`` from ``event`` (every hook of the event when ``fn`` is None)."""
     with _lock:
         _hooks[event] = () if fn is None else tuple(h for h in _hooks[event] if h is not fn)
-
-
-def any_hooks() -> bool:
-    return any(_hooks[event] for event in EVENTS)
 
 
 def emit(event: str, call: Call) -> None:

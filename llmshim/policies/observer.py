@@ -51,8 +51,7 @@ class ObserverPolicy:
             _warm_prices()
         begun = self.telemetry.begin(call) if self.telemetry is not None else None
         self.stats.call_started()
-        if events.any_hooks():
-            events.emit("call_started", call)
+        events.emit("call_started", call)  # nothing to do, at once, without such a hook
         return begun
 
     def _detach(self, begun: Begun | None, call: Call) -> None:
