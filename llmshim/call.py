@@ -92,6 +92,12 @@ class WireRequest:
         return (f"WireRequest(method={self.method!r}, url={self.url!r}, headers={self.headers!r}, "
                 f"body={self.body!r})")
 
+    def __reduce__(self) -> tuple[type[WireRequest], tuple[str, str, HeaderItems, bytes]]:
+        """Copies (``copy.copy``/``deepcopy``) rebuilt through ``__init__`` from the four values, as the
+        frozen dataclass this class replaced allowed: the default, field by field, would assign
+        through the frozen ``__setattr__`` and a reader could not be copied without its request."""
+        return WireRequest, (self.method, self.url, self.headers, self.body)
+
     def replace(self, **changes: Any) -> WireRequest:
         """A copy with ``changes`` (method, url, headers, body) applied."""
         values: dict[str, Any] = {"method": self.method, "url": self.url, "headers": self.headers, "body": self.body}
