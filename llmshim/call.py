@@ -74,7 +74,9 @@ class WireRequest:
         headers = self._headers
         if headers is None:
             read = self._read_headers
-            headers = read() if read is not None else ()
+            if read is None:  # another thread read them meanwhile: its memo, set before the reader went
+                return self._headers or ()
+            headers = read()
             object.__setattr__(self, "_headers", headers)  # a memo, not a change: read once
             object.__setattr__(self, "_read_headers", None)  # and the library's request let go
         return headers

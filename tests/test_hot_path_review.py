@@ -165,3 +165,40 @@ def test_fork_from_a_thread_opens_its_own_connection(tmp_path: Path) -> None:
     thread.start()
     thread.join()
     assert results["child"] == b"own"
+
+
+# -- WireRequest.headers read from two threads ---------------------------------------------------------
+
+def test_headers_read_by_another_thread_meanwhile_are_not_lost() -> None:
+    """Thread A finds no headers yet; before it looks for the reader, thread B reads them (the memo
+    set, the reader let go). A must answer B's headers, not ``()`` (it wrote ``()`` over B's memo,
+    so every later read, the cache key's and the limiter's credential among them, saw no headers).
+    The thread switch is made deterministic: a trace function runs B's read at A's line that
+    fetches the reader."""
+    import inspect
+    import sys
+
+    request = WireRequest("POST", URL, lambda: HEADERS, b"{}")
+    getter = WireRequest.headers.fget  # type: ignore[attr-defined]
+    source, first = inspect.getsourcelines(getter)
+    fetch_line = first + next(i for i, line in enumerate(source) if "self._read_headers" in line)
+    switched: list[bool] = []
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is getter.__code__:
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "line" and frame.f_lineno == fetch_line and not switched:
+                    switched.append(True)
+                    assert request.headers == HEADERS  # "thread B", run at this point of A's read
+                return local
+            return local
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        seen_by_a = request.headers
+    finally:
+        sys.settrace(previous)
+    assert switched == [True]
+    assert seen_by_a == HEADERS and request.headers == HEADERS
