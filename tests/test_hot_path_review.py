@@ -202,3 +202,43 @@ def test_headers_read_by_another_thread_meanwhile_are_not_lost() -> None:
         sys.settrace(previous)
     assert switched == [True]
     assert seen_by_a == HEADERS and request.headers == HEADERS
+
+
+# -- control headers among non-ASCII neighbours, over real sockets ---------------------------------------
+
+_NEIGHBOURS = {
+    "latin-1": [(b"X-Cafe", b"cr\xe8me br\xfbl\xe9e"), (b"x-kept", b"yes")],
+    "utf-8": [(b"X-Note", "d\u00e9j\u00e0 vu \u2713".encode()), (b"x-kept", b"yes")],
+    "ascii": [(b"x-kept", b"yes")],
+}
+
+
+@pytest.mark.parametrize("neighbours", sorted(_NEIGHBOURS))
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+def test_controls_in_odd_cases_among_non_ascii_headers(module: Any, neighbours: str, server: Any,
+                                                       installed: Any, tmp_path: Path) -> None:
+    """The raw-name scan for x-llmshim-* (``_Headers.controls``) and the lazily decoded headers: a
+    control spelled in mixed case, next to headers whose bytes are not ASCII, is obeyed and
+    removed; every other header reaches the server byte for byte as it does without llmshim."""
+    body = b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}]}'
+    controls = [(b"X-LlmShim-CACHE", b"no-store"), (b"x-LLMSHIM-priority", b"high")]
+
+    def send() -> None:
+        with module.Client() as client:
+            request = client.build_request("POST", server.url + "/v1/chat/completions", content=body,
+                                           headers={"content-type": "application/json"})
+            for name, value in [*_NEIGHBOURS[neighbours], *controls]:
+                request.headers._list.append((name, name.lower(), value))  # raw bytes, as httpx keeps them
+            client.send(request).read()
+
+    send()  # without llmshim: what the server receives then
+    without = [name.lower() for name, _ in server.received[0].headers]
+    baseline = [(n, v) for n, v in server.received[0].headers if not n.lower().startswith("x-llmshim-")]
+    assert "x-llmshim-cache" in without  # without llmshim the controls are just headers
+    server.received.clear()
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    send()
+    send()  # no-store obeyed: the second call is not answered from the cache
+    assert len(server.received) == 2
+    for received in server.received:
+        assert list(received.headers) == baseline
