@@ -242,3 +242,21 @@ def test_controls_in_odd_cases_among_non_ascii_headers(module: Any, neighbours: 
     assert len(server.received) == 2
     for received in server.received:
         assert list(received.headers) == baseline
+
+
+# -- a stored description broken before its outcome ---------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="reported, not fixed: a hit decodes only the description's tail "
+                   "(store/entry_text.outcome_of), so a row broken before it is a hit, not the miss "
+                   "Entry.stored's docstring and test_hit_speed's corrupt rows promise")
+def test_a_description_broken_before_its_outcome_is_refused_at_the_lookup() -> None:
+    """Before issue 15 the whole description was decoded at the lookup: any row whose description is
+    not JSON was a miss, a warning and a metric. Now only the trailing status/usage/estimator are:
+    a row damaged before them is served as a hit, and ``entry.meta`` raises later, outside the
+    lookup's guard (``llmshim cache show``, a tiered store's copy to its front)."""
+    from llmshim.store.base import Entry
+
+    broken = '{"provider": "openai", "url": "http://h/v1/chat/co\x00\x00 garbage, "status": 200, ' \
+             '"usage": {"input_tokens": 1, "output_tokens": 2}, "estimator": null}'
+    with pytest.raises(ValueError):
+        Entry.stored("k", 200, [], b"{}", 0.0, None, broken)
