@@ -74,7 +74,9 @@ class WireRequest:
         headers = self._headers
         if headers is None:
             read = self._read_headers
-            headers = read() if read is not None else ()
+            if read is None:  # another thread read them meanwhile: its memo, set before the reader went
+                return self._headers or ()
+            headers = read()
             object.__setattr__(self, "_headers", headers)  # a memo, not a change: read once
             object.__setattr__(self, "_read_headers", None)  # and the library's request let go
         return headers
@@ -91,6 +93,12 @@ class WireRequest:
     def __repr__(self) -> str:
         return (f"WireRequest(method={self.method!r}, url={self.url!r}, headers={self.headers!r}, "
                 f"body={self.body!r})")
+
+    def __reduce__(self) -> tuple[type[WireRequest], tuple[str, str, HeaderItems, bytes]]:
+        """Copies (``copy.copy``/``deepcopy``) rebuilt through ``__init__`` from the four values, as the
+        frozen dataclass this class replaced allowed: the default, field by field, would assign
+        through the frozen ``__setattr__`` and a reader could not be copied without its request."""
+        return WireRequest, (self.method, self.url, self.headers, self.body)
 
     def replace(self, **changes: Any) -> WireRequest:
         """A copy with ``changes`` (method, url, headers, body) applied."""

@@ -138,10 +138,13 @@ _BARE_PAIR = re.compile(
     _NAME + r"(?P<sep>\s*[:=]\s*)(?P<value>(?:(?i:bearer|basic|token|digest)\s+)?[^\s'\"&;,<>)}\]]+)")
 _SCHEME_TOKEN = re.compile(r"\b(?P<scheme>bearer|basic|digest)\s+(?!\*\*\*)[^\s'\"<>,;)}\]]+", re.IGNORECASE)
 _RELATIVE_QUERY = re.compile(r"(?P<lead>[?&;][^\s=&;#?'\"<>]+=)(?P<value>[^\s&;'\"<>]*)")  # a fragment too
+#: A key starts a word, or follows a percent-escape (``%40sk-...``, ``%2Fsk-...`` in an encoded URL:
+#: the escape's last hex digit is a word character, so ``\b`` alone would not see the key start).
 _KEY_SHAPES = re.compile(
-    r"\b(?P<prefix>sk-|rk-|pk-|sk_live_|sk_test_|AIza|hf_|gh[pousr]_|github_pat_|xox[abprs]-|gsk_|r8_|AKIA|"
+    r"(?:\b|(?<=%[0-9A-Fa-f]{2}))"
+    r"(?:(?P<prefix>sk-|rk-|pk-|sk_live_|sk_test_|AIza|hf_|gh[pousr]_|github_pat_|xox[abprs]-|gsk_|r8_|AKIA|"
     r"glpat-|npm_|pypi-)[\w\-]{8,}"
-    r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,})"
 )
 
 
