@@ -246,17 +246,22 @@ def test_controls_in_odd_cases_among_non_ascii_headers(module: Any, neighbours: 
 
 # -- a stored description broken before its outcome ---------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="reported, not fixed: a hit decodes only the description's tail "
-                   "(store/entry_text.outcome_of), so a row broken before it is a hit, not the miss "
-                   "Entry.stored's docstring and test_hit_speed's corrupt rows promise")
-def test_a_description_broken_before_its_outcome_is_refused_at_the_lookup() -> None:
-    """Before issue 15 the whole description was decoded at the lookup: any row whose description is
-    not JSON was a miss, a warning and a metric. Now only the trailing status/usage/estimator are:
-    a row damaged before them is served as a hit, and ``entry.meta`` raises later, outside the
-    lookup's guard (``llmshim cache show``, a tiered store's copy to its front)."""
-    from llmshim.store.base import Entry
+def test_a_description_broken_before_its_outcome_is_served_and_reads_as_unreadable(tmp_path: Path) -> None:
+    """Since issue 15 a lookup decodes only the description's trailing status/usage/estimator (what
+    a hit needs). A row damaged before them is served (its answer and usage are intact) and its
+    ``meta`` reads as unreadable, never raising: not in a copy to another store, not in ``cache show``."""
+    from llmshim.store.base import UNREADABLE, Entry
+    from llmshim.store.cache_sqlite import SQLiteStore
 
     broken = '{"provider": "openai", "url": "http://h/v1/chat/co\x00\x00 garbage, "status": 200, ' \
              '"usage": {"input_tokens": 1, "output_tokens": 2}, "estimator": null}'
-    with pytest.raises(ValueError):
-        Entry.stored("k", 200, [], b"{}", 0.0, None, broken)
+    entry = Entry.stored("k", 200, [], b"{}", 0.0, None, broken)
+    assert entry.outcome["usage"] == {"input_tokens": 1, "output_tokens": 2}
+    assert entry.meta == UNREADABLE
+    store = SQLiteStore(str(tmp_path / "copy.sqlite3"))
+    try:
+        store.put(entry, now=0.0)  # a copy reads the description: it must not raise
+        copied = store.get("k", now=0.0)
+        assert copied is not None and copied.body == b"{}" and copied.meta == UNREADABLE
+    finally:
+        store.close()

@@ -22,6 +22,10 @@ __all__ = ["CacheStore", "Defer", "Entry", "LimitStore"]
 Defer = Callable[[Callable[[], None]], object]
 
 
+#: The description of an entry whose stored description text is damaged (its outcome is not).
+UNREADABLE = {"description": "unreadable"}
+
+
 class Entry:
     """One stored answer: status, headers and body bytes as replayed, and a redacted description.
 
@@ -44,9 +48,12 @@ class Entry:
     @classmethod
     def stored(cls, key: str, status: int, headers: list[tuple[str, str]], body: bytes, created_at: float,
                expires_at: float | None, meta_text: str) -> Entry:
-        """An entry read back from JSON text. Its outcome is decoded now (alone when it can be,
-        else the whole description): a text that is not JSON raises ValueError here, at the
-        lookup, where the cache turns it into a miss."""
+        """An entry read back from JSON text. Its outcome (status, usage, estimator: what a hit
+        needs) is decoded now, alone when it can be, else with the whole description: an outcome
+        that is not JSON raises ValueError here, at the lookup, where the cache turns it into a
+        miss. The rest of the description (the request, for ``llmshim cache show``) is decoded
+        only when read; damaged there, the entry is still served (its answer and usage are
+        intact) and its ``meta`` says the description is unreadable."""
         entry = cls.__new__(cls)
         entry.key, entry.status, entry.headers, entry.body = key, status, headers, body
         entry.created_at, entry.expires_at = created_at, expires_at
@@ -60,8 +67,13 @@ class Entry:
 
     @property
     def meta(self) -> dict[str, Any]:
+        """The stored description; ``{"description": "unreadable"}`` when its text is damaged
+        before the outcome (never an exception: a copy to another store or ``cache show`` reads it)."""
         if self._meta is None:
-            self._meta = description(self._meta_text or "{}")
+            try:
+                self._meta = description(self._meta_text or "{}")
+            except ValueError:
+                self._meta = dict(UNREADABLE)
         return self._meta
 
     def _fields(self) -> tuple[Any, ...]:

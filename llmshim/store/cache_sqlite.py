@@ -302,7 +302,7 @@ class SQLiteStore:
             return None
         entry = self.get(rows[0][0], now=float("-inf"))
         if entry is not None:
-            entry.meta  # noqa: B018  # decoded now: a broken description fails here, not in the caller
+            entry.meta  # noqa: B018  # decoded now, for the command that asked (unreadable when damaged)
         return entry
 
     def purge_expired(self, now: float) -> int:
