@@ -476,3 +476,31 @@ def test_cli_cache_commands(server: FakeLLMServer, cached: Path) -> None:
     assert "removed 0 expired entries" in cli("purge", "--expired")
     assert "removed 1 entries" in cli("clear")
     assert "entries      0" in cli("stats")
+
+
+def test_a_damaged_description_is_listed_shown_and_served_never_a_traceback(server: FakeLLMServer,
+                                                                            cached: Path) -> None:
+    """A row whose stored description is damaged before its answer's usage: the next identical call
+    is still served from it (answer and usage intact), and ``llmshim cache ls`` / ``show`` list and
+    show it as unreadable (``ls`` ended in a JSONDecodeError traceback)."""
+    import sqlite3
+
+    _post(server)
+    with sqlite3.connect(cached) as conn:
+        (meta,) = conn.execute("SELECT meta FROM entries").fetchone()
+        damaged = '{"provider": "ollama", "url": "http://h/api/ch\x00 garbage, ' + meta[meta.index('"status"'):]
+        conn.execute("UPDATE entries SET meta = ?", (damaged,))
+    hit = _post(server)
+    assert hit.headers["x-llmshim-cache"] == "hit" and len(server.received) == 1
+    llmshim.uninstall()
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "llmshim", "cache", "--path", str(cached), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return done.stdout
+
+    listing = cli("ls")
+    assert len(listing.splitlines()) == 1 and "model=None" in listing
+    shown = cli("show", listing.split()[0])
+    assert '"description": "unreadable"' in shown and '"done": true' in shown

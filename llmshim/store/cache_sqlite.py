@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from .base import Defer, Entry
-from .entry_text import headers_of
+from .base import UNREADABLE, Defer, Entry
+from .entry_text import description, headers_of
 from .sqlite_files import Connections
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "default_path"]
@@ -291,8 +291,7 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT key, created_at, expires_at, size, meta FROM entries ORDER BY created_at DESC LIMIT ?",
                 (limit,)).fetchall()
-        return [{"key": r[0], "created_at": r[1], "expires_at": r[2], "size": r[3], **json.loads(r[4])}
-                for r in rows]
+        return [{"key": r[0], "created_at": r[1], "expires_at": r[2], "size": r[3], **_listed(r[4])} for r in rows]
 
     def find(self, key_prefix: str) -> Entry | None:
         with self._read() as conn:
@@ -314,3 +313,12 @@ class SQLiteStore:
             removed = int(conn.execute("DELETE FROM entries").rowcount)
             conn.execute("UPDATE totals SET hits = 0, misses = 0, tokens_saved = 0 WHERE id = 1")
         return removed
+
+
+def _listed(meta_text: str) -> dict[str, Any]:
+    """A row's description for ``llmshim cache ls``: a damaged one is listed as unreadable (the
+    listing goes on), as ``Entry.meta`` reads it."""
+    try:
+        return description(meta_text)
+    except ValueError:
+        return dict(UNREADABLE)
