@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,3 +42,22 @@ def start_server() -> tuple[subprocess.Popen[str], str]:
     pin(proc.pid, -1)
     pin(0, 0)
     return proc, url
+
+
+def callgrind_count(script: str, *extra: str) -> int:
+    """Instructions valgrind's callgrind counts running ``script`` (Python source) in a fresh
+    interpreter, hashing seeded and the cache off; ``extra``: more callgrind options (say
+    ``--toggle-collect=functools_reduce``, to count inside that function only)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(script)
+    try:
+        done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *extra,
+                               os.path.realpath(sys.executable), file.name],
+                              capture_output=True, text=True,
+                              env={**os.environ, "LLMSHIM_CACHE": "off", "PYTHONHASHSEED": "0"})
+    finally:
+        os.unlink(file.name)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
+    return int(found.group(1))

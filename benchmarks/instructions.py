@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import sys
-import tempfile
+
+from _common import callgrind_count
 
 CLIENT = """
 import sys
@@ -88,19 +86,8 @@ functools.reduce(one, range({calls}), 0)  # the only code callgrind counts
 def per_call(tree: str, mode: str, calls: int) -> int:
     """Instructions per SDK call in ``mode``, with llmshim imported from ``tree``."""
     benchmarks = os.path.dirname(os.path.abspath(__file__))
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(CLIENT.format(tree=tree, mode=mode, calls=calls, benchmarks=benchmarks))
-    try:
-        done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                               "--toggle-collect=functools_reduce", os.path.realpath(sys.executable), script.name],
-                              capture_output=True, text=True,
-                              env={**os.environ, "LLMSHIM_CACHE": "off", "PYTHONHASHSEED": "0"})
-    finally:
-        os.unlink(script.name)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
-        raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
-    return int(found.group(1)) // calls
+    script = CLIENT.format(tree=tree, mode=mode, calls=calls, benchmarks=benchmarks)
+    return callgrind_count(script, "--toggle-collect=functools_reduce") // calls
 
 
 def main() -> int:

@@ -29,14 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+from _common import callgrind_count
 
 VARIANTS = ("floor", "off", "otel")
 MSG: Any = [{"role": "user", "content": "benchmark me please"}]
@@ -221,20 +221,8 @@ for _ in range({calls}):
 
 
 def count(tree: str, variant: str, calls: int) -> int:
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(COUNT.format(tree=tree, here=os.path.dirname(os.path.abspath(__file__)), variant=variant,
-                                  calls=calls))
-    try:
-        done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                               os.path.realpath(sys.executable), script.name],
-                              capture_output=True, text=True,
-                              env={**os.environ, "LLMSHIM_CACHE": "off", "PYTHONHASHSEED": "0"})
-    finally:
-        os.unlink(script.name)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
-        raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
-    return int(found.group(1))
+    return callgrind_count(COUNT.format(tree=tree, here=os.path.dirname(os.path.abspath(__file__)), variant=variant,
+                                        calls=calls))
 
 
 def instructions(trees: list[tuple[str, str]], calls: int) -> None:
