@@ -49,7 +49,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         if settings.cache_url:
             from .store.cache_redis import RedisCacheStore, TieredStore
 
-            redis_store = RedisCacheStore(settings.cache_url)
+            redis_store = RedisCacheStore(settings.cache_url, timeout=settings.redis_timeout)
             store = TieredStore(local, redis_store) if settings.cache_local else redis_store
         policies.append(CachePolicy(
             store, mode=settings.cache, ttl=settings.cache_ttl, shared=settings.cache_scope == "shared",
@@ -73,7 +73,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         elif isinstance(store_url, RedisURL):
             from .store.limits_redis import RedisLimitStore
 
-            shared = RedisLimitStore(store_url)
+            shared = RedisLimitStore(store_url, timeout=settings.redis_timeout)
         policies.append(RateLimitPolicy(shared=shared, max_concurrency=settings.max_concurrency,
                                         local_hosts=settings.local_hosts,
             rpm=settings.rpm, tpm=settings.tpm, per_model=settings.limits, burst=settings.ratelimit_burst,

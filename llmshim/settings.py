@@ -206,6 +206,11 @@ class Settings:
         "memory, sqlite:///path/to/limits.sqlite3, or redis://host:port/db (or redis+cluster://, redis+sentinel://)",
         "`memory` (this process), `sqlite:///path` (an absolute path; every process on the machine) or a Redis "
         "URL, `redis://host:port/db`, `redis+cluster://`, `redis+sentinel://`... (every host).", secret=True)
+    redis_timeout: float = setting(
+        duration("0.001", Decimal(60)), "50ms", "seconds or 250ms/2s, from 1ms to 60s",
+        "How long one Redis operation (connect, read or write, for the cache and the rate-limit store) may take "
+        "before llmshim gives up on it and falls back locally (a cache miss, this process's share of the limit); "
+        "1ms to 60s. Raise it for a Redis across a slow network or behind TLS.")
     token_reservation: int = setting(
         count(0, 10**8), "1024", "a whole number of tokens from 0 to 10^8 (0: reserve none)",
         "Output tokens reserved for a request that sets no `max_tokens`-style limit; 0 to 10^8. `0`: reserve none.")

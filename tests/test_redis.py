@@ -79,7 +79,7 @@ def test_an_answer_on_host_a_is_a_hit_on_host_b(server: FakeLLMServer, redis_ser
                                                 tmp_path: Path) -> None:
     script = f"""
 import json, requests, llmshim
-llmshim.install(cache="on", cache_url={redis_server.url!r}, cache_local=True, cache_path=CACHE)
+llmshim.install(cache="on", cache_url={redis_server.url!r}, cache_local=True, cache_path=CACHE, redis_timeout="10s")
 r = requests.post({server.url!r} + "/api/chat", json={{"model": "m", "messages": [], "stream": False}}, timeout=5)
 print(json.dumps({{"hit": r.headers.get("x-llmshim-cache"), "body": r.json()}}))
 """
@@ -128,7 +128,10 @@ def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis
 
     import llmshim
 
-    llmshim.install(cache="on", cache_url=redis_server.url, rpm="60000", ratelimit_store=redis_server.url)
+    # A stopped Redis refuses at once whatever the timeout; a generous one keeps a loaded machine's slow
+    # round trip from giving up a write this test counts.
+    llmshim.install(cache="on", cache_url=redis_server.url, rpm="60000", ratelimit_store=redis_server.url,
+                    redis_timeout="10s")
     try:
         def ask(i: int) -> int:
             body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}], "stream": False}
@@ -160,3 +163,45 @@ def test_a_redis_block_is_capped_also_when_an_older_process_wrote_more(redis_ser
     # A block written without the cap (an earlier llmshim) is read capped.
     store.client.hset(store._key("k"), "block", str(time.time() + 86400 * 365))
     assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
+
+
+@pytest.mark.parametrize("redis_timeout", ["", "30s"])
+def test_a_redis_slower_than_its_timeout_costs_the_write_not_the_call(server: FakeLLMServer,
+                                                                       redis_server: RedisServer,
+                                                                       redis_timeout: str) -> None:
+    """Writes held back by Redis itself (``CLIENT PAUSE WRITE``): with the default 50 ms timeout the
+    cache write is given up and counted, the call answered at once; with ``LLMSHIM_REDIS_TIMEOUT``
+    raised the write waits for Redis and lands (a Redis across a slow network keeps its cache)."""
+    import requests
+
+    import llmshim
+
+    def ask(i: int) -> tuple[int, str | None, Any]:
+        body = {"model": "m", "messages": [{"role": "user", "content": f"slow {i}"}], "stream": False}
+        reply = requests.post(server.url + "/api/chat", json=body, timeout=60)
+        return reply.status_code, reply.headers.get("x-llmshim-cache"), reply.json()
+
+    admin = redis.Redis.from_url(redis_server.url)
+    llmshim.install(cache="on", cache_url=redis_server.url, **({"redis_timeout": redis_timeout} if redis_timeout
+                                                                 else {}))
+    try:
+        assert ask(0)[:2] == (200, None)  # connected, the shared salt written: the next write is the answer's
+        errors_before = llmshim.stats()["store_errors"]
+        pause_ms = 300 if redis_timeout else 20_000  # the raised timeout outlasts its pause; the default never
+        admin.client_pause(pause_ms, all=False)
+        started = time.monotonic()
+        try:
+            status, cache, answer = ask(1)
+            took = time.monotonic() - started
+        finally:
+            admin.client_unpause()
+        assert status == 200 and cache is None and answer["message"]["role"] == "assistant"
+        if redis_timeout:
+            assert len(admin.keys("llmshim:cache:[0-9a-f]*")) == 2  # the write waited for Redis and landed
+            assert llmshim.stats()["store_errors"] == errors_before
+            assert ask(1)[:2] == (200, "hit")
+        else:
+            assert took < pause_ms / 1000  # the call did not wait for Redis
+            assert llmshim.stats()["store_errors"] > errors_before  # the lost write is counted
+    finally:
+        llmshim.uninstall()
