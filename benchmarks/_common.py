@@ -58,6 +58,6 @@ def callgrind_count(script: str, *extra: str) -> int:
     finally:
         os.unlink(file.name)
     found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
+    if done.returncode != 0 or found is None:  # a script that failed counted nothing, or only part
         raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
     return int(found.group(1))

@@ -16,7 +16,9 @@ exactly what it names:
 - off: no llmshim;
 - floor: ``_floor_shim.py``, the least any shim must do to hand a hook a call's model and usage;
 - hook: llmshim, every feature off, one ``call_completed`` hook;
-- otel: llmshim with OpenTelemetry (real SDK, in-memory span exporter and metric reader), one hook.
+- otel: llmshim with OpenTelemetry (real SDK, in-memory span exporter and metric reader), one hook;
+- hit: llmshim with the cache on (a SQLite file in a new temporary folder), one hook: the same
+  question every time, so every measured call is a cache hit (compare with off: the SDK's floor).
 
     python benchmarks/instructions.py [--calls 40] [--modes off,floor,hook,otel] [--against TREE]
 
@@ -68,6 +70,13 @@ elif mode != "off":
         llmshim.install(telemetry=True, tracer_provider=tracer_provider,
                         meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
                         cache="off", retry_mode="off")
+    elif mode == "hit":  # a test double bypasses the cache: the answer is stored from a real server
+        import tempfile
+        from llmshim.testing import FakeLLMServer
+        server = FakeLLMServer().start()
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="sk-bench", max_retries=0)
+        llmshim.install(telemetry=False, cache="on", cache_path=tempfile.mkdtemp() + "/cache.sqlite3",
+                        retry_mode="off")
     else:
         llmshim.install(telemetry=False, cache="off", retry_mode="off")
 
@@ -77,6 +86,10 @@ def one(acc, _):
 
 for _ in range(50):  # warm-up, not counted
     one(0, 0)
+served = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG)
+assert (served.headers.get("x-llmshim-cache") == "hit") == (mode == "hit"), served.headers
+if mode == "hit":
+    server.stop()  # every measured call is answered from the cache
 gc.collect()
 gc.disable()  # a collection is millions of instructions: counts would be noise
 functools.reduce(one, range({calls}), 0)  # the only code callgrind counts

@@ -99,6 +99,26 @@ def test_the_faster_key_is_the_key_of_before(url: str, headers: tuple[tuple[str,
         assert cache_key(_call(url, headers, body), b"k" * 32, shared, names) == key
 
 
+@given(st.binary(max_size=200), st.binary(max_size=3000))
+@PROPERTIES
+def test_the_primed_hmac_is_hmac_sha256_for_any_salt_and_message(salt: bytes, message: bytes) -> None:
+    import hmac
+
+    expected = hmac.digest(salt, message, "sha256").hex()
+    assert cache_keys.hmac_sha256_hex(salt, message) == expected
+    assert cache_keys.hmac_sha256_hex(salt, message) == expected  # again, from the primed states
+
+
+def test_the_primed_hmac_agrees_from_many_threads_at_once() -> None:
+    import hmac
+    from concurrent.futures import ThreadPoolExecutor
+
+    salt, messages = b"s" * 32, [bytes([i]) * (i * 97 % 5000) for i in range(256)]  # big ones release the GIL
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda m: cache_keys.hmac_sha256_hex(salt, m), messages * 4))
+    assert got == [hmac.digest(salt, m, "sha256").hex() for m in messages] * 4
+
+
 def test_the_memos_keep_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_keys, "_PLAIN_URLS", {})
     monkeypatch.setattr(cache_keys, "_KINDS", {})
