@@ -331,3 +331,16 @@ def test_a_hit_reports_what_it_saved_from_the_outcome_alone(server: FakeLLMServe
         assert llmshim.stats()["tokens_saved"] - before == usage["input_tokens"] + usage["output_tokens"]
     finally:
         llmshim.uninstall()
+
+
+def test_on_event_loop_is_true_only_on_a_thread_running_one() -> None:
+    import asyncio
+
+    from llmshim.store.background import on_event_loop
+
+    async def inside() -> tuple[bool, bool]:
+        return on_event_loop(), await asyncio.to_thread(on_event_loop)  # the loop's thread; a worker's
+
+    assert on_event_loop() is False
+    assert asyncio.run(inside()) == (True, False)
+    assert on_event_loop() is False  # after the loop ends

@@ -28,12 +28,10 @@ log = logging.getLogger("llmshim")
 
 
 def on_event_loop() -> bool:
-    """Whether this thread is running an asyncio event loop right now (so it must not block)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    """Whether this thread is running an asyncio event loop right now (so it must not block).
+    ``_get_running_loop`` (in ``asyncio.events.__all__``) answers None where ``get_running_loop``
+    raises: no exception on every cache write of a synchronous caller."""
+    return asyncio._get_running_loop() is not None
 
 
 _ALL: weakref.WeakSet[Writes] = weakref.WeakSet()
