@@ -91,12 +91,16 @@ def genuine(function: Any, package: str) -> bool:
 
     A mock is not a function; an autospec stand-in copies ``__module__`` but its code comes from
     ``<string>``; a replacement from a test file or a mocking library lives in another module."""
-    function = _unwrap(function)
-    if _GENUINE.get(id(function)) is function:
+    if _GENUINE.get(id(function)) is function:  # as found: the same object as a call before
         return True
-    if not _defined_in(function, package):
-        return False
-    _GENUINE[id(function)] = function
+    found, function = function, _unwrap(function)
+    if len(_GENUINE) >= 4096:  # bounded (install/uninstall cycles make new wrappers): begin again
+        _GENUINE.clear()
+    if _GENUINE.get(id(function)) is not function:
+        if not _defined_in(function, package):
+            return False
+        _GENUINE[id(function)] = function
+    _GENUINE[id(found)] = found  # a wrapper around a genuine function: looked through once
     return True
 
 
