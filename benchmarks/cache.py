@@ -106,17 +106,48 @@ def llmshim_vs_requests_cache(url: str, calls: int, block: int, workdir: str) ->
     llmshim.install(cache="on", cache_path=os.path.join(workdir, "raw.sqlite3"), telemetry=False)
     plain()
     llmshim.uninstall()
+    canned = _canned_session(session.post(url + "/api/chat", json=body, timeout=10))
     ours: list[float] = []
     theirs: list[float] = []
+    floor: list[float] = []
     for _ in range(calls // block):
         llmshim.install(cache="on", cache_path=os.path.join(workdir, "raw.sqlite3"), telemetry=False)
         ours += timed(plain, block)
         llmshim.uninstall()
         if cached_session is not None:
             theirs += timed(lambda: cached_session.post(url + "/api/chat", json=body, timeout=10).json(), block)
+        floor += timed(lambda: canned.post(url + "/api/chat", json=body, timeout=10).json(), block)
     if theirs:
         row("requests -> Ollama: requests-cache (SQLite) hit", theirs)
     row("requests -> Ollama: llmshim hit", ours, baseline=theirs or None)
+    row("requests -> Ollama: canned adapter, no cache (requests' floor)", floor)
+    base = statistics.median(floor)
+    shares = f"llmshim {(statistics.median(ours) - base) * 1e6:.0f} us"
+    if theirs:
+        shares += f", requests-cache {(statistics.median(theirs) - base) * 1e6:.0f} us"
+    print(f"|   each hit's share above requests' floor: {shares}")
+
+
+def _canned_session(live: Any) -> Any:
+    """A requests session whose adapter answers every request with ``live``'s status, headers and
+    body, built as requests builds a response (no socket, no cache): what requests itself costs,
+    which every hit of any cache under requests pays too."""
+    import io
+
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.response import HTTPResponse
+
+    status, headers, content = live.status_code, dict(live.headers), live.content
+
+    class Canned(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            raw = HTTPResponse(body=io.BytesIO(content), headers=headers, status=status, preload_content=False)
+            return self.build_response(request, raw)
+
+    session = requests.Session()
+    session.mount("http://", Canned())
+    return session
 
 
 def populate(path: str, entries: int) -> list[str]:

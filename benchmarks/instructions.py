@@ -18,7 +18,9 @@ exactly what it names:
 - hook: llmshim, every feature off, one ``call_completed`` hook;
 - otel: llmshim with OpenTelemetry (real SDK, in-memory span exporter and metric reader), one hook;
 - hit: llmshim with the cache on (a SQLite file in a new temporary folder), one hook: the same
-  question every time, so every measured call is a cache hit (compare with off: the SDK's floor).
+  question every time, so every measured call is a cache hit (compare with off: the SDK's floor);
+- floor-hit: ``_floor_shim.py`` with its minimal SQLite cache, the same calls: the least a cache
+  hit can cost above the SDK's floor.
 
     python benchmarks/instructions.py [--calls 40] [--modes off,floor,hook,otel] [--against TREE]
 
@@ -53,7 +55,16 @@ client = openai.OpenAI(base_url="http://127.0.0.1:1/v1", api_key="sk-bench", max
                        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)))
 MSG = [{{"role": "user", "content": "Name three colours of the rainbow"}}]
 mode = {mode!r}
-if mode == "floor":
+if mode in ("hit", "floor-hit"):  # a test double bypasses llmshim's cache: answers come from a real server
+    import tempfile
+    from llmshim.testing import FakeLLMServer
+    server = FakeLLMServer().start()
+    client = openai.OpenAI(base_url=server.openai_base_url, api_key="sk-bench", max_retries=0)
+if mode == "floor-hit":
+    sys.path.insert(0, {benchmarks!r})
+    import _floor_shim
+    _floor_shim.install(cache=tempfile.mkdtemp() + "/floor.sqlite3")
+elif mode == "floor":
     sys.path.insert(0, {benchmarks!r})
     import _floor_shim
     _floor_shim.install()
@@ -70,11 +81,7 @@ elif mode != "off":
         llmshim.install(telemetry=True, tracer_provider=tracer_provider,
                         meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
                         cache="off", retry_mode="off")
-    elif mode == "hit":  # a test double bypasses the cache: the answer is stored from a real server
-        import tempfile
-        from llmshim.testing import FakeLLMServer
-        server = FakeLLMServer().start()
-        client = openai.OpenAI(base_url=server.openai_base_url, api_key="sk-bench", max_retries=0)
+    elif mode == "hit":
         llmshim.install(telemetry=False, cache="on", cache_path=tempfile.mkdtemp() + "/cache.sqlite3",
                         retry_mode="off")
     else:
@@ -88,7 +95,7 @@ for _ in range(50):  # warm-up, not counted
     one(0, 0)
 served = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG)
 assert (served.headers.get("x-llmshim-cache") == "hit") == (mode == "hit"), served.headers
-if mode == "hit":
+if mode in ("hit", "floor-hit"):
     server.stop()  # every measured call is answered from the cache
 gc.collect()
 gc.disable()  # a collection is millions of instructions: counts would be noise
@@ -119,7 +126,7 @@ def main() -> int:
     print(f"| - | off | {off:,} | - |", flush=True)
     for name, tree in [("this tree", here)] + ([("--against", args.against)] if args.against else []):
         for mode in modes:
-            if mode == "off" or (mode == "floor" and name != "this tree"):
+            if mode == "off" or (mode.startswith("floor") and name != "this tree"):
                 continue
             count = per_call(tree, mode, args.calls)
             print(f"| {name} | {mode} | {count:,} | {count - off:+,} ({(count - off) / off:.1%}) |", flush=True)
