@@ -93,9 +93,11 @@ def _call(url: str, headers: tuple[tuple[str, str], ...], body: bytes) -> Call:
 @pytest.mark.parametrize(("url", "headers", "body", "shared", "ignored", "key"),
                          [case[1:] for case in GOLDEN], ids=[case[0] for case in GOLDEN])
 def test_the_faster_key_is_the_key_of_before(url: str, headers: tuple[tuple[str, str], ...], body: bytes,
-                                             shared: bool, ignored: tuple[str, ...], key: str) -> None:
+                                             shared: bool, ignored: tuple[str, ...], key: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     names = parse_ignored_headers(list(ignored)) if ignored else frozenset()
-    for _ in range(2):  # cold, then with the header names and the URL remembered
+    monkeypatch.setattr(cache_keys, "_KEYS", {})
+    for _ in range(3):  # cold, with the header names and the URL remembered, then from the key memo
         assert cache_key(_call(url, headers, body), b"k" * 32, shared, names) == key
 
 
@@ -122,10 +124,12 @@ def test_the_primed_hmac_agrees_from_many_threads_at_once() -> None:
 def test_the_memos_keep_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_keys, "_PLAIN_URLS", {})
     monkeypatch.setattr(cache_keys, "_KINDS", {})
+    monkeypatch.setattr(cache_keys, "_KEYS", {})  # empty: the keys are worked out, not remembered
     for _, url, headers, body, shared, ignored, _key in GOLDEN:
         names = parse_ignored_headers(list(ignored)) if ignored else frozenset()
         cache_key(_call(url, headers, body), b"k" * 32, shared, names)
-    remembered = repr(cache_keys._PLAIN_URLS) + repr(cache_keys._KINDS)
+    assert sum(len(memo) for memo in cache_keys._KEYS.values()) == len(GOLDEN) - 1  # the huge body is not
+    remembered = repr(cache_keys._PLAIN_URLS) + repr(cache_keys._KINDS) + repr(cache_keys._KEYS)
     assert OPENAI in remembered and "authorization" in remembered  # a name is remembered, not its value
     for secret in ("sk-one", "sk-two", "secret", "AIza", "user:"):
         assert secret not in remembered
@@ -344,3 +348,51 @@ def test_on_event_loop_is_true_only_on_a_thread_running_one() -> None:
     assert on_event_loop() is False
     assert asyncio.run(inside()) == (True, False)
     assert on_event_loop() is False  # after the loop ends
+
+
+# -- the key memo: a request sent again gets the key it got the first time, and only that request --------
+
+_HEADER = st.tuples(st.sampled_from(["authorization", "x-api-key", "x-tenant", "host", "accept", "x-trace-id",
+                                     "openai-organization", "cookie"]), st.text(max_size=6))
+_REQUEST = st.tuples(st.sampled_from([OPENAI, TEST, "http://api.test:8080/v1/chat/completions",
+                                      "https://u:p@api.test/v1/chat/completions?key=k"]),
+                     st.lists(_HEADER, max_size=4).map(tuple),
+                     st.sampled_from(["gpt-4o-mini", "m", "caf\u00e9", "\u6a21\u578b"]),
+                     st.text(max_size=8),
+                     st.sampled_from([b"", b" ", b"\n"]),
+                     st.booleans(),
+                     st.sampled_from([frozenset(), frozenset({"x-tenant"}), frozenset({"x-trace-*"})]),
+                     st.sampled_from([b"k" * 32, b"j" * 32, b"k" * 31]))
+
+
+@given(st.lists(_REQUEST, min_size=1, max_size=6))
+@PROPERTIES
+def test_a_memoised_key_is_the_key_worked_out_afresh(requests_: list[Any]) -> None:
+    """Whatever mix of requests comes (sent again, differing in one header value, a byte of
+    whitespace, the scope setting, the ignored headers or the salt), the key from the memo is the
+    key computed without it."""
+    for url, headers, model, content, padding, shared, ignored, salt in requests_ * 2:  # each sent twice
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]}).encode() + padding
+        call = _call(url, headers, body)
+        assert cache_key(call, salt, shared, ignored) == cache_keys._cache_key(call, salt, shared, ignored)
+
+
+def test_the_key_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_keys, "_KEYS", {})
+    monkeypatch.setattr(cache_keys, "MEMO_KEYS", 8)
+    for i in range(20):
+        cache_key(_call(TEST, (), json.dumps({"model": "m", "messages": [], "n": i}).encode()), b"k" * 32)
+    assert 1 <= sum(len(memo) for memo in cache_keys._KEYS.values()) <= 8
+    for salt in range(40):  # settings that come and go
+        cache_key(_call(TEST, (), CHAT), bytes([salt]) * 32)
+    assert len(cache_keys._KEYS) <= 16
+
+
+def test_requests_whose_parts_joined_with_nul_would_be_one_text_keep_their_own_keys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_keys, "_KEYS", {})
+    one = _call(TEST, (("x-a", "1\0x-b\0" + "2"),), CHAT)  # a NUL inside a value: "x-a\01\0x-b\02" either way
+    two = _call(TEST, (("x-a", "1"), ("x-b", "2")), CHAT)
+    keys = [cache_key(call, b"k" * 32) for call in (one, two, one, two)]
+    assert keys[0] != keys[1] and keys == keys[:2] * 2
+    assert keys[:2] == [cache_keys._cache_key(call, b"k" * 32, False, frozenset()) for call in (one, two)]

@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -376,7 +377,52 @@ def hmac_sha256_hex(salt: bytes, message: bytes) -> str:
 
 def cache_key(call: Call, salt: bytes, shared: bool = False, ignored_headers: frozenset[str] = frozenset()) -> str:
     """HMAC-SHA256 under the cache's salt of the material; the head is one JSON line without a
-    raw newline (``ensure_ascii``), so the separator cannot be forged by a header or URL."""
+    raw newline (``ensure_ascii``), so the separator cannot be forged by a header or URL.
+
+    The same request sent again (a hit, a coalesced follower) gets its key from a memo: SHA-256 of
+    the request exactly as sent (method, URL, headers, body, the dialect's name and endpoint; one
+    memo per salt, scope setting and ignored headers: everything the key is a function of) names the
+    key worked out the first time. The parts are joined with NUL, so a request where any part holds
+    a NUL itself is not memoised (its joined text could be another request's); the body follows the
+    head's length. Several times cheaper than the canonical body and two HMACs; the memo holds
+    digests and keys only, never a header value. Bodies over ``MEMO_BODY_BYTES`` are not memoised."""
+    request = call.request
+    if len(request.body) > MEMO_BODY_BYTES:
+        return _cache_key(call, salt, shared, ignored_headers)
+    memo = _KEYS.get((salt, shared, ignored_headers))
+    if memo is None:
+        if len(_KEYS) >= 16:  # settings that come and go (tests): begin again
+            _KEYS.clear()
+        memo = _KEYS.setdefault((salt, shared, ignored_headers), {})
+    parts = [call.dialect.name, call.info.endpoint, request.method, request.url, *chain.from_iterable(request.headers)]
+    head = "\0".join(parts)
+    if head.count("\0") != len(parts) - 1:  # a part holds NUL itself: the joined text could be another's
+        return _cache_key(call, salt, shared, ignored_headers)
+    raw = head.encode("utf-8", "surrogatepass")
+    digest = _SHA256.copy()  # a copy of an empty state: hashlib.sha256() looks the digest up by name
+    digest.update(len(raw).to_bytes(8, "big"))  # the head's length: where the body begins
+    digest.update(raw)
+    digest.update(request.body)
+    sent = digest.digest()
+    key = memo.get(sent)
+    if key is None:
+        key = _cache_key(call, salt, shared, ignored_headers)
+        if len(memo) >= MEMO_KEYS:  # full: begin again with the requests in use now
+            memo.clear()
+        memo[sent] = key
+    return key
+
+
+#: Bodies up to this size have their keys memoised (see ``cache_key``); bigger ones are rarely
+#: repeated and hashing them whole again costs what the memo would save.
+MEMO_BODY_BYTES = 64 * 1024
+MEMO_KEYS = 4096
+_SHA256 = hashlib.sha256()  # never updated: copies from any thread are safe
+#: Per (salt, shared, ignored headers): SHA-256 of a request as sent -> its key.
+_KEYS: dict[tuple[bytes, bool, frozenset[str]], dict[bytes, str]] = {}
+
+
+def _cache_key(call: Call, salt: bytes, shared: bool, ignored_headers: frozenset[str]) -> str:
     head, body = key_material(call, salt, shared, ignored_headers)
     return hmac_sha256_hex(salt, f"{head}\n{body}".encode("ascii"))
 
