@@ -130,7 +130,7 @@ def _check_cache(settings: config.Settings, line: Callable[[str], None]) -> bool
         try:
             from .store.cache_redis import RedisCacheStore
 
-            RedisCacheStore(settings.cache_url, timeout=1).client.ping()
+            RedisCacheStore(settings.cache_url, timeout=max(1.0, settings.redis_timeout)).client.ping()
             line("  redis reachable")
         except Exception as exc:
             line(f"  BROKEN: redis unreachable: {_error(exc)}")
@@ -165,7 +165,7 @@ def _check_limits(settings: config.Settings, line: Callable[[str], None]) -> boo
         try:
             from .store.limits_redis import RedisLimitStore
 
-            RedisLimitStore(store, timeout=1).client.ping()
+            RedisLimitStore(store, timeout=max(1.0, settings.redis_timeout)).client.ping()
             line("  redis reachable")
         except Exception as exc:
             line(f"  BROKEN: redis unreachable: {_error(exc)}")
