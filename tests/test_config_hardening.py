@@ -50,6 +50,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "async_workers": (1, 1024),
     "async_queue_size": (0, 10**6),
     "async_timeout": (1e-3, 30 * DAY),
+    "redis_timeout": (1e-3, 60),
 }
 LIMIT_MAX = 10**12  # per-model rates: > 0, at most this
 NUMERIC = sorted(RANGES)

@@ -33,7 +33,8 @@ __all__ = ["aiohttp_double", "bypass_reason", "genuine", "httpx_double", "mark_b
 
 log = logging.getLogger("llmshim")
 
-_GENUINE: dict[int, Any] = {}  # id -> the function found genuine (kept, so the id stays its own)
+#: id -> (the function found genuine, its code then): kept, so the id stays its own.
+_GENUINE: dict[int, tuple[Any, Any]] = {}
 #: Replacements of the socket module that still reach the real network.
 _REAL_SOCKET_MODULES = ("socket", "_socket", "gevent", "eventlet")
 #: Attributes under which transport wrappers (instrumentation, retries, caches) keep the transport.
@@ -90,17 +91,22 @@ def genuine(function: Any, package: str) -> bool:
     """Whether ``function`` is ``package``'s own code: defined in that package's source file.
 
     A mock is not a function; an autospec stand-in copies ``__module__`` but its code comes from
-    ``<string>``; a replacement from a test file or a mocking library lives in another module."""
-    if _GENUINE.get(id(function)) is function:  # as found: the same object as a call before
-        return True
+    ``<string>``; a replacement from a test file or a mocking library lives in another module.
+    Remembered by identity together with the code found in it: a function whose ``__code__`` is
+    swapped in place (or a proxy re-pointed, whose ``__code__`` is its target's) is looked at again."""
+    seen = _GENUINE.get(id(function))
+    if seen is not None and seen[0] is function and seen[1] is getattr(function, "__code__", None):
+        return True  # as found: the same object, with the same code, as a call before
     found, function = function, _unwrap(function)
     if len(_GENUINE) >= 4096:  # bounded (install/uninstall cycles make new wrappers): begin again
         _GENUINE.clear()
-    if _GENUINE.get(id(function)) is not function:
+    code = getattr(function, "__code__", None)
+    seen = _GENUINE.get(id(function))
+    if seen is None or seen[0] is not function or seen[1] is not code:
         if not _defined_in(function, package):
             return False
-        _GENUINE[id(function)] = function
-    _GENUINE[id(found)] = found  # a wrapper around a genuine function: looked through once
+        _GENUINE[id(function)] = (function, code)
+    _GENUINE[id(found)] = (found, getattr(found, "__code__", None))  # a wrapper: looked through once
     return True
 
 
