@@ -627,3 +627,23 @@ print(asyncio.run(main()))
 """)
     code = int(out.strip()) - 10
     assert divmod(code, 2)[0] == divmod(code, 2)[1]  # the two agree in the child
+
+
+def test_a_wrapt_proxy_bound_at_every_access_does_not_fill_the_genuine_memo() -> None:
+    """wrapt binds a new ``BoundFunctionWrapper`` at every attribute access (OpenTelemetry's httpx
+    instrumentation wraps methods so): each check must not leave one more memo entry behind."""
+    import requests.adapters
+    import wrapt
+
+    from llmshim.adapters import _doubles
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        pass
+
+    Adapter.build_response = wrapt.FunctionWrapper(requests.adapters.HTTPAdapter.build_response,
+                                                   lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs))
+    adapter = Adapter()
+    before = len(_doubles._GENUINE)
+    for _ in range(200):
+        assert _doubles.genuine(adapter.build_response, "requests")  # a new bound proxy each time
+    assert len(_doubles._GENUINE) <= before + 1

@@ -98,7 +98,7 @@ def genuine(function: Any, package: str) -> bool:
     if seen is not None and seen[0] is function and seen[1] is getattr(function, "__code__", None):
         return True  # as found: the same object, with the same code, as a call before
     found, function = function, _unwrap(function)
-    if len(_GENUINE) >= 4096:  # bounded (install/uninstall cycles make new wrappers): begin again
+    if len(_GENUINE) >= 4096:  # bounded (functions redefined at run time): begin again
         _GENUINE.clear()
     code = getattr(function, "__code__", None)
     seen = _GENUINE.get(id(function))
@@ -106,7 +106,8 @@ def genuine(function: Any, package: str) -> bool:
         if not _defined_in(function, package):
             return False
         _GENUINE[id(function)] = (function, code)
-    _GENUINE[id(found)] = (found, getattr(found, "__code__", None))  # a wrapper: looked through once
+    # A wrapper found around it is not remembered: wrapt binds a new proxy at every attribute access,
+    # so remembering each would only fill the memo; it is looked through again next time.
     return True
 
 
