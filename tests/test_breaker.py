@@ -216,16 +216,20 @@ def _ask(server: FakeLLMServer, i: int) -> int:
 
 def test_a_black_holed_redis_is_left_alone_after_the_first_few_calls(
         server: FakeLLMServer, black_hole: BlackHole, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmshim
-    from llmshim.store import breaker
+    import functools
 
-    monkeypatch.setattr(breaker.Breaker, "base", 60.0)  # no probe during the test: every later call is free
-    monkeypatch.setattr(breaker.Breaker, "ceiling", 60.0)
+    import llmshim
+    from llmshim.store import breaker, redis_client
+
+    # No probe during the test: every later call is free. (Setting the class attributes did nothing:
+    # a dataclass's __init__ keeps the defaults it was made with, so the 0.5 s cooldown ran out
+    # whenever the 40 calls took longer than that on a loaded machine, and a probe made a 4th attempt.)
+    monkeypatch.setattr(redis_client, "Breaker", functools.partial(breaker.Breaker, base=60.0, ceiling=60.0))
     llmshim.install(cache="on", cache_url=black_hole.url, cache_local=True, cache_path=str(tmp_path / "c.sqlite3"),
                     rpm="600000", ratelimit_store=black_hole.url)
     try:
         guards = [store.redis for store in _redis_stores()]  # type: ignore[attr-defined]
-        assert len(guards) == 2
+        assert len(guards) == 2 and all(guard.breaker.base == 60.0 for guard in guards)
         first = [_ask(server, i) for i in range(5)]
         attempts = [guard.attempts for guard in guards]
         accepted = len(black_hole.accepted)
