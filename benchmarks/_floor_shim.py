@@ -70,15 +70,15 @@ def install(cache: str | None = None) -> None:
             if self.keep is not None:
                 self.keep(body)
 
+        def close(self) -> None:
+            self.inner.close()
+
     class Stored(httpx2.SyncByteStream):
         def __init__(self, body: bytes) -> None:
             self.body = body
 
         def __iter__(self) -> Iterator[bytes]:
             yield self.body
-
-        def close(self) -> None:
-            self.inner.close()
 
     class ASeen(httpx2.AsyncByteStream):
         def __init__(self, inner: Any, record: dict[str, Any]) -> None:
