@@ -97,7 +97,7 @@ def genuine(function: Any, package: str) -> bool:
     seen = _GENUINE.get(id(function))
     if seen is not None and seen[0] is function and seen[1] is getattr(function, "__code__", None):
         return True  # as found: the same object, with the same code, as a call before
-    found, function = function, _unwrap(function)
+    function = _unwrap(function)
     if len(_GENUINE) >= 4096:  # bounded (functions redefined at run time): begin again
         _GENUINE.clear()
     code = getattr(function, "__code__", None)
