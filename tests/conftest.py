@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,19 @@ OPENAI_LIBRARY = _openai_library()
 def server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer() as fake:
         yield fake
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server of the test's own on a free port (``test_redis.RedisServer``), stopped after."""
+    from test_redis import RedisServer  # here, not at the top: test_redis imports this module
+
+    started = RedisServer(tmp_path)
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -38,16 +38,6 @@ needs_redis = pytest.mark.skipif(REDIS_SERVER is None and not os.environ.get("CI
                                  reason="redis-server not on PATH (apt-get install -y redis-server)")
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 # -- 1. LLMSHIM_REDIS_TIMEOUT -------------------------------------------------------------------------
 
 def _guards() -> list[Guarded]:
