@@ -6,7 +6,8 @@ for an ended call); ``CachePolicy`` only acts on them. Flow of ``handle``:
 
 1. ``plan``: mode (setting, ``cache_control()``, or an ``x-llmshim-cache`` request header that the
    adapter already stripped), stateful or non-deterministic requests → look up? store?
-2. look up: a hit builds the reply through ``call.replay`` (the adapter's builder of its own
+2. look up (on an event loop, a store across the network is read on llmshim's reader threads,
+   ``_alookup``): a hit builds the reply through ``call.replay`` (the adapter's builder of its own
    response type) with ``x-llmshim-cache: hit`` and ``age`` headers; the upstream is not called.
    In ``replay`` mode a miss answers a synthetic 504 naming the request (``x-should-retry: false``,
    so SDKs raise it at once in their usual way).
@@ -21,7 +22,6 @@ Fail open: any store error is a miss (or a skipped write), a warning (at most on
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -36,7 +36,7 @@ from ..knobs import header_cache_control as _header_control
 from ..pipeline import AsyncHandler, Handler, track
 from ..singleflight import Flight, Flights
 from ..store import cache_keys
-from ..store.background import Writes
+from ..store.background import Writes, read_off_loop
 from ..store.base import CacheStore, Entry
 from .cache_recorder import Recorder, stored_headers
 
@@ -137,10 +137,28 @@ class CachePolicy:
             self._failed("open", exc)
             return None
 
-    def _lookup(self, key: str) -> Entry | None:
+    def _lookup(self, key: str, store: CacheStore | None = None) -> Entry | None:
         try:
-            return self.store.get(key, CLOCK(), defer=self.writes.run)
+            return (store or self.store).get(key, CLOCK(), defer=self.writes.run)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
+            self._failed("read", exc)
+            return None
+
+    async def _alookup(self, key: str) -> Entry | None:
+        """``_lookup`` for a task. A local store is read in place (a primary-key read); one across
+        the network on llmshim's reader threads, so a slow Redis (up to ``LLMSHIM_REDIS_TIMEOUT``
+        a read) delays this call only, never the loop's other tasks. A tiered store's local front
+        is read in place first: its hits take no thread hop."""
+        store = self.store
+        if store.local:
+            return self._lookup(key)
+        if store.near is not None:
+            entry = self._lookup(key, store.near)
+            if entry is not None:
+                return entry
+        try:
+            return await read_off_loop(lambda: self._lookup(key))
+        except Exception as exc:  # the reader threads refused it (the interpreter is exiting): a miss
             self._failed("read", exc)
             return None
 
@@ -227,22 +245,22 @@ class CachePolicy:
         reply.tap.subscribe(Recorder(call, reply.tap, self.max_entry_bytes, finish))
 
     # -- the seam --------------------------------------------------------------------------------
-    def _before(self, call: Call) -> tuple[Plan, str | None, Reply | None]:
+    def _decide(self, call: Call) -> tuple[Plan, str | None]:
+        """The plan, and the key when the plan looks up or stores (None: neither, or no key)."""
         decided = plan(call, self.mode, self.ttl, self.nondeterministic, current_cache_control())
         if not (decided.lookup or decided.store):
-            return decided, None, None
-        key = self._key(call)
-        if key is None:
-            return decided, None, None
-        if decided.lookup:
-            entry = self._lookup(key)
-            if entry is not None:
-                hit = self._hit(call, entry)
-                if hit is not None:
-                    return decided, key, hit
-            if decided.only_cached:
-                return decided, key, self._missing(call, key)
-        return decided, key, None
+            return decided, None
+        return decided, self._key(call)
+
+    def _answer(self, call: Call, decided: Plan, key: str | None, entry: Entry | None) -> Reply | None:
+        """After the first lookup: the hit, replay mode's 504 for a miss, or None (go on)."""
+        if key is None or not decided.lookup:
+            return None
+        if entry is not None:
+            hit = self._hit(call, entry)
+            if hit is not None:
+                return hit
+        return self._missing(call, key) if decided.only_cached else None
 
     def _after_miss(self, call: Call, decided: Plan, key: str | None, reply: Reply) -> Reply:
         if key is None or not decided.store:
@@ -252,35 +270,41 @@ class CachePolicy:
         self._record(call, key, reply, decided.ttl)
         return reply
 
-    def _late_hit(self, call: Call, decided: Plan, key: str | None, flight: Flight | None) -> Reply | None:
+    @staticmethod
+    def _looks_again(decided: Plan, key: str | None, flight: Flight | None) -> bool:
         """A new leader looks again: the previous one may have stored the answer and landed
         between our first lookup and our joining (otherwise two identical calls go upstream)."""
-        if key is None or flight is not None or not decided.store or not decided.lookup:
-            return None
-        hit = self._after_wait(call, decided, key)
+        return key is not None and flight is None and decided.store and decided.lookup
+
+    def _late_hit(self, call: Call, key: str, entry: Entry | None) -> Reply | None:
+        """The new leader's second lookup found ``entry``: its hit ends our flight at once."""
+        hit = self._hit(call, entry) if entry is not None else None
         if hit is not None:
             self.landed(key)
         return hit
 
-    def _after_wait(self, call: Call, decided: Plan, key: str) -> Reply | None:
+    def _after_wait(self, call: Call, decided: Plan, entry: Entry | None) -> Reply | None:
         """After the request we waited for landed: its stored answer, if there is one."""
-        entry = self._lookup(key) if decided.lookup else None
-        return self._hit(call, entry) if entry is not None else None
+        return self._hit(call, entry) if entry is not None and decided.lookup else None
 
     def handle(self, call: Call, next: Handler) -> Reply:
-        decided, key, answer = self._before(call)
+        decided, key = self._decide(call)
+        answer = self._answer(call, decided, key, self._lookup(key) if key is not None and decided.lookup else None)
         if answer is not None:
             return answer
         flight = self.flights.join(key) if key is not None and decided.store else None
-        late = self._late_hit(call, decided, key, flight)
-        if late is not None:
-            return late
+        if self._looks_again(decided, key, flight):
+            assert key is not None
+            late = self._late_hit(call, key, self._lookup(key))
+            if late is not None:
+                return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)  # the leader's miss; a follower counts the hit it gets
         if flight is not None and key is not None:
             if not self.flights.wait(flight):
                 return next(call)  # a leader it may not wait on, or one that did not land in time
-            return self._after_wait(call, decided, key) or self.handle(call, next)
+            return self._after_wait(call, decided, self._lookup(key) if decided.lookup else None) or self.handle(
+                call, next)
         try:
             reply = next(call)
         except BaseException:
@@ -289,29 +313,46 @@ class CachePolicy:
             raise
         return self._after_miss(call, decided, key if decided.store else None, reply)
 
-    async def _salt_off_loop(self) -> None:
+    async def _salt_off_loop(self) -> bool:
         """The store's salt is read (and, the very first time, written) once per store: off the
-        loop, since the write can wait for another process's lock."""
+        loop, since the write can wait for another process's lock and Redis is across the network.
+        False: the store could not give it (counted and warned); the call then goes without the
+        cache, as a synchronous one does, rather than ask again on the loop in ``_key``."""
         if not self._salted:
-            with contextlib.suppress(Exception):  # a failure shows again, failing open, in _key
-                await asyncio.to_thread(lambda: self.store.salt)
+            try:
+                await read_off_loop(lambda: self.store.salt)
+            except Exception as exc:  # sqlite3, OS, Redis, or the reader threads refused
+                self._failed("open", exc)
+                return False
             self._salted = True
+        return True
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
-        await self._salt_off_loop()
-        decided, key, answer = self._before(call)
+        if not await self._salt_off_loop():
+            return await anext(call)
+        decided, key = self._decide(call)
+        answer = self._answer(call, decided, key,
+                              await self._alookup(key) if key is not None and decided.lookup else None)
         if answer is not None:
             return answer
         flight = self.flights.join(key) if key is not None and decided.store else None
-        late = self._late_hit(call, decided, key, flight)
-        if late is not None:
-            return late
+        if self._looks_again(decided, key, flight):
+            assert key is not None
+            try:  # we lead a flight now: a cancellation while we look must end it
+                entry = await self._alookup(key)
+            except BaseException:
+                self.landed(key)
+                raise
+            late = self._late_hit(call, key, entry)
+            if late is not None:
+                return late
         if key is not None and decided.lookup and flight is None:
             self._count(False, call)
         if flight is not None and key is not None:
             if not await self.flights.await_landing(flight):
                 return await anext(call)
-            return self._after_wait(call, decided, key) or await self.ahandle(call, anext)
+            entry = await self._alookup(key) if decided.lookup else None
+            return self._after_wait(call, decided, entry) or await self.ahandle(call, anext)
         try:
             reply = await anext(call)
         except BaseException:

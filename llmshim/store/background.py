@@ -3,11 +3,16 @@
 A SQLite write can wait up to the busy timeout while another process holds the write lock, and a
 Redis write up to its socket timeout. A synchronous caller may pay that (it is its own thread);
 an event loop must not: every other task would freeze with it. ``Writes.run(fn)`` therefore runs
-``fn`` inline when the current thread runs no event loop, and otherwise queues it for one daemon
-thread, in order (a put before the counters it flushes, the close after both). The queue is
-bounded: beyond ``limit`` pending writes a new one is dropped and counted (``dropped``), since a
-cache write is only ever an optimisation. After ``fork()`` the child starts with an empty queue
-and no thread (the parent's is not there).
+``fn`` inline when the current thread runs no event loop (and nothing queued is still pending),
+and otherwise queues it for one daemon thread, in order (a put before the counters it flushes,
+the close after both). The queue is bounded: beyond ``limit`` pending writes a new one is
+dropped and counted (``dropped``), since a cache write is only ever an optimisation. After
+``fork()`` the child starts with an empty queue and no thread (the parent's is not there).
+
+Reads across the network (a Redis lookup) must not block a loop either: ``read_off_loop(fn)``
+runs them on a small pool of llmshim's own threads, not the loop's default executor (a program
+that fills that with its own blocking work, a thread-pool chat wrapper, would queue every cache
+read behind it).
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-__all__ = ["Writes", "drain", "on_event_loop"]
+__all__ = ["READERS", "Writes", "drain", "on_event_loop", "read_off_loop"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("llmshim")
 
@@ -53,8 +62,10 @@ class Writes:
         _ALL.add(self)
 
     def run(self, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` now, or queue it when this thread runs an event loop. False: dropped (full)."""
-        if not on_event_loop():
+        """Run ``fn`` now, or queue it when this thread runs an event loop, or when writes queued
+        before it have not all run: then it runs after them, in order (the close after the
+        counters an event loop queued, not under them). False: dropped (full)."""
+        if not (on_event_loop() or self._busy or self._queue):  # the worker marks busy before it pops
             fn()
             return True
         return self.submit(fn)
@@ -83,8 +94,8 @@ class Writes:
                 self._cond.notify_all()
                 while not self._queue:
                     self._cond.wait()
+                self._busy = True  # before the pop: ``run`` reads both without the lock
                 fn = self._queue.popleft()
-                self._busy = True
             try:
                 fn()
             except Exception:  # each write fails open on its own; this only keeps the thread alive
@@ -104,8 +115,27 @@ def drain(timeout: float = 5.0) -> bool:
     return all(writes.idle(max(0.0, deadline - time.monotonic())) for writes in list(_ALL))
 
 
+#: Threads reading a store across the network for event loops: each read is bounded by the
+#: store's own timeout (``LLMSHIM_REDIS_TIMEOUT``), so a few are enough for many tasks.
+READERS = 8
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+async def read_off_loop(fn: Callable[[], T]) -> T:
+    """Await ``fn()`` run on llmshim's reader threads (made on first use). A task cancelled while
+    it waits gets its ``CancelledError`` at once; the read itself ends on its thread."""
+    global _readers
+    if _readers is None:
+        with _readers_lock:
+            if _readers is None:
+                _readers = ThreadPoolExecutor(READERS, thread_name_prefix="llmshim-store-reads")
+    return await asyncio.get_running_loop().run_in_executor(_readers, fn)
+
 
 def _reset_in_child() -> None:
+    global _readers, _readers_lock
+    _readers, _readers_lock = None, threading.Lock()  # the parent's threads are not in the child
     for writes in list(_ALL):
         writes._after_fork_in_child()
 

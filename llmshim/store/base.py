@@ -93,6 +93,14 @@ class CacheStore(Protocol):
     """Where the cache policy keeps answers."""
 
     @property
+    def local(self) -> bool:
+        """Answers without a network round trip: an event loop reads it in place (else on a thread)."""
+
+    @property
+    def near(self) -> CacheStore | None:
+        """A local part asked first, in place, by an event loop (a tiered store's SQLite front)."""
+
+    @property
     def salt(self) -> bytes:
         """The secret that keys and credential scopes are HMACs under (made on first use)."""
 

@@ -31,6 +31,7 @@ class RedisCacheStore:
     """Answers in Redis hashes named ``llmshim:cache:<key>``; one salt for every host."""
 
     prefix = "llmshim:cache:"
+    local, near = False, None  # across the network: an event loop reads it on a thread
 
     def __init__(self, url: str, timeout: float = 0.05, guard: Guarded | None = None) -> None:
         self.redis = guard or Guarded(url, timeout)
@@ -124,8 +125,11 @@ class RedisCacheStore:
 class TieredStore:
     """A local SQLite front for hits, Redis behind it for every host."""
 
+    local = False  # a front miss asks Redis: an event loop reads the front in place, then all on a thread
+
     def __init__(self, front: SQLiteStore, back: RedisCacheStore) -> None:
         self.front, self.back = front, back
+        self.near: SQLiteStore | None = front
 
     @property
     def salt(self) -> bytes:

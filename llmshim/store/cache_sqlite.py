@@ -108,6 +108,8 @@ def _now(fn: Callable[[], None]) -> None:
 
 
 class SQLiteStore:
+    local, near = True, None  # a file on this machine: read in place, even by an event loop
+
     def __init__(self, path: str, *, max_entries: int | None = None, max_bytes: int | None = None,
                  busy_timeout_ms: int = 2000) -> None:
         self.path = path
