@@ -210,9 +210,8 @@ class Settings:
         duration("0.001", Decimal(60)), "50ms", "seconds or 250ms/2s, from 1ms to 60s",
         "How long one Redis operation (connect, read or write, for the cache and the rate-limit store) may take "
         "before llmshim gives up on it and falls back locally (a cache miss, this process's share of the limit); "
-        "1ms to 60s. Raise it for a Redis across a slow network or behind TLS; keep it small in asyncio programs, "
-        "where a cache lookup runs on the event loop (a Redis that stops answering stalls the loop this long, "
-        "three times, until the circuit breaker opens).")
+        "1ms to 60s. Raise it for a Redis across a slow network or behind TLS. Asyncio programs read Redis on "
+        "llmshim's own threads: a slow Redis delays the calls that read it, not the event loop.")
     token_reservation: int = setting(
         count(0, 10**8), "1024", "a whole number of tokens from 0 to 10^8 (0: reserve none)",
         "Output tokens reserved for a request that sets no `max_tokens`-style limit; 0 to 10^8. `0`: reserve none.")
