@@ -194,3 +194,20 @@ def test_a_redis_slower_than_its_timeout_costs_the_write_not_the_call(server: Fa
             assert llmshim.stats()["store_errors"] > errors_before  # the lost write is counted
     finally:
         llmshim.uninstall()
+
+
+def test_an_entry_stored_again_without_a_ttl_keeps_no_expiry_of_the_old_one(redis_server: RedisServer) -> None:
+    """``LLMSHIM_CACHE=refresh`` without a TTL over an entry stored with one: the new answer does
+    not vanish when the old one would have."""
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+
+    store = RedisCacheStore(redis_server.url, timeout=10)
+    key, raw = "cd" * 32, redis.Redis.from_url(redis_server.url)
+    store.put(Entry(key, 200, [("a", "1")], b"old", 1.0, time.time() + 3600, {"v": 1}), 2.0)
+    assert 0 < raw.pttl(RedisCacheStore.prefix + key) <= 3_600_000
+    store.put(Entry(key, 200, [("a", "2")], b"new", 3.0, None, {"v": 2}), 4.0)
+    assert raw.pttl(RedisCacheStore.prefix + key) == -1
+    found = store.get(key, 5.0)
+    assert found is not None and (found.body, found.headers, found.expires_at) == (b"new", [("a", "2")], None)
+    store.close()

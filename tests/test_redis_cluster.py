@@ -283,6 +283,74 @@ def test_a_cluster_master_dying_mid_run_fails_no_call(server: FakeLLMServer, tmp
         own.stop()
 
 
+
+# -- One timeout per operation ------------------------------------------------------------------------------
+
+
+class SentTo:
+    """Counts the commands redis-py sends, per server port (instrumentation: nothing is changed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ports: list[int] = []
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def send(connection: Any, command: Any, check_health: bool = True) -> Any:
+            self.ports.append(int(connection.port))
+            return original(connection, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", send)
+
+
+@needs_servers
+@pytest.mark.parametrize("operation", ["lookup", "store", "count"])
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_a_command_a_frozen_redis_never_answered_is_sent_once(topology: str, operation: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LLMSHIM_REDIS_TIMEOUT`` bounds one operation: the command to a server that does not
+    answer (SIGSTOP) is not sent to it again. redis-py's Cluster client retried a timed-out command
+    once after refreshing its slot map (two timeouts), its pipelines more (a counter flush took
+    five). The other masters may still be asked for the slot map."""
+    import signal
+
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+    from llmshim.store.redis_client import Guarded
+
+    servers: Any
+    if topology == "cluster":
+        servers = Cluster(tmp_path / "c")
+        url = servers.url
+    else:
+        from test_redis import RedisServer
+
+        servers = RedisServer(tmp_path)
+        servers.start()
+        url = servers.url
+    frozen = None
+    try:
+        guarded = Guarded(url, 0.3)
+        store = RedisCacheStore(url, guard=guarded)
+        key = "ab" * 32
+        entry = Entry(key, 200, [("content-type", "application/json")], b'{"ok": 1}', 1.0, 4e9, {"k": "v"})
+        act = {"lookup": lambda: store.get(key, 2.0), "store": lambda: store.put(entry, 2.0),
+               "count": lambda: store.note(hits=1, tokens_saved=5)}[operation]
+        name = RedisCacheStore.prefix + ("totals" if operation == "count" else key)
+        act()  # connected, slot map known, the scripts loaded
+        if topology == "cluster":
+            port = guarded.client.get_node_from_key(name).port
+            frozen = servers.procs[servers.ports.index(port)]
+        else:
+            port, frozen = servers.port, servers.proc
+        sent = SentTo(monkeypatch)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        with pytest.raises(redis.TimeoutError):
+            act()
+        assert sent.ports.count(port) == 1, sent.ports
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        servers.stop()
+
 # -- Sentinel ---------------------------------------------------------------------------------------------
 
 

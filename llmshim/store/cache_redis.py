@@ -6,8 +6,8 @@ one hash per entry; expiry is Redis' own (``PEXPIRE``); size is bounded by Redis
 SQLite file in front: hits are local, misses fall through to Redis and are copied locally.
 
 Where Redis is: one server, a Cluster or a Sentinel-managed master (``redis_url.py`` reads
-the URL). Every command here names one key, so each works unchanged on a Cluster (the pipelines
-touch one key too). Timeouts are short (50 ms by default) and every operation goes through a
+the URL). Every command here names one key, so each works unchanged on a Cluster (the two
+write scripts too). Timeouts are short (50 ms by default) and every operation goes through a
 circuit breaker: after a few failures in a row Redis is not asked at all for a while (then one
 call probes it), so a dead or black-holed Redis costs almost nothing. Any failure raises, and the
 cache policy fails open: a miss.
@@ -25,6 +25,19 @@ from .cache_sqlite import SQLiteStore
 from .redis_client import Guarded
 
 __all__ = ["RedisCacheStore", "TieredStore"]
+
+# Each write is one command (a script naming one key: one Cluster slot, atomic), not a pipeline:
+# redis-py's Cluster pipelines send a timed-out batch again (a counter flush to a frozen master took
+# five timeouts), while one command that times out is not sent again (``redis_client``).
+_PUT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if ARGV[1] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIREAT', KEYS[1], ARGV[1]) end
+return 1
+"""
+_NOTE = """
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
 
 
 class RedisCacheStore:
@@ -67,30 +80,18 @@ class RedisCacheStore:
                      float(row[b"created_at"]), expires_at, json.loads(row[b"meta"]))
 
     def put(self, entry: Entry, now: float) -> None:
-        name = self.prefix + entry.key
-        fields = {"status": entry.status, "headers": json.dumps(entry.headers), "body": entry.body,
-                  "created_at": entry.created_at, "expires_at": entry.expires_at or "",
-                  "meta": json.dumps(entry.meta, default=str)}
-
-        def write(client: Any) -> None:
-            pipe = client.pipeline(transaction=True)  # one key: one slot, so MULTI works on a Cluster too
-            pipe.hset(name, mapping=fields)
-            if entry.expires_at is not None:
-                pipe.pexpireat(name, int(entry.expires_at * 1000))
-            pipe.execute()
-
-        self.redis.run(write)
+        fields = ("status", entry.status, "headers", json.dumps(entry.headers), "body", entry.body,
+                  "created_at", entry.created_at, "expires_at", entry.expires_at or "",
+                  "meta", json.dumps(entry.meta, default=str))
+        expires_ms = int(entry.expires_at * 1000) if entry.expires_at is not None else ""
+        self.redis.run(lambda client: self.redis.script(_PUT)(keys=[self.prefix + entry.key],
+                                                              args=[expires_ms, *fields]))
 
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
-        if hits or misses or tokens_saved:
-            def count(client: Any) -> None:
-                pipe = client.pipeline(transaction=False)
-                for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved)):
-                    if value:
-                        pipe.hincrby(self.prefix + "totals", field, value)
-                pipe.execute()
-
-            self.redis.run(count)
+        counts = [part for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved))
+                  if value for part in (field, value)]
+        if counts:
+            self.redis.run(lambda client: self.redis.script(_NOTE)(keys=[self.prefix + "totals"], args=counts))
 
     def stats(self) -> dict[str, Any]:
         totals = {k.decode(): int(v) for k, v in self.redis.run(

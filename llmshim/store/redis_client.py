@@ -56,8 +56,9 @@ def connect(target: RedisTarget, timeout: float) -> Any:
         return redis.Redis.from_url(target.url, health_check_interval=0, **timeouts,
                                     retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
     if target.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
+        from redis.cluster import ClusterNode
 
+        RedisCluster = _cluster_client()
         if not target.nodes:  # a redis:// URL whose server answered MOVED: redis-py's own reading of it
             return RedisCluster(url=target.url, require_full_coverage=False, retry=Retry(NoBackoff(), 1),
                                 **timeouts)
@@ -81,6 +82,28 @@ def connect(target: RedisTarget, timeout: float) -> Any:
         target.service or "mymaster", db=target.db, health_check_interval=0,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         **({"ssl": True} if target.tls else {}), **{**kwargs, **timeouts})
+
+
+_CLUSTER_CLIENT: Any = None
+
+
+def _cluster_client() -> Any:
+    """redis-py's ``RedisCluster``, except that a timed-out command is not sent again. Its own
+    retry loop (``retry``'s count, for any error in ``ERRORS_ALLOW_RETRY``, whatever the
+    ``Retry``'s ``supported_errors`` say) would send a command to a node that did not answer in
+    ``LLMSHIM_REDIS_TIMEOUT`` a second time: two timeouts for one operation. A connection error
+    (a master gone in a failover) is still retried once, on the refreshed slot map."""
+    global _CLUSTER_CLIENT
+    if _CLUSTER_CLIENT is None:
+        from redis.cluster import RedisCluster
+        from redis.exceptions import TimeoutError
+
+        class OneTimeoutCluster(RedisCluster):
+            ERRORS_ALLOW_RETRY = tuple(  # type: ignore[assignment]
+                error for error in RedisCluster.ERRORS_ALLOW_RETRY if error is not TimeoutError)
+
+        _CLUSTER_CLIENT = OneTimeoutCluster
+    return _CLUSTER_CLIENT
 
 
 def is_outage(exc: BaseException) -> bool:
