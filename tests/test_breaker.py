@@ -73,6 +73,24 @@ def test_a_probe_that_never_reports_expires_and_another_caller_probes() -> None:
     assert breaker.allow(5.0)
 
 
+def test_a_probe_is_out_for_its_lease_however_short_the_cooldown() -> None:
+    breaker = Breaker(threshold=1, base=0.5, ceiling=4.0, lease=30.0)
+    breaker.failed(0.0)
+    assert breaker.allow(1.0)  # the probe: a PING that may take its whole (long) timeout
+    assert not breaker.allow(10.0) and not breaker.allow(30.9)
+    assert breaker.allow(31.0)
+
+
+@pytest.mark.parametrize("timeout", [0.001, 0.05, 1.0, 5.0, 60.0])
+def test_a_redis_probe_outlasts_its_own_timeouts(timeout: float) -> None:
+    """A probe connects and reads, each up to LLMSHIM_REDIS_TIMEOUT: with a long timeout (a
+    distant Redis) the next probe must not start while the last one may still be waiting."""
+    from llmshim.store.redis_client import Guarded
+
+    lease = Guarded("redis://127.0.0.1:1/0", timeout).breaker.lease
+    assert lease >= 2 * timeout and lease >= 4.0
+
+
 def test_a_late_failure_from_before_the_opening_does_not_extend_the_cooldown() -> None:
     breaker = Breaker(threshold=1, base=0.5)
     breaker.failed(0.0)

@@ -13,21 +13,25 @@ is not counted: asking again costs nothing either, and Redis is used the moment 
 
 Pure: the clock is an argument, nothing here blocks, sleeps or does I/O; the caller holds a lock
 around each method. A probe whose outcome never comes back (its thread died, the process forked)
-expires after one ``ceiling``, and the next caller probes instead.
+expires after its ``lease``, and the next caller probes instead; the Redis stores make the lease
+outlast the probe's own timeouts, so that probes never pile up behind a silent Redis.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["Breaker"]
+__all__ = ["LEASE", "Breaker"]
+
+LEASE = 4.0  # seconds a probe is out, at least
 
 
 @dataclasses.dataclass
 class Breaker:
     threshold: int = 3  # failures in a row that open the breaker
     base: float = 0.5  # the first cooldown, seconds
-    ceiling: float = 4.0  # the longest cooldown (and the lease of a probe), seconds
+    ceiling: float = 4.0  # the longest cooldown, seconds
+    lease: float = LEASE  # how long a probe is out before another may go: longer than a probe can take
     slow: float = 0.005  # a failure that cost less than this does not count
     failures: int = 0
     cooldown: float = 0.0  # the current cooldown; 0 while closed
@@ -46,7 +50,7 @@ class Breaker:
             return True
         if now < self.open_until:
             return False
-        if self.probing_since is not None and now - self.probing_since < self.ceiling:
+        if self.probing_since is not None and now - self.probing_since < self.lease:
             return False  # a probe is out: everyone else keeps falling back
         self.probing_since = now
         return True

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .breaker import Breaker
+from .breaker import LEASE, Breaker
 from .redis_url import RedisTarget, join_host, parse_redis_url
 
 __all__ = ["Guarded", "RedisUnavailable", "connect", "is_outage"]
@@ -138,7 +138,8 @@ class Guarded:
                  breaker: Breaker | None = None) -> None:
         self.target = parse_redis_url(url)
         self.timeout, self.clock = timeout, clock
-        self.breaker = breaker or Breaker()
+        # A probe (a PING: connect and read, one timeout each) is never overlapped by the next one.
+        self.breaker = breaker or Breaker(lease=max(LEASE, 3 * timeout))
         self.attempts = 0  # operations that went to Redis (the breaker let them through)
         self.probe: threading.Thread | None = None  # the last background probe
         self._client: Any = None
