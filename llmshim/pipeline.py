@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
+from . import trio_calls
 from .call import Call, Reply
 from .context import in_call
 from .dialects import BodyParser
@@ -224,6 +225,8 @@ class Pipeline:
         return pipeline._held_until_end(reply)
 
     async def arun(self, call: Call, asend: AsyncHandler) -> Reply:
+        if trio_calls.running():  # asyncio's waits would fail there: the synchronous chain on a thread
+            return await trio_calls.run_on_worker(self.run, call, asend)
         pipeline = self._admit()
         if pipeline is None:
             return await _apass_through(call, asend)

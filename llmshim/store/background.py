@@ -29,6 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from .. import trio_calls
+
 __all__ = ["READERS", "Writes", "drain", "on_event_loop", "read_off_loop"]
 
 T = TypeVar("T")
@@ -37,10 +39,10 @@ log = logging.getLogger("llmshim")
 
 
 def on_event_loop() -> bool:
-    """Whether this thread is running an asyncio event loop right now (so it must not block).
-    ``_get_running_loop`` (in ``asyncio.events.__all__``) answers None where ``get_running_loop``
-    raises: no exception on every cache write of a synchronous caller."""
-    return asyncio._get_running_loop() is not None
+    """Whether this thread is running an asyncio event loop or a trio run right now (so it must
+    not block). ``_get_running_loop`` (in ``asyncio.events.__all__``) answers None where
+    ``get_running_loop`` raises: no exception on every cache write of a synchronous caller."""
+    return asyncio._get_running_loop() is not None or trio_calls.running()
 
 
 _ALL: weakref.WeakSet[Writes] = weakref.WeakSet()

@@ -1,0 +1,55 @@
+"""Async calls made under trio: the policies' synchronous twins on a worker thread.
+
+httpx, httpx2 and the SDKs built on them run under trio as well as asyncio, but llmshim's async
+policies wait on asyncio (futures woken from other threads, ``asyncio.sleep``, reader threads
+awaited through the loop): under trio they would raise in the user's call. So a call made from a
+trio task runs the whole *synchronous* chain on a trio worker thread
+(``trio.to_thread.run_sync``, which copies the task's context: ``cache_control()``, priorities),
+and only the library's own send comes back to the task's loop (``trio.from_thread.run``). Waiting
+(the rate limiter's queue, a retry's backoff, a coalesced follower) blocks that worker, never the
+loop; the response's body is read on the loop, as without llmshim.
+
+trio is never imported here: a program that has not imported it is not running it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .call import Call, Reply
+
+__all__ = ["run_on_worker", "running"]
+
+AsyncSend = Callable[[Call], Any]
+
+
+def running() -> bool:
+    """Whether this thread is running a trio task (and no asyncio loop: trio-asyncio's asyncio
+    side keeps the asyncio path)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and asyncio._get_running_loop() is not None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:  # not inside trio.run on this thread (a worker thread, or no trio run)
+        return False
+    return True
+
+
+async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], call: Call,
+                        asend: AsyncSend) -> Reply:
+    """``run(call, send)`` (a pipeline's synchronous run) on a trio worker thread, where ``send``
+    performs ``asend`` back on the caller's trio loop."""
+    trio = sys.modules["trio"]
+
+    def send(call: Call) -> Reply:
+        reply: Reply = trio.from_thread.run(asend, call)
+        return reply
+
+    reply: Reply = await trio.to_thread.run_sync(run, call, send)
+    return reply
