@@ -1,0 +1,394 @@
+"""Review of "Redis reads off the event loop": what the reader threads, the async cache path and
+the writer's order must still get right.
+
+Everything runs against a real redis-server (the ``redis_server`` fixture) and the real local LLM
+server, through real clients (httpx, httpx2, aiohttp, the async OpenAI SDK). A Redis read is held
+where a test needs one held with a ``Gate`` on ``Guarded.run`` (every Redis operation goes through
+it) that stops only reads made on llmshim's reader threads, or by freezing redis-server with
+SIGSTOP (always let go with SIGCONT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import openai
+import pytest
+from test_redis import RedisServer, redis
+
+import llmshim
+from conftest import ROOT
+from llmshim.policies.cache import CachePolicy
+from llmshim.runtime import STATE
+from llmshim.store import background
+from llmshim.store.background import Writes
+from llmshim.store.redis_client import Guarded
+from llmshim.testing import FakeLLMServer
+from llmshim.testing.server import Received
+
+pytestmark = pytest.mark.timeout(90)
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "review 22 · Слоўнік"}], "temperature": 0}
+READER_THREADS = "llmshim-store-reads"
+
+
+def _body(text: str) -> dict[str, Any]:
+    return {**BODY, "messages": [{"role": "user", "content": text}]}
+
+
+def _on_reader_thread() -> bool:
+    return threading.current_thread().name.startswith(READER_THREADS)
+
+
+class Gate:
+    """Holds Redis operations made on llmshim's reader threads once armed: ``arm(skip)`` lets
+    ``skip`` such operations through, holds the next one until ``release()``, then lets all pass."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.opened = threading.Event(), threading.Event()
+        self._armed, self._skip = False, 0
+        self._lock = threading.Lock()
+        original = Guarded.run
+
+        def run(guarded: Guarded, op: Any) -> Any:
+            if _on_reader_thread() and self._take():
+                self.reached.set()
+                assert self.opened.wait(30)
+            return original(guarded, op)
+
+        monkeypatch.setattr(Guarded, "run", run)
+
+    def _take(self) -> bool:
+        with self._lock:
+            if not self._armed:
+                return False
+            if self._skip:
+                self._skip -= 1
+                return False
+            self._armed = False
+            return True
+
+    def arm(self, skip: int = 0) -> None:
+        with self._lock:
+            self._armed, self._skip = True, skip
+
+    def release(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    held = Gate(monkeypatch)
+    try:
+        yield held
+    finally:
+        held.release()
+
+
+class HeldUpstream:
+    """A FakeLLMServer whose answers wait until ``go`` is set (``reached`` says one is waiting)."""
+
+    def __init__(self) -> None:
+        self.reached, self.go = threading.Event(), threading.Event()
+        self.server = FakeLLMServer(responder=self._respond)
+
+    def _respond(self, received: Received) -> None:
+        self.reached.set()
+        assert self.go.wait(30)
+
+
+@pytest.fixture
+def held() -> Iterator[HeldUpstream]:
+    upstream = HeldUpstream()
+    upstream.server.start()
+    try:
+        yield upstream
+    finally:
+        upstream.go.set()
+        upstream.server.stop()
+
+
+@pytest.fixture
+def frozen(redis_server: Any) -> Iterator[Callable[[bool], None]]:
+    """``frozen(True)`` stops the redis-server process, ``frozen(False)`` lets it go; always let go after."""
+    def freeze(on: bool) -> None:
+        os.kill(redis_server.proc.pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    try:
+        yield freeze
+    finally:
+        freeze(False)
+
+
+def _install(redis_url: str, tmp_path: Path, *, tiered: bool = False, **settings: Any) -> CachePolicy:
+    llmshim.install(**{"cache": "on", "cache_url": redis_url, "cache_local": tiered,
+                       "cache_path": str(tmp_path / "front.sqlite3"), "redis_timeout": "20s", **settings})
+    return next(p for p in STATE.pipeline.policies if isinstance(p, CachePolicy))
+
+
+def _guard(cache: CachePolicy) -> Guarded:
+    store: Any = cache.store
+    return (store.back if hasattr(store, "back") else store).redis  # type: ignore[no-any-return]
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll a condition another thread makes true (bounded: a missing wake-up fails, not hangs)."""
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.005)
+
+
+async def _wait_event(event: threading.Event) -> bool:
+    return await asyncio.get_running_loop().run_in_executor(None, event.wait, 20)
+
+
+def _cache_header(response: httpx.Response) -> str:
+    return response.headers.get("x-llmshim-cache", "-")
+
+
+def _redis_entries(url: str) -> int:
+    return sum(1 for _ in redis.Redis.from_url(url).scan_iter(match="llmshim:cache:[0-9a-f]*"))
+
+
+# -- flights on the async path -------------------------------------------------------------------
+@pytest.mark.parametrize("tiered", [False, True], ids=["redis", "tiered"])
+def test_identical_async_calls_and_sync_threads_make_one_upstream_call(
+        held: HeldUpstream, redis_server: Any, tmp_path: Path, tiered: bool) -> None:
+    cache = _install(redis_server.url, tmp_path, tiered=tiered)
+    base = held.server.openai_base_url
+    sync_answers: list[httpx.Response] = []
+
+    def ask_sync() -> None:
+        sync_answers.append(httpx.post(base + "/chat/completions", json=BODY, timeout=30))
+
+    try:
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                leader = asyncio.create_task(client.post("/chat/completions", json=BODY))
+                assert await _wait_event(held.reached)  # the leader is upstream: everyone else follows
+                followers = [asyncio.create_task(client.post("/chat/completions", json=BODY)) for _ in range(10)]
+                threads = [threading.Thread(target=ask_sync) for _ in range(3)]
+                for thread in threads:
+                    thread.start()
+                key = next(iter(cache.flights._flights))
+                await _until(lambda: len(cache.flights._flights[key].waiters) == 10, "ten async followers wait")
+                held.go.set()
+                answers = await asyncio.gather(leader, *followers)
+                for thread in threads:
+                    await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
+                return answers
+
+        answers = asyncio.run(main())
+    finally:
+        llmshim.uninstall()
+    everyone = answers + sync_answers
+    assert len(held.server.received) == 1
+    assert [_cache_header(a) for a in answers] == ["-"] + ["hit"] * 10
+    assert len(sync_answers) == 3 and all(_cache_header(a) == "hit" for a in sync_answers)
+    assert all(a.status_code == 200 and a.json() == answers[0].json() for a in everyone)
+    assert cache.flights.in_flight() == 0
+
+
+def test_a_follower_cancelled_during_its_lookup_after_the_landing_leaves_no_flight(
+        held: HeldUpstream, redis_server: Any, tmp_path: Path, gate: Gate) -> None:
+    cache = _install(redis_server.url, tmp_path)
+    try:
+        async def main() -> tuple[httpx.Response, str]:
+            async with httpx.AsyncClient(base_url=held.server.openai_base_url, timeout=30) as client:
+                leader = asyncio.create_task(client.post("/chat/completions", json=BODY))
+                assert await _wait_event(held.reached)
+                follower = asyncio.create_task(client.post("/chat/completions", json=BODY))
+                key = next(iter(cache.flights._flights))
+                await _until(lambda: bool(cache.flights._flights[key].waiters), "the follower waits")
+                gate.arm()  # the follower's lookup once the leader landed is held on its thread
+                held.go.set()
+                first = await leader
+                assert await _wait_event(gate.reached)
+                follower.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await follower
+                assert not gate.opened.is_set()  # it ended at once, its read still held
+                gate.release()
+                again = await client.post("/chat/completions", json=BODY)
+                return first, _cache_header(again)
+
+        first, again = asyncio.run(main())
+    finally:
+        llmshim.uninstall()
+    assert first.status_code == 200 and _cache_header(first) == "-"
+    assert again == "hit" and len(held.server.received) == 1
+    assert cache.flights.in_flight() == 0
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["redis", "tiered"])
+def test_a_leader_cancelled_during_its_second_lookup_hands_the_call_to_its_follower(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path, gate: Gate, tiered: bool) -> None:
+    cache = _install(redis_server.url, tmp_path, tiered=tiered)
+    try:
+        async def main() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+                gate.arm(skip=2)  # its salt and first lookup pass, its second ("late hit") is held
+                leader = asyncio.create_task(client.post("/chat/completions", json=BODY))
+                assert await _wait_event(gate.reached)
+                assert cache.flights.in_flight() == 1  # it leads while it looks again
+                follower = asyncio.create_task(client.post("/chat/completions", json=BODY))
+                key = next(iter(cache.flights._flights))
+                await _until(lambda: bool(cache.flights._flights[key].waiters), "the follower waits")
+                leader.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await leader
+                answer = await follower  # woken by the cancelled leader's landing: it leads now
+                gate.release()
+                return answer
+
+        answer = asyncio.run(main())
+        assert cache.writes.idle(10)
+    finally:
+        llmshim.uninstall()
+    assert answer.status_code == 200 and answer.json()["choices"] and _cache_header(answer) == "-"
+    assert len(server.received) == 1 and cache.flights.in_flight() == 0
+    assert _redis_entries(redis_server.url) == 1
+
+
+# -- modes and controls: the async path answers as the sync path ---------------------------------
+def _ask(kind: str, base: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+         mode: str | None = None) -> tuple[int, str]:
+    """One call, sync or async, optionally in a ``cache_control(mode)`` block: (status, cache header)."""
+    def sync() -> httpx.Response:
+        return httpx.post(base + "/chat/completions", json=body, headers=headers, timeout=30)
+
+    async def in_task() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            return await client.post("/chat/completions", json=body, headers=headers)
+
+    with llmshim.cache_control(mode) if mode else _nothing():
+        answer = sync() if kind == "sync" else asyncio.run(in_task())
+    return answer.status_code, _cache_header(answer)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+#: (setting, request header, cache_control mode, stored?) -> (status, x-llmshim-cache, went upstream)
+MODE_CASES = [
+    ("on", None, None, True, (200, "hit", False)),
+    ("on", None, None, False, (200, "-", True)),
+    ("replay", None, None, True, (200, "hit", False)),
+    ("replay", None, None, False, (504, "miss", False)),
+    ("readonly", None, None, True, (200, "hit", False)),
+    ("readonly", None, None, False, (200, "-", True)),
+    ("refresh", None, None, True, (200, "-", True)),
+    ("on", None, "off", True, (200, "-", True)),
+    ("on", None, "replay", False, (504, "miss", False)),
+    ("on", "only-if-cached", None, False, (504, "miss", False)),
+    ("on", "only-if-cached", None, True, (200, "hit", False)),
+    ("on", "refresh", None, True, (200, "-", True)),
+    ("on", "no-store", None, False, (200, "-", True)),
+]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(("setting", "header", "control", "stored", "expected"), MODE_CASES)
+def test_modes_headers_and_controls_answer_alike_sync_and_async_on_redis(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path, kind: str, setting: str, header: str | None,
+        control: str | None, stored: bool, expected: tuple[int, str, bool]) -> None:
+    if stored:
+        cache = _install(redis_server.url, tmp_path)
+        try:
+            assert _ask("sync", server.openai_base_url, BODY) == (200, "-")
+            assert cache.writes.idle(10)
+        finally:
+            llmshim.uninstall()
+    entries = _redis_entries(redis_server.url)
+    server.reset()
+    cache = _install(redis_server.url, tmp_path, cache=setting)
+    try:
+        status, answer = _ask(kind, server.openai_base_url, BODY,
+                              {"x-llmshim-cache": header} if header else None, control)
+        assert cache.writes.idle(10)
+        stored_now = _redis_entries(redis_server.url)
+    finally:
+        llmshim.uninstall()
+    assert (status, answer, len(server.received) == 1) == expected
+    assert len(server.received) <= 1 and cache.flights.in_flight() == 0
+    stores = expected[2] and setting in ("on", "refresh") and header != "no-store" and control != "off"
+    assert stored_now == (1 if stored or stores else entries)
+
+
+# -- the salt: Redis away at the first async call, then back ---------------------------------------
+def test_a_redis_away_at_the_first_async_call_is_used_once_it_is_back(
+        server: FakeLLMServer, tmp_path: Path) -> None:
+    later = RedisServer(tmp_path)  # its port is free and closed until it starts
+    cache = _install(later.url, tmp_path)
+    try:
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+        assert llmshim.stats()["store_errors"] >= 2  # the salt was asked for again, and failed again
+        later.start()
+        try:
+            assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+            assert cache.writes.idle(10)
+            assert _ask("async", server.openai_base_url, BODY) == (200, "hit")
+        finally:
+            later.stop()
+    finally:
+        llmshim.uninstall()
+    assert len(server.received) == 3
+
+
+def test_with_the_breaker_open_async_calls_answer_uncached_then_use_redis_after_the_probe(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path) -> None:
+    cache = _install(redis_server.url, tmp_path)
+    guard = _guard(cache)
+    try:
+        with guard._lock:
+            for _ in range(guard.breaker.threshold):
+                guard.breaker.failed(guard.clock())
+        assert guard.breaker.state(guard.clock()) == "open"
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+        assert llmshim.stats()["store_errors"] >= 1
+        with guard._lock:
+            guard.breaker.open_until = guard.clock() - 1  # the cooldown is over
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")  # this call sends the probe
+        assert guard.probe is not None
+        guard.probe.join(20)
+        assert guard.breaker.state(guard.clock()) == "closed"
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+        assert cache.writes.idle(10)
+        assert _ask("async", server.openai_base_url, BODY) == (200, "hit")
+    finally:
+        llmshim.uninstall()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("why", ["cache_control off", "non-deterministic"])
+def test_a_call_the_cache_does_not_serve_does_not_ask_a_redis_that_is_away(
+        server: FakeLLMServer, tmp_path: Path, kind: str, why: str) -> None:
+    """As a synchronous call: no salt read, no store error, for a call the plan keeps off the cache."""
+    away = RedisServer(tmp_path)
+    _install(away.url, tmp_path, cache_nondeterministic="skip")
+    try:
+        body = {**BODY, "temperature": 1.0} if why == "non-deterministic" else BODY
+        assert _ask(kind, server.openai_base_url, body, mode="off" if why == "cache_control off" else None) == (
+            200, "-")
+    finally:
+        llmshim.uninstall()
+    assert llmshim.stats()["store_errors"] == 0 and llmshim.stats()["cache_errors"] == 0
