@@ -392,3 +392,119 @@ def test_a_call_the_cache_does_not_serve_does_not_ask_a_redis_that_is_away(
     finally:
         llmshim.uninstall()
     assert llmshim.stats()["store_errors"] == 0 and llmshim.stats()["cache_errors"] == 0
+
+
+# -- reads in flight when the program ends, or forks -----------------------------------------------
+_PROGRAM = """
+import asyncio, os, signal, sys, threading, time, httpx, llmshim
+from llmshim.store.redis_client import Guarded
+REDIS, BASE, REDIS_PID, HOW = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+llmshim.install(cache="on", cache_url=REDIS, cache_path=sys.argv[5])
+BODY = {body!r}
+def body(text):
+    return {{**BODY, "messages": [{{"role": "user", "content": text}}]}}
+async def ask(text):
+    async with httpx.AsyncClient(base_url=BASE, timeout=60) as client:
+        return (await client.post("/chat/completions", json=body(text))).headers.get("x-llmshim-cache", "-")
+print(asyncio.run(ask("warm")), asyncio.run(ask("warm")), flush=True)  # the salt known, a hit
+reading, queued = threading.Event(), threading.Event()
+original = Guarded.run
+def run(guarded, op):
+    if threading.current_thread().name.startswith("llmshim-store-reads"):
+        reading.set()
+    return original(guarded, op)
+Guarded.run = run
+async def many(n):
+    tasks = [asyncio.create_task(ask(str(i))) for i in range(n)]
+    await asyncio.get_running_loop().run_in_executor(None, reading.wait, 20)
+    await asyncio.sleep(0)  # every task has asked for its read: 8 running, the rest queued
+    queued.set()
+    await asyncio.gather(*tasks)
+os.kill(REDIS_PID, signal.SIGSTOP)
+if HOW == "fork":
+    threading.Thread(target=asyncio.run, args=(many(1),), daemon=True).start()
+    assert reading.wait(20)
+    pid = os.fork()
+    if pid == 0:  # the parent's reader thread, mid-read, is not here: this child reads on its own
+        os._exit(0 if asyncio.run(ask("warm")) == "hit" else 3)
+    os.kill(REDIS_PID, signal.SIGCONT)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status), flush=True)
+elif HOW == "loop in a daemon thread":
+    threading.Thread(target=asyncio.run, args=(many(100),), daemon=True).start()
+    assert queued.wait(20)
+else:  # asyncio.run ends (cancelling its tasks) while reads are in flight
+    async def main():
+        tasks = [asyncio.create_task(ask(str(i))) for i in range(20)]
+        await asyncio.get_running_loop().run_in_executor(None, reading.wait, 20)
+    asyncio.run(main())
+print("exiting", time.monotonic(), flush=True)
+"""
+
+
+def _run_program(how: str, server: FakeLLMServer, redis_server: Any, tmp_path: Path, timeout: str) -> tuple[
+        list[str], float]:
+    """The program's output lines, and how long it took to exit after its last line."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMSHIM_")},
+           "PYTHONPATH": str(ROOT), "LLMSHIM_REDIS_TIMEOUT": timeout}
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRAM.format(body=BODY), redis_server.url,
+                             server.openai_base_url, str(redis_server.proc.pid), how, str(tmp_path / "p.sqlite3")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=150)
+        ended = time.monotonic()
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = out.split("\n")
+    said = float(next(line for line in lines if line.startswith("exiting")).split()[1])
+    return lines, ended - said
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize("how", ["asyncio.run ends", "loop in a daemon thread"])
+def test_a_program_ends_without_waiting_for_reads_of_a_frozen_redis(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path, how: str) -> None:
+    """The reads in flight (and queued) at exit would each wait for ``LLMSHIM_REDIS_TIMEOUT`` (30 s
+    here); the program ends long before one timeout (the bound is half of it, for a loaded machine)."""
+    lines, exit_took = _run_program(how, server, redis_server, tmp_path, "30s")
+    assert lines[0] == "- hit"
+    assert exit_took < 15, f"the interpreter waited {exit_took:.1f} s for reads at exit"
+
+
+def test_a_child_forked_while_a_reader_thread_is_mid_read_reads_on_threads_of_its_own(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path) -> None:
+    lines, _ = _run_program("fork", server, redis_server, tmp_path, "20s")
+    assert lines[0] == "- hit" and "child 0" in lines
+
+
+def test_a_read_runs_in_the_context_of_the_task_that_awaits_it(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the sync path (and ``asyncio.to_thread``): the OpenTelemetry span current in the task
+    is current around its Redis read, so a Redis instrumentation nests its span under the caller's."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    seen: list[Any] = []
+    original = Guarded.run
+
+    def run(guarded: Guarded, op: Any) -> Any:
+        if _on_reader_thread():
+            seen.append(trace.get_current_span().get_span_context())
+        return original(guarded, op)
+
+    monkeypatch.setattr(Guarded, "run", run)
+    tracer = TracerProvider().get_tracer("review22")
+    _install(redis_server.url, tmp_path)
+    try:
+        async def main() -> Any:
+            with tracer.start_as_current_span("the program's request") as span:
+                async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+                    assert (await client.post("/chat/completions", json=BODY)).status_code == 200
+                return span.get_span_context()
+
+        parent = asyncio.run(main())
+    finally:
+        llmshim.uninstall()
+    assert len(seen) >= 2 and all(context == parent for context in seen)  # the salt, the lookups
