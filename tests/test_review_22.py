@@ -11,6 +11,7 @@ SIGSTOP (always let go with SIGCONT).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -508,3 +509,170 @@ def test_a_read_runs_in_the_context_of_the_task_that_awaits_it(
     finally:
         llmshim.uninstall()
     assert len(seen) >= 2 and all(context == parent for context in seen)  # the salt, the lookups
+
+
+# -- the writer's order, bound and fork ------------------------------------------------------------
+def _queue_from_a_loop(writes: Writes, fn: Callable[[], None]) -> bool:
+    async def on_a_loop() -> bool:
+        return writes.run(fn)
+
+    return asyncio.run(on_a_loop())
+
+
+def test_writes_made_by_threads_and_a_loop_at_once_keep_each_ones_order() -> None:
+    writes, done = Writes(limit=10_000), []
+    lock = threading.Lock()
+
+    def write(source: str, n: int) -> Callable[[], None]:
+        def fn() -> None:
+            with lock:
+                done.append((source, n))
+        return fn
+
+    def plain(source: str) -> None:
+        for n in range(200):
+            assert writes.run(write(source, n))
+
+    async def loop_writes() -> None:
+        for n in range(200):
+            assert writes.run(write("loop", n))
+            if n % 10 == 0:
+                await asyncio.sleep(0)
+
+    threads = [threading.Thread(target=plain, args=(f"thread{i}",)) for i in range(4)]
+    threads.append(threading.Thread(target=asyncio.run, args=(loop_writes(),)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert writes.idle(10) and background.drain(10)
+    assert len(done) == 1000 and writes.dropped == 0
+    for source in {s for s, _ in done}:
+        assert [n for s, n in done if s == source] == list(range(200)), source
+
+
+class _LookedAt:
+    """Marks when the watched thread reads ``Writes._busy`` or ``Writes._queue`` (in whichever order
+    ``run`` reads them), and holds the worker's taking of a job until that thread has looked."""
+
+    def __init__(self) -> None:
+        self.thread: int | None = None  # the watched thread, once it writes
+        self.hold_worker = False
+        self.looked, self.a_started = threading.Event(), threading.Event()
+
+
+def test_a_plain_threads_write_never_overtakes_the_queued_one_the_worker_is_taking() -> None:
+    """The worker marks itself busy, then takes the job: ``run`` must read the queue before ``busy``
+    (else it can see "not busy" just before the worker marks it and "queue empty" just after it
+    took the job, and run its write inline, before the queued one). Forced here step by step."""
+    watch = _LookedAt()
+
+    class Queue(collections.deque):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            length = super().__len__()
+            if threading.get_ident() == watch.thread:
+                watch.looked.set()
+            return length
+
+    class Watched(Writes):
+        @property  # type: ignore[override]
+        def _busy(self) -> bool:
+            value = self.__dict__["busy"]
+            if threading.get_ident() == watch.thread:
+                watch.looked.set()
+                assert watch.a_started.wait(10)  # the worker takes the job meanwhile
+            return value  # type: ignore[no-any-return]
+
+        @_busy.setter
+        def _busy(self, value: bool) -> None:
+            if value and watch.hold_worker:
+                assert watch.looked.wait(10)  # the worker takes a job only once the writer has looked
+            self.__dict__["busy"] = value
+
+    writes, order, release = Watched(), [], threading.Event()
+    writes._queue = Queue()
+
+    def a() -> None:
+        watch.a_started.set()
+        assert release.wait(10)
+        order.append("a")
+
+    watch.hold_worker = True
+    assert _queue_from_a_loop(writes, a)  # queued; the worker waits to take it
+    watch.thread = threading.get_ident()
+    assert writes.run(lambda: order.append("b"))
+    release.set()
+    assert writes.idle(10)
+    assert order == ["a", "b"]
+
+
+def test_the_queue_bound_drops_and_counts_writes_from_a_loop_and_from_threads_behind_it() -> None:
+    writes, ran, release, started = Writes(limit=2), [], threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        assert release.wait(10)
+
+    assert _queue_from_a_loop(writes, blocker)
+    assert started.wait(10)  # the worker runs it: the queue is empty again
+    assert _queue_from_a_loop(writes, lambda: ran.append(1))
+    assert writes.run(lambda: ran.append(2))  # a plain thread's write, behind them, is queued too
+    assert not _queue_from_a_loop(writes, lambda: ran.append(3))
+    assert not writes.run(lambda: ran.append(4))
+    assert writes.dropped == 2
+    assert not background.drain(0.05)  # the blocker still runs: not settled
+    release.set()
+    assert writes.idle(10) and background.drain(10)
+    assert ran == [1, 2]
+
+
+def test_uninstall_closes_the_store_even_behind_a_full_write_queue(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path) -> None:
+    """The close is the one write that is never dropped: else the retired store's Redis
+    connections (and a SQLite front's pending counters) stay open until the program ends."""
+    cache = _install(redis_server.url, tmp_path)
+    guard = _guard(cache)
+    release, started = threading.Event(), threading.Event()
+    try:
+        assert _ask("async", server.openai_base_url, BODY) == (200, "-")
+        assert cache.writes.idle(10) and guard._client is not None
+
+        def blocker() -> None:
+            started.set()
+            assert release.wait(10)
+
+        assert _queue_from_a_loop(cache.writes, blocker) and started.wait(10)
+        while cache.writes.run(lambda: None):  # fill the queue to its bound
+            pass
+    finally:
+        llmshim.uninstall()
+        release.set()
+    assert cache.writes.idle(10)
+    assert guard._client is None
+
+
+def test_a_child_forked_while_the_writer_is_busy_writes_on_its_own(tmp_path: Path) -> None:
+    script = """
+import asyncio, os, threading
+from llmshim.store.background import Writes
+writes, release, started = Writes(), threading.Event(), threading.Event()
+async def queue(fn):
+    return writes.run(fn)
+def blocker():
+    started.set(); release.wait(30)
+asyncio.run(queue(blocker)); started.wait(10)
+asyncio.run(queue(lambda: None))  # pending behind the blocker
+pid = os.fork()
+if pid == 0:
+    done = []
+    writes.run(lambda: done.append("inline"))  # nothing pending here: it runs now
+    asyncio.run(queue(lambda: done.append("queued")))
+    os._exit(0 if writes.idle(10) and done == ["inline", "queued"] else 3)
+_, status = os.waitpid(pid, 0)
+release.set()
+print(os.waitstatus_to_exitcode(status), writes.idle(10))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]

@@ -118,7 +118,7 @@ class CachePolicy:
             with contextlib.suppress(Exception):
                 self.store.close()
 
-        self.writes.run(close)
+        self.writes.run(close, droppable=False)  # else the connections stay open behind a full queue
 
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:

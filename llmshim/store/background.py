@@ -64,18 +64,22 @@ class Writes:
             atexit.register(drain)
         _ALL.add(self)
 
-    def run(self, fn: Callable[[], None]) -> bool:
+    def run(self, fn: Callable[[], None], *, droppable: bool = True) -> bool:
         """Run ``fn`` now, or queue it when this thread runs an event loop, or when writes queued
         before it have not all run: then it runs after them, in order (the close after the
-        counters an event loop queued, not under them). False: dropped (full)."""
-        if not (on_event_loop() or self._busy or self._queue):  # the worker marks busy before it pops
+        counters an event loop queued, not under them). False: dropped (full); a write that is
+        not ``droppable`` (the close) is queued beyond the bound."""
+        # Read without the lock, the queue first: the worker marks itself busy before it takes a
+        # write, so an empty queue then "not busy" means every queued write has run (read the
+        # other way round, "not busy" then "empty" can straddle the taking of the last one).
+        if not (on_event_loop() or self._queue or self._busy):
             fn()
             return True
-        return self.submit(fn)
+        return self.submit(fn, droppable=droppable)
 
-    def submit(self, fn: Callable[[], None]) -> bool:
+    def submit(self, fn: Callable[[], None], *, droppable: bool = True) -> bool:
         with self._cond:
-            if len(self._queue) >= self.limit:
+            if droppable and len(self._queue) >= self.limit:
                 self.dropped += 1
                 return False
             self._queue.append(fn)
