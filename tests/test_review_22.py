@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import signal
 import subprocess
@@ -676,3 +675,94 @@ print(os.waitstatus_to_exitcode(status), writes.idle(10))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "True"]
+
+
+# -- many tasks on a frozen Redis ------------------------------------------------------------------
+@pytest.mark.parametrize("uninstall_midway", [False, True], ids=["installed", "uninstalled mid-way"])
+def test_two_hundred_tasks_on_a_frozen_redis_all_answer_on_at_most_eight_reader_threads(
+        server: FakeLLMServer, redis_server: Any, frozen: Callable[[bool], None], tmp_path: Path,
+        gate: Gate, uninstall_midway: bool) -> None:
+    """Redis stops answering while 200 distinct calls look up: each read waits at most the timeout
+    (300 ms), the breaker then refuses the queued ones at once (few reach Redis at all), every call
+    answers from upstream, and ``uninstall()`` in the middle of it all breaks nothing."""
+    cache = _install(redis_server.url, tmp_path, redis_timeout="300ms")
+    guard = _guard(cache)
+    try:
+        assert _ask("async", server.openai_base_url, _body("warm")) == (200, "-")  # the salt is known
+        assert cache.writes.idle(10)
+        attempts_before = guard.attempts
+        readers: set[str] = set()
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=60,
+                                         limits=httpx.Limits(max_connections=20)) as client:
+                frozen(True)
+                gate.arm()
+                tasks = [asyncio.create_task(client.post("/chat/completions", json=_body(f"q{i}")))
+                         for i in range(200)]
+                assert await _wait_event(gate.reached)  # one read is held; its peers queue behind it
+                await asyncio.sleep(0)
+                readers.update(t.name for t in threading.enumerate() if t.name.startswith(READER_THREADS))
+                if uninstall_midway:
+                    await asyncio.get_running_loop().run_in_executor(None, llmshim.uninstall)
+                gate.release()
+                answers = await asyncio.gather(*tasks)
+                readers.update(t.name for t in threading.enumerate() if t.name.startswith(READER_THREADS))
+                frozen(False)
+                return answers
+
+        answers = asyncio.run(main())
+    finally:
+        frozen(False)
+        llmshim.uninstall()
+    assert [a.status_code for a in answers] == [200] * 200
+    assert all(a.json()["choices"] and _cache_header(a) == "-" for a in answers)
+    assert 1 <= len(readers) <= 8
+    assert guard.attempts - attempts_before < 40  # not one timeout per queued read
+    assert cache.flights.in_flight() == 0
+    assert llmshim.stats()["store_errors"] >= 1
+
+
+# -- other async clients with the Redis cache ------------------------------------------------------
+async def _aiohttp_call(base: str) -> tuple[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(base + "/chat/completions", json=BODY) as answer:
+        return answer.headers.get("x-llmshim-cache", "-"), await answer.json()
+
+
+async def _openai_call(base: str) -> tuple[str, Any]:
+    async with openai.AsyncOpenAI(base_url=base, api_key="sk-review", max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(**BODY)
+        return raw.headers.get("x-llmshim-cache", "-"), raw.parse().model_dump()
+
+
+async def _openai_stream(base: str) -> tuple[str, Any]:
+    async with openai.AsyncOpenAI(base_url=base, api_key="sk-review", max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(**BODY, stream=True)
+        chunks = [chunk.model_dump() async for chunk in raw.parse()]
+        return raw.headers.get("x-llmshim-cache", "-"), [c["choices"] for c in chunks]
+
+
+async def _httpx2_call(base: str) -> tuple[str, Any]:
+    httpx2 = pytest.importorskip("httpx2")
+    async with httpx2.AsyncClient(base_url=base, timeout=30) as client:
+        answer = await client.post("/chat/completions", json=BODY)
+        return answer.headers.get("x-llmshim-cache", "-"), answer.json()
+
+
+CLIENTS: dict[str, Callable[[str], Awaitable[tuple[str, Any]]]] = {
+    "aiohttp": _aiohttp_call, "openai": _openai_call, "openai-stream": _openai_stream, "httpx2": _httpx2_call}
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["redis", "tiered"])
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_other_async_clients_miss_then_hit_the_redis_cache(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path, client: str, tiered: bool) -> None:
+    cache = _install(redis_server.url, tmp_path, tiered=tiered)
+    try:
+        first = asyncio.run(CLIENTS[client](server.openai_base_url))
+        assert cache.writes.idle(10)
+        second = asyncio.run(CLIENTS[client](server.openai_base_url))
+    finally:
+        llmshim.uninstall()
+    assert first[0] == "-" and second[0] == "hit"
+    assert first[1] == second[1] and len(server.received) == 1 and _redis_entries(redis_server.url) == 1
