@@ -118,7 +118,7 @@ class CachePolicy:
             with contextlib.suppress(Exception):
                 self.store.close()
 
-        self.writes.run(close)
+        self.writes.run(close, droppable=False)  # else the connections stay open behind a full queue
 
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -245,9 +245,12 @@ class CachePolicy:
         reply.tap.subscribe(Recorder(call, reply.tap, self.max_entry_bytes, finish))
 
     # -- the seam --------------------------------------------------------------------------------
+    def _plan(self, call: Call) -> Plan:
+        return plan(call, self.mode, self.ttl, self.nondeterministic, current_cache_control())
+
     def _decide(self, call: Call) -> tuple[Plan, str | None]:
         """The plan, and the key when the plan looks up or stores (None: neither, or no key)."""
-        decided = plan(call, self.mode, self.ttl, self.nondeterministic, current_cache_control())
+        decided = self._plan(call)
         if not (decided.lookup or decided.store):
             return decided, None
         return decided, self._key(call)
@@ -328,9 +331,10 @@ class CachePolicy:
         return True
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
-        if not await self._salt_off_loop():
+        decided = self._plan(call)  # a call the cache does not serve never asks the store, as in ``handle``
+        if not (decided.lookup or decided.store) or not await self._salt_off_loop():
             return await anext(call)
-        decided, key = self._decide(call)
+        key = self._key(call)
         answer = self._answer(call, decided, key,
                               await self._alookup(key) if key is not None and decided.lookup else None)
         if answer is not None:
