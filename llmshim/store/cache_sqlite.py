@@ -37,6 +37,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from .base import UNREADABLE, Defer, Entry
+from .decoded import Decoded
 from .entry_text import description, headers_of
 from .sqlite_files import Connections
 
@@ -100,7 +101,8 @@ def _flush_all_at_exit() -> None:
 atexit.register(_flush_all_at_exit)  # once per process, not once per store: stores come and go with installs
 
 
-_GET = "SELECT status, headers, body, created_at, expires_at, meta, last_access FROM entries WHERE key = ?"
+_GET = "SELECT status, headers, body, created_at, expires_at, meta, last_access, size FROM entries WHERE key = ?"
+_PEEK = "SELECT created_at, expires_at, last_access, size FROM entries WHERE key = ?"  # the stamp (decoded.py)
 
 
 def _now(fn: Callable[[], None]) -> None:
@@ -119,6 +121,7 @@ class SQLiteStore:
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
         self._flushed_at = time.monotonic()
         self._salt: bytes | None = None
+        self._decoded = Decoded()  # entries decoded lately: a hot key's hit skips decoding
         own = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(default_path()))
         self._connections = Connections(path, self._set_up, own_directory=own, busy_timeout_ms=busy_timeout_ms)
         _OPEN_STORES.add(self)
@@ -196,27 +199,40 @@ class SQLiteStore:
         The hit path: one primary-key read on this thread's connection (``enter``/``leave``, no
         context manager), the headers decoded, of the description only its last fields
         (``Entry.stored``). A row that does not decode raises ValueError: the cache's miss."""
-        connections = self._connections
+        connections, kept = self._connections, self._decoded.get(key)
         slot = connections.enter()
         try:
-            row = slot.conn.execute(_GET, (key,)).fetchone()
+            if kept is not None:  # decoded lately: its stamp is all there is to read
+                peek = slot.conn.execute(_PEEK, (key,)).fetchone()
+                if peek is None:
+                    return None
+                if (peek[0], peek[3]) != kept[0]:  # written again since: read it whole
+                    kept = None
+            row = None if kept is not None else slot.conn.execute(_GET, (key,)).fetchone()
         finally:
             connections.leave(slot)
-        if row is None:
+        if kept is not None:
+            created_at, expires_at, last_access, _ = peek
+            entry = kept[1]
+        elif row is None:
             return None
-        status, headers, body, created_at, expires_at, meta, last_access = row
+        else:
+            status, headers, body, created_at, expires_at, meta, last_access, size = row
         if expires_at is not None and expires_at <= now:
             return None
         if now - last_access >= TOUCH_INTERVAL and not connections.read_only:
             (defer or _now)(lambda: self._touch(key, now))
-        return Entry.stored(key, int(status), headers_of(headers), bytes(body), created_at,
-                            expires_at, meta)
+        if kept is None:
+            entry = Entry.stored(key, int(status), headers_of(headers), bytes(body), created_at, expires_at, meta)
+            self._decoded.keep((created_at, size), entry)
+        return entry
 
     def _touch(self, key: str, now: float) -> None:
         with suppress(sqlite3.Error, OSError), self._write() as conn:  # advisory: a busy file keeps its hit
             conn.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
 
     def put(self, entry: Entry, now: float) -> None:
+        self._decoded.forget(entry.key)
         headers = json.dumps(entry.headers)
         meta = json.dumps(entry.meta, default=str)
         size = len(entry.body) + len(headers) + len(meta) + len(entry.key)
@@ -314,6 +330,7 @@ class SQLiteStore:
         with self._write() as conn:
             removed = int(conn.execute("DELETE FROM entries").rowcount)
             conn.execute("UPDATE totals SET hits = 0, misses = 0, tokens_saved = 0 WHERE id = 1")
+        self._decoded.clear()  # their rows are gone: the memory goes too
         return removed
 
 

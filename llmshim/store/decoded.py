@@ -1,0 +1,62 @@
+"""Entries this process decoded lately, so that a hit on a hot key skips the decoding.
+
+A hit on SQLite reads the whole row (status, headers, body, description) and decodes the headers
+and the answer's outcome from JSON: two thirds of a lookup's cost. An entry decoded once is kept
+here with its *stamp* (``created_at`` and ``size``, which every write of the row sets anew); the
+next lookup of the key reads only the row's small columns, and when the stamp is unchanged the
+entry kept here is the row's decoding. A row written again (by any process: ``refresh``, another
+host's answer), deleted, evicted or expired is caught by that read: the row is read whole again.
+(This process forgets a key it writes itself; another process writing an answer of the very same
+size within the same tick of ``time.time()``, 100 ns or finer, is the one case not told apart.)
+
+Bounded by entries and by body bytes (oldest dropped first); an entry above ``max_entry_bytes``
+is not kept. Entries are never changed after decoding, so one may serve many calls at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from .base import Entry
+
+__all__ = ["Decoded", "Stamp"]
+
+Stamp = tuple[float, int]  # (created_at, size) of the row the entry was decoded from
+
+
+class Decoded:
+    def __init__(self, max_entries: int = 256, max_bytes: int = 8 * 2**20, max_entry_bytes: int = 2**20) -> None:
+        self.max_entries, self.max_bytes, self.max_entry_bytes = max_entries, max_bytes, max_entry_bytes
+        self._entries: OrderedDict[str, tuple[Stamp, Entry]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[Stamp, Entry] | None:
+        return self._entries.get(key)
+
+    def keep(self, stamp: Stamp, entry: Entry) -> None:
+        size = len(entry.body)
+        if size > self.max_entry_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(entry.key, None)
+            if old is not None:
+                self._bytes -= len(old[1].body)
+            self._entries[entry.key] = (stamp, entry)
+            self._bytes += size
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= len(dropped.body)
+
+    def forget(self, key: str) -> None:
+        """This process writes the key's row anew (possibly within one tick of the clock)."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1].body)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
