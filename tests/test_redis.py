@@ -211,3 +211,32 @@ def test_an_entry_stored_again_without_a_ttl_keeps_no_expiry_of_the_old_one(redi
     found = store.get(key, 5.0)
     assert found is not None and (found.body, found.headers, found.expires_at) == (b"new", [("a", "2")], None)
     store.close()
+
+
+def test_a_redis_user_refused_scripts_still_gets_the_cache_written(redis_server: RedisServer,
+                                                                  server: FakeLLMServer, tmp_path: Path) -> None:
+    """An ACL without ``@scripting`` (NOPERM on EVALSHA): entries and counters are written as a
+    MULTI transaction instead, and the cache answers as it does for any user."""
+    import llmshim
+
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "llm", "on", ">s3cret-pw", "~*", "&*", "+@all", "-@scripting")
+    url = f"redis://llm:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis.from_url(url).eval("return 1", 0)
+    llmshim.install(cache="on", cache_url=url, cache_path=str(tmp_path / "c.sqlite3"), redis_timeout="10s")
+    try:
+        import requests
+
+        body = {"model": "m", "messages": [{"role": "user", "content": "ACL"}], "temperature": 0}
+        answers = [requests.post(server.openai_base_url + "/chat/completions", json=body, timeout=10)
+                   for _ in range(3)]
+        assert [a.headers.get("x-llmshim-cache") for a in answers] == [None, "hit", "hit"]
+        assert len({a.text for a in answers}) == 1
+        assert llmshim.stats()["store_errors"] == 0
+    finally:
+        llmshim.uninstall()
+    totals = admin.hgetall("llmshim:cache:totals")
+    assert (int(totals[b"hits"]), int(totals[b"misses"])) == (2, 1)
+    names = [n for n in admin.keys("llmshim:cache:*") if n not in (b"llmshim:cache:totals", b"llmshim:cache:salt")]
+    assert len(names) == 1 and admin.pttl(names[0]) == -1  # no TTL asked: none set

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -28,7 +29,8 @@ __all__ = ["RedisCacheStore", "TieredStore"]
 
 # Each write is one command (a script naming one key: one Cluster slot, atomic), not a pipeline:
 # redis-py's Cluster pipelines send a timed-out batch again (a counter flush to a frozen master took
-# five timeouts), while one command that times out is not sent again (``redis_client``).
+# five timeouts), while one command that times out is not sent again (``redis_client``). A Redis
+# user whose ACL refuses scripts gets the same writes as a MULTI transaction (``_write``).
 _PUT = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 if ARGV[1] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIREAT', KEYS[1], ARGV[1]) end
@@ -79,19 +81,54 @@ class RedisCacheStore:
         return Entry(key, int(row[b"status"]), [tuple(h) for h in json.loads(row[b"headers"])], bytes(row[b"body"]),
                      float(row[b"created_at"]), expires_at, json.loads(row[b"meta"]))
 
+    _scripts_refused = False  # the Redis user may not run scripts (an ACL without @scripting)
+
+    def _write(self, script: str, name: str, args: list[Any], commands: Callable[[Any], None]) -> None:
+        """``script`` on ``name`` (one command); where scripts are refused (NOPERM), ``commands``
+        on a MULTI transaction of the one key instead, from then on."""
+        if not self._scripts_refused:
+            from redis.exceptions import NoPermissionError
+
+            try:
+                self.redis.run(lambda client: self.redis.script(script)(keys=[name], args=args))
+                return
+            except NoPermissionError:
+                self._scripts_refused = True
+
+        def transaction(client: Any) -> None:
+            pipe = client.pipeline(transaction=True)  # one key: one slot, so MULTI works on a Cluster too
+            commands(pipe)
+            pipe.execute()
+
+        self.redis.run(transaction)
+
     def put(self, entry: Entry, now: float) -> None:
+        name = self.prefix + entry.key
         fields = ("status", entry.status, "headers", json.dumps(entry.headers), "body", entry.body,
                   "created_at", entry.created_at, "expires_at", entry.expires_at or "",
                   "meta", json.dumps(entry.meta, default=str))
         expires_ms = int(entry.expires_at * 1000) if entry.expires_at is not None else ""
-        self.redis.run(lambda client: self.redis.script(_PUT)(keys=[self.prefix + entry.key],
-                                                              args=[expires_ms, *fields]))
+
+        def commands(pipe: Any) -> None:
+            pipe.hset(name, mapping=dict(zip(fields[::2], fields[1::2], strict=True)))
+            if expires_ms == "":
+                pipe.persist(name)
+            else:
+                pipe.pexpireat(name, expires_ms)
+
+        self._write(_PUT, name, [expires_ms, *fields], commands)
 
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
-        counts = [part for field, value in (("hits", hits), ("misses", misses), ("tokens_saved", tokens_saved))
-                  if value for part in (field, value)]
+        counts = [(field, value) for field, value in (("hits", hits), ("misses", misses),
+                                                       ("tokens_saved", tokens_saved)) if value]
         if counts:
-            self.redis.run(lambda client: self.redis.script(_NOTE)(keys=[self.prefix + "totals"], args=counts))
+            name = self.prefix + "totals"
+
+            def commands(pipe: Any) -> None:
+                for field, value in counts:
+                    pipe.hincrby(name, field, value)
+
+            self._write(_NOTE, name, [part for pair in counts for part in pair], commands)
 
     def stats(self) -> dict[str, Any]:
         totals = {k.decode(): int(v) for k, v in self.redis.run(
