@@ -26,7 +26,7 @@ Stamp = tuple[float, int]  # (created_at, size) of the row the entry was decoded
 
 
 class Decoded:
-    def __init__(self, max_entries: int = 256, max_bytes: int = 8 * 2**20, max_entry_bytes: int = 2**20) -> None:
+    def __init__(self, max_entries: int = 2048, max_bytes: int = 8 * 2**20, max_entry_bytes: int = 2**20) -> None:
         self.max_entries, self.max_bytes, self.max_entry_bytes = max_entries, max_bytes, max_entry_bytes
         self._entries: OrderedDict[str, tuple[Stamp, Entry]] = OrderedDict()
         self._bytes = 0
