@@ -1,0 +1,142 @@
+"""Review 23: trio calls (``trio_calls.py``) and decoded SQLite entries (``store/decoded.py``), attacked.
+
+Each test names what it breaks and asserts the behaviour a user relies on, over real sockets to
+FakeLLMServer and real SQLite files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmshim
+from llmshim.policies.ratelimit import RateLimitPolicy
+from llmshim.runtime import STATE
+from llmshim.testing import FakeLLMServer
+from llmshim.testing.responses import Answer
+
+trio = pytest.importorskip("trio")
+httpx = pytest.importorskip("httpx")
+
+
+def body(question: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": stream}
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    def install(**settings: str) -> Any:
+        llmshim.install(cache_path=str(tmp_path / "c.sqlite3"), **settings)
+        return STATE.pipeline
+
+    yield install
+    llmshim.uninstall()
+
+
+def _limiter() -> Any:
+    return next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
+
+
+# -- trio: llmshim's worker threads are not trio's default thread limiter's ------------------------
+
+class _Gate:
+    """A responder that answers only once ``n`` requests are inside the server at the same time
+    (a barrier; a broken one answers 503): proves that many calls are in flight at once."""
+
+    def __init__(self, n: int) -> None:
+        self.barrier = threading.Barrier(n, timeout=10)
+
+    def __call__(self, received: Any) -> Answer | None:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            return Answer(503, [("content-type", "application/json")], b'{"error": "not all at once"}')
+        return None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("library", ["httpx", "httpx2"])
+def test_more_trio_calls_than_trios_default_thread_limit_are_all_in_flight_at_once(
+        library: str, installed: Callable[..., Any]) -> None:
+    """Each trio call occupies a worker thread until its answer's headers come. On trio's default
+    limiter (40 threads) the 41st call waited for a thread: 50 concurrent calls never all reached
+    the server (without llmshim they do)."""
+    module = pytest.importorskip(library)
+    installed()
+    with FakeLLMServer(responder=_Gate(50)) as server:
+        async def main() -> list[int]:
+            statuses: list[int] = []
+            async with module.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+                async def ask(n: int) -> None:
+                    statuses.append((await client.post("/chat/completions", json=body(f"q{n}"))).status_code)
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(50):
+                        nursery.start_soon(ask, n)
+            return statuses
+
+        assert trio.run(main) == [200] * 50
+
+
+@pytest.mark.timeout(60)
+def test_trio_calls_to_a_host_name_do_not_starve_trios_name_lookups(installed: Callable[..., Any]) -> None:
+    """trio looks host names up on its default thread limiter. 45 calls to ``localhost`` each held a
+    default-limiter thread while their send, on the loop, waited for a lookup thread: none was
+    left, and the calls ended in ConnectTimeout (with no timeout: never)."""
+    installed()
+    with FakeLLMServer(responder=_Gate(45)) as server:
+        base = server.openai_base_url.replace("127.0.0.1", "localhost")
+
+        async def main() -> list[Any]:
+            outcomes: list[Any] = []
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(20.0), limits=limits) as client:
+                async def ask(n: int) -> None:
+                    try:
+                        outcomes.append((await client.post("/chat/completions", json=body(f"q{n}"))).status_code)
+                    except httpx.HTTPError as exc:
+                        outcomes.append(type(exc).__name__)
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(45):
+                        nursery.start_soon(ask, n)
+            return outcomes
+
+        assert trio.run(main) == [200] * 45
+
+
+@pytest.mark.timeout(60)
+def test_trio_calls_queued_under_a_limit_leave_the_programs_own_threads_free(
+        server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+    """60 calls queued behind a held stream (max_concurrency=1): the program's own
+    ``trio.to_thread.run_sync`` still runs at once (it waited for the queue before), then every
+    queued call goes once the stream is closed."""
+    installed(max_concurrency="1", queue_timeout="15")
+
+    async def main() -> tuple[int, list[int]]:
+        statuses: list[int] = []
+        async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+            request = client.build_request("POST", "/chat/completions", json=body("held", stream=True))
+            held = await client.send(request, stream=True)
+
+            async def ask(n: int) -> None:
+                statuses.append((await client.post("/chat/completions", json=body(f"queued {n}"))).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(60):
+                    nursery.start_soon(ask, n)
+                while _limiter().held()[1] < 60:  # every call waits in llmshim's queue
+                    await trio.sleep(0.01)
+                with trio.fail_after(10):
+                    own = await trio.to_thread.run_sync(lambda: 42)
+                await held.aread()
+                await held.aclose()
+        return own, statuses
+
+    own, statuses = trio.run(main)
+    assert own == 42 and statuses == [200] * 60
+    assert _limiter().held() == (0, 0)
