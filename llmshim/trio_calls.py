@@ -65,12 +65,20 @@ _UNLIMITED = _Unlimited()
 async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], call: Call,
                         asend: AsyncSend) -> Reply:
     """``run(call, send)`` (a pipeline's synchronous run) on a trio worker thread, where ``send``
-    performs ``asend`` back on the caller's trio loop."""
+    performs ``asend`` back on the caller's trio loop.
+
+    The reply comes back in a box the task empties, not as the worker's return value: trio's
+    worker still holds its return value a moment after the task went on, and a response the
+    caller dropped unread would outlive the collection that ends it (keeping its rate-limit slot)."""
     trio = sys.modules["trio"]
+    box: list[Reply] = []
 
     def send(call: Call) -> Reply:
         reply: Reply = trio.from_thread.run(asend, call)
         return reply
 
-    reply: Reply = await trio.to_thread.run_sync(run, call, send, limiter=_UNLIMITED)
-    return reply
+    def work() -> None:
+        box.append(run(call, send))
+
+    await trio.to_thread.run_sync(work, limiter=_UNLIMITED)
+    return box.pop()

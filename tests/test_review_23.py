@@ -6,6 +6,7 @@ FakeLLMServer and real SQLite files.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,3 +141,29 @@ def test_trio_calls_queued_under_a_limit_leave_the_programs_own_threads_free(
     own, statuses = trio.run(main)
     assert own == 42 and statuses == [200] * 60
     assert _limiter().held() == (0, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("library", ["httpx", "httpx2"])
+def test_a_trio_response_dropped_unread_frees_its_slot_at_the_next_collection(
+        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+    """The worker thread handed the reply back inside trio's outcome and still held it, in its own
+    frame, when the task went on: a response dropped unread then outlived the collection that ends
+    it under asyncio, and its rate-limit slot stayed held until some later full collection (the
+    next call waited for the queue timeout and got a 429)."""
+    module = pytest.importorskip(library)
+    installed(max_concurrency="1", queue_timeout="5")
+
+    async def main() -> tuple[tuple[int, int], int]:
+        async with module.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+            for n in range(5):  # each time: the worker may be a moment late
+                request = client.build_request("POST", "/chat/completions", json=body(f"dropped {n}", stream=True))
+                dropped = await client.send(request, stream=True)
+                del dropped
+                gc.collect()
+                held = _limiter().held()
+                if held != (0, 0):
+                    return held, 0
+            return held, (await client.post("/chat/completions", json=body("next"))).status_code
+
+    assert trio.run(main) == ((0, 0), 200)
