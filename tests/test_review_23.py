@@ -7,6 +7,7 @@ FakeLLMServer and real SQLite files.
 from __future__ import annotations
 
 import gc
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,9 @@ import pytest
 import llmshim
 from llmshim.policies.ratelimit import RateLimitPolicy
 from llmshim.runtime import STATE
+from llmshim.store.base import Entry
+from llmshim.store.cache_sqlite import SQLiteStore
+from llmshim.store.decoded import Decoded
 from llmshim.testing import FakeLLMServer
 from llmshim.testing.responses import Answer
 
@@ -167,3 +171,30 @@ def test_a_trio_response_dropped_unread_frees_its_slot_at_the_next_collection(
             return held, (await client.post("/chat/completions", json=body("next"))).status_code
 
     assert trio.run(main) == ((0, 0), 200)
+
+
+# -- decoded entries (store/decoded.py) -----------------------------------------------------------
+
+def _held_bytes(decoded: Any) -> int:
+    """What the kept entries hold: body, headers, description text and key (the row's size)."""
+    return sum(len(e.body) + len(json.dumps(e.headers)) + len(e._meta_text or json.dumps(e.meta)) + len(e.key)
+               for _, e in decoded._entries.values())
+
+
+def test_decoded_entries_bound_what_they_hold_not_only_their_bodies(tmp_path: Path) -> None:
+    """An entry keeps its description text (the request, up to 64 KB of its body) besides the
+    answer: bounded by body bytes alone, short answers to long prompts held several times the
+    bound (256 x 64 KB = 16 MiB against an 8 MiB bound)."""
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"))
+    store._decoded = Decoded(max_entries=256, max_bytes=200_000)
+    prompt = "a long prompt " * 4000  # ~56 KB of request in the description
+    for n in range(20):
+        key = f"{n:064x}"
+        store.put(Entry(key, 200, [("content-type", "application/json")], b'{"answer": "yes"}', 1.0, None,
+                        {"request": prompt, "status": 200, "usage": {"input_tokens": 9, "output_tokens": 1}}), 1.0)
+        assert store.get(key, 2.0) is not None
+    decoded = store._decoded
+    assert _held_bytes(decoded) <= 200_000
+    assert decoded._bytes == _held_bytes(decoded)
+    assert len(decoded._entries) >= 2  # still keeps what fits
+    store.close()
