@@ -198,3 +198,40 @@ def test_decoded_entries_bound_what_they_hold_not_only_their_bodies(tmp_path: Pa
     assert decoded._bytes == _held_bytes(decoded)
     assert len(decoded._entries) >= 2  # still keeps what fits
     store.close()
+
+
+FORK_CHILD = r"""
+import os, signal, sys
+from llmshim.store.base import Entry
+from llmshim.store.cache_sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+key, other = "a" * 64, "b" * 64
+store.put(Entry(key, 200, [], b'{"answer": "red"}', 1.0, None, {"status": 200}), 1.0)
+assert store.get(key, 2.0).body == b'{"answer": "red"}'  # kept
+store._decoded._lock.acquire()  # as a thread keeping an entry holds it, at the instant of the fork
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a deadlocked child dies of it
+    os.read(read_end, 1)  # the parent wrote the row again
+    found = store.get(key, 3.0)
+    store.put(Entry(other, 200, [], b'{"answer": "mine"}', 4.0, None, {"status": 200}), 4.0)
+    mine = store.get(other, 5.0)
+    os._exit(0 if found.body == b'{"answer": "blue"}' and mine.body == b'{"answer": "mine"}' else 3)
+store._decoded._lock.release()
+store.put(Entry(key, 200, [], b'{"answer": "blue"}', 2.5, None, {"status": 200}), 2.5)
+os.write(write_end, b"x")
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+print("parent", store.get(key, 3.0).body.decode())
+"""
+
+
+def test_a_fork_child_reads_rows_the_parent_rewrote_and_keeps_entries_of_its_own(tmp_path: Path) -> None:
+    """The child inherits the entries kept before the fork, and their lock as it was: one a thread
+    held at the fork was never released in the child, whose next write or keep hung for good."""
+    from conftest import run_python
+
+    out = run_python(FORK_CHILD.replace("sys.argv[1]", repr(str(tmp_path / "c.sqlite3"))), timeout=60)
+    assert out.splitlines() == ["child exit 0", 'parent {"answer": "blue"}']

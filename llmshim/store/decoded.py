@@ -18,7 +18,9 @@ are never changed after decoding, so one may serve many calls at once.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections import OrderedDict
 
 from .base import Entry
@@ -39,6 +41,7 @@ class Decoded:
         self._entries: OrderedDict[str, tuple[Stamp, Entry]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        _ALL.add(self)
 
     def get(self, key: str) -> tuple[Stamp, Entry] | None:
         return self._entries.get(key)
@@ -68,3 +71,20 @@ class Decoded:
         with self._lock:
             self._entries.clear()
             self._bytes = 0
+
+
+_ALL: weakref.WeakSet[Decoded] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    """A fork() child gets a lock of its own (one a parent's thread held at the fork would never
+    be released there) and keeps nothing (a thread may have been halfway through a keep): it
+    decodes again what it reads."""
+    for decoded in list(_ALL):
+        decoded._lock = threading.Lock()
+        decoded._entries = OrderedDict()
+        decoded._bytes = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
