@@ -9,6 +9,13 @@ and only the library's own send comes back to the task's loop (``trio.from_threa
 (the rate limiter's queue, a retry's backoff, a coalesced follower) blocks that worker, never the
 loop; the response's body is read on the loop, as without llmshim.
 
+The worker threads are llmshim's own, not counted by trio's default thread limiter (40 threads):
+a worker is held until the answer's headers come, and on that limiter the 41st call in flight
+waited for a thread (a cap without llmshim's), calls queued under a rate limit took every thread
+from the program's own ``trio.to_thread.run_sync``, and a send to a host name, whose lookup trio
+runs on that limiter, waited for a thread held by a call waiting for that very send (a deadlock,
+ended only by the connect timeout). So a trio program has one thread per call in flight or queued.
+
 trio is never imported here: a program that has not imported it is not running it.
 """
 
@@ -41,15 +48,37 @@ def running() -> bool:
     return True
 
 
+class _Unlimited:
+    """A limiter (trio's ``CapacityLimiter`` protocol) that never makes a worker wait: llmshim's
+    worker threads stay off trio's default limiter (the module docstring)."""
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        return None
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        return None
+
+
+_UNLIMITED = _Unlimited()
+
+
 async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], call: Call,
                         asend: AsyncSend) -> Reply:
     """``run(call, send)`` (a pipeline's synchronous run) on a trio worker thread, where ``send``
-    performs ``asend`` back on the caller's trio loop."""
+    performs ``asend`` back on the caller's trio loop.
+
+    The reply comes back in a box the task empties, not as the worker's return value: trio's
+    worker still holds its return value a moment after the task went on, and a response the
+    caller dropped unread would outlive the collection that ends it (keeping its rate-limit slot)."""
     trio = sys.modules["trio"]
+    box: list[Reply] = []
 
     def send(call: Call) -> Reply:
         reply: Reply = trio.from_thread.run(asend, call)
         return reply
 
-    reply: Reply = await trio.to_thread.run_sync(run, call, send)
-    return reply
+    def work() -> None:
+        box.append(run(call, send))
+
+    await trio.to_thread.run_sync(work, limiter=_UNLIMITED)
+    return box.pop()

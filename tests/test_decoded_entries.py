@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from llmshim.store.base import Entry
 from llmshim.store.cache_sqlite import SQLiteStore
-from llmshim.store.decoded import Decoded
+from llmshim.store.decoded import Decoded, held
 
 KEYS = ["a" * 64, "b" * 64]
 BODIES = st.sampled_from([b'{"answer": "red"}', b'{"answer": "blu"}', b'{"answer": "green, longer"}', b""])
@@ -104,9 +104,9 @@ def test_decoded_entries_are_bounded_by_count_bytes_and_entry_size() -> None:
     decoded.keep((1.0, 60), entry("e", 60))
     decoded.keep((1.0, 50), entry("f", 50))
     assert decoded._bytes <= 100 and len(decoded._entries) <= 3
-    assert decoded._bytes == sum(len(e.body) for _, e in decoded._entries.values())
+    assert decoded._bytes == sum(held(*kept) for kept in decoded._entries.values())
     decoded.keep((2.0, 50), entry("f", 40))  # kept again: counted once
-    assert decoded._bytes == sum(len(e.body) for _, e in decoded._entries.values())
+    assert decoded._bytes == sum(held(*kept) for kept in decoded._entries.values())
 
 
 def test_threads_keeping_and_reading_at_once_keep_the_byte_count_true(tmp_path: Path) -> None:
@@ -134,5 +134,5 @@ def test_threads_keeping_and_reading_at_once_keep_the_byte_count_true(tmp_path: 
         thread.join()
     assert not errors
     decoded = store._decoded
-    assert decoded._bytes == sum(len(e.body) for _, e in decoded._entries.values()) <= 2000
+    assert decoded._bytes == sum(held(*kept) for kept in decoded._entries.values()) <= 2000
     store.close()
