@@ -16,18 +16,24 @@ from the program's own ``trio.to_thread.run_sync``, and a send to a host name, w
 runs on that limiter, waited for a thread held by a call waiting for that very send (a deadlock,
 ended only by the connect timeout). So a trio program has one thread per call in flight or queued.
 
+A cancelled task (a cancel scope, ``move_on_after``, Ctrl-C) goes at once, as under asyncio: its
+worker is abandoned (trio's ``abandon_on_cancel``) and ends alone: it sends nothing more for the
+task (``Abandoned`` on that thread, which no caller sees), and whatever it holds (a queue place,
+a slot, a reply that came back meanwhile) is released as for any failed or dropped call.
+
 trio is never imported here: a program that has not imported it is not running it.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from .call import Call, Reply
 
-__all__ = ["run_on_worker", "running"]
+__all__ = ["Abandoned", "run_on_worker", "running"]
 
 AsyncSend = Callable[[Call], Any]
 
@@ -72,13 +78,40 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
     caller dropped unread would outlive the collection that ends it (keeping its rate-limit slot)."""
     trio = sys.modules["trio"]
     box: list[Reply] = []
+    abandoned = threading.Event()
 
     def send(call: Call) -> Reply:
+        if abandoned.is_set():  # the task is gone: nothing is sent for it any more
+            raise Abandoned("the trio task that made this call was cancelled")
         reply: Reply = trio.from_thread.run(asend, call)
         return reply
 
     def work() -> None:
-        box.append(run(call, send))
+        reply = run(call, send)
+        if not abandoned.is_set():
+            box.append(reply)
 
-    await trio.to_thread.run_sync(work, limiter=_UNLIMITED)
+    try:
+        await trio.to_thread.run_sync(work, limiter=_UNLIMITED, **{_abandon_keyword(trio): True})
+    except BaseException:  # cancelled (or interrupted): the task goes at once, the worker ends alone
+        abandoned.set()
+        raise
     return box.pop()
+
+
+class Abandoned(Exception):
+    """Raised on an abandoned worker (never to a caller) instead of sending for a cancelled task."""
+
+
+_ABANDON: list[str] = []
+
+
+def _abandon_keyword(trio: Any) -> str:
+    """``to_thread.run_sync``'s name for "let a cancelled task go without its thread":
+    ``abandon_on_cancel`` since trio 0.23, ``cancellable`` before (deprecated since)."""
+    if not _ABANDON:
+        import inspect
+
+        parameters = inspect.signature(trio.to_thread.run_sync).parameters
+        _ABANDON.append("abandon_on_cancel" if "abandon_on_cancel" in parameters else "cancellable")
+    return _ABANDON[0]

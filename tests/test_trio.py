@@ -9,6 +9,7 @@ running event loop`` from inside its own ``await client.post(...)``.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,29 @@ def test_a_trio_program_that_never_installs_llmshim_is_untouched(server: FakeLLM
     with contextlib.suppress(Exception):
         llmshim.uninstall()
     assert trio.run(main) == 200
+
+
+@pytest.mark.timeout(25)  # the queue timeout below is 60 s: a call that waits it out fails here
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_trio_call_cancelled_while_queued_ends_at_once_and_its_worker_sends_nothing(
+        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+    installed(max_concurrency="1", queue_timeout="60")
+    server.reset()
+
+    async def main() -> tuple[bool, int]:
+        async with _client(library, server) as client:
+            request = client.build_request("POST", "/chat/completions", json=body("holds the slot", stream=True))
+            held = await client.send(request, stream=True)
+            with trio.move_on_after(0.2) as scope:
+                await client.post("/chat/completions", json=body("cancelled while queued"))
+            cancelled_while_the_slot_was_held = scope.cancelled_caught and not held.is_closed
+            await held.aread()
+            await held.aclose()
+            # Queued behind the abandoned worker (first in line): answered once it has let go.
+            after = await client.post("/chat/completions", json=body("after"))
+            return cancelled_while_the_slot_was_held, after.status_code
+
+    assert trio.run(main) == (True, 200)
+    assert _limiter().held() == (0, 0)
+    asked = [json.loads(r.body)["messages"][0]["content"] for r in server.received]
+    assert "cancelled while queued" not in asked and asked == ["holds the slot", "after"]
