@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,3 +60,48 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
     assert _limiter().held() == (0, 0)
     asked = [json.loads(r.body)["messages"][0]["content"] for r in server.received]
     assert asked == ["slow, cancelled", "after"]
+
+
+# -- Redis Cluster: the cache writes' MULTI fallback takes one timeout, as the scripts do ----------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from test_redis_cluster import Cluster
+
+    started = Cluster(tmp_path_factory.mktemp("cluster24"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _connections_received(node: Any) -> int:
+    node.ping()  # a round trip first: connections pending when the node resumed are accepted by now
+    return int(node.info("stats")["total_connections_received"])
+
+
+def test_a_cluster_write_refused_scripts_is_not_sent_again_after_a_timeout(cluster: Any) -> None:
+    """A Redis user without @scripting writes through a MULTI transaction. redis-py's Cluster
+    transactions retry with the client's ``Retry``, to which they add TimeoutError by name: a MULTI to
+    a master that did not answer was sent again on a new connection (two timeouts, and a counter that
+    may count twice). Now only a connection error is retried."""
+    import os
+    import signal
+
+    from llmshim.store.cache_redis import RedisCacheStore
+
+    for i in range(3):
+        cluster.node(i).execute_command("ACL", "SETUSER", "noscript24", "on", ">pw", "~*", "+@all", "-@scripting")
+    store = RedisCacheStore(cluster.url.replace("redis+cluster://", "redis+cluster://noscript24:pw@"), timeout=0.2)
+    store.note(hits=1)
+    assert store._scripts_refused  # the fallback is what is tested
+    owner = cluster.ports.index(store.client.get_node_from_key(store.prefix + "totals").port)
+    node = cluster.node(owner)
+    before = _connections_received(node)
+    os.kill(cluster.procs[owner].pid, signal.SIGSTOP)  # frozen: connections are accepted by the kernel only
+    try:
+        with pytest.raises(Exception, match="Timeout"):
+            store.note(hits=1)
+    finally:
+        os.kill(cluster.procs[owner].pid, signal.SIGCONT)
+    assert _connections_received(node) == before  # no second connection: the MULTI was not sent again
