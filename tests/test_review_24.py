@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import llmshim
 from llmshim.policies.ratelimit import RateLimitPolicy
@@ -105,3 +108,60 @@ def test_a_cluster_write_refused_scripts_is_not_sent_again_after_a_timeout(clust
     finally:
         os.kill(cluster.procs[owner].pid, signal.SIGCONT)
     assert _connections_received(node) == before  # no second connection: the MULTI was not sent again
+
+
+# -- Redis: what ``get`` reads back is what ``put`` wrote -----------------------------------------
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_ENTRIES = st.builds(
+    lambda key, status, headers, body, created, ttl, meta: (key, status, headers, body, created, ttl, meta),
+    st.text("0123456789abcdef", min_size=1, max_size=16), st.integers(100, 599),
+    st.lists(st.tuples(_TEXT, _TEXT), max_size=4), st.binary(max_size=2048),
+    st.floats(0, 1e8), st.one_of(st.none(), st.floats(1, 1e7)),
+    st.dictionaries(_TEXT, st.one_of(st.integers(-2**53, 2**53), _TEXT, st.booleans(), st.none()), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_ENTRIES)
+def test_an_entry_read_back_from_redis_is_the_entry_written(redis_server: Any, example: tuple[Any, ...]) -> None:
+    """Every byte value in the body, any text in headers and metadata, with or without expiry:
+    the one-script write and the hash read agree, through a real server."""
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+
+    key, status, headers, body_bytes, offset, ttl, meta = example
+    created = time.time() + offset  # Redis expires by the wall clock: none expires during the test
+    entry = Entry(key, status, headers, body_bytes, created, created + ttl if ttl is not None else None, meta)
+    store = RedisCacheStore(redis_server.url, timeout=5)
+    try:
+        store.put(entry, created)
+        assert store.get(key, created) == entry
+        remaining = store.client.pttl(store.prefix + key)
+        assert remaining == -1 if ttl is None else remaining > 0
+    finally:
+        store.close()
+
+
+def test_an_entry_whose_expiry_passed_is_not_kept_and_an_expiry_removed_is_removed(redis_server: Any) -> None:
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+
+    now = time.time()
+    store = RedisCacheStore(redis_server.url, timeout=5)
+    store.put(Entry("0ld", 200, [], b"x", now - 10, now - 5, {}), now)
+    assert store.get("0ld", now) is None and not store.client.exists(store.prefix + "0ld")
+    store.put(Entry("a9e", 200, [], b"x", now, now + 100, {}), now)
+    store.put(Entry("a9e", 200, [], b"y", now, None, {}), now)  # written again without expiry: kept for good
+    assert store.client.pttl(store.prefix + "a9e") == -1 and store.get("a9e", now + 1000).body == b"y"
+    store.close()
+
+
+def test_a_body_of_several_megabytes_with_every_byte_value_survives_the_script(redis_server: Any) -> None:
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+
+    entry = Entry("5eed", 200, [("content-type", "application/json")], bytes(range(256)) * 24_000, 1.0, None, {})
+    store = RedisCacheStore(redis_server.url, timeout=5)
+    store.put(entry, 1.0)
+    assert store.get("5eed", 1.0) == entry
+    store.close()
