@@ -27,6 +27,7 @@ trio is never imported here: a program that has not imported it is not running i
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable
@@ -100,6 +101,9 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
         if abandoned.is_set():  # the task is gone: nothing is sent for it any more
             raise Abandoned("the trio task that made this call was cancelled")
         reply: Reply = trio.from_thread.run(send_on_loop, call)
+        # The chain on this thread releases a reply it will not return (a retried attempt) with the
+        # synchronous ``discard``: an async response is closed by ``adiscard``, on the loop.
+        reply.discard = functools.partial(_on_loop, trio, reply.adiscard)
         return reply
 
     def work() -> None:
@@ -109,8 +113,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
             if kept:
                 box.append(reply)
         if not kept:  # came back for a task that is gone: released now, as a retried attempt is
-            with contextlib.suppress(BaseException):  # the run may have ended meanwhile
-                trio.from_thread.run(reply.adiscard)
+            reply.discard()
 
     try:
         await trio.to_thread.run_sync(work, limiter=_UNLIMITED, **{_abandon_keyword(trio): True})
@@ -125,6 +128,13 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
                 trio.lowlevel.spawn_system_task(_quietly, late.adiscard)
         raise
     return box.pop()
+
+
+def _on_loop(trio: Any, afn: Callable[[], Any]) -> None:
+    """``afn()`` run on the trio loop from a worker thread; nothing if the run has ended meanwhile
+    (RunFinishedError, or the Cancelled of a run shutting down: this thread has no caller to tell)."""
+    with contextlib.suppress(BaseException):
+        trio.from_thread.run(_quietly, afn)
 
 
 async def _quietly(afn: Callable[[], Any]) -> None:

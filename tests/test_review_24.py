@@ -65,6 +65,26 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
     assert asked == ["slow, cancelled", "after"]
 
 
+@pytest.mark.parametrize("library", ["httpx", "httpx2"])
+def test_a_retried_attempt_under_trio_gives_its_connection_back(
+        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+    """The synchronous chain on trio's worker drops a retried attempt with ``discard``, a no-op for an
+    async response: its connection stayed taken. With one connection allowed, the retry then failed
+    with PoolTimeout in the caller's call; with the default 100, each retried attempt kept one."""
+    trio = pytest.importorskip("trio")
+    module = pytest.importorskip(library)
+    installed(retry_mode="llmshim", retry_max_delay="0.05")
+    server.inject(Fault(status=500), times=2)
+
+    async def main() -> int:
+        async with module.AsyncClient(base_url=server.openai_base_url, timeout=module.Timeout(10, pool=3),
+                                      limits=module.Limits(max_connections=1)) as client:
+            return (await client.post("/chat/completions", json=body("retried twice"))).status_code
+
+    assert trio.run(main) == 200
+    assert len(server.received) == 3
+
+
 # -- Redis Cluster: the cache writes' MULTI fallback takes one timeout, as the scripts do ----------
 
 @pytest.fixture(scope="module")
