@@ -18,8 +18,11 @@ ended only by the connect timeout). So a trio program has one thread per call in
 
 A cancelled task (a cancel scope, ``move_on_after``, Ctrl-C) goes at once, as under asyncio: its
 worker is abandoned (trio's ``abandon_on_cancel``) and ends alone: it sends nothing more for the
-task (``Abandoned`` on that thread, which no caller sees), and whatever it holds (a queue place,
-a slot, a reply that came back meanwhile) is released as for any failed or dropped call.
+task (``Abandoned`` on that thread, which no caller sees), a send under way is cancelled too (trio
+runs it as a system task, outside the task's cancel scopes: it is given a scope of its own), and
+whatever the worker holds (a queue place, a slot, a reply that came back meanwhile) is released as
+for any failed or dropped call. A reply the chain drops on the worker (a retried attempt, one
+that came back too late) is closed on the loop: an async response has no synchronous close.
 
 trio is never imported here: a program that has not imported it is not running it.
 """
@@ -113,7 +116,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
             if kept:
                 box.append(reply)
         if not kept:  # came back for a task that is gone: released now, as a retried attempt is
-            reply.discard()
+            _on_loop(trio, reply.adiscard)
 
     try:
         await trio.to_thread.run_sync(work, limiter=_UNLIMITED, **{_abandon_keyword(trio): True})

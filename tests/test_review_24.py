@@ -65,6 +65,37 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
     assert asked == ["slow, cancelled", "after"]
 
 
+def test_a_reply_that_comes_back_to_a_cancelled_trio_task_is_closed_on_the_loop() -> None:
+    """The task is cancelled just as its worker's send returned: the reply reaches no caller, and
+    is closed (its connection given back) rather than left to the garbage collector."""
+    trio = pytest.importorskip("trio")
+    from llmshim import trio_calls
+    from llmshim.call import Reply
+    from llmshim.tap import Tap
+
+    async def main() -> bool:
+        closed = trio.Event()
+
+        async def asend(call: Any) -> Reply:
+            async def aclose() -> None:
+                closed.set()
+
+            return Reply(200, {}, Tap(), None, adiscard=aclose)
+
+        with trio.CancelScope() as scope:
+            def run(call: Any, send: Callable[[Any], Reply]) -> Reply:
+                reply = send(call)
+                trio.from_thread.run_sync(scope.cancel)  # the task is cancelled; its reply came back
+                return reply
+
+            await trio_calls.run_on_worker(run, None, asend)  # type: ignore[arg-type]
+        with trio.fail_after(30):  # a guard, not a measure: it is set at once, or never
+            await closed.wait()
+        return scope.cancelled_caught
+
+    assert trio.run(main) is True
+
+
 @pytest.mark.parametrize("library", ["httpx", "httpx2"])
 def test_a_retried_attempt_under_trio_gives_its_connection_back(
         library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
