@@ -65,6 +65,35 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
     assert asked == ["slow, cancelled", "after"]
 
 
+@pytest.mark.timeout(30)  # the queue timeout is 60 s: a place or a slot kept by a cancelled call fails here
+def test_many_trio_calls_cancelled_under_a_rate_and_a_concurrency_limit_leave_nothing_held(
+        server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+    trio = pytest.importorskip("trio")
+    httpx = pytest.importorskip("httpx")
+    installed(max_concurrency="1", rpm="600", queue_timeout="60")
+    server.reset()
+
+    async def main() -> int:
+        async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+            held = await client.send(client.build_request("POST", "/chat/completions", json=body("held", True)),
+                                     stream=True)
+
+            async def ask(n: int) -> None:
+                await client.post("/chat/completions", json=body(f"cancelled {n}"))
+
+            with trio.move_on_after(0.3):  # wherever each one is then (queued, or not yet): cancelled
+                async with trio.open_nursery() as nursery:
+                    for n in range(30):
+                        nursery.start_soon(ask, n)
+            await held.aread()
+            await held.aclose()
+            # Queued behind the abandoned workers ahead of it (each leaves the queue's head at once).
+            return (await client.post("/chat/completions", json=body("after"))).status_code
+
+    assert trio.run(main) == 200
+    assert [json.loads(r.body)["messages"][0]["content"] for r in server.received] == ["held", "after"]
+
+
 def test_a_reply_that_comes_back_to_a_cancelled_trio_task_is_closed_on_the_loop() -> None:
     """The task is cancelled just as its worker's send returned: the reply reaches no caller, and
     is closed (its connection given back) rather than left to the garbage collector."""
