@@ -18,14 +18,19 @@ ended only by the connect timeout). So a trio program has one thread per call in
 
 A cancelled task (a cancel scope, ``move_on_after``, Ctrl-C) goes at once, as under asyncio: its
 worker is abandoned (trio's ``abandon_on_cancel``) and ends alone: it sends nothing more for the
-task (``Abandoned`` on that thread, which no caller sees), and whatever it holds (a queue place,
-a slot, a reply that came back meanwhile) is released as for any failed or dropped call.
+task (``Abandoned`` on that thread, which no caller sees), a send under way is cancelled too (trio
+runs it as a system task, outside the task's cancel scopes: it is given a scope of its own), and
+whatever the worker holds (a queue place, a slot, a reply that came back meanwhile) is released as
+for any failed or dropped call. A reply the chain drops on the worker (a retried attempt, one
+that came back too late) is closed on the loop: an async response has no synchronous close.
 
 trio is never imported here: a program that has not imported it is not running it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable
@@ -79,24 +84,66 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
     trio = sys.modules["trio"]
     box: list[Reply] = []
     abandoned = threading.Event()
+    lock = threading.Lock()  # the worker keeps its reply, or the task abandons it: never both, never neither
+    sends: list[Any] = []  # the cancel scopes of sends running on the loop for this call
+
+    async def send_on_loop(call: Call) -> Reply:
+        # trio runs it as a system task, outside the caller's cancel scopes: the task's
+        # cancellation reaches it through this scope (an upstream request is not left running).
+        with trio.CancelScope() as scope:
+            sends.append(scope)
+            try:
+                if abandoned.is_set():
+                    scope.cancel()
+                return await asend(call)  # type: ignore[no-any-return]
+            finally:
+                sends.remove(scope)
+        raise Abandoned("the trio task that made this call was cancelled during its send")
 
     def send(call: Call) -> Reply:
         if abandoned.is_set():  # the task is gone: nothing is sent for it any more
             raise Abandoned("the trio task that made this call was cancelled")
-        reply: Reply = trio.from_thread.run(asend, call)
+        reply: Reply = trio.from_thread.run(send_on_loop, call)
+        # The chain on this thread releases a reply it will not return (a retried attempt) with the
+        # synchronous ``discard``: an async response is closed by ``adiscard``, on the loop.
+        reply.discard = functools.partial(_on_loop, trio, reply.adiscard)
         return reply
 
     def work() -> None:
         reply = run(call, send)
-        if not abandoned.is_set():
-            box.append(reply)
+        with lock:
+            kept = not abandoned.is_set()
+            if kept:
+                box.append(reply)
+        if not kept:  # came back for a task that is gone: released now, as a retried attempt is
+            _on_loop(trio, reply.adiscard)
 
     try:
         await trio.to_thread.run_sync(work, limiter=_UNLIMITED, **{_abandon_keyword(trio): True})
     except BaseException:  # cancelled (or interrupted): the task goes at once, the worker ends alone
-        abandoned.set()
+        with lock:
+            abandoned.set()
+            late = box.pop() if box else None  # the worker ended, but the task was cancelled first
+        for scope in list(sends):
+            scope.cancel()
+        if late is not None:
+            with contextlib.suppress(BaseException):
+                trio.lowlevel.spawn_system_task(_quietly, late.adiscard)
         raise
     return box.pop()
+
+
+def _on_loop(trio: Any, afn: Callable[[], Any]) -> None:
+    """``afn()`` run on the trio loop from a worker thread; nothing if the run has ended meanwhile
+    (RunFinishedError, or the Cancelled of a run shutting down: this thread has no caller to tell)."""
+    with contextlib.suppress(BaseException):
+        trio.from_thread.run(_quietly, afn)
+
+
+async def _quietly(afn: Callable[[], Any]) -> None:
+    """``afn()``, its failure ignored (a system task's exception would end the whole trio run)."""
+    with contextlib.suppress(Exception):
+        await afn()
 
 
 class Abandoned(Exception):

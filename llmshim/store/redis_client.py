@@ -58,17 +58,16 @@ def connect(target: RedisTarget, timeout: float) -> Any:
     if target.kind == "cluster":
         from redis.cluster import ClusterNode
 
-        RedisCluster = _cluster_client()
+        RedisCluster, retry = _cluster_client(), _one_timeout_retry()
         if not target.nodes:  # a redis:// URL whose server answered MOVED: redis-py's own reading of it
-            return RedisCluster(url=target.url, require_full_coverage=False, retry=Retry(NoBackoff(), 1),
-                                **timeouts)
+            return RedisCluster(url=target.url, require_full_coverage=False, retry=retry, **timeouts)
         first, *others = target.nodes
         kwargs = _node_kwargs(target, *first)
         if kwargs.pop("connection_class", None) is not None:
             kwargs["ssl"] = True
         seeds = [ClusterNode(h, p) for h, p in others]  # type: ignore[no-untyped-call]
         return RedisCluster(host=first[0], port=first[1], startup_nodes=seeds, require_full_coverage=False,
-                            retry=Retry(NoBackoff(), 1), **{**kwargs, **timeouts})
+                            retry=retry, **{**kwargs, **timeouts})
     from redis.sentinel import Sentinel
 
     options = dict(target.query)
@@ -104,6 +103,23 @@ def _cluster_client() -> Any:
 
         _CLUSTER_CLIENT = OneTimeoutCluster
     return _CLUSTER_CLIENT
+
+
+def _one_timeout_retry() -> Any:
+    """The Cluster client's ``Retry``: one more try after a connection error, none after a timeout.
+    redis-py's Cluster transactions (the MULTI the cache writes fall back to when scripts are
+    refused) retry with a copy of it, to which they add ``RedisCluster.ERRORS_ALLOW_RETRY`` by
+    name, TimeoutError included: a MULTI sent to a master that did not answer went again."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    class OneTimeoutRetry(Retry):
+        def update_supported_errors(self, specified_errors: Any) -> None:
+            super().update_supported_errors(
+                [error for error in specified_errors if not issubclass(error, redis.TimeoutError)])
+
+    return OneTimeoutRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
 def is_outage(exc: BaseException) -> bool:
