@@ -240,3 +240,34 @@ def test_a_redis_user_refused_scripts_still_gets_the_cache_written(redis_server:
     assert (int(totals[b"hits"]), int(totals[b"misses"])) == (2, 1)
     names = [n for n in admin.keys("llmshim:cache:*") if n not in (b"llmshim:cache:totals", b"llmshim:cache:salt")]
     assert len(names) == 1 and admin.pttl(names[0]) == -1  # no TTL asked: none set
+
+
+def test_a_fork_child_uses_redis_even_when_a_parent_thread_held_the_pool_lock_at_the_fork(
+        redis_server: RedisServer) -> None:
+    """redis-py's pool resets itself in a child under the lock it inherited: held by a parent's
+    thread at the fork (taking or returning a connection), that lock stayed held for good and the
+    child's every Redis operation waited for ever (seen as a hung fork test under load). The child
+    builds a client of its own."""
+    script = f"""
+import os, signal, threading
+from llmshim.store.redis_client import Guarded
+guarded = Guarded({redis_server.url!r}, 5.0)
+assert guarded.run(lambda client: client.ping())
+lock = guarded.client.connection_pool._lock
+holding, release = threading.Event(), threading.Event()
+def hold():
+    with lock:  # as a thread inside get_connection() or release() at the moment of the fork
+        holding.set()
+        release.wait()
+threading.Thread(target=hold, daemon=True).start()
+holding.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends the child with SIGALRM
+    ok = guarded.run(lambda client: client.set("forked", "yes")) and guarded.run(lambda client: client.get("forked"))
+    os._exit(0 if ok == b"yes" else 3)
+release.set()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    assert _python(script) == 0

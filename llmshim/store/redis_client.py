@@ -251,7 +251,18 @@ class Guarded:
             client.close()
 
     def _after_fork(self) -> None:
+        """In a fork child: locks of its own, and a new client on first use. redis-py's pool, on
+        its first use in a child, resets itself under a lock it inherited; when a parent's thread
+        held that lock at the fork (in the middle of taking or returning a connection), every Redis
+        operation of the child waited for ever. The parent's client is kept here, never used,
+        closed or collected (closing it would wait for that same lock)."""
         self._lock = threading.Lock()
+        if self._client is not None:
+            _INHERITED.append(self._client)
+            self._client, self._scripts = None, {}
+
+
+_INHERITED: list[Any] = []  # a fork child's parent clients (see Guarded._after_fork)
 
 
 def _reset_locks_in_child() -> None:
