@@ -107,6 +107,16 @@ def cached(installed: Callable[..., object], tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def installed_cached(installed: Callable[..., object], tmp_path: Path) -> Callable[..., object]:
+    """``installed_cached(**settings)``: ``installed`` with the cache on, in a SQLite file of the
+    test's own, and ``settings``."""
+    def install(**settings: str) -> object:
+        return installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"), **settings)
+
+    return install
+
+
+@pytest.fixture
 def records() -> Iterator[list[llmshim.CallRecord]]:
     """Every call_* hook record of the test, in order."""
     seen: list[llmshim.CallRecord] = []

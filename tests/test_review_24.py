@@ -5,49 +5,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_trio import _limiter, body
 
-import llmshim
-from llmshim.policies.ratelimit import RateLimitPolicy
-from llmshim.runtime import STATE
 from llmshim.testing import FakeLLMServer, Fault
-
-
-def body(question: str, stream: bool = False) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": stream}
-
-
-@pytest.fixture
-def installed(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    def install(**settings: str) -> Any:
-        llmshim.install(cache="on", cache_path=str(tmp_path / "c.sqlite3"), **settings)
-        return STATE.pipeline
-
-    yield install
-    llmshim.uninstall()
-
-
-def _limiter() -> Any:
-    return next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
-
 
 # -- trio: a call cancelled while its request is upstream ----------------------------------------
 
 @pytest.mark.timeout(30)  # the upstream answers after 60 s: a send the cancellation misses fails here
 @pytest.mark.parametrize("library", ["httpx", "httpx2"])
 def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_slot(
-        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+        library: str, server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
     """trio runs the worker's send as a system task, outside the caller's cancel scopes: before,
     the cancelled call's request stayed upstream until it was answered (billed, its slot held), and
     the next call waited behind it. Without llmshim the cancellation closes the request at once."""
     trio = pytest.importorskip("trio")
     module = pytest.importorskip(library)
-    installed(max_concurrency="1", queue_timeout="60")
+    installed_cached(max_concurrency="1", queue_timeout="60")
     server.reset()
     server.inject(Fault(delay=60), times=1)
 
@@ -67,10 +45,10 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
 
 @pytest.mark.timeout(30)  # the queue timeout is 60 s: a place or a slot kept by a cancelled call fails here
 def test_many_trio_calls_cancelled_under_a_rate_and_a_concurrency_limit_leave_nothing_held(
-        server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+        server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
     trio = pytest.importorskip("trio")
     httpx = pytest.importorskip("httpx")
-    installed(max_concurrency="1", rpm="600", queue_timeout="60")
+    installed_cached(max_concurrency="1", rpm="600", queue_timeout="60")
     server.reset()
 
     async def main() -> int:
@@ -127,13 +105,13 @@ def test_a_reply_that_comes_back_to_a_cancelled_trio_task_is_closed_on_the_loop(
 
 @pytest.mark.parametrize("library", ["httpx", "httpx2"])
 def test_a_retried_attempt_under_trio_gives_its_connection_back(
-        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
+        library: str, server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
     """The synchronous chain on trio's worker drops a retried attempt with ``discard``, a no-op for an
     async response: its connection stayed taken. With one connection allowed, the retry then failed
     with PoolTimeout in the caller's call; with the default 100, each retried attempt kept one."""
     trio = pytest.importorskip("trio")
     module = pytest.importorskip(library)
-    installed(retry_mode="llmshim", retry_max_delay="0.05")
+    installed_cached(retry_mode="llmshim", retry_max_delay="0.05")
     server.inject(Fault(status=500), times=2)
 
     async def main() -> int:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,16 +32,6 @@ def body(question: str, stream: bool = False) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": stream}
 
 
-@pytest.fixture
-def installed(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    def install(**settings: str) -> Any:
-        llmshim.install(cache="on", cache_path=str(tmp_path / "c.sqlite3"), **settings)
-        return STATE.pipeline
-
-    yield install
-    llmshim.uninstall()
-
-
 def _client(library: str, server: FakeLLMServer) -> Any:
     module = pytest.importorskip(library)
     return module.AsyncClient(base_url=server.openai_base_url, timeout=30)
@@ -54,8 +43,8 @@ def _limiter() -> Any:
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_cache_limits_and_retries_work_in_a_trio_program(library: str, server: FakeLLMServer,
-                                                        installed: Callable[..., Any]) -> None:
-    installed(rpm="6000", max_concurrency="2", retry_mode="llmshim", retry_max_delay="0.05")
+                                                        installed_cached: Callable[..., Any]) -> None:
+    installed_cached(rpm="6000", max_concurrency="2", retry_mode="llmshim", retry_max_delay="0.05")
 
     async def main() -> list[tuple[int, str | None]]:
         async with _client(library, server) as client:
@@ -76,8 +65,8 @@ def test_cache_limits_and_retries_work_in_a_trio_program(library: str, server: F
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_identical_concurrent_trio_tasks_go_upstream_once(library: str, server: FakeLLMServer,
-                                                         installed: Callable[..., Any]) -> None:
-    installed(max_concurrency="8")
+                                                         installed_cached: Callable[..., Any]) -> None:
+    installed_cached(max_concurrency="8")
     server.reset()
 
     async def main() -> list[tuple[int, str]]:
@@ -101,9 +90,9 @@ def test_identical_concurrent_trio_tasks_go_upstream_once(library: str, server: 
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_a_trio_tasks_context_reaches_the_policies(library: str, server: FakeLLMServer,
-                                                   installed: Callable[..., Any]) -> None:
+                                                   installed_cached: Callable[..., Any]) -> None:
     """``cache_control()`` set in the task holds on the worker thread that runs the chain."""
-    installed()
+    installed_cached()
 
     async def main() -> list[str | None]:
         async with _client(library, server) as client:
@@ -118,8 +107,8 @@ def test_a_trio_tasks_context_reaches_the_policies(library: str, server: FakeLLM
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_trio_tasks_queued_behind_an_open_stream_and_one_cancelled_leave_no_slot_held(
-        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
-    installed(max_concurrency="1", queue_timeout="5")
+        library: str, server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
+    installed_cached(max_concurrency="1", queue_timeout="5")
 
     async def main() -> list[int]:
         statuses: list[int] = []
@@ -166,8 +155,8 @@ def test_a_trio_program_that_never_installs_llmshim_is_untouched(server: FakeLLM
 @pytest.mark.timeout(25)  # the queue timeout below is 60 s: a call that waits it out fails here
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_a_trio_call_cancelled_while_queued_ends_at_once_and_its_worker_sends_nothing(
-        library: str, server: FakeLLMServer, installed: Callable[..., Any]) -> None:
-    installed(max_concurrency="1", queue_timeout="60")
+        library: str, server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
+    installed_cached(max_concurrency="1", queue_timeout="60")
     server.reset()
 
     async def main() -> tuple[bool, int]:
