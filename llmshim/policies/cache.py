@@ -126,8 +126,9 @@ class CachePolicy:
         now = time.monotonic()
         if now - self._warned_at >= 60:
             self._warned_at = now
-            log.warning("llmshim: cache %s failed (%s: %s); the call goes on without the cache "
-                        "(further cache errors are counted in llmshim.cache.errors, warned once a minute)",
+            log.warning("llmshim: cache %s failed (%s: %s); the call goes on without the cache, in replay "
+                        "mode answered 504 (further cache errors are counted in llmshim.cache.errors, warned "
+                        "once a minute)",
                         what, type(exc).__name__, exc)
 
     def _key(self, call: Call) -> str | None:
@@ -212,12 +213,16 @@ class CachePolicy:
         return track(call, reply)
 
     @staticmethod
-    def _missing(call: Call, key: str) -> Reply | None:
+    def _missing(call: Call, key: str | None) -> Reply | None:
+        """Replay mode's answer when the cache cannot serve: a miss, or a store that cannot be read
+        (``key`` None). Never the upstream: replay's promise is that no request leaves."""
         if call.replay is None:
             return None
+        request = f"{call.request.method} {call.request.public_url}"
+        why = (f"no cached answer for {request} (model {call.info.model or '-'}, key {key[:16]})" if key is not None
+               else f"the cache could not be read for {request} (see the llmshim warning)")
         body = json.dumps({"error": {
-            "message": f"llmshim cache replay mode: no cached answer for {call.request.method} "
-                       f"{call.request.public_url} (model {call.info.model or '-'}, key {key[:16]})",
+            "message": f"llmshim cache replay mode: {why}",
             "type": "llmshim_cache_miss", "code": "llmshim_cache_miss", "param": None}}).encode()
         headers = [("content-type", "application/json"), ("content-length", str(len(body))),
                    (HEADER, "miss"), ("x-should-retry", "false")]
@@ -257,8 +262,10 @@ class CachePolicy:
 
     def _answer(self, call: Call, decided: Plan, key: str | None, entry: Entry | None) -> Reply | None:
         """After the first lookup: the hit, replay mode's 504 for a miss, or None (go on)."""
-        if key is None or not decided.lookup:
+        if not decided.lookup:
             return None
+        if key is None:  # the store failed (counted and warned): replay mode still never goes upstream
+            return self._missing(call, None) if decided.only_cached else None
         if entry is not None:
             hit = self._hit(call, entry)
             if hit is not None:
@@ -332,8 +339,11 @@ class CachePolicy:
 
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
         decided = self._plan(call)  # a call the cache does not serve never asks the store, as in ``handle``
-        if not (decided.lookup or decided.store) or not await self._salt_off_loop():
+        if not (decided.lookup or decided.store):
             return await anext(call)
+        if not await self._salt_off_loop():
+            missing = self._missing(call, None) if decided.only_cached and decided.lookup else None
+            return missing if missing is not None else await anext(call)
         key = self._key(call)
         answer = self._answer(call, decided, key,
                               await self._alookup(key) if key is not None and decided.lookup else None)
