@@ -20,7 +20,9 @@ exactly what it names:
 - hit: llmshim with the cache on (a SQLite file in a new temporary folder), one hook: the same
   question every time, so every measured call is a cache hit (compare with off: the SDK's floor);
 - floor-hit: ``_floor_shim.py`` with its minimal SQLite cache, the same calls: the least a cache
-  hit can cost above the SDK's floor.
+  hit can cost above the SDK's floor;
+- openllmetry: openllmetry's OpenAI instrumentation (``opentelemetry-instrumentation-openai``) on
+  the same OpenTelemetry SDK set-up as otel, llmshim not installed: what otel is compared with.
 
     python benchmarks/instructions.py [--calls 40] [--modes off,floor,hook,otel] [--against TREE]
 
@@ -68,6 +70,19 @@ elif mode == "floor":
     sys.path.insert(0, {benchmarks!r})
     import _floor_shim
     _floor_shim.install()
+elif mode == "openllmetry":  # openllmetry's OpenAI instrumentation on the same OpenTelemetry SDK set-up
+    from opentelemetry.instrumentation.openai import OpenAIInstrumentor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider,
+                            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    assert instrumentor.is_instrumented_by_opentelemetry
 elif mode != "off":
     llmshim.on("call_completed", lambda record: None)
     if mode == "otel":
@@ -126,7 +141,7 @@ def main() -> int:
     print(f"| - | off | {off:,} | - |", flush=True)
     for name, tree in [("this tree", here)] + ([("--against", args.against)] if args.against else []):
         for mode in modes:
-            if mode == "off" or (mode.startswith("floor") and name != "this tree"):
+            if mode == "off" or ((mode.startswith("floor") or mode == "openllmetry") and name != "this tree"):
                 continue
             count = per_call(tree, mode, args.calls)
             print(f"| {name} | {mode} | {count:,} | {count - off:+,} ({(count - off) / off:.1%}) |", flush=True)

@@ -110,7 +110,8 @@ class Settings:
         choice(CacheMode, booleans=("on", "off")), "on",
         "off, on, readonly, refresh or replay (true/1/yes mean on, false/0/no mean off)",
         "`off`, `on`, `readonly` (serve hits, store nothing), `refresh` (never serve, store), `replay` (only "
-        "serve from the cache; a miss answers 504 naming the request). Booleans too: `true` = `on`, `false` = `off`.")
+        "serve from the cache; a miss, or a cache that cannot be read, answers 504 naming it: never upstream). "
+        "Booleans too: `true` = `on`, `false` = `off`.")
     cache_path: str | None = setting(
         path, "", "a file path, or empty for the default",
         "The SQLite cache file (0600; llmshim's own folder 0700, a folder you name left as it is). Empty: the "

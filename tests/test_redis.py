@@ -213,6 +213,31 @@ def test_an_entry_stored_again_without_a_ttl_keeps_no_expiry_of_the_old_one(redi
     store.close()
 
 
+@pytest.mark.parametrize("operation", ["get", "put", "note", "salt"])
+def test_an_operation_that_outlives_close_opens_no_connection(redis_server: RedisServer, operation: str) -> None:
+    """A read queued on llmshim's reader threads before ``uninstall()`` (a cancelled task's, say)
+    can run after the store was closed: it is a store failure (the call it served is gone), and it
+    builds no new client whose connections nobody would ever close."""
+    from llmshim.store.base import Entry
+    from llmshim.store.cache_redis import RedisCacheStore
+    from llmshim.store.redis_client import RedisUnavailable
+
+    store = RedisCacheStore(redis_server.url, timeout=10)
+    raw = redis.Redis.from_url(redis_server.url)
+    entry = Entry("ef" * 32, 200, [("a", "1")], b"body", 1.0, None, {"v": 1})
+    store.put(entry, 2.0)
+    assert store.get(entry.key, 3.0) is not None
+    store.close()
+    before = len(raw.client_list())
+    late = {"get": lambda: store.get(entry.key, 4.0), "put": lambda: store.put(entry, 4.0),
+            "note": lambda: store.note(hits=1, misses=0, tokens_saved=0), "salt": lambda: store.salt}[operation]
+    with pytest.raises(RedisUnavailable, match="closed"):
+        late()
+    assert store.redis._client is None
+    assert len(raw.client_list()) == before
+    assert store.redis.breaker.failures == 0 and store.redis.attempts == 2  # put, get: nothing after close
+
+
 def test_a_redis_user_refused_scripts_still_gets_the_cache_written(redis_server: RedisServer,
                                                                   server: FakeLLMServer, tmp_path: Path) -> None:
     """An ACL without ``@scripting`` (NOPERM on EVALSHA): entries and counters are written as a

@@ -29,10 +29,17 @@ def test_a_trio_call_cancelled_during_its_send_stops_the_request_and_frees_its_s
     server.reset()
     server.inject(Fault(delay=60), times=1)
 
+    async def cancel_once_upstream(scope: Any) -> None:
+        while not server.received:  # the request is at the server (which holds it 60 s): cancel now
+            await trio.sleep(0.005)
+        scope.cancel()
+
     async def main() -> tuple[bool, int]:
         async with module.AsyncClient(base_url=server.openai_base_url, timeout=90) as client:
-            with trio.move_on_after(0.3) as scope:
-                await client.post("/chat/completions", json=body("slow, cancelled"))
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_once_upstream, scope)
+                    await client.post("/chat/completions", json=body("slow, cancelled"))
             # Queued behind the cancelled call's slot: answered once its request has stopped.
             after = await client.post("/chat/completions", json=body("after"))
             return scope.cancelled_caught, after.status_code

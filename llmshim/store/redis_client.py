@@ -160,6 +160,7 @@ class Guarded:
         self.probe: threading.Thread | None = None  # the last background probe
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
+        self._closed = False  # close() retired it: an operation finishing late builds no client again
         self._lock = threading.Lock()
         self._warned_at: float | None = None
         _GUARDS.add(self)
@@ -168,6 +169,8 @@ class Guarded:
     def client(self) -> Any:
         """The redis-py client (built now if need be): for tools and tests; calls go through run()."""
         if self._client is None:
+            if self._closed:
+                raise RedisUnavailable(f"Redis ({self.target.describe()}): the store was closed")
             self._client = connect(self.target, self.timeout)
             self._scripts = {}
         return self._client
@@ -183,6 +186,8 @@ class Guarded:
         """``op(client)``'s result; its exception, or RedisUnavailable at once while the breaker is open.
         When a probe is due it is a PING on a thread of its own, so no call waits for a Redis that
         may still not answer: this call falls back, and the calls after a good PING use Redis."""
+        if self._closed:  # a read queued before uninstall() that runs after: no connection is opened
+            raise RedisUnavailable(f"Redis ({self.target.describe()}): the store was closed")
         start = self.clock()
         with self._lock:
             allowed = self.breaker.allow(start)
@@ -231,6 +236,8 @@ class Guarded:
             old.close()
 
     def _record(self, exc: Exception, start: float) -> None:
+        if self._closed:
+            return  # an operation that outlived close(): nothing to learn about Redis from it
         if not is_outage(exc):
             with self._lock:
                 self.breaker.succeeded()  # it answered: an error reply is not an outage
@@ -246,6 +253,7 @@ class Guarded:
                         self.target.describe(), type(exc).__name__, exc, cooldown)
 
     def close(self) -> None:
+        self._closed = True
         client, self._client = self._client, None
         if client is not None:
             client.close()
