@@ -21,11 +21,14 @@ starts, too, and ``-p llmshim.pytest_plugin`` would then mark it for rewriting.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ import llmshim
 
 from . import redact
 from .call import Call, Reply
-from .pipeline import AsyncHandler, Handler, track
+from .pipeline import AsyncHandler, Handler, Pipeline, track
 from .store import cache_keys
 from .tap import OnEnd
 
@@ -50,8 +53,19 @@ class Cassette:
     unmatched: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def load(self) -> None:
-        if self.path.exists():
-            self.interactions = json.loads(self.path.read_text())["interactions"]
+        """The recorded interactions; none when there is no file. A file that is not a cassette of
+        this version fails the test with its path and the reason (never a traceback from json)."""
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            version = data.get("version") if isinstance(data, dict) else None
+            if version != 1 or not isinstance(data.get("interactions"), list):
+                raise ValueError(f"not a version 1 cassette (version {version!r})")
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            pytest.fail(f"llmshim replay: cannot read cassette {self.path}: {exc}; record it again with "
+                        "--llmshim-record", pytrace=False)
+        self.interactions = data["interactions"]
 
     def explain(self) -> str:
         """The first unmatched request and the closest recorded one."""
@@ -62,9 +76,19 @@ class Cassette:
                 f"closest recorded:\n  {closest[0] if closest else '(the cassette is empty)'}")
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"version": 1, "interactions": self.interactions}, indent=2,
-                                        ensure_ascii=False) + "\n")
+        """Written whole to a temporary file beside it, then renamed over it: an interrupted
+        write never leaves a truncated cassette. A folder that cannot be written fails the test
+        with the path and the reason."""
+        text = json.dumps({"version": 1, "interactions": self.interactions}, indent=2, ensure_ascii=False) + "\n"
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            pytest.fail(f"llmshim record: cannot write cassette {self.path}: {exc}", pytrace=False)
 
 
 def _piece(data: bytes) -> dict[str, str]:
@@ -78,10 +102,27 @@ def _bytes(piece: dict[str, str]) -> bytes:
     return piece["text"].encode() if "text" in piece else base64.b64decode(piece["base64"])
 
 
+def _masked(value: Any) -> Any:
+    """A body as a cassette shows it: the string value of every field named like a credential
+    (``api_key``, ``access_token``, ``password``...) masked, at any depth. Matching is by the
+    cache key of the request as sent, so the mask never changes which answer a request gets."""
+    if isinstance(value, dict):
+        return {k: redact.MASK if isinstance(v, str) and redact.is_secret_header(str(k)) else _masked(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _request(call: Call) -> dict[str, Any]:
-    """The redacted request a cassette shows: no headers, the URL without userinfo or query."""
+    """The redacted request a cassette shows: no headers, the URL without userinfo or query, no
+    credential in the body."""
     request = dict(cache_keys.summary(call))
     request["url"] = redact.public_url(call.request.url)
+    if "body" in request:
+        request["body"] = _masked(request["body"])
+    if "body_preview" in request:
+        request["body_preview"] = redact.scrub_text(request["body_preview"])
     return request
 
 
@@ -179,12 +220,67 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "llmshim(**settings): llmshim.install() settings for this test")
 
 
+#: Characters a cassette's file name keeps as they are; any other is written ``%XX`` (each UTF-8
+#: byte), ``%`` included, so two test ids never share a file.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
+_LONGEST_NAME = 150  # bytes; file systems allow 255
+
+
+def cassette_name(nodeid: str) -> str:
+    """The file name (without ``.json``) of a test's cassette, from its node id: the classes and
+    the test's name, ``Class.test_name[params]``. One-to-one, and short enough for any file
+    system: a long name is cut and ends with a digest of the whole id instead."""
+    rest = nodeid.partition("::")[2] or nodeid
+    test, bracket, params = rest.partition("[")  # a parameter id may hold "::" itself
+    name = test.replace("::", ".") + bracket + params
+    safe = _UNSAFE.sub(lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode("utf-8")), name)
+    if len(safe) > _LONGEST_NAME:
+        safe = safe[:_LONGEST_NAME - 17] + "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    return safe
+
+
 def _cassette_path(request: pytest.FixtureRequest) -> Path:
     root = Path(request.config.rootpath) / request.config.getoption("--llmshim-cassettes")
     module = Path(str(request.node.path)).stem
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    path: Path = root / module / f"{name}.json"
+    path: Path = root / module / f"{cassette_name(request.node.nodeid)}.json"
     return path
+
+
+def _users_install() -> Callable[[], None] | None:
+    """How to put back an ``llmshim.install()`` the user made before the test (in a conftest, or
+    at import), or None when llmshim was not installed: the test's own install replaces it, and
+    the test's end must not leave the rest of the session without it. The same settings and
+    OpenTelemetry providers; a pipeline built anew (the test's install retired the old one)."""
+    from . import _build, _lock, adapters
+    from .runtime import STATE
+
+    if not STATE.active:
+        return None
+    settings = STATE.settings
+    staged = STATE._build  # install() staged the build and no call has needed it yet
+    if staged is not None:
+        build = staged
+    else:
+        from .policies.observer import ObserverPolicy
+
+        observer = STATE.pipeline.find(ObserverPolicy)
+        telemetry = observer.telemetry if observer is not None else None
+        tracer = telemetry._fixed_tracer_provider if telemetry is not None else None
+        meter = telemetry._fixed_meter_provider if telemetry is not None else None
+
+        def build() -> Pipeline:
+            return _build(settings, tracer, meter)
+
+    def restore() -> None:
+        with _lock:  # as install() does, with the user's Settings as they were
+            if STATE.active and settings.libraries != STATE.settings.libraries:
+                llmshim._uninstall_locked()
+            STATE.swap(build)
+            STATE.settings = settings
+            STATE.active = True
+            adapters.apply_all()
+
+    return restore
 
 
 @pytest.fixture
@@ -192,6 +288,11 @@ def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]
     record = request.config.getoption("--llmshim-record")
     replay = request.config.getoption("--llmshim-replay")
     marker = request.node.get_closest_marker("llmshim")
+    cassette = None
+    if record or replay:
+        cassette = Cassette(_cassette_path(request), "replay" if replay else "record")
+        if replay:
+            cassette.load()  # before install: an unreadable cassette fails the test with nothing to undo
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -200,29 +301,29 @@ def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     calls: list[llmshim.CallRecord] = []
-    llmshim.on("call_completed", calls.append)
-    llmshim.on("call_failed", calls.append)
     settings = dict(marker.kwargs) if marker else {}
     if record or replay:
         settings.setdefault("cache", "off")
         settings.setdefault("retry_mode", "off")
+    restore = _users_install()
     llmshim.install(tracer_provider=provider, **settings)
-    cassette = None
-    if record or replay:
-        cassette = Cassette(_cassette_path(request), "replay" if replay else "record")
-        if replay:
-            cassette.load()
+    llmshim.on("call_completed", calls.append)
+    llmshim.on("call_failed", calls.append)
+    if cassette is not None:
         from .policies.observer import ObserverPolicy
 
         llmshim.runtime.STATE.pipeline.insert(CassettePolicy(cassette), after=ObserverPolicy)
     try:
         yield {"calls": calls, "exporter": exporter}
     finally:
-        llmshim.uninstall()
         llmshim.off("call_completed", calls.append)
         llmshim.off("call_failed", calls.append)
-        if cassette is not None and cassette.mode == "record" and cassette.interactions:
-            cassette.save()
+        if restore is not None:
+            restore()
+        else:
+            llmshim.uninstall()
+    if cassette is not None and cassette.mode == "record" and cassette.interactions:
+        cassette.save()
     report = getattr(request.node, "_llmshim_call_report", None)
     if cassette is not None and cassette.unmatched and not (report is not None and report.failed):
         pytest.fail(cassette.explain(), pytrace=False)  # the code under test swallowed the 504
