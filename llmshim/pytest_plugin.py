@@ -24,6 +24,7 @@ import base64
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -283,6 +284,29 @@ def _users_install() -> Callable[[], None] | None:
     return restore
 
 
+def _keep_in_pipeline(policy: CassettePolicy) -> None:
+    """The cassette's policy just inside the observer of the pipeline in place, unless it is there."""
+    from .policies.observer import ObserverPolicy
+    from .runtime import STATE
+
+    pipeline = STATE.pipeline
+    if STATE.active and pipeline.find(CassettePolicy) is None:
+        pipeline.insert(policy, after=ObserverPolicy)
+
+
+def _keeping(policy: CassettePolicy, install: Callable[..., Any]) -> Callable[..., Any]:
+    """``llmshim.install`` for the length of a recording or replaying test: the code under test
+    may call it itself (an app that sets llmshim up as it starts), and the new pipeline must still
+    hold the cassette, or a replay would go to the live API and a recording would miss calls."""
+    @functools.wraps(install)
+    def install_keeping_the_cassette(*args: Any, **kwargs: Any) -> Any:
+        settings = install(*args, **kwargs)
+        _keep_in_pipeline(policy)
+        return settings
+
+    return install_keeping_the_cassette
+
+
 @pytest.fixture
 def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     record = request.config.getoption("--llmshim-record")
@@ -306,16 +330,18 @@ def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]
         settings.setdefault("cache", "off")
         settings.setdefault("retry_mode", "off")
     restore = _users_install()
-    llmshim.install(tracer_provider=provider, **settings)
+    install = llmshim.install
+    install(tracer_provider=provider, **settings)
     llmshim.on("call_completed", calls.append)
     llmshim.on("call_failed", calls.append)
     if cassette is not None:
-        from .policies.observer import ObserverPolicy
-
-        llmshim.runtime.STATE.pipeline.insert(CassettePolicy(cassette), after=ObserverPolicy)
+        policy = CassettePolicy(cassette)
+        _keep_in_pipeline(policy)
+        llmshim.install = _keeping(policy, install)
     try:
         yield {"calls": calls, "exporter": exporter}
     finally:
+        llmshim.install = install
         llmshim.off("call_completed", calls.append)
         llmshim.off("call_failed", calls.append)
         if restore is not None:

@@ -161,6 +161,27 @@ def test_after():
     _outcome(pytester, "-p", "no:randomly").assert_outcomes(passed=3)
 
 
+APP_INSTALLS_FILE = """
+import llmshim, requests
+
+def test_app_installs():
+    llmshim.install()  # the app under test sets llmshim up as it starts
+    reply = requests.post({url!r} + "/v1/chat/completions", timeout=5,
+                          json={{"model": "m", "messages": [{{"role": "user", "content": "v"}}]}})
+    assert reply.json()["choices"][0]["message"]["content"] == "Echo: v"
+"""
+
+
+def test_an_install_inside_the_test_keeps_the_cassette(pytester: pytest.Pytester, server: FakeLLMServer) -> None:
+    pytester.makepyfile(test_app=APP_INSTALLS_FILE.format(url=server.url))
+    _outcome(pytester, "--llmshim-record").assert_outcomes(passed=1)  # it wrote no cassette
+    cassette = pytester.path / "cassettes" / "test_app" / "test_app_installs.json"
+    assert len(json.loads(cassette.read_text())["interactions"]) == 1
+    server.reset()
+    _outcome(pytester, "--llmshim-replay").assert_outcomes(passed=1)
+    assert server.received == []
+
+
 # -- cassettes that cannot be read or written ----------------------------------------------------------
 
 PLAIN_FILE = """
