@@ -4,8 +4,9 @@ records into it or replays from it.
 A cassette is readable JSON, one file per test (``cassette_name``: one-to-one with test ids). Each
 interaction holds the request's cache key (shared scope, fixed ``SALT``: header noise, whitespace
 and API keys never change it), the redacted request (no headers, the URL without user info or
-query, credential-named body fields masked: ``_request``) and the response (status, headers minus
-credentials and cookies, body pieces as they arrived). Replay matches by key, each interaction
+query, credential-named body fields masked: ``_request``) and the response (status, headers as the
+cache keeps them, minus the account's organization and project: no credential, no cookie; body
+pieces as they arrived). Replay matches by key, each interaction
 once, in recorded order.
 """
 
@@ -25,10 +26,15 @@ from typing import Any
 from . import redact
 from .call import Call, Reply
 from .pipeline import AsyncHandler, Handler, track
+from .policies.cache_recorder import stored_headers
 from .store import cache_keys
 from .tap import OnEnd
 
-__all__ = ["SALT", "Cassette", "CassetteError", "CassettePolicy", "cassette_name"]
+__all__ = ["ACCOUNT_HEADERS", "SALT", "Cassette", "CassetteError", "CassettePolicy", "cassette_name"]
+
+
+#: Response headers that name the account (a cassette is committed to a repository, often a public one).
+ACCOUNT_HEADERS = frozenset({"openai-organization", "openai-project", "anthropic-organization-id"})
 
 
 class CassetteError(Exception):
@@ -162,10 +168,7 @@ class CassettePolicy:
                 pass
 
         reply.tap.subscribe(Tee())
-        headers = [(str(k), str(v)) for k, v in (reply.headers.multi_items() if hasattr(reply.headers, "multi_items")
-                                                 else reply.headers.items())
-                   if str(k).lower() not in ("content-encoding", "content-length", "transfer-encoding", "set-cookie",
-                                             "date", "connection") and not redact.is_secret_header(str(k))]
+        headers = [(k, v) for k, v in stored_headers(reply.headers) if k.lower() not in ACCOUNT_HEADERS]
 
         def store() -> None:
             self.cassette.interactions.append({

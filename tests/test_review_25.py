@@ -101,14 +101,17 @@ def test_chat():
 
 
 def _gateway_echo(received: Received) -> Answer | None:
-    """A gateway that sets a cookie and echoes the caller's key in response headers."""
+    """A gateway that sets a cookie and echoes the caller's key in response headers (and in the
+    account's organization and project, which a committed cassette must not name either)."""
     if not received.path.startswith("/v1/chat/completions"):
         return None
     body = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Echo: hi"}, "finish_reason": "stop"}]}
     key = received.header("api-key") or ""
-    return Answer(200, [("Content-Type", "application/json"), ("Set-Cookie", f"sid={key}"), ("x-api-key", key),
-                        ("x-gateway-auth-token", key)], json.dumps(body).encode())
+    headers = [("Content-Type", "application/json"), ("Set-Cookie", f"sid={key}"), ("x-api-key", key),
+               ("x-gateway-auth-token", key), ("openai-organization", f"org-{key}"), ("openai-project", f"proj_{key}"),
+               ("anthropic-organization-id", key)]
+    return Answer(200, headers, json.dumps(body).encode())
 
 
 def test_no_secret_reaches_a_cassette_and_other_keys_still_replay(pytester: pytest.Pytester,
