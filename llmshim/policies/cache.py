@@ -84,10 +84,11 @@ def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, contro
         return Plan(False, False, False, ttl, "cache off")
     if call.cache_bypass:  # a test double or a recorder answers: never store it, never hide it
         return Plan(False, False, False, ttl, call.cache_bypass)
+    # Never served from the cache; in replay mode never sent either (replay's promise: nothing leaves)
     if not call.dialect.generates(call.info):  # a measure (count_tokens), not an answer
-        return Plan(False, False, False, ttl, "not a generation")
+        return Plan(False, False, mode == "replay", ttl, "not a generation")
     if body.get("background") or body.get("previous_response_id") or body.get("conversation"):
-        return Plan(False, False, False, ttl, "stateful request")
+        return Plan(False, False, mode == "replay", ttl, "stateful request")
     if nondeterministic == "skip" and mode != "replay" and _nondeterministic(call):
         return Plan(False, False, False, ttl, "non-deterministic (temperature > 0, no seed)")
     return Plan(lookup=mode in ("on", "readonly", "replay"), store=mode in ("on", "refresh"),
@@ -213,13 +214,17 @@ class CachePolicy:
         return track(call, reply)
 
     @staticmethod
-    def _missing(call: Call, key: str | None) -> Reply | None:
-        """Replay mode's answer when the cache cannot serve: a miss, or a store that cannot be read
-        (``key`` None). Never the upstream: replay's promise is that no request leaves."""
+    def _missing(call: Call, key: str | None, never_cached: str | None = None) -> Reply | None:
+        """Replay mode's answer when the cache cannot serve: a miss, a store that cannot be read
+        (``key`` None), or a request the cache never serves (``never_cached``: the plan's reason, a
+        stateful request or a count_tokens). Never the upstream: replay's promise is that no
+        request leaves."""
         if call.replay is None:
             return None
         request = f"{call.request.method} {call.request.public_url}"
-        why = (f"no cached answer for {request} (model {call.info.model or '-'}, key {key[:16]})" if key is not None
+        why = (f"{request} is never answered from the cache ({never_cached}), and replay mode sends nothing"
+               if never_cached else
+               f"no cached answer for {request} (model {call.info.model or '-'}, key {key[:16]})" if key is not None
                else f"the cache could not be read for {request} (see the llmshim warning)")
         body = json.dumps({"error": {
             "message": f"llmshim cache replay mode: {why}",
@@ -263,7 +268,7 @@ class CachePolicy:
     def _answer(self, call: Call, decided: Plan, key: str | None, entry: Entry | None) -> Reply | None:
         """After the first lookup: the hit, replay mode's 504 for a miss, or None (go on)."""
         if not decided.lookup:
-            return None
+            return self._missing(call, None, decided.reason) if decided.only_cached else None
         if key is None:  # the store failed (counted and warned): replay mode still never goes upstream
             return self._missing(call, None) if decided.only_cached else None
         if entry is not None:
@@ -340,7 +345,8 @@ class CachePolicy:
     async def ahandle(self, call: Call, anext: AsyncHandler) -> Reply:
         decided = self._plan(call)  # a call the cache does not serve never asks the store, as in ``handle``
         if not (decided.lookup or decided.store):
-            return await anext(call)
+            missing = self._missing(call, None, decided.reason) if decided.only_cached else None
+            return missing if missing is not None else await anext(call)
         if not await self._salt_off_loop():
             missing = self._missing(call, None) if decided.only_cached and decided.lookup else None
             return missing if missing is not None else await anext(call)
