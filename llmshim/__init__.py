@@ -89,19 +89,25 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None, **overri
     OpenTelemetry providers to use instead of the global ones. Returns the effective settings.
     """
     settings = config.load(**overrides)
+    _apply(settings, tracer_provider, meter_provider)
+    return settings
+
+
+def _apply(settings: Settings, tracer_provider: Any, meter_provider: Any) -> None:
+    """``install()`` once its settings are loaded (the pytest plugin puts a user's install back
+    with it: the same settings and providers, a pipeline built anew)."""
     with _lock:
         if not settings.enabled:
             _uninstall_locked()
             STATE.settings = settings
-            return settings
+            return
         if STATE.active and settings.libraries != STATE.settings.libraries:
             _uninstall_locked()  # a different set of libraries: re-patch from scratch
         STATE.swap(lambda: _build(settings, tracer_provider, meter_provider))  # built on first use
         _write_stats_to(settings.stats_file)
-        STATE.settings = settings
+        STATE.settings, STATE.providers = settings, (tracer_provider, meter_provider)
         STATE.active = True
         adapters.apply_all()
-    return settings
 
 
 def uninstall() -> None:

@@ -33,7 +33,6 @@ import pytest
 import llmshim
 
 from .cassettes import Cassette, CassetteError, CassettePolicy, cassette_name
-from .pipeline import Pipeline
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,59 +66,12 @@ def _users_install() -> Callable[[], None] | None:
     at import), or None when llmshim was not installed: the test's own install replaces it, and
     the test's end must not leave the rest of the session without it. The same settings and
     OpenTelemetry providers; a pipeline built anew (the test's install retired the old one)."""
-    from . import _build, _lock, adapters
     from .runtime import STATE
 
     if not STATE.active:
         return None
-    settings = STATE.settings
-    staged = STATE._build  # install() staged the build and no call has needed it yet
-    if staged is not None:
-        build = staged
-    else:
-        from .policies.observer import ObserverPolicy
-
-        observer = STATE.pipeline.find(ObserverPolicy)
-        telemetry = observer.telemetry if observer is not None else None
-        tracer = telemetry._fixed_tracer_provider if telemetry is not None else None
-        meter = telemetry._fixed_meter_provider if telemetry is not None else None
-
-        def build() -> Pipeline:
-            return _build(settings, tracer, meter)
-
-    def restore() -> None:
-        with _lock:  # as install() does, with the user's Settings as they were
-            if STATE.active and settings.libraries != STATE.settings.libraries:
-                llmshim._uninstall_locked()
-            STATE.swap(build)
-            STATE.settings = settings
-            STATE.active = True
-            adapters.apply_all()
-
-    return restore
-
-
-def _keep_in_pipeline(policy: CassettePolicy) -> None:
-    """The cassette's policy just inside the observer of the pipeline in place, unless it is there."""
-    from .policies.observer import ObserverPolicy
-    from .runtime import STATE
-
-    pipeline = STATE.pipeline
-    if STATE.active and pipeline.find(CassettePolicy) is None:
-        pipeline.insert(policy, after=ObserverPolicy)
-
-
-def _keeping(policy: CassettePolicy, install: Callable[..., Any]) -> Callable[..., Any]:
-    """``llmshim.install`` for the length of a recording or replaying test: the code under test
-    may call it itself (an app that sets llmshim up as it starts), and the new pipeline must still
-    hold the cassette, or a replay would go to the live API and a recording would miss calls."""
-    @functools.wraps(install)
-    def install_keeping_the_cassette(*args: Any, **kwargs: Any) -> Any:
-        settings = install(*args, **kwargs)
-        _keep_in_pipeline(policy)
-        return settings
-
-    return install_keeping_the_cassette
+    settings, (tracer_provider, meter_provider) = STATE.settings, STATE.providers
+    return functools.partial(llmshim._apply, settings, tracer_provider, meter_provider)
 
 
 @pytest.fixture
@@ -147,19 +99,22 @@ def _llmshim_session(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]
     if record or replay:
         settings.setdefault("cache", "off")
         settings.setdefault("retry_mode", "off")
+    from .runtime import PINNED
+
     restore = _users_install()
-    install = llmshim.install
-    install(tracer_provider=provider, **settings)
+    if cassette is not None:  # in every pipeline built during the test: an install() the code under
+        PINNED.append(CassettePolicy(cassette))  # test makes itself keeps it (or a replay would go out)
+    try:
+        llmshim.install(tracer_provider=provider, **settings)
+    except BaseException:
+        PINNED.clear()
+        raise
     llmshim.on("call_completed", calls.append)
     llmshim.on("call_failed", calls.append)
-    if cassette is not None:
-        policy = CassettePolicy(cassette)
-        _keep_in_pipeline(policy)
-        llmshim.install = _keeping(policy, install)
     try:
         yield {"calls": calls, "exporter": exporter}
     finally:
-        llmshim.install = install
+        PINNED.clear()
         llmshim.off("call_completed", calls.append)
         llmshim.off("call_failed", calls.append)
         if restore is not None:

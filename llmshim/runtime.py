@@ -30,6 +30,11 @@ __all__ = ["STATE", "State", "begin", "build_pipeline", "control_headers"]
 log = logging.getLogger("llmshim")
 
 
+#: Policies every pipeline built from now on holds just inside the observer: the pytest plugin's
+#: cassette for the length of a test, so an ``install()`` made by the code under test keeps it.
+PINNED: list[Policy] = []
+
+
 def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provider: Any = None) -> Pipeline:
     """The policy chain for these settings, outermost first: the observer wraps everything, so the
     span is current while hooks run and while every wire attempt is made, and it alone reports."""
@@ -38,7 +43,7 @@ def build_pipeline(settings: Settings, tracer_provider: Any = None, meter_provid
         from .policies.telemetry import Telemetry
 
         telemetry = Telemetry(tracer_provider, meter_provider)
-    policies: list[Policy] = [ObserverPolicy(telemetry)]
+    policies: list[Policy] = [ObserverPolicy(telemetry), *PINNED]
     if settings.cache != "off":
         from .policies.cache import CachePolicy
         from .store.cache_sqlite import SQLiteStore, default_path

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
 
@@ -34,11 +34,12 @@ Build = Callable[[], "Pipeline"]
 
 
 class State:
-    __slots__ = ("_build", "_lock", "_pipeline", "active", "settings")
+    __slots__ = ("_build", "_lock", "_pipeline", "active", "providers", "settings")
 
     def __init__(self) -> None:
         self.active = False
         self.settings = Settings()
+        self.providers: tuple[Any, Any] = (None, None)  # the tracer and meter providers install() was given
         self._pipeline: Pipeline | None = None  # None: not built yet
         self._build: Build | None = None  # how to build it, staged by install()
         self._lock = threading.Lock()
