@@ -40,13 +40,16 @@ class RedisServer:
         self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.workdir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(500):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.01)  # the server process is starting: nothing to wait on but the port
+        # Closed, not left to the collector: the refused connects before the server listens keep
+        # the connection in a reference cycle (their tracebacks), and its socket, open once the
+        # server answers, would be finalized unclosed later: a ResourceWarning, an error in pytest.
+        with redis.Redis.from_url(self.url) as client:
+            for _ in range(500):
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    time.sleep(0.01)  # the server process is starting: nothing to wait on but the port
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:

@@ -100,13 +100,24 @@ def _until(condition: Callable[[], Any], what: str, deadline: float = 20.0) -> A
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _asked(port: int, question: Callable[[Any], Any]) -> Any:
+    """``question(client)`` on a client closed after it: polled while a server starts, an unclosed
+    one keeps its socket in the reference cycle of its refused connects (see RedisServer.start)."""
+    with redis.Redis(port=port) as client:
+        return question(client)
+
+
 def _redis_server(port: int, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
     assert REDIS_SERVER is not None, "redis-server must be installed in CI"
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                              "no", "--dir", str(workdir), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def ping() -> bool:
+        with redis.Redis(port=port) as client:  # closed: see test_redis.RedisServer.start
+            return bool(client.ping())
+
     try:
-        _until(lambda: redis.Redis(port=port).ping(), f"redis-server on {port}")
+        _until(ping, f"redis-server on {port}")
     except BaseException:
         proc.kill()
         proc.wait()
@@ -382,7 +393,7 @@ class SentinelSet:
                "the replica in sync")
         for port in self.sentinel_ports:  # each sentinel sees the replica and the two others: ready to fail over
             _until(lambda p=port: (lambda m: m["num-slaves"] >= 1 and m["num-other-sentinels"] >= 2)(
-                redis.Redis(port=p).sentinel_master("llm")), "sentinels ready")
+                _asked(p, lambda client: client.sentinel_master("llm"))), "sentinels ready")
 
     def master_is(self, port: int) -> bool:
         return all(int(redis.Redis(port=p).sentinel_get_master_addr_by_name("llm")[1]) == port

@@ -159,20 +159,24 @@ def test_a_cluster_write_refused_scripts_is_not_sent_again_after_a_timeout(clust
     from llmshim.store.cache_redis import RedisCacheStore
 
     for i in range(3):
-        cluster.node(i).execute_command("ACL", "SETUSER", "noscript24", "on", ">pw", "~*", "+@all", "-@scripting")
+        with cluster.node(i) as admin:  # every client the test opens is closed (an unclosed socket
+            admin.execute_command("ACL", "SETUSER", "noscript24", "on", ">pw", "~*", "+@all", "-@scripting")
     store = RedisCacheStore(cluster.url.replace("redis+cluster://", "redis+cluster://noscript24:pw@"), timeout=0.2)
-    store.note(hits=1)
-    assert store._scripts_refused  # the fallback is what is tested
-    owner = cluster.ports.index(store.client.get_node_from_key(store.prefix + "totals").port)
-    node = cluster.node(owner)
-    before = _connections_received(node)
-    os.kill(cluster.procs[owner].pid, signal.SIGSTOP)  # frozen: connections are accepted by the kernel only
-    try:
-        with pytest.raises(Exception, match="Timeout"):
-            store.note(hits=1)
+    try:  # collected later is a ResourceWarning, an error at the session's end)
+        store.note(hits=1)
+        assert store._scripts_refused  # the fallback is what is tested
+        owner = cluster.ports.index(store.client.get_node_from_key(store.prefix + "totals").port)
+        with cluster.node(owner) as node:
+            before = _connections_received(node)
+            os.kill(cluster.procs[owner].pid, signal.SIGSTOP)  # frozen: connections accepted by the kernel only
+            try:
+                with pytest.raises(Exception, match="Timeout"):
+                    store.note(hits=1)
+            finally:
+                os.kill(cluster.procs[owner].pid, signal.SIGCONT)
+            assert _connections_received(node) == before  # no second connection: the MULTI was not sent again
     finally:
-        os.kill(cluster.procs[owner].pid, signal.SIGCONT)
-    assert _connections_received(node) == before  # no second connection: the MULTI was not sent again
+        store.close()
 
 
 # -- Redis: what ``get`` reads back is what ``put`` wrote -----------------------------------------
@@ -213,12 +217,14 @@ def test_an_entry_whose_expiry_passed_is_not_kept_and_an_expiry_removed_is_remov
 
     now = time.time()
     store = RedisCacheStore(redis_server.url, timeout=5)
-    store.put(Entry("0ld", 200, [], b"x", now - 10, now - 5, {}), now)
-    assert store.get("0ld", now) is None and not store.client.exists(store.prefix + "0ld")
-    store.put(Entry("a9e", 200, [], b"x", now, now + 100, {}), now)
-    store.put(Entry("a9e", 200, [], b"y", now, None, {}), now)  # written again without expiry: kept for good
-    assert store.client.pttl(store.prefix + "a9e") == -1 and store.get("a9e", now + 1000).body == b"y"
-    store.close()
+    try:
+        store.put(Entry("0ld", 200, [], b"x", now - 10, now - 5, {}), now)
+        assert store.get("0ld", now) is None and not store.client.exists(store.prefix + "0ld")
+        store.put(Entry("a9e", 200, [], b"x", now, now + 100, {}), now)
+        store.put(Entry("a9e", 200, [], b"y", now, None, {}), now)  # written again without expiry: kept for good
+        assert store.client.pttl(store.prefix + "a9e") == -1 and store.get("a9e", now + 1000).body == b"y"
+    finally:
+        store.close()
 
 
 def test_a_body_of_several_megabytes_with_every_byte_value_survives_the_script(redis_server: Any) -> None:
@@ -227,6 +233,8 @@ def test_a_body_of_several_megabytes_with_every_byte_value_survives_the_script(r
 
     entry = Entry("5eed", 200, [("content-type", "application/json")], bytes(range(256)) * 24_000, 1.0, None, {})
     store = RedisCacheStore(redis_server.url, timeout=5)
-    store.put(entry, 1.0)
-    assert store.get("5eed", 1.0) == entry
-    store.close()
+    try:
+        store.put(entry, 1.0)
+        assert store.get("5eed", 1.0) == entry
+    finally:
+        store.close()
