@@ -21,6 +21,7 @@ from .facts import Facts
 from .tap import OnEnd, Tap, TapObserver
 
 if TYPE_CHECKING:
+    from .cancellation import Cancellation
     from .dialects import Dialect
     from .tokens import TextTally
 
@@ -357,6 +358,9 @@ class Call:
     # The adapter's send of this request through its library's original method (sync or async to
     # match the chain it runs on): the pipeline's chain, built once, ends by calling it.
     send: Callable[[Call], Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Set when the caller went away while this call's chain runs on another thread (a trio task
+    # cancelled): waits that hold a place others need leave at once (llmshim.cancellation).
+    cancellation: Cancellation | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def duration(self) -> float | None:

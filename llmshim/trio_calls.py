@@ -18,10 +18,11 @@ ended only by the connect timeout). So a trio program has one thread per call in
 
 A cancelled task (a cancel scope, ``move_on_after``, Ctrl-C) goes at once, as under asyncio: its
 worker is abandoned (trio's ``abandon_on_cancel``) and ends alone: it sends nothing more for the
-task (``Abandoned`` on that thread, which no caller sees), a send under way is cancelled too (trio
-runs it as a system task, outside the task's cancel scopes: it is given a scope of its own), and
-whatever the worker holds (a queue place, a slot, a reply that came back meanwhile) is released as
-for any failed or dropped call. A reply the chain drops on the worker (a retried attempt, one
+task (``Abandoned`` on that thread, which no caller sees), a place in the rate limiter's queue is
+left at once (the call's ``Cancellation`` wakes it: a place kept to its turn took a permit), a
+send under way is cancelled too (trio runs it as a system task, outside the task's cancel scopes:
+it is given a scope of its own), and whatever the worker holds (a slot, a reply that came back
+meanwhile) is released as for any failed or dropped call. A reply the chain drops on the worker (a retried attempt, one
 that came back too late) is closed on the loop: an async response has no synchronous close.
 
 trio is never imported here: a program that has not imported it is not running it.
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .call import Call, Reply
+from .cancellation import Abandoned, Cancellation
 
 __all__ = ["Abandoned", "run_on_worker", "running"]
 
@@ -83,7 +85,9 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
     caller dropped unread would outlive the collection that ends it (keeping its rate-limit slot)."""
     trio = sys.modules["trio"]
     box: list[Reply] = []
-    abandoned = threading.Event()
+    abandoned = Cancellation()
+    if call is not None:  # (None in unit tests of this function alone)
+        call.cancellation = abandoned
     lock = threading.Lock()  # the worker keeps its reply, or the task abandons it: never both, never neither
     sends: list[Any] = []  # the cancel scopes of sends running on the loop for this call
 
@@ -93,7 +97,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
         with trio.CancelScope() as scope:
             sends.append(scope)
             try:
-                if abandoned.is_set():
+                if abandoned.cancelled:
                     scope.cancel()
                 return await asend(call)  # type: ignore[no-any-return]
             finally:
@@ -101,7 +105,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
         raise Abandoned("the trio task that made this call was cancelled during its send")
 
     def send(call: Call) -> Reply:
-        if abandoned.is_set():  # the task is gone: nothing is sent for it any more
+        if abandoned.cancelled:  # the task is gone: nothing is sent for it any more
             raise Abandoned("the trio task that made this call was cancelled")
         reply: Reply = trio.from_thread.run(send_on_loop, call)
         # The chain on this thread releases a reply it will not return (a retried attempt) with the
@@ -112,7 +116,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
     def work() -> None:
         reply = run(call, send)
         with lock:
-            kept = not abandoned.is_set()
+            kept = not abandoned.cancelled
             if kept:
                 box.append(reply)
         if not kept:  # came back for a task that is gone: released now, as a retried attempt is
@@ -122,7 +126,7 @@ async def run_on_worker(run: Callable[[Call, Callable[[Call], Reply]], Reply], c
         await trio.to_thread.run_sync(work, limiter=_UNLIMITED, **{_abandon_keyword(trio): True})
     except BaseException:  # cancelled (or interrupted): the task goes at once, the worker ends alone
         with lock:
-            abandoned.set()
+            abandoned.cancel()  # and a wait holding a place others need (the limiter's queue) leaves now
             late = box.pop() if box else None  # the worker ended, but the task was cancelled first
         for scope in list(sends):
             scope.cancel()
@@ -144,10 +148,6 @@ async def _quietly(afn: Callable[[], Any]) -> None:
     """``afn()``, its failure ignored (a system task's exception would end the whole trio run)."""
     with contextlib.suppress(Exception):
         await afn()
-
-
-class Abandoned(Exception):
-    """Raised on an abandoned worker (never to a caller) instead of sending for a cancelled task."""
 
 
 _ABANDON: list[str] = []

@@ -176,3 +176,59 @@ def test_a_trio_call_cancelled_while_queued_ends_at_once_and_its_worker_sends_no
     assert _limiter().held() == (0, 0)
     asked = [json.loads(r.body)["messages"][0]["content"] for r in server.received]
     assert "cancelled while queued" not in asked and asked == ["holds the slot", "after"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_trio_calls_cancelled_while_queued_for_a_rate_leave_the_queue_at_once_and_take_no_permit(
+        library: str, server: FakeLLMServer, installed_cached: Callable[..., Any]) -> None:
+    """A cancelled task's worker waited in the limiter's queue until its turn, then took that
+    turn's permit and sent nothing: every call cancelled while queued cost the program one request
+    of its rate (and the calls behind it one interval each). Now its place is left at once."""
+    installed_cached(rpm="60", ratelimit_burst="0", queue_timeout="60")
+    server.reset()
+
+    async def main() -> tuple[int, float, float]:
+        async with _client(library, server) as client:
+            await client.post("/chat/completions", json=body("first"))  # the next permit is 1 s away
+            (key,) = _limiter()._keys.values()
+            after_first = key.requests.tat
+
+            async def ask(n: int) -> None:
+                await client.post("/chat/completions", json=body(f"cancelled {n}"))
+
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    for n in range(5):
+                        nursery.start_soon(ask, n)
+                    while _limiter().held()[1] < 5:  # all five queued for a permit
+                        await trio.sleep(0.005)
+                    scope.cancel()
+            while _limiter().held() != (0, 0):  # their workers leave the queue (before: one a second)
+                await trio.sleep(0.005)
+            after = await client.post("/chat/completions", json=body("after"))
+            return after.status_code, after_first, key.requests.tat
+
+    status, after_first, at_end = trio.run(main)
+    assert status == 200
+    # One permit taken since "first" ("after"'s own: the bucket's next-permit time moved 1 s and the
+    # grant's lateness); each permit a cancelled call took would move it 1 s more (the bug: 6 s).
+    assert 1.0 <= at_end - after_first < 5.0
+    asked = [json.loads(r.body)["messages"][0]["content"] for r in server.received]
+    assert asked == ["first", "after"]
+
+
+def test_a_cancellation_wakes_each_registered_waiter_once_and_no_removed_one() -> None:
+    from llmshim.cancellation import Cancellation
+
+    woken: list[str] = []
+    cancellation = Cancellation()
+    stop_a = cancellation.wake_with(lambda: woken.append("a"))
+    stop_b = cancellation.wake_with(lambda: woken.append("b"))
+    stop_b()
+    cancellation.cancel()
+    cancellation.cancel()
+    stop_a()  # after the cancel: nothing to remove, no error
+    assert woken == ["a"] and cancellation.cancelled
+    cancellation.wake_with(lambda: woken.append("late"))  # registered after the cancel: woken at once
+    assert woken == ["a", "late"]

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..call import Call, Reply
+from ..cancellation import Abandoned
 from ..knobs import PRIORITIES, PRIORITY_HEADER, current_priority, priority, resolve_priority
 from ..pipeline import AsyncHandler, Handler, track
 from ..store.cache_keys import credential_of
@@ -180,11 +181,19 @@ class RateLimitPolicy:
         key, waiter = planned
         waiter.event = threading.Event()
         self.limiter.enqueue(key, waiter)
+        cancellation = call.cancellation  # a trio task gone: leave the queue now, not at our turn
+        stop_waking = cancellation.wake_with(waiter.event.set) if cancellation is not None else None
         try:
             granted = waiter.event.wait(self.queue_timeout)
         except BaseException:  # Ctrl-C while queued: leave the queue, or give back what was granted
             self._abandon(key, waiter)
             raise
+        finally:
+            if stop_waking is not None:
+                stop_waking()
+        if cancellation is not None and cancellation.cancelled:
+            self._abandon(key, waiter)
+            raise Abandoned("the caller went away while its call was queued")
         if not granted and self.limiter.withdraw(key, waiter):
             return self._timed_out(call)
         self._waited(call, waiter)
