@@ -232,3 +232,15 @@ def test_a_cancellation_wakes_each_registered_waiter_once_and_no_removed_one() -
     assert woken == ["a"] and cancellation.cancelled
     cancellation.wake_with(lambda: woken.append("late"))  # registered after the cancel: woken at once
     assert woken == ["a", "late"]
+
+
+def test_running_is_true_on_a_trio_runs_thread_only() -> None:
+    """What routes a call to the worker and a store write to the background writer: true in the
+    run, false on its worker threads (the synchronous chain runs there) and outside any run."""
+    from llmshim import trio_calls
+
+    async def main() -> tuple[bool, bool]:
+        return trio_calls.running(), await trio.to_thread.run_sync(trio_calls.running)
+
+    assert trio.run(main) == (True, False)
+    assert trio_calls.running() is False
