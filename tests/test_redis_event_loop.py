@@ -270,3 +270,36 @@ def test_uninstall_after_an_asyncio_programs_hits_loses_no_count_and_breaks_no_w
     assert not [r for r in caplog.records if "failed" in r.getMessage()]
     totals = redis.Redis.from_url(redis_server.url).hgetall("llmshim:cache:totals")
     assert (int(totals[b"hits"]), int(totals[b"misses"])) == (29, 1)
+
+
+def test_an_async_tiered_lookup_reads_its_local_front_once(server: FakeLLMServer, redis_server: Any,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front (SQLite) is read in place on the loop; a miss there sends only the Redis read to a
+    reader thread (it read the front again there), and the Redis hit is kept in the front: the
+    next lookup is a front hit, with no Redis read."""
+    from llmshim.store.cache_sqlite import SQLiteStore
+
+    _store_once(server, redis_server.url, tmp_path, tiered=True)
+    cache = _install(redis_server.url, tmp_path, "second.sqlite3", tiered=True)
+    front_reads: list[str] = []
+    front_get = SQLiteStore.get
+
+    def counted(self: SQLiteStore, key: str, now: float, defer: Any = None) -> Any:
+        front_reads.append(key)
+        return front_get(self, key, now, defer)
+
+    monkeypatch.setattr(SQLiteStore, "get", counted)
+    try:
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+                first = await client.post("/chat/completions", json=BODY)
+                reads_for_the_first = len(front_reads)
+                assert cache.writes.idle(10)  # the front's copy is written
+                second = await client.post("/chat/completions", json=BODY)
+                return [first.headers["x-llmshim-cache"], second.headers["x-llmshim-cache"],
+                        str(reads_for_the_first), str(len(front_reads))]
+
+        assert asyncio.run(main()) == ["hit", "hit", "1", "2"]
+        assert len(server.received) == 1  # only _store_once's call went upstream
+    finally:
+        llmshim.uninstall()

@@ -139,8 +139,10 @@ class CachePolicy:
             self._failed("open", exc)
             return None
 
-    def _lookup(self, key: str, store: CacheStore | None = None) -> Entry | None:
+    def _lookup(self, key: str, store: CacheStore | None = None, past_near: bool = False) -> Entry | None:
         try:
+            if past_near:
+                return self.store.get_past_near(key, CLOCK(), defer=self.writes.run)
             return (store or self.store).get(key, CLOCK(), defer=self.writes.run)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
@@ -158,8 +160,8 @@ class CachePolicy:
             entry = self._lookup(key, store.near)
             if entry is not None:
                 return entry
-        try:
-            return await read_off_loop(lambda: self._lookup(key))
+        try:  # past the front (read above): only Redis, on a reader thread
+            return await read_off_loop(lambda: self._lookup(key, past_near=store.near is not None))
         except Exception as exc:  # the reader threads refused it (the interpreter is exiting): a miss
             self._failed("read", exc)
             return None

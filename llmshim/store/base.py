@@ -107,6 +107,9 @@ class CacheStore(Protocol):
     def get(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
         """The live entry for ``key``; a write it may be due (a last-access touch) goes through ``defer``."""
 
+    def get_past_near(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
+        """``get`` once ``near`` was asked and missed (without a ``near``: ``get``)."""
+
     def put(self, entry: Entry, now: float) -> None: ...
 
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:

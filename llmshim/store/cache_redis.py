@@ -81,6 +81,8 @@ class RedisCacheStore:
         return Entry(key, int(row[b"status"]), [tuple(h) for h in json.loads(row[b"headers"])], bytes(row[b"body"]),
                      float(row[b"created_at"]), expires_at, json.loads(row[b"meta"]))
 
+    get_past_near = get  # no near part: the whole lookup
+
     _scripts_refused = False  # the Redis user may not run scripts (an ACL without @scripting)
 
     def _write(self, script: str, name: str, args: list[Any], commands: Callable[[Any], None]) -> None:
@@ -175,11 +177,15 @@ class TieredStore:
 
     def get(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
         entry = self.front.get(key, now, defer)
-        if entry is None:
-            entry = self.back.get(key, now)
-            if entry is not None:  # kept in the front for the next hit: a write, deferred like the touch
-                found = entry
-                (defer or (lambda fn: fn()))(lambda: self.front.put(found, now))
+        return entry if entry is not None else self.get_past_near(key, now, defer)
+
+    def get_past_near(self, key: str, now: float, defer: Defer | None = None) -> Entry | None:
+        """The front missed: Redis, and a hit kept in the front for the next time (a write,
+        deferred like the touch)."""
+        entry = self.back.get(key, now)
+        if entry is not None:
+            found = entry
+            (defer or (lambda fn: fn()))(lambda: self.front.put(found, now))
         return entry
 
     def put(self, entry: Entry, now: float) -> None:

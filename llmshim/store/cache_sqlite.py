@@ -227,6 +227,8 @@ class SQLiteStore:
             self._decoded.keep((created_at, size), entry)
         return entry
 
+    get_past_near = get  # no near part: the whole lookup
+
     def _touch(self, key: str, now: float) -> None:
         with suppress(sqlite3.Error, OSError), self._write() as conn:  # advisory: a busy file keeps its hit
             conn.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
