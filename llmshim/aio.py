@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook is registered before ours, so ours runs first
 import contextvars
 import functools
+import inspect
+import os
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
 from .wake import Wakeup
@@ -57,6 +60,7 @@ class AsyncPool:
         self._waiting: list[Wakeup] = []  # callers waiting for a slot, first come first served
         self.active = 0  # calls running in a thread now (including ones whose caller timed out)
         self.peak_taken = 0
+        self.closed = False
         self._instruments = _Instruments()
 
     @property
@@ -99,7 +103,10 @@ class AsyncPool:
             self._taken -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if not self.enabled:  # LLMSHIM_ASYNC_ENABLED=false: inline, for debugging
+        """Run ``fn`` in a pool thread once a slot is free. A call made from one of this pool's own
+        threads (``run_sync`` inside a pooled function) runs inline instead: waiting there for a
+        thread of the same pool deadlocks once every thread does it."""
+        if not self.enabled or getattr(_worker, "pool", None) is self:
             return fn(*args, **kwargs)
         waited = await self._acquire()
         self._instruments.wait(waited)
@@ -110,30 +117,52 @@ class AsyncPool:
             self._release()
             raise
         job.add_done_callback(lambda _: self._release())  # the slot is freed when the thread is done
+        # Giving up (cancelled, timed out) cancels ``waiting``, which cancels ``job`` if no thread has
+        # started it: a call nobody awaits any more never starts. A started one runs to its end.
         waiting = asyncio.wrap_future(job)
-        if self.timeout is None:
-            return await waiting
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting), self.timeout)
+            if self.timeout is None:
+                return await waiting
+            return await asyncio.wait_for(waiting, self.timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"{getattr(fn, '__qualname__', fn)!s} did not finish within {self.timeout:g}s "
-                "(LLMSHIM_ASYNC_TIMEOUT); it keeps running in its thread and holds its slot until it ends"
+                "(LLMSHIM_ASYNC_TIMEOUT); if it had started it keeps running in its thread and holds its "
+                "slot until it ends"
             ) from None
+        except asyncio.CancelledError:
+            if self.closed and job.cancelled() and not _cancel_requested():
+                raise RuntimeError(f"llmshim.aio was shut down before {getattr(fn, '__qualname__', fn)!s} "
+                                   "started") from None
+            raise
 
     def _call(self, context: contextvars.Context, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
         with self._lock:
             self.active += 1
         self._instruments.active(1)
+        _worker.pool = self
         try:
             return context.run(fn, *args, **kwargs)
         finally:
+            _worker.pool = None
             with self._lock:
                 self.active -= 1
             self._instruments.active(-1)
 
     def shutdown(self, wait: bool = False) -> None:
+        """Cancel the calls no thread has started (their callers get RuntimeError), then stop."""
+        self.closed = True
         self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+_worker = threading.local()  # .pool: the AsyncPool whose thread this is, while it runs a call
+
+
+def _cancel_requested() -> bool:
+    """Whether the current task was asked to cancel (unknowable before Python 3.11: assume so)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 class _Instruments:
@@ -184,6 +213,21 @@ def shutdown(wait: bool = False) -> None:
 
 
 atexit.register(shutdown)
+if hasattr(threading, "_register_atexit"):
+    # At exit, Python joins the executor's threads (running what is queued) *before* atexit hooks
+    # run; this hook runs before that join, so calls nobody started are cancelled, not run.
+    threading._register_atexit(shutdown)
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's pool threads (its queued calls would wait forever)
+    and may have inherited a held lock: it starts from no pool."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def to_async(fn: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -220,6 +264,17 @@ class _Wrapped:
     def __repr__(self) -> str:
         return f"llmshim.aio.wrap({object.__getattribute__(self, '_obj')!r})"
 
+    def __enter__(self) -> Any:
+        """``with wrap(client) as aclient``: the client's own ``__enter__``/``__exit__`` (closing it);
+        the proxy comes back where the client returns itself. Dunders bypass ``__getattr__``."""
+        obj = object.__getattribute__(self, "_obj")
+        entered = type(obj).__enter__(obj)
+        return self if entered is obj else entered
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        obj = object.__getattribute__(self, "_obj")
+        return type(obj).__exit__(obj, *exc_info)
+
 
 def wrap(obj: Any) -> Any:
     """A proxy of a sync client adding ``NAME_async`` for each public method (``client.chat`` ->
@@ -227,15 +282,18 @@ def wrap(obj: Any) -> Any:
     return _Wrapped(obj)
 
 
-async def gather_with_limit(*aws: Awaitable[T], limit: int) -> list[T]:
-    """``asyncio.gather`` with at most ``limit`` awaitables running at once; results in order."""
+async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: int) -> list[T]:
+    """``asyncio.gather`` with at most ``limit`` awaitables running at once; results in order.
+    Awaitables are given as arguments or, as the hand-rolled helpers took them, as one list."""
+    if len(aws) == 1 and not inspect.isawaitable(aws[0]) and isinstance(aws[0], Iterable):
+        aws = tuple(aws[0])
     semaphore = asyncio.Semaphore(limit)
 
     async def one(aw: Awaitable[T]) -> T:
         async with semaphore:
             return await aw
 
-    return list(await asyncio.gather(*(one(aw) for aw in aws)))
+    return list(await asyncio.gather(*(one(cast(Awaitable[T], aw)) for aw in aws)))
 
 
 async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
@@ -270,7 +328,10 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
     async def one(item: Any) -> Any:
         async with semaphore:
             try:
-                return await run(item)
+                result = await run(item)
+                if inspect.isawaitable(result):  # a sync callable handing back a coroutine (a lambda)
+                    result = await result
+                return result
             except Exception as exc:
                 if return_exceptions:
                     return exc
