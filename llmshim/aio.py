@@ -33,160 +33,17 @@ import inspect
 import os
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
-from .wake import Wakeup
+from .aio_pool import AsyncPool
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class AsyncPool:
-    """The thread pool and its slots. Slots are counted across event loops and threads."""
-
-    def __init__(self, workers: int, queue_size: int, timeout: float | None, enabled: bool = True) -> None:
-        self.workers, self.queue_size, self.timeout, self.enabled = workers, queue_size, timeout, enabled
-        self.capacity = workers + queue_size
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                               thread_name_prefix="llmshim-aio")
-        self._lock = threading.Lock()
-        self._taken = 0
-        self._waiting: list[Wakeup] = []  # callers waiting for a slot, first come first served
-        self.active = 0  # calls running in a thread now (including ones whose caller timed out)
-        self.peak_taken = 0
-        self.closed = False
-        self._instruments = _Instruments()
-
-    @property
-    def queue_depth(self) -> int:
-        with self._lock:
-            return len(self._waiting) + max(0, self._taken - self.workers)
-
-    async def _acquire(self) -> float:
-        start = time.perf_counter()
-        with self._lock:
-            if self._taken < self.capacity and not self._waiting:
-                self._taken += 1
-                self.peak_taken = max(self.peak_taken, self._taken)
-                return 0.0
-            wakeup = Wakeup.for_task()
-            self._waiting.append(wakeup)
-        self._instruments.depth(1)
-        try:
-            await wakeup.wait_async()
-        except asyncio.CancelledError:
-            with self._lock:
-                if wakeup in self._waiting:
-                    self._waiting.remove(wakeup)
-                    raise
-            self._release()  # the slot was handed over just as we were cancelled: pass it on
-            raise
-        finally:
-            self._instruments.depth(-1)
-        return time.perf_counter() - start
-
-    def _release(self) -> None:
-        """Hand the slot to the first waiter whose loop is still open (_taken unchanged), or free it.
-
-        A waiter leaves ``_waiting`` only here (woken) or itself (cancelled, under the lock), so a
-        slot is handed to exactly one waiter, and a waiter that was handed one passes it on."""
-        with self._lock:
-            while self._waiting:
-                if self._waiting.pop(0).wake():
-                    return
-            self._taken -= 1
-
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` in a pool thread once a slot is free. A call made from one of this pool's own
-        threads (``run_sync`` inside a pooled function) runs inline instead: waiting there for a
-        thread of the same pool deadlocks once every thread does it."""
-        if not self.enabled or getattr(_worker, "pool", None) is self:
-            return fn(*args, **kwargs)
-        waited = await self._acquire()
-        self._instruments.wait(waited)
-        context = contextvars.copy_context()
-        try:
-            job = self._executor.submit(self._call, context, fn, args, kwargs)
-        except BaseException:
-            self._release()
-            raise
-        job.add_done_callback(lambda _: self._release())  # the slot is freed when the thread is done
-        # Giving up (cancelled, timed out) cancels ``waiting``, which cancels ``job`` if no thread has
-        # started it: a call nobody awaits any more never starts. A started one runs to its end.
-        waiting = asyncio.wrap_future(job)
-        try:
-            if self.timeout is None:
-                return await waiting
-            return await asyncio.wait_for(waiting, self.timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(
-                f"{getattr(fn, '__qualname__', fn)!s} did not finish within {self.timeout:g}s "
-                "(LLMSHIM_ASYNC_TIMEOUT); if it had started it keeps running in its thread and holds its "
-                "slot until it ends"
-            ) from None
-        except asyncio.CancelledError:
-            if self.closed and job.cancelled() and not _cancel_requested():
-                raise RuntimeError(f"llmshim.aio was shut down before {getattr(fn, '__qualname__', fn)!s} "
-                                   "started") from None
-            raise
-
-    def _call(self, context: contextvars.Context, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
-        with self._lock:
-            self.active += 1
-        self._instruments.active(1)
-        _worker.pool = self
-        try:
-            return context.run(fn, *args, **kwargs)
-        finally:
-            _worker.pool = None
-            with self._lock:
-                self.active -= 1
-            self._instruments.active(-1)
-
-    def shutdown(self, wait: bool = False) -> None:
-        """Cancel the calls no thread has started (their callers get RuntimeError), then stop."""
-        self.closed = True
-        self._executor.shutdown(wait=wait, cancel_futures=True)
-
-
-_worker = threading.local()  # .pool: the AsyncPool whose thread this is, while it runs a call
-
-
-def _cancel_requested() -> bool:
-    """Whether the current task was asked to cancel (unknowable before Python 3.11: assume so)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is None or cancelling() > 0
-
-
-class _Instruments:
-    """llmshim.aio.queue.depth, llmshim.aio.active, llmshim.aio.wait, on the global meter provider."""
-
-    def __init__(self) -> None:
-        from opentelemetry import metrics
-
-        meter = metrics.get_meter("llmshim.aio")
-        self._depth = meter.create_up_down_counter("llmshim.aio.queue.depth", unit="{call}",
-                                                   description="Calls waiting for a pool slot.")
-        self._active = meter.create_up_down_counter("llmshim.aio.active", unit="{call}",
-                                                    description="Calls running in pool threads.")
-        self._wait = meter.create_histogram("llmshim.aio.wait", unit="s", description="Time waited for a slot.")
-
-    def depth(self, delta: int) -> None:
-        self._depth.add(delta)
-
-    def active(self, delta: int) -> None:
-        self._active.add(delta)
-
-    def wait(self, seconds: float) -> None:
-        self._wait.record(seconds)
-
 
 _pool: AsyncPool | None = None
 _pool_lock = threading.Lock()
