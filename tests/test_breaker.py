@@ -315,3 +315,19 @@ def test_redis_answering_again_is_used_again_after_one_cooldown(tmp_path: Path) 
         cache.close()
         limits.close()
         redis_server.stop()
+
+
+@pytest.mark.parametrize(("url", "timeout", "at_least"), [
+    ("redis://h:6379/0", 0.05, 4.0),                                  # the floor: probes are rare anyway
+    ("redis://h:6379/0", 2.0, 6.0),                                   # connect + read + a spare
+    ("redis+sentinel://s1:26379,s2:26379,s3:26379/llm/0", 2.0, 12.0),  # each Sentinel asked, then the master
+    ("redis+cluster://a:7000,b:7001/", 1.5, 7.5)])                    # each seed, then the node
+def test_a_probe_is_out_longer_than_it_can_take(url: str, timeout: float, at_least: float) -> None:
+    """A probe's lease covers the most it can take (one timeout per Sentinel or seed, then the
+    connect and the read): the next probe never overlaps it, whatever LLMSHIM_REDIS_TIMEOUT is."""
+    from llmshim.store.redis_client import Guarded, probe_lease
+    from llmshim.store.redis_url import parse_redis_url
+
+    target = parse_redis_url(url)
+    assert probe_lease(target, timeout) == pytest.approx(at_least)
+    assert Guarded(url, timeout).breaker.lease == pytest.approx(at_least)

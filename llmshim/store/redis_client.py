@@ -145,6 +145,13 @@ class RedisUnavailable(ConnectionError):
 _GUARDS: weakref.WeakSet[Guarded] = weakref.WeakSet()
 
 
+def probe_lease(target: RedisTarget, timeout: float) -> float:
+    """How long a probe is out before another may go: longer than one can take, so probes never
+    overlap. A PING is a connect and a read (one timeout each); on Sentinel or a Cluster finding
+    the node first asks each Sentinel or seed in turn (one timeout each at most); plus one spare."""
+    return max(LEASE, (len(target.nodes) + 3) * timeout)
+
+
 class Guarded:
     """One Redis target behind a circuit breaker: ``run(op)`` calls ``op(client)``, or raises
     RedisUnavailable at once while the breaker is open. The client is built on first use (and
@@ -154,8 +161,7 @@ class Guarded:
                  breaker: Breaker | None = None) -> None:
         self.target = parse_redis_url(url)
         self.timeout, self.clock = timeout, clock
-        # A probe (a PING: connect and read, one timeout each) is never overlapped by the next one.
-        self.breaker = breaker or Breaker(lease=max(LEASE, 3 * timeout))
+        self.breaker = breaker or Breaker(lease=probe_lease(self.target, timeout))
         self.attempts = 0  # operations that went to Redis (the breaker let them through)
         self.probe: threading.Thread | None = None  # the last background probe
         self._client: Any = None
