@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
-__all__ = ["LOG_FILTER", "MASK", "RedactingFilter", "is_secret_header", "public_url", "scrub_setting_url",
-           "scrub_text", "scrub_url"]
+__all__ = ["LOG_FILTER", "MASK", "RedactingFilter", "is_secret_header", "mask_secret_fields", "public_url",
+           "scrub_setting_url", "scrub_text", "scrub_url"]
 
 MASK = "***"
 
@@ -198,6 +199,18 @@ def is_secret_header(name: str) -> bool:
 
     ``x-ratelimit-remaining-tokens`` is not: a count of tokens, not a token."""
     return bool(_SECRET_HEADER.search(str(name)))
+
+
+def mask_secret_fields(value: Any) -> Any:
+    """A JSON value as llmshim shows or keeps it outside the wire (a cache entry's description, a
+    cassette): the string value of every field named like a credential (``api_key``,
+    ``access_token``, ``password``...) masked, at any depth. A copy; the value is not changed."""
+    if isinstance(value, dict):
+        return {k: MASK if isinstance(v, str) and is_secret_header(str(k)) else mask_secret_fields(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secret_fields(v) for v in value]
+    return value
 
 
 # -- the llmshim logger ---------------------------------------------------------------------------------

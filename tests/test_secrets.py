@@ -398,3 +398,51 @@ def test_a_credential_echoed_in_a_response_header_is_never_written_to_the_cache(
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("c.sqlite3"))
     assert b"echoedSECRET" not in raw and b"tok1" not in raw
     assert SQLiteStore(str(tmp_path / "c.sqlite3")).stats()["entries"] == 1
+
+
+_BODY_SECRETS = {"api_key": "sk-proj-BodyKey0123456789abcdef", "access_token": "ya29.BodyToken-0123456789",
+                 "password": "hunter2-Body-Password", "client_secret": "BodyClientSecret-0123456789"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_credential_in_the_request_body_never_reaches_the_cache(backend: str, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """OpenAI-compatible proxies (LiteLLM and others) take ``api_key`` in the body, some SDKs pass
+    tokens in ``metadata``: the entry's description of the request masks every credential-named
+    field, at any depth; the answer is still cached, and still keyed by the body as sent (two
+    keys, two entries)."""
+    import requests
+
+    from llmshim.testing import FakeLLMServer
+
+    settings: dict[str, str] = {"cache": "on", "cache_path": str(tmp_path / "cache.sqlite3")}
+    raw: Any = None
+    if backend == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        settings.update(cache_url=redis_server.url, redis_timeout="10s")
+        import redis
+
+        raw = redis.Redis.from_url(redis_server.url)
+    with FakeLLMServer() as server:
+        llmshim.install(**settings)
+        try:
+            for n in range(2):
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                        "api_key": _BODY_SECRETS["api_key"] + str(n),
+                        "metadata": {"auth": {"access_token": _BODY_SECRETS["access_token"]}},
+                        "extra": [{"password": _BODY_SECRETS["password"],
+                                   "client_secret": _BODY_SECRETS["client_secret"]}]}
+                for _ in range(2):
+                    answer = requests.post(server.openai_base_url + "/chat/completions", json=body, timeout=10)
+                    assert answer.status_code == 200
+        finally:
+            llmshim.uninstall()
+        assert len(server.received) == 2  # each body's repeat was a hit
+    kept = b"".join(path.read_bytes() for path in tmp_path.glob("cache.sqlite3*"))
+    if raw is not None:
+        kept += b"".join(b"".join(raw.hgetall(k).values()) for k in raw.keys("llmshim:cache:*")
+                         if raw.type(k) == b"hash")  # the fields as stored (DUMP may compress them)
+        raw.close()
+    assert kept  # something was stored to look at
+    for secret in _BODY_SECRETS.values():
+        assert secret.encode() not in kept, secret

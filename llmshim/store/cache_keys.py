@@ -34,6 +34,7 @@ from itertools import chain
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .. import redact
 from ..call import Call
 
 __all__ = ["CREDENTIAL_HEADERS", "KEY_VERSION", "NOISE_HEADERS", "NOISE_PREFIXES", "cache_key",
@@ -432,13 +433,15 @@ SUMMARY_BODY_BYTES = 64 * 1024
 
 
 def summary(call: Call) -> Mapping[str, Any]:
-    """A redacted description of the request for ``llmshim cache ls/show``: never headers."""
+    """A redacted description of the request for ``llmshim cache ls/show`` (kept in the entry, and
+    shown by cassettes): never headers, no credential field of the body (``api_key``...: masked)."""
     ignored = call.dialect.cache_ignored_fields(call.info)
     described: dict[str, Any] = {"provider": call.info.provider, "endpoint": call.info.endpoint,
                                  "model": call.info.model, "stream": call.info.stream, "url": call.request.public_url,
                                  "body_bytes": len(call.request.body)}
     if len(call.request.body) <= SUMMARY_BODY_BYTES:
-        described["body"] = {k: v for k, v in call.info.body.items() if k not in ignored}
+        described["body"] = redact.mask_secret_fields({k: v for k, v in call.info.body.items() if k not in ignored})
     else:  # a big request is described, not copied into every entry's metadata
-        described["body_preview"] = call.request.body[:SUMMARY_BODY_BYTES // 16].decode("utf-8", "replace")
+        described["body_preview"] = redact.scrub_text(
+            call.request.body[:SUMMARY_BODY_BYTES // 16].decode("utf-8", "replace"))
     return described
