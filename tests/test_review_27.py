@@ -11,6 +11,7 @@ client over a real socket to the bundled server (and a real redis-server where R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,88 @@ def test_a_corrupt_front_still_lets_the_answer_reach_redis(
         llmshim.uninstall()
     assert answer == (200, "hit")
     assert len(server.received) == 1
+
+
+STREAM = {**BODY, "stream": True}
+
+
+def test_uninstall_mid_stream_then_install_again_on_the_same_redis(
+        server: FakeLLMServer, redis_server: Any, tmp_path: Path) -> None:
+    """install() → a streamed call → uninstall() while its body is still being read → install()
+    again with the same Redis URL (cache and shared rate-limit budget): the call in flight ends
+    normally and is stored (its store closes only after it), and the new install's stores are new
+    ones, not the closed ones: a hit, a shared budget taken, no store error."""
+    settings = {"cache": "on", "cache_url": redis_server.url, "cache_path": str(tmp_path / "c.sqlite3"),
+                "redis_timeout": "5s", "rpm": "6000", "ratelimit_store": redis_server.url}
+    llmshim.install(**settings)
+    try:
+        with httpx.Client(timeout=10) as client, \
+                client.stream("POST", server.openai_base_url + "/chat/completions", json=STREAM) as answer:
+            pieces = answer.iter_bytes()
+            first = next(pieces)
+            llmshim.uninstall()  # the pipeline retires; the call in flight keeps its stores
+            body = first + b"".join(pieces)
+        assert answer.status_code == 200 and b"[DONE]" in body
+        assert drain()
+        llmshim.install(**settings)
+        with httpx.Client(timeout=10) as client:
+            again = client.post(server.openai_base_url + "/chat/completions", json=STREAM)
+        assert drain()
+        stats = llmshim.stats()
+    finally:
+        llmshim.uninstall()
+    assert again.status_code == 200 and again.headers.get("x-llmshim-cache") == "hit"
+    assert again.content == body
+    assert len(server.received) == 1
+    assert stats["store_errors"] == 0 and stats["cache_errors"] == 0
+    import redis
+
+    with redis.Redis.from_url(redis_server.url) as check:
+        assert list(check.scan_iter(match="{llmshim:rl:*"))  # the shared budget was asked
+
+
+PER_CALL = [({"x-llmshim-cache": "no-store"}, None), ({"x-llmshim-cache": "refresh"}, None),
+            ({}, "off"), ({}, "refresh"), ({}, "readonly"), ({}, "on")]
+
+
+@pytest.mark.parametrize(("headers", "control"), PER_CALL,
+                         ids=["header-no-store", "header-refresh", "off", "refresh", "readonly", "on"])
+def test_replay_as_the_setting_holds_over_per_call_modes(
+        server: FakeLLMServer, tmp_path: Path, headers: dict[str, str], control: str | None) -> None:
+    """``LLMSHIM_CACHE=replay`` with code that asks, per call, for ``no-store`` / ``refresh`` /
+    ``off`` (written for production): the call is still answered from the cache or by the 504,
+    never upstream (a per-call mode replaced replay: ``no-store`` and ``off`` sent a miss live,
+    ``refresh`` sent every call live). A recorded answer is still served."""
+    path = str(tmp_path / "c.sqlite3")
+    recorded = {**BODY, "messages": [{"role": "user", "content": "recorded"}]}
+    url = server.openai_base_url + "/chat/completions"
+    llmshim.install(cache="on", cache_path=path)
+    try:
+        assert httpx.post(url, json=recorded, timeout=10).status_code == 200
+    finally:
+        llmshim.uninstall()
+    llmshim.install(cache="replay", cache_path=path)
+    try:
+        with llmshim.cache_control(mode=control) if control else contextlib.nullcontext():
+            miss = httpx.post(url, json=BODY, headers=headers, timeout=10)
+            hit = httpx.post(url, json=recorded, headers=headers, timeout=10)
+    finally:
+        llmshim.uninstall()
+    assert miss.status_code == 504 and miss.headers["x-should-retry"] == "false"
+    assert hit.status_code == 200 and hit.headers["x-llmshim-cache"] == "hit"
+    assert len(server.received) == 1  # the recording only
+
+
+def test_plan_keeps_the_replay_setting_whatever_the_call_asks() -> None:
+    """The pure decision: with the setting ``replay``, neither the header nor ``cache_control()``
+    changes the mode; with any other setting they still do (their documented precedence)."""
+    from test_cache_units import DETERMINISTIC, make_call
+
+    from llmshim.knobs import CacheControl
+    from llmshim.policies.cache import plan
+
+    refresh, plain = make_call(DETERMINISTIC, controls={"x-llmshim-cache": "refresh"}), make_call(DETERMINISTIC)
+    assert plan(refresh, "replay", None, "cache", CacheControl("off", None)).only_cached
+    assert plan(plain, "replay", None, "cache", CacheControl("refresh", None)).reason == "replay"
+    assert plan(refresh, "on", None, "cache").reason == "refresh"
+    assert plan(plain, "on", None, "cache", CacheControl("off", None)).reason == "cache off"

@@ -75,9 +75,12 @@ def _tokens(usage: object, name: str) -> int | None:
 def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, control: CacheControl | None = None) -> Plan:
     """What to do with this request. Pure: from the call (its ``x-llmshim-cache`` control header
     first), the caller's ``cache_control()`` block (``control``, read by the policy) and the
-    settings, in that order of precedence."""
+    settings, in that order of precedence; except that ``replay`` as the setting holds for every
+    call: a per-call mode written for production (``no-store``, ``refresh``, ``off``) would
+    otherwise send a request upstream from a run that promised nothing leaves."""
     header_mode, header_ttl = _header_control(call.controls.get(HEADER))
-    mode = header_mode or (control.mode if control and control.mode else mode)
+    if mode != "replay":
+        mode = header_mode or (control.mode if control and control.mode else mode)
     ttl = header_ttl or (control.ttl if control and control.ttl else ttl)
     body = call.info.body
     if mode == "off":
