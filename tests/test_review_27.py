@@ -187,3 +187,59 @@ def test_plan_keeps_the_replay_setting_whatever_the_call_asks() -> None:
     assert plan(plain, "replay", None, "cache", CacheControl("refresh", None)).reason == "replay"
     assert plan(refresh, "on", None, "cache").reason == "refresh"
     assert plan(plain, "on", None, "cache", CacheControl("off", None)).reason == "cache off"
+
+
+@pytest.mark.timeout(90)
+def test_trio_calls_cancelled_as_their_turn_comes_leave_no_slot_and_no_queue_place(server: FakeLLMServer) -> None:
+    """Round after round: the one concurrency slot held by a stream, four calls of mixed priorities
+    queued behind it, then the stream closed (its slot granted to the first in line) while some of
+    the queued tasks are cancelled in the same moment: a cancel before, at or after the grant. Each
+    round ends with nothing held; a call after them all goes at once."""
+    trio = pytest.importorskip("trio")
+    import random
+
+    from llmshim.policies.ratelimit import RateLimitPolicy
+    from llmshim.runtime import STATE
+
+    llmshim.install(cache="off", max_concurrency="1", rpm="100000", queue_timeout="60")
+    limiter = next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
+    chooser = random.Random(27)
+
+    def ask(text: str, stream: bool = False) -> dict[str, Any]:
+        return {"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": text}]}
+
+    async def main() -> tuple[int, list[int]]:
+        answered: list[int] = []
+        async with httpx.AsyncClient(base_url=server.openai_base_url, timeout=30) as client:
+            for round_ in range(20):
+                held = await client.send(client.build_request("POST", "/chat/completions",
+                                                              json=ask(f"held {round_}", True)), stream=True)
+                scopes = [trio.CancelScope() for _ in range(4)]
+
+                async def queued(scope: Any, text: str, level: str) -> None:
+                    with scope:
+                        reply = await client.post("/chat/completions", json=ask(text),
+                                                  headers={"x-llmshim-priority": level})
+                        answered.append(reply.status_code)
+
+                async with trio.open_nursery() as nursery:
+                    for n, (scope, level) in enumerate(zip(scopes, ["high", "low", "normal", "high"], strict=True)):
+                        nursery.start_soon(queued, scope, f"{round_}.{n}", level)
+                    while limiter.held() != (1, 4):  # all four queued behind the stream
+                        await trio.sleep(0.001)
+                    await held.aread()
+                    closing = held.aclose()
+                    for scope in chooser.sample(scopes, chooser.randint(1, 4)):
+                        scope.cancel()
+                    await closing
+            while limiter.held() != (0, 0):  # abandoned workers leave on their own threads
+                await trio.sleep(0.005)
+            return (await client.post("/chat/completions", json=ask("after"))).status_code, answered
+
+    try:
+        status, answered = trio.run(main)
+        held = limiter.held()
+    finally:
+        llmshim.uninstall()
+    assert status == 200 and held == (0, 0)
+    assert set(answered) <= {200}
