@@ -139,7 +139,8 @@ def test_plan_properties(mode: str, body: dict[str, Any], header: str | None, no
     before = dict(call.info.body)
     first = plan(call, mode, ttl, nondeterministic)
     assert plan(call, mode, ttl, nondeterministic) == first and dict(call.info.body) == before  # pure
-    effective = {"no-store": "readonly", "refresh": "refresh", "only-if-cached": "replay"}.get(header or "", mode)
+    effective = mode if mode == "replay" else {  # the replay setting holds over a per-call mode
+        "no-store": "readonly", "refresh": "refresh", "only-if-cached": "replay"}.get(header or "", mode)
     if first.only_cached:  # replay: answers only from the cache, never stores; what it never serves, never sent
         assert (first.lookup or first.reason in ("stateful request", "not a generation")) and not first.store
         assert effective == "replay"

@@ -75,9 +75,12 @@ def _tokens(usage: object, name: str) -> int | None:
 def plan(call: Call, mode: str, ttl: float | None, nondeterministic: str, control: CacheControl | None = None) -> Plan:
     """What to do with this request. Pure: from the call (its ``x-llmshim-cache`` control header
     first), the caller's ``cache_control()`` block (``control``, read by the policy) and the
-    settings, in that order of precedence."""
+    settings, in that order of precedence; except that ``replay`` as the setting holds for every
+    call: a per-call mode written for production (``no-store``, ``refresh``, ``off``) would
+    otherwise send a request upstream from a run that promised nothing leaves."""
     header_mode, header_ttl = _header_control(call.controls.get(HEADER))
-    mode = header_mode or (control.mode if control and control.mode else mode)
+    if mode != "replay":
+        mode = header_mode or (control.mode if control and control.mode else mode)
     ttl = header_ttl or (control.ttl if control and control.ttl else ttl)
     body = call.info.body
     if mode == "off":
@@ -139,14 +142,37 @@ class CachePolicy:
             self._failed("open", exc)
             return None
 
-    def _lookup(self, key: str, store: CacheStore | None = None, past_near: bool = False) -> Entry | None:
+    def _defer(self, write: Callable[[], None]) -> bool:
+        """How a store defers a write it makes while reading (a last-access touch, a tiered hit
+        copied into the front): queued off a loop, and failing open on its own, so that a front
+        that cannot be written never turns the hit just read into a miss."""
+        def guarded() -> None:
+            try:
+                write()
+            except Exception as exc:  # sqlite3, OS, Redis: the hit stands, the copy is skipped
+                self._failed("write", exc)
+
+        return self.writes.run(guarded)
+
+    def _read(self, read: Callable[[], Entry | None]) -> Entry | None:
         try:
-            if past_near:
-                return self.store.get_past_near(key, CLOCK(), defer=self.writes.run)
-            return (store or self.store).get(key, CLOCK(), defer=self.writes.run)
+            return read()
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
             return None
+
+    def _lookup(self, key: str) -> Entry | None:
+        """The entry for ``key``, or None. A tiered store's front and the store behind it fail
+        apart: a front that cannot be read (a corrupt local file) still lets Redis answer."""
+        store = self.store
+        near = store.near
+        if near is None:
+            return self._read(lambda: store.get(key, CLOCK(), defer=self._defer))
+        entry = self._read(lambda: near.get(key, CLOCK(), defer=self._defer))
+        return entry if entry is not None else self._past_near(key)
+
+    def _past_near(self, key: str) -> Entry | None:
+        return self._read(lambda: self.store.get_past_near(key, CLOCK(), defer=self._defer))
 
     async def _alookup(self, key: str) -> Entry | None:
         """``_lookup`` for a task. A local store is read in place (a primary-key read); one across
@@ -156,12 +182,13 @@ class CachePolicy:
         store = self.store
         if store.local:
             return self._lookup(key)
-        if store.near is not None:
-            entry = self._lookup(key, store.near)
+        near = store.near
+        if near is not None:
+            entry = self._read(lambda: near.get(key, CLOCK(), defer=self._defer))
             if entry is not None:
                 return entry
         try:  # past the front (read above): only Redis, on a reader thread
-            return await read_off_loop(lambda: self._lookup(key, past_near=store.near is not None))
+            return await read_off_loop(lambda: self._past_near(key))
         except Exception as exc:  # the reader threads refused it (the interpreter is exiting): a miss
             self._failed("read", exc)
             return None

@@ -189,12 +189,18 @@ class TieredStore:
         return entry
 
     def put(self, entry: Entry, now: float) -> None:
-        self.front.put(entry, now)
-        self.back.put(entry, now)
+        """Both tiers, each whatever the other does: a front that cannot be written (a corrupt
+        local file) must not keep the answer from every other host. The first failure is raised."""
+        try:
+            self.front.put(entry, now)
+        finally:
+            self.back.put(entry, now)
 
     def note(self, hits: int = 0, misses: int = 0, tokens_saved: int = 0) -> None:
-        self.front.note(hits, misses, tokens_saved)
-        self.back.note(hits, misses, tokens_saved)
+        try:
+            self.front.note(hits, misses, tokens_saved)
+        finally:
+            self.back.note(hits, misses, tokens_saved)
 
     def stats(self) -> dict[str, Any]:
         return self.back.stats()
