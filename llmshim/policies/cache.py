@@ -166,8 +166,12 @@ class CachePolicy:
         apart: a front that cannot be read (a corrupt local file) still lets Redis answer."""
         store = self.store
         near = store.near
-        if near is None:
-            return self._read(lambda: store.get(key, CLOCK(), defer=self._defer))
+        if near is None:  # one store: read in place (the hot path of every hit: no closure)
+            try:
+                return store.get(key, CLOCK(), defer=self._defer)
+            except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
+                self._failed("read", exc)
+                return None
         entry = self._read(lambda: near.get(key, CLOCK(), defer=self._defer))
         return entry if entry is not None else self._past_near(key)
 
