@@ -69,6 +69,18 @@ def redis_server(tmp_path: Path) -> Iterator[Any]:
         started.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real three-master Redis Cluster (``test_redis_cluster.Cluster``), one per test module."""
+    from test_redis_cluster import Cluster  # here, not at the top: as for redis_server
+
+    started = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No LLMSHIM_* from the outside; a cache directory of the test's own; the cache and retries off

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -131,17 +131,6 @@ def test_a_retried_attempt_under_trio_gives_its_connection_back(
 
 
 # -- Redis Cluster: the cache writes' MULTI fallback takes one timeout, as the scripts do ----------
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from test_redis_cluster import Cluster
-
-    started = Cluster(tmp_path_factory.mktemp("cluster24"))
-    try:
-        yield started
-    finally:
-        started.stop()
-
 
 def _connections_received(node: Any) -> int:
     node.ping()  # a round trip first: connections pending when the node resumed are accepted by now

@@ -154,9 +154,10 @@ class CachePolicy:
 
         return self.writes.run(guarded)
 
-    def _read(self, read: Callable[[], Entry | None]) -> Entry | None:
+    def _read(self, get: Callable[..., Entry | None], key: str) -> Entry | None:
+        """``get(key)`` of a store (or a tier of one), any failure of it a miss."""
         try:
-            return read()
+            return get(key, CLOCK(), defer=self._defer)
         except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
             self._failed("read", exc)
             return None
@@ -166,17 +167,14 @@ class CachePolicy:
         apart: a front that cannot be read (a corrupt local file) still lets Redis answer."""
         store = self.store
         near = store.near
-        if near is None:  # one store: read in place (the hot path of every hit: no closure)
+        if near is None:  # one store, the path of every hit: read in place (no extra call)
             try:
                 return store.get(key, CLOCK(), defer=self._defer)
             except Exception as exc:  # sqlite3, OS, Redis: any store failure is a miss
                 self._failed("read", exc)
                 return None
-        entry = self._read(lambda: near.get(key, CLOCK(), defer=self._defer))
-        return entry if entry is not None else self._past_near(key)
-
-    def _past_near(self, key: str) -> Entry | None:
-        return self._read(lambda: self.store.get_past_near(key, CLOCK(), defer=self._defer))
+        entry = self._read(near.get, key)
+        return entry if entry is not None else self._read(store.get_past_near, key)
 
     async def _alookup(self, key: str) -> Entry | None:
         """``_lookup`` for a task. A local store is read in place (a primary-key read); one across
@@ -188,11 +186,11 @@ class CachePolicy:
             return self._lookup(key)
         near = store.near
         if near is not None:
-            entry = self._read(lambda: near.get(key, CLOCK(), defer=self._defer))
+            entry = self._read(near.get, key)
             if entry is not None:
                 return entry
         try:  # past the front (read above): only Redis, on a reader thread
-            return await read_off_loop(lambda: self._past_near(key))
+            return await read_off_loop(lambda: self._read(store.get_past_near, key))
         except Exception as exc:  # the reader threads refused it (the interpreter is exiting): a miss
             self._failed("read", exc)
             return None
@@ -255,10 +253,12 @@ class CachePolicy:
         if call.replay is None:
             return None
         request = f"{call.request.method} {call.request.public_url}"
-        why = (f"{request} is never answered from the cache ({never_cached}), and replay mode sends nothing"
-               if never_cached else
-               f"no cached answer for {request} (model {call.info.model or '-'}, key {key[:16]})" if key is not None
-               else f"the cache could not be read for {request} (see the llmshim warning)")
+        if never_cached:
+            why = f"{request} is never answered from the cache ({never_cached}), and replay mode sends nothing"
+        elif key is None:
+            why = f"the cache could not be read for {request} (see the llmshim warning)"
+        else:
+            why = f"no cached answer for {request} (model {call.info.model or '-'}, key {key[:16]})"
         body = json.dumps({"error": {
             "message": f"llmshim cache replay mode: {why}",
             "type": "llmshim_cache_miss", "code": "llmshim_cache_miss", "param": None}}).encode()
