@@ -8,10 +8,10 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .clocks import monotonic
 from .wake import Wakeup
 
 __all__ = ["AsyncPool"]
@@ -41,7 +41,7 @@ class AsyncPool:
             return len(self._waiting) + max(0, self._taken - self.workers)
 
     async def _acquire(self) -> float:
-        start = time.perf_counter()
+        start = monotonic()
         with self._lock:
             if self._taken < self.capacity and not self._waiting:
                 self._taken += 1
@@ -61,7 +61,7 @@ class AsyncPool:
             raise
         finally:
             self._instruments.depth(-1)
-        return time.perf_counter() - start
+        return monotonic() - start
 
     def _release(self) -> None:
         """Hand the slot to the first waiter whose loop is still open (_taken unchanged), or free it.

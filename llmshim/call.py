@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from urllib.parse import urlsplit
 
+from .clocks import monotonic
 from .facts import Facts
 from .tap import OnEnd, Tap, TapObserver
 
@@ -333,7 +333,7 @@ class Call:
     info: CallInfo
     library: str
     dialect: Dialect
-    started_at: float = dataclasses.field(default_factory=time.perf_counter)
+    started_at: float = dataclasses.field(default_factory=monotonic)
     status: int | None = None
     response: ResponseInfo | None = None
     ended_at: float | None = None

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import get_args
 
+from .clocks import wall
 from .values import CacheMode, OtelExporter
 
 
@@ -173,7 +174,7 @@ def _cache(args: argparse.Namespace) -> int:
                              indent=2, default=str))
             print(entry.body.decode("utf-8", "replace"))
         elif args.cache_command == "purge":
-            print(f"removed {store.purge_expired(time.time())} expired entries")
+            print(f"removed {store.purge_expired(wall())} expired entries")
         elif args.cache_command == "clear":
             print(f"removed {store.clear()} entries")
     except (sqlite3.Error, OSError) as exc:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from . import trio_calls
 from .call import Call, Reply
+from .clocks import monotonic
 from .context import in_call
 from .dialects import BodyParser
 from .tap import OnEnd
@@ -62,13 +62,13 @@ class ResponseTracker:
 
     def on_chunk(self, data: bytes) -> None:
         if self._call.chunk_times is not None:
-            self._call.chunk_times.append(time.perf_counter())
+            self._call.chunk_times.append(monotonic())
         if self._parser is not None:
             self._parser.feed(data)
 
     def on_complete(self) -> None:
         call = self._call
-        call.ended_at = time.perf_counter()
+        call.ended_at = monotonic()
         call.first_chunk_at = self._tap.first_chunk_at
         if self._parser is None:
             call.outcome = "error"
@@ -88,7 +88,7 @@ class ResponseTracker:
             self.on_complete()
             return
         call = self._call
-        call.ended_at = time.perf_counter()
+        call.ended_at = monotonic()
         call.first_chunk_at = self._tap.first_chunk_at
         call.error = error
         call.outcome = "aborted"
@@ -103,7 +103,7 @@ def track(call: Call, reply: Reply) -> Reply:
 
 
 def _failed(call: Call, exc: BaseException) -> None:
-    call.ended_at = time.perf_counter()
+    call.ended_at = monotonic()
     call.error = exc
     call.outcome = "error"
 

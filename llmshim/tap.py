@@ -11,10 +11,11 @@ rests on this class.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from .clocks import monotonic
 
 __all__ = ["OnEnd", "Tap", "TapObserver"]
 
@@ -115,7 +116,7 @@ class Tap:
         if self.ended or not data:
             return
         if self.first_chunk_at is None:
-            self.first_chunk_at = time.perf_counter()
+            self.first_chunk_at = monotonic()
         if self.opaque_body:
             return
         if self._held is not None:

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo, Usage
+from ..clocks import wall
 from . import _shapes as shapes
 from ._base import Dialect, ServerLimits
 from ._framing import loads_object
@@ -198,7 +198,7 @@ class AnthropicDialect(Dialect):
         return info.endpoint != _COUNT_TOKENS
 
     def server_limits(self, headers: Mapping[str, str]) -> ServerLimits:
-        return server_limits_at(headers, time.time())
+        return server_limits_at(headers, wall())
 
     def prompt_extras(self, info: CallInfo) -> list[Any]:
         """The system prompt and tool definitions: the model reads them as tokens."""

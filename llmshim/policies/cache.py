@@ -26,10 +26,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 
 from ..call import Call, Reply
+from ..clocks import monotonic, wall
 from ..facts import store_failed
 from ..knobs import CACHE_HEADER, MODES, CacheControl, cache_control, current_cache_control
 from ..knobs import header_cache_control as _header_control
@@ -45,7 +45,7 @@ __all__ = ["MODES", "CacheControl", "CachePolicy", "Plan", "cache_control", "pla
 log = logging.getLogger("llmshim")
 
 HEADER = CACHE_HEADER
-CLOCK: Callable[[], float] = time.time  # wall clock for expiry; tests replace it
+CLOCK: Callable[[], float] = wall  # wall clock for expiry; tests replace it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ class CachePolicy:
     # -- store access, failing open --------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> None:
         store_failed("cache", what)
-        now = time.monotonic()
+        now = monotonic()
         if now - self._warned_at >= 60:
             self._warned_at = now
             log.warning("llmshim: cache %s failed (%s: %s); the call goes on without the cache, in replay "

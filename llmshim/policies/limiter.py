@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..clocks import monotonic
 from ..store.limits_sqlite import MAX_BLOCK
 from ..values import Limits
 from . import shared_budget
@@ -48,7 +48,7 @@ if hasattr(os, "register_at_fork"):
 class Limiter:
     """All keys of one process. ``clock``, ``schedule`` and ``store_thread`` are injectable for tests."""
 
-    def __init__(self, burst: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, burst: float, clock: Callable[[], float] = monotonic,
                  schedule: Callable[[float, Callable[[], None]], None] | None = None, shared: LimitStore | None = None,
                  store_thread: shared_budget.StoreThread | None = None) -> None:
         self.burst = burst

@@ -25,12 +25,12 @@ import asyncio
 import hashlib
 import json
 import threading
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..call import Call, Reply
 from ..cancellation import Abandoned
+from ..clocks import monotonic
 from ..knobs import PRIORITIES, PRIORITY_HEADER, current_priority, priority, resolve_priority
 from ..pipeline import AsyncHandler, Handler, track
 from ..store.cache_keys import credential_of
@@ -133,9 +133,9 @@ class RateLimitPolicy:
         def watch() -> None:
             import urllib.request
 
-            end = time.monotonic() + deadline
+            end = monotonic() + deadline
             try:
-                while time.monotonic() < end:
+                while monotonic() < end:
                     try:
                         with urllib.request.urlopen(url, timeout=2) as response:
                             if response.status == 200:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..call import Call, Reply
+from ..clocks import monotonic, wall
 from ..pipeline import AsyncHandler, Handler
 from ..values import RetryMode
 
@@ -65,7 +66,7 @@ def server_delay(headers: Mapping[str, str] | None, now: float | None = None) ->
         return seconds
     try:
         parsed = email.utils.parsedate_to_datetime(raw)
-        return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
+        return max(0.0, parsed.timestamp() - (wall() if now is None else now))
     except (TypeError, ValueError, OverflowError, IndexError):
         return None  # neither seconds nor a date: ignore it, as servers' clients do
 
@@ -174,7 +175,7 @@ class RetryPolicy:
             body_error=body_error, transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
             rand=self._rand(), time_left=call.timeout, body_delay=body_delay)
-        if decision.retry and not self.budget.withdraw(_origin(call), time.monotonic()):
+        if decision.retry and not self.budget.withdraw(_origin(call), monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision
 

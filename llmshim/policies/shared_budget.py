@@ -27,12 +27,12 @@ import collections
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
+from ..clocks import monotonic, wall
 from ..facts import store_failed as report_store_failure
 from ..gcra import Dim
 
@@ -114,7 +114,7 @@ _last_warning = [0.0]
 
 def store_failed(exc: BaseException) -> None:
     report_store_failure("limits", "take")
-    now = time.monotonic()
+    now = monotonic()
     if now - _last_warning[0] >= 60:
         _last_warning[0] = now
         log.warning(
@@ -126,7 +126,7 @@ def ask(shared: LimitStore, name: str, dims: Iterable[Dim], level: str) -> float
     """The machine-wide budget's answer: 0 (taken), seconds to wait (nothing taken), or None (the
     store failed: nothing known). Store I/O: only on the store thread."""
     try:
-        return max(0.0, float(shared.try_take(name, time.time(), [(d.name, d.rate, d.burst, d.cost) for d in dims],
+        return max(0.0, float(shared.try_take(name, wall(), [(d.name, d.rate, d.burst, d.cost) for d in dims],
                                               level)))
     except Exception as exc:  # sqlite3.Error, OSError, RedisError: the limiter falls back to its own buckets
         store_failed(exc)

@@ -14,12 +14,12 @@ import atexit
 import json
 import os
 import threading
-import time
 from contextlib import suppress
 from typing import Any
 
 from .. import redact
 from ..call import Call
+from ..clocks import monotonic, wall
 
 __all__ = ["STATS", "Stats"]
 
@@ -49,7 +49,7 @@ class Stats:
             self._models: dict[str, dict[str, Any]] = {}
             self._money: dict[str, float | None] = {"cost_usd": None, "saved_cost_usd": None,
                                                     "estimated_cost_usd": None}
-            self._started = time.time()
+            self._started = wall()
 
     def add(self, **increments: int) -> None:
         """Count incidents outside any call (store_errors=1, cache_errors=1)."""
@@ -110,7 +110,7 @@ class Stats:
                     if amount is not None:  # a sum of honest prices; None until one call was priced
                         self._money[field] = (self._money[field] or 0.0) + amount
                         model[field] = (model.get(field) or 0.0) + amount
-        if self._path is not None and time.monotonic() - self._written >= 1.0:
+        if self._path is not None and monotonic() - self._written >= 1.0:
             self.write()
 
     def snapshot(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class Stats:
         if path is None or not self._writing.acquire(blocking=False):
             return
         try:
-            self._written = time.monotonic()
+            self._written = monotonic()
             tmp = f"{path}.{os.getpid()}.tmp"
             with suppress(FileNotFoundError):
                 os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -31,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from .. import redact
 from .._version import __version__
 from ..call import Call
+from ..clocks import monotonic
 from .otel_names import (
     CONTENT_ENV,
     DURATION_BUCKETS,
@@ -147,12 +147,12 @@ class Telemetry:
             parent = otel_context.get_current()  # read once, handed on: the SDK would read it thrice more
             current = trace.get_current_span(parent)
             if is_genai_span_for(current, info.operation, info.model):
-                call.started_at = time.perf_counter()
+                call.started_at = monotonic()
                 return Begun(current, None, False)
             key = span_key(call)
             name, start = _memo(self._starts, key, span_start)
             span = tracer.start_span(name, parent, SpanKind.CLIENT, add_request_params(dict(start), info.params))
-            call.started_at = time.perf_counter()  # durations and time to first chunk count from here
+            call.started_at = monotonic()  # durations and time to first chunk count from here
             if span.is_recording():
                 call.capture_content = self.capture_span or self.capture_event
                 if info.stream:

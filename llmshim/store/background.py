@@ -26,13 +26,13 @@ import logging
 import os
 import queue
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from .. import trio_calls
+from ..clocks import monotonic
 
 __all__ = ["READERS", "Readers", "Writes", "drain", "on_event_loop", "read_off_loop"]
 
@@ -120,8 +120,8 @@ def drain(timeout: float = 5.0) -> bool:
     """Wait (at most ``timeout`` seconds in all) until every queued write of every cache has run:
     at exit, so that answers and counters queued by an event loop are not lost with the daemon
     thread, and for callers that must see the stores settled."""
-    deadline = time.monotonic() + timeout
-    return all(writes.idle(max(0.0, deadline - time.monotonic())) for writes in list(_ALL))
+    deadline = monotonic() + timeout
+    return all(writes.idle(max(0.0, deadline - monotonic())) for writes in list(_ALL))
 
 
 #: Threads reading a store across the network for event loops: each read is bounded by the

@@ -30,12 +30,12 @@ import os
 import secrets
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from ..clocks import monotonic
 from .base import UNREADABLE, Defer, Entry
 from .decoded import Decoded
 from .entry_text import description, headers_of
@@ -119,7 +119,7 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
         self._pending = {"hits": 0, "misses": 0, "tokens_saved": 0}
-        self._flushed_at = time.monotonic()
+        self._flushed_at = monotonic()
         self._salt: bytes | None = None
         self._decoded = Decoded()  # entries decoded lately: a hot key's hit skips decoding
         own = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(default_path()))
@@ -274,7 +274,7 @@ class SQLiteStore:
             self._pending["hits"] += hits
             self._pending["misses"] += misses
             self._pending["tokens_saved"] += tokens_saved
-            due = time.monotonic() - self._flushed_at >= FLUSH_INTERVAL
+            due = monotonic() - self._flushed_at >= FLUSH_INTERVAL
         if due and not self.read_only:  # a read-only file keeps its counters in memory
             with self._write() as conn:
                 self._flush_counters(conn)
@@ -282,7 +282,7 @@ class SQLiteStore:
     def _flush_counters(self, conn: sqlite3.Connection) -> None:
         with self._lock:
             pending, self._pending = self._pending, {"hits": 0, "misses": 0, "tokens_saved": 0}
-            self._flushed_at = time.monotonic()
+            self._flushed_at = monotonic()
         if any(pending.values()):
             conn.execute("UPDATE totals SET hits = hits + ?, misses = misses + ?, tokens_saved = tokens_saved + ? "
                          "WHERE id = 1", (pending["hits"], pending["misses"], pending["tokens_saved"]))

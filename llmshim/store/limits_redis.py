@@ -15,11 +15,11 @@ rate-limit policy fails open to its share.
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from contextlib import suppress
 from typing import Any
 
+from ..clocks import wall
 from .limits_sqlite import MAX_BLOCK, RESERVES
 from .redis_client import Guarded
 
@@ -90,7 +90,7 @@ class RedisLimitStore:
         return "{llmshim:rl:" + name + "}"  # the hash tag keeps one key's data in one Cluster slot
 
     def _heartbeat(self) -> None:
-        now = time.time()
+        now = wall()
         if now - self._seen_at < 5:
             return
         self._seen_at = now

@@ -1,7 +1,7 @@
 """The rate-limit budget shared by every process on one machine: GCRA state in a SQLite file.
 
 Each take is one short ``BEGIN IMMEDIATE`` transaction (read the key's theoretical arrival times,
-decide, write them back), never held while anyone sleeps. Time is the wall clock (``time.time``),
+decide, write them back), never held while anyone sleeps. Time is the wall clock (``clocks.wall``),
 the one clock all processes share. Lower priority classes keep a reserve of the burst free for
 higher ones (critical 0%, high 10%, normal 20%, low 30%): across processes there is no shared
 queue, so the reserve is what lets a critical call in one process pass the low calls of another.
@@ -16,9 +16,9 @@ Raises ``sqlite3.Error`` / ``OSError``; the rate-limit policy fails open to its 
 from __future__ import annotations
 
 import sqlite3
-import time
 from typing import Any
 
+from ..clocks import wall
 from ..gcra import Dim, take
 from .sqlite_files import Connections
 
@@ -88,10 +88,10 @@ class SQLiteLimitStore:
             conn.execute("UPDATE buckets SET tat = tat - ? WHERE name = ? AND dim = ?", (seconds, name, dim))
 
     def block_for(self, name: str, seconds: float) -> None:
-        self.block(name, time.time() + seconds)
+        self.block(name, wall() + seconds)
 
     def block(self, name: str, until: float) -> None:
-        until = min(until, time.time() + MAX_BLOCK)
+        until = min(until, wall() + MAX_BLOCK)
         with self._connections.use() as conn:
             conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
                          "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))

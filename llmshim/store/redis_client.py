@@ -14,12 +14,12 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from ..clocks import monotonic
 from .breaker import LEASE, Breaker
 from .redis_url import RedisTarget, join_host, parse_redis_url
 
@@ -157,7 +157,7 @@ class Guarded:
     RedisUnavailable at once while the breaker is open. The client is built on first use (and
     rebuilt as a Cluster client when a ``redis://`` server answers MOVED)."""
 
-    def __init__(self, url: str, timeout: float = 0.05, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, url: str, timeout: float = 0.05, clock: Callable[[], float] = monotonic,
                  breaker: Breaker | None = None) -> None:
         self.target = parse_redis_url(url)
         self.timeout, self.clock = timeout, clock

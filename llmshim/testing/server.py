@@ -33,6 +33,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from ..clocks import monotonic, wall
 from . import anthropic_wire, gemini_wire
 from .responses import Answer, answer_for
 
@@ -47,7 +48,7 @@ class Received:
     path: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
-    at: float = dataclasses.field(default_factory=time.monotonic, compare=False)  # arrival, monotonic
+    at: float = dataclasses.field(default_factory=monotonic, compare=False)  # arrival, monotonic
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -256,7 +257,7 @@ class FakeLLMServer:
         # the time until the bucket is full again. bucket_level: requests in it now.
         self.rpm_style = rpm_style
         self.bucket_level: float | None = None
-        self._bucket_at = time.monotonic()
+        self._bucket_at = monotonic()
         self.compress = compress
         self.responder = responder
         self.received: list[Received] = []
@@ -320,7 +321,7 @@ class FakeLLMServer:
     def _rate(self) -> tuple[bool, int, float, float]:
         """(allowed, remaining, seconds until a request would be allowed, seconds until the limit is
         whole again) under the configured RPM limit."""
-        now = time.monotonic()
+        now = monotonic()
         with self._lock:
             limit = self.rpm_limit
             if limit is None:
@@ -388,7 +389,7 @@ class FakeLLMServer:
         allowed, remaining, wait, reset = self._rate()
         request_id = f"req_{len(self.received)}"
         headers = [("request-id", request_id),
-                   *anthropic_wire.limit_headers(self.rpm_limit or 10000, remaining, reset, time.time())]
+                   *anthropic_wire.limit_headers(self.rpm_limit or 10000, remaining, reset, wall())]
         json_type = ("Content-Type", "application/json")
         if not allowed:
             return Answer(429, [json_type, ("retry-after", str(max(1, math.ceil(wait)))), *headers],
