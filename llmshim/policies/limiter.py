@@ -10,6 +10,13 @@ processes (``shared``: a SQLite file or Redis), the pass runs on the store threa
 (``shared_budget.py``), asking the store with the lock released, and writes (a block after a
 429, a give-back) are queued there too: no caller, event loop or finalizer ever waits on a store.
 A waiter that left while the store was asked gets its permit returned to the store.
+
+Keys are one per (server, credential, model): a process serving many users' own API keys makes
+them without end. Past ``keep_keys`` keys, a new key first drops those at rest
+(``scheduler.Key.at_rest``: a new key would behave the same), so the count stays within twice
+what is live, at O(1) amortised. A key dropped while a call that holds it is still in flight is
+taken back (or its successor used) when that call comes back to it (``_live``): a 429's block or
+a server's limits are never lost with it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ if TYPE_CHECKING:
     from ..dialects import ServerLimits
     from ..store.base import LimitStore
 
-__all__ = ["Limiter"]
+__all__ = ["KEEP_KEYS", "Limiter"]
+
+#: Keys a limiter holds before it drops the ones at rest.
+KEEP_KEYS = 1024
 
 _LIMITERS: weakref.WeakSet[Limiter] = weakref.WeakSet()
 
@@ -50,7 +60,7 @@ class Limiter:
 
     def __init__(self, burst: float, clock: Callable[[], float] = monotonic,
                  schedule: Callable[[float, Callable[[], None]], None] | None = None, shared: LimitStore | None = None,
-                 store_thread: shared_budget.StoreThread | None = None) -> None:
+                 store_thread: shared_budget.StoreThread | None = None, keep_keys: int = KEEP_KEYS) -> None:
         self.burst = burst
         self.shared = shared
         self.clock = clock
@@ -58,6 +68,7 @@ class Limiter:
         self._store = store_thread or shared_budget.STORE_THREAD
         self._lock = threading.RLock()  # guards plain values only: never held across store I/O
         self._keys: dict[tuple[str, Limits], Key] = {}
+        self._keep_keys = self._sweep_at = keep_keys
         self._timer_at: float | None = None
         self._timer_obj: threading.Timer | None = None
         self._pump_queued = False
@@ -81,13 +92,34 @@ class Limiter:
         with self._lock:
             found = self._keys.get((name, limits))
             if found is None:
+                if len(self._keys) >= self._sweep_at:
+                    self._drop_keys_at_rest()
                 found = self._keys[(name, limits)] = Key(limits, self.burst, name, self.shared, concurrency)
             return found
 
-    def enqueue(self, key: Key, waiter: Waiter) -> None:
+    def count(self) -> int:
+        """Keys held now."""
         with self._lock:
+            return len(self._keys)
+
+    def _drop_keys_at_rest(self) -> None:
+        now = self.clock()
+        self._keys = {ident: key for ident, key in self._keys.items() if not key.at_rest(now)}
+        self._sweep_at = max(self._keep_keys, 2 * len(self._keys))
+
+    def _live(self, key: Key) -> Key:
+        """The key held for ``key``'s name now: ``key`` itself, taken back if it was dropped at rest,
+        or the one made for its name since. Under the lock."""
+        return self._keys.setdefault((key.name, key.limits), key)
+
+    def enqueue(self, key: Key, waiter: Waiter) -> Key:
+        """Queue ``waiter``; answer the key it waits on (the caller's, or its successor if it was
+        dropped at rest meanwhile): use that one for the rest of the call."""
+        with self._lock:
+            key = self._live(key)
             key.queues[waiter.priority].append(waiter)
         self.pump(key)
+        return key
 
     def release(self, key: Key, status: int | None) -> None:
         with self._lock:
@@ -105,13 +137,14 @@ class Limiter:
 
     def learn(self, key: Key, said: ServerLimits) -> None:
         with self._lock:
-            key.learn(said, self.clock())
+            self._live(key).learn(said, self.clock())
 
     def block(self, key: Key, until: float, cap: float = MAX_BLOCK) -> None:
         """Pause the key for every caller until ``until``, at most ``cap`` seconds from now (a
         server's delay: ``MAX_BLOCK``; llama.cpp's loading wait: the queue timeout)."""
         until = min(until, self.clock() + cap)
         with self._lock:
+            key = self._live(key)
             key.blocked_until = max(key.blocked_until, until)
         shared, name, seconds = key.shared, key.name, until - self.clock()
         if shared is not None:
@@ -128,6 +161,7 @@ class Limiter:
     def give_back(self, key: Key, tokens: float) -> None:
         """A call used ``tokens`` fewer than it reserved (negative: more)."""
         with self._lock:
+            key = self._live(key)
             if key.tokens is None:
                 return
             key.tokens.give_back(tokens)

@@ -180,7 +180,7 @@ class RateLimitPolicy:
             return next(call)
         key, waiter = planned
         waiter.event = threading.Event()
-        self.limiter.enqueue(key, waiter)
+        key = self.limiter.enqueue(key, waiter)
         cancellation = call.cancellation  # a trio task gone: leave the queue now, not at our turn
         stop_waking = cancellation.wake_with(waiter.event.set) if cancellation is not None else None
         try:
@@ -216,7 +216,7 @@ class RateLimitPolicy:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         waiter.future = (loop, future)
-        self.limiter.enqueue(key, waiter)
+        key = self.limiter.enqueue(key, waiter)
         try:
             await asyncio.wait_for(asyncio.shield(future), self.queue_timeout)
         except asyncio.TimeoutError:

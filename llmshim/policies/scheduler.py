@@ -29,10 +29,14 @@ if TYPE_CHECKING:
     from ..dialects import ServerLimits
     from ..store.base import LimitStore
 
-__all__ = ["SHARE_EVERY", "Key", "Waiter"]
+__all__ = ["RELEARN_AFTER", "SHARE_EVERY", "Key", "Waiter"]
 
 #: A waiting class gets one grant in this many while higher classes are being served.
 SHARE_EVERY = {"high": 4, "normal": 10, "low": 20}
+
+#: Seconds of quiet after which a limit learned from a server's headers may be forgotten with its
+#: key (the next answer teaches it again).
+RELEARN_AFTER = 600.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,7 +68,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Key:
     def __init__(self, limits: Limits, burst: float, name: str = "", shared: LimitStore | None = None,
                  concurrency: int | None = None) -> None:
-        self.name, self.shared = name, shared
+        self.name, self.shared, self.limits = name, shared, limits
         # Local servers: at most ``capacity`` calls in flight; halved on 503, regrown by one per
         # ``capacity`` successes (AIMD), never above the configured maximum.
         self.max_concurrency = concurrency
@@ -76,6 +80,25 @@ class Key:
         self.passed_over = dict.fromkeys(PRIORITIES, 0)
         self.blocked_until = 0.0
         self.watching = False  # a health watch holds the key (a server loading its model)
+        self.active_at = 0.0  # the last grant or server answer learned from (limiter clock)
+
+    def at_rest(self, now: float) -> bool:
+        """Whether a new key would behave the same from ``now``: nobody queued, no slot held, no
+        block or health watch, every bucket whole again, the concurrency capacity whole, and no
+        limit learned from the server within ``RELEARN_AFTER`` seconds. The limiter drops such keys
+        when it holds many (one per credential and model adds up in a multi-tenant process)."""
+        if self.in_flight or self.watching or self.blocked_until > now or any(self.queues.values()):
+            return False
+        if self.capacity is not None and self.max_concurrency is not None and self.capacity < self.max_concurrency:
+            return False
+        for bucket, per_minute in ((self.requests, self.limits.rpm), (self.tokens, self.limits.tpm)):
+            if bucket is None:
+                continue
+            if bucket.tat > now:
+                return False
+            if per_minute and bucket.rate != per_minute / 60.0 and now - self.active_at < RELEARN_AFTER:
+                return False
+        return True
 
     def full(self) -> bool:
         """Every concurrency slot is taken: the next grant waits for a release, not for time."""
@@ -112,9 +135,11 @@ class Key:
             if wait <= 0:
                 for bucket, dim in buckets:
                     bucket.tat = news[dim.name]
-        if wait <= 0 and self.capacity is not None:
-            self.in_flight += 1
-            waiter.holds_slot = True
+        if wait <= 0:
+            self.active_at = now
+            if self.capacity is not None:
+                self.in_flight += 1
+                waiter.holds_slot = True
         return wait
 
     def release(self, outcome_status: int | None) -> None:
@@ -132,6 +157,7 @@ class Key:
         what remains of them. OpenAI's ``reset`` is the time until the limit is whole again, not
         until the next request fits, so it is not a block: with ``remaining: 0`` the next request
         fits one refill interval later, as the bucket's own pacing gives."""
+        self.active_at = now
         for bucket, limit, remaining in ((self.requests, said.requests_limit, said.requests_remaining),
                                          (self.tokens, said.tokens_limit, said.tokens_remaining)):
             if bucket is None:
