@@ -146,9 +146,11 @@ def _check_cache(settings: config.Settings, line: Callable[[str], None]) -> bool
         return False
     try:
         store = SQLiteStore(path)
-        stats = store.stats()
-        check = store._conn().execute("PRAGMA quick_check").fetchone()[0]
-        store.close()
+        try:
+            stats = store.stats()
+            check = store._conn().execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            store.close()
     except Exception as exc:
         line(f"  BROKEN: cannot read the cache: {type(exc).__name__}: {_error(exc)}")
         return True
