@@ -121,7 +121,7 @@ def test_cache_files_are_private(server: FakeLLMServer, cached: Path) -> None:
 def test_transport_noise_spelling_and_keep_alive_do_not_change_the_key(server: FakeLLMServer, cached: Path) -> None:
     # Key order and `user` are part of the key (issue 11): see tests/test_keys_hardening.py.
     first = json.dumps({"model": "m", "messages": MSG, "stream": False, "options": {"temperature": 0}})
-    second = json.dumps({"model": "m", "messages": MSG, "stream": False, "options": {"temperature": 0.0},
+    second = json.dumps({"model": "m", "messages": MSG, "stream": False, "options": {"temperature": 0},
                          "keep_alive": "5m"}, indent=2)
     requests.post(server.url + "/api/chat", data=first, headers={"User-Agent": "a", "traceparent": "00-1-2-01"},
                   timeout=5)

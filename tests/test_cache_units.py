@@ -294,7 +294,9 @@ def test_key_material_names_the_scope_and_never_holds_a_credential() -> None:
     ({}, {"headers": (("user-agent", "x"), ("traceparent", "00-1"), ("x-stainless-retry-count", "1"))}, True),
     ({"url": "http://api.test/v1/chat/completions"}, {"url": "HTTP://API.TEST:80/v1/chat/completions"}, True),
     ({"body": b'{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}'},
-     {"body": b'{ "model" : "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0 }'}, True),
+     {"body": b'{ "model" : "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0 }'}, True),
+    ({"body": b'{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}'},  # typed servers
+     {"body": b'{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.0}'}, False),
     ({"headers": (("authorization", "Bearer a"),)}, {"headers": (("authorization", "Bearer b"),)}, False),
     ({"headers": (("authorization", "Bearer a"),), "shared": True},
      {"headers": (("authorization", "Bearer b"),), "shared": True}, True),

@@ -218,7 +218,7 @@ class AnthropicDialect(Dialect):
         if not isinstance(message, dict):
             return
         kind = message.get("type")
-        if kind == "error":
+        if kind == "error" or (kind is None and message.get("error")):  # a gateway's {"error": ...} too
             into.error = _error_type(message.get("error"))
             return
         if info.endpoint == _COUNT_TOKENS:  # {"input_tokens": n}: a measure, not tokens spent

@@ -211,8 +211,9 @@ class GeminiDialect(Dialect):
         if not isinstance(message, dict):
             return
         error = message.get("error")
-        if isinstance(error, dict):
-            into.error = str(error.get("status") or error.get("code") or "error")
+        if error:  # Google's {"error": {...}}; a gateway's {"error": "..."} likewise
+            into.error = str(error.get("status") or error.get("code") or "error") if isinstance(error, dict) \
+                else "error"
             return
         if info.operation != "generate_content":  # embeddings and token counts: a whole answer
             into.done = True

@@ -91,13 +91,13 @@ class LlamaCppDialect(Dialect):
         return root_health_url(request)
 
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
+        if isinstance(message, dict) and "error" in message and "content" not in message:
+            into.error = "error"  # an error object, even in a 200 (an embedding's answer too)
+            return
         if info.operation == "embeddings":
             into.done = True
             return
         if not isinstance(message, dict):
-            return
-        if "error" in message and "content" not in message:
-            into.error = "error"
             return
         if isinstance(message.get("model"), str):
             into.model = message["model"]

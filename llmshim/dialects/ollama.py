@@ -79,7 +79,7 @@ class OllamaDialect(Dialect):
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if not isinstance(message, dict):
             return
-        if isinstance(message.get("error"), str):
+        if message.get("error"):  # Ollama's {"error": "..."}; a gateway's {"error": {...}} likewise
             into.error = "error"
             return
         if isinstance(message.get("model"), str):

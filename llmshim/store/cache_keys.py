@@ -7,9 +7,12 @@ answer. Two requests share a key only when they are the same request after this 
   not matter (``"\\u00e9"`` and ``"é"`` are one JSON value); every code point does, lone surrogates
   included (the key text is ASCII-escaped, never encoded with ``surrogateescape`` or latin-1).
   Object keys keep their order at every depth (property order drives structured output and
-  grammar-constrained decoding) and duplicate keys are all kept, in order. Numbers are equal only
-  when they are the same decimal value (``1``, ``1.0``, ``10e-1`` are equal; ``1.0000000000000001``
-  is not ``1``). A top-level field is left out only where the call's dialect
+  grammar-constrained decoding) and duplicate keys are all kept, in order. An integer (``1``) is
+  never a fraction or exponent (``1.0``, ``1e0``): servers typed in Go, Rust or C++ (and strict
+  schemas) refuse ``"max_tokens": 100.0`` yet answer ``100``. Among themselves, integers are equal
+  when they are the same integer (``-0`` is ``0``), the others when they are the same decimal value,
+  sign of zero included (``1.0``, ``10e-1`` are equal; ``1.0000000000000001`` is not ``1.0``, nor
+  ``-0.0`` ``0.0``). A top-level field is left out only where the call's dialect
   (``cache_ignored_fields``) proves that it cannot change what the server returns or keeps.
 - **Headers**: deny by default. Every request header enters the key except ``NOISE_HEADERS`` /
   ``NOISE_PREFIXES`` (transport, tracing, SDK telemetry, idempotency keys) and the names a user adds
@@ -48,13 +51,14 @@ KEY_VERSION = 2
 _NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([-+]?[0-9]+))?")
 
 
-#: Integral values with at most this many digits are written as plain JSON integers (the common case,
-#: and cheap); larger or fractional ones as exact ``{"n": "<digits>e<exponent>"}``.
+#: Integers with at most this many characters are written as plain JSON integers (the common case,
+#: and cheap); longer ones as ``{"i": "<digits>"}``.
 _INT_DIGITS = 40
 
 
-def _number(text: str) -> int | dict[str, str]:
-    """A JSON number as its exact decimal value; zero is 0 whatever its sign.
+def _number(text: str) -> dict[str, str]:
+    """A JSON number with a fraction or an exponent as ``{"n": "<sign><digits>e<exponent>"}``, its
+    exact decimal value; a zero keeps its sign (``-0.0`` is another double than ``0.0``).
 
     Pure string arithmetic: ``Decimal`` refuses huge exponents and floats round. A number whose
     exponent is too long for ``int`` keeps its own text (equal only to the same spelling)."""
@@ -64,22 +68,20 @@ def _number(text: str) -> int | dict[str, str]:
     sign, whole, fraction, exponent = match.groups()
     digits = (whole + (fraction or "")).lstrip("0")
     if not digits:
-        return 0
+        return {"n": sign + "0"}
     try:
         power = int(exponent or 0) - len(fraction or "")
     except ValueError:
         return {"r": text}
     significant = digits.rstrip("0")
     power += len(digits) - len(significant)
-    if power >= 0 and len(significant) + power <= _INT_DIGITS:
-        value: int = int(sign + significant) * 10**power
-        return value
     return {"n": f"{sign}{significant}e{power}"}
 
 
 def _int(text: str) -> int | dict[str, str]:
-    """A JSON integer: itself, unless too long to be written plainly (see ``_INT_DIGITS``)."""
-    return int(text) if len(text) <= _INT_DIGITS else _number(text)
+    """A JSON integer: itself, unless too long to be written plainly (see ``_INT_DIGITS``); never
+    equal to a number written with a fraction or an exponent (``_number``)."""
+    return int(text) if len(text) <= _INT_DIGITS else {"i": text}  # JSON spells an integer one way
 
 
 #: An object's pairs as ``{"o": pairs}``: ``dict.fromkeys(("o",), pairs)``, called from C without a
@@ -112,8 +114,9 @@ def canonical_body(raw: bytes, ignored: frozenset[str] = frozenset()) -> str:
     """The body's canonical text (see the module docstring), top-level ``ignored`` fields removed.
 
     Every JSON type maps to a distinct shape, so the text is injective on JSON values: an object
-    is ``{"o": [[key, value], ...]}`` (order and duplicates kept), a number an integer or
-    ``{"n": "<digits>e<exponent>"}`` (see ``_number``), an array a list, a string a string.
+    is ``{"o": [[key, value], ...]}`` (order and duplicates kept), an integer itself (or
+    ``{"i": "<digits>"}``: ``_int``), any other number ``{"n": "<digits>e<exponent>"}``
+    (``_number``), an array a list, a string a string.
     ``ensure_ascii`` escapes every non-ASCII code point, lone surrogates included.
     Raises ValueError for a body that is not UTF-8 JSON."""
     value = _parse_canonical(raw.decode("utf-8"))
