@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import email.utils
 import math
 import random
@@ -66,6 +67,8 @@ def server_delay(headers: Mapping[str, str] | None, now: float | None = None) ->
         return seconds
     try:
         parsed = email.utils.parsedate_to_datetime(raw)
+        if parsed.tzinfo is None:  # asctime form or "-0000": an HTTP date is always GMT, not local time
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, parsed.timestamp() - (wall() if now is None else now))
     except (TypeError, ValueError, OverflowError, IndexError):
         return None  # neither seconds nor a date: ignore it, as servers' clients do
