@@ -104,3 +104,129 @@ def test_every_http_date_form_is_gmt_whatever_the_local_time_zone(new_york: None
     blocked for a minute), and east of UTC a date in the past (no floor at all)."""
     assert time.localtime(784111777).tm_gmtoff == -5 * 3600  # the zone took effect
     assert server_delay({"retry-after": date}, now=784111777.0 - 5) == 5.0
+
+
+# -- end to end: how many attempts the server sees --------------------------------------------------------
+
+@pytest.fixture
+def retrying(installed: Callable[..., object], monkeypatch: pytest.MonkeyPatch) -> Callable[..., object]:
+    """llmshim with retries on (``auto``), short backoffs; ``retrying(**settings)`` to change them."""
+    monkeypatch.setenv("LLMSHIM_RETRY_MODE", "auto")
+    monkeypatch.setenv("LLMSHIM_RETRY_MAX_DELAY", "0.02")
+
+    def install(**settings: str) -> object:
+        return installed(**settings)
+
+    install()
+    return install
+
+
+@pytest.mark.parametrize("max_retries", [0, 2, 5])
+def test_the_sdk_decides_the_attempts_whatever_its_max_retries(server: FakeLLMServer, retrying: Any,
+                                                                max_retries: int) -> None:
+    server.inject(Fault(status=500, headers={"retry-after-ms": "1"}), times=None)  # the SDK's own waits: 1 ms
+    with pytest.raises(openai.InternalServerError), openai.OpenAI(
+            base_url=server.openai_base_url, api_key="k", max_retries=max_retries) as client:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    assert len(server.received) == max_retries + 1  # never (max_retries + 1) x 3
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx", "aiohttp"])
+def test_raw_clients_see_exactly_max_attempts_then_the_last_answer(server: FakeLLMServer, retrying: Any,
+                                                                    library: str) -> None:
+    retrying(retry_max_attempts="4")
+    server.inject(Fault(status=502), times=None)
+    url = server.openai_base_url + "/chat/completions"
+    if library == "requests":
+        status = requests.post(url, json=BODY, timeout=5).status_code
+    elif library == "httpx":
+        with httpx.Client(timeout=5) as client:
+            status = client.post(url, json=BODY).status_code
+    else:
+        async def go() -> int:
+            async with aiohttp.ClientSession() as session, session.post(url, json=BODY) as response:
+                await response.read()
+                return response.status
+        status = asyncio.run(go())
+    assert status == 502 and len(server.received) == 4
+
+
+def test_a_429_on_a_streamed_call_is_retried_before_any_chunk_reaches_the_caller(server: FakeLLMServer,
+                                                                                  retrying: Any) -> None:
+    server.inject(Fault(status=429, headers={"retry-after-ms": "10"}))
+    server.inject(Fault(status=503))
+    with httpx.Client(timeout=5) as client, client.stream(
+            "POST", server.openai_base_url + "/chat/completions", json={**BODY, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert len(server.received) == 3  # the 429, the 503, the stream
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx"])
+def test_a_stream_cut_after_it_began_is_raised_never_retried(server: FakeLLMServer, retrying: Any,
+                                                             library: str) -> None:
+    server.inject(Fault(reset="after_chunks", after_chunks=2))
+    url = server.openai_base_url + "/chat/completions"
+    seen: list[str] = []
+    with pytest.raises((requests.exceptions.ChunkedEncodingError, httpx.RemoteProtocolError,
+                        httpx.ReadError)):
+        if library == "requests":
+            with requests.post(url, json={**BODY, "stream": True}, stream=True, timeout=5) as response:
+                seen.extend(line.decode() for line in response.iter_lines() if line)
+        else:
+            with httpx.Client(timeout=5) as client, client.stream("POST", url, json={**BODY, "stream": True}) as r:
+                seen.extend(line for line in r.iter_lines() if line)
+    assert len(seen) == 2 and len(set(seen)) == 2  # what came, once each
+    assert len(server.received) == 1
+
+
+def test_a_post_to_a_non_llm_path_is_never_retried(server: FakeLLMServer, retrying: Any) -> None:
+    server.inject(Fault(status=503), times=None)
+    assert requests.post(server.url + "/v1/files", json={"purpose": "batch"}, timeout=5).status_code == 503
+    server.reset()
+    server.inject(Fault(reset="before_headers"), times=None)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(server.url + "/v1/files", json={"purpose": "batch"}, timeout=5)
+    assert len(server.received) == 1
+
+
+def test_a_retry_after_of_an_hour_goes_back_at_once_and_blocks_the_key_at_most_a_minute(
+        server: FakeLLMServer, retrying: Any) -> None:
+    retrying(rpm="6000", queue_timeout="0.3")
+    server.inject(Fault(status=429, headers={"retry-after": "3600"}))
+    started = time.monotonic()
+    first = requests.post(server.openai_base_url + "/chat/completions", json=BODY, timeout=5)
+    assert first.status_code == 429 and len(server.received) == 1  # handed back, no hour-long sleep
+    second = requests.post(server.openai_base_url + "/chat/completions", json=BODY, timeout=5)
+    assert second.status_code == 429 and second.headers["x-should-retry"] == "false"  # llmshim's queue timeout
+    assert len(server.received) == 1  # the blocked key sent nothing
+    assert time.monotonic() - started < 30  # bounded by the queue timeout, never the hour
+
+
+# -- rate limits: a reservation above the burst ---------------------------------------------------------
+
+def test_a_reservation_above_the_burst_gives_back_only_what_it_took(installed: Callable[..., object],
+                                                                     server: FakeLLMServer) -> None:
+    """A call's token reservation bigger than the bucket's burst is charged as one whole burst; its
+    reconciliation gave back the whole reservation minus the usage, so a program whose calls
+    reserve more than the burst (the default 1024 output tokens against a TPM below ~6k with a
+    10 s burst; max_tokens=16384 against 30k TPM) was never limited at all. Here: 6 tokens a
+    minute, 1 token of burst, calls using 5 tokens each: the second call must wait ~40 s, and with
+    LLMSHIM_QUEUE_TIMEOUT=0 gets llmshim's 429 at once rather than going out."""
+    installed(tpm="6", queue_timeout="0")
+    url = server.openai_base_url + "/chat/completions"
+    first = requests.post(url, json=BODY, timeout=5)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] == 5
+    second = requests.post(url, json=BODY, timeout=5)
+    assert second.status_code == 429 and second.json()["error"]["code"] == "llmshim_queue_timeout"
+    assert len(server.received) == 1
+
+
+@given(cost=st.floats(0, 1e9), per_minute=st.floats(1, 1e9), burst=st.floats(0, 86400))
+def test_giving_back_what_was_charged_restores_the_bucket(cost: float, per_minute: float, burst: float) -> None:
+    from llmshim.gcra import Gcra
+
+    bucket = Gcra(per_minute, burst)
+    bucket.take(100.0, cost)
+    bucket.give_back(bucket.charged(cost))
+    assert bucket.tat == pytest.approx(100.0, abs=1e-6 * max(1.0, 100.0))
