@@ -230,3 +230,161 @@ def test_giving_back_what_was_charged_restores_the_bucket(cost: float, per_minut
     bucket.take(100.0, cost)
     bucket.give_back(bucket.charged(cost))
     assert bucket.tat == pytest.approx(100.0, abs=1e-6 * max(1.0, 100.0))
+
+
+def test_one_huge_request_on_an_idle_bucket_goes_at_once(installed: Callable[..., object],
+                                                         server: FakeLLMServer) -> None:
+    installed(tpm="60", queue_timeout="0")  # 1 token a second, 10 of burst; the call reserves a million
+    response = requests.post(server.openai_base_url + "/chat/completions", json={**BODY, "max_tokens": 10**6},
+                             timeout=5)
+    assert response.status_code == 200 and len(server.received) == 1
+
+
+# -- the scheduler under Hypothesis: a fake clock, arbitrary arrivals, costs, classes and departures -----------
+
+class HeapClock:
+    """A fake clock whose wake-ups fire in due order (time never goes back)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._count = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        import heapq
+
+        self._count += 1
+        heapq.heappush(self._due, (self.now + delay, self._count, fn))
+
+    def run_until(self, until: float) -> None:
+        import heapq
+
+        while self._due and self._due[0][0] <= until:
+            due, _, fn = heapq.heappop(self._due)
+            self.now = max(self.now, due)
+            fn()
+        self.now = max(self.now, until)
+
+    def run_all(self) -> None:
+        for _ in range(100_000):
+            if not self._due:
+                return
+            self.run_until(self._due[0][0])
+        raise AssertionError("wake-ups never stop")
+
+
+ARRIVALS = st.lists(st.tuples(st.floats(0, 5), st.sampled_from(["critical", "high", "normal", "low"]),
+                              st.one_of(st.just(1.0), st.floats(0, 1e6)), st.booleans()), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(arrivals=ARRIVALS, rpm=st.sampled_from([None, 1, 60, 600]), tpm=st.sampled_from([None, 100, 6000]),
+       burst=st.sampled_from([0.0, 1.0, 10.0]))
+def test_every_waiter_is_served_once_in_order_within_its_class_and_the_rate_holds(
+        arrivals: list[tuple[float, str, float, bool]], rpm: int | None, tpm: int | None, burst: float) -> None:
+    from llmshim.policies.limiter import Limiter
+    from llmshim.policies.scheduler import Waiter
+    from llmshim.values import Limits
+
+    rpm = rpm if rpm or tpm else 60
+    clock = HeapClock()
+    limiter = Limiter(burst, clock=clock, schedule=clock.schedule)
+    key = limiter.key("k", Limits(rpm, tpm))
+    grants: list[tuple[float, Waiter]] = []
+
+    @dataclasses.dataclass(eq=False)
+    class Recorded(Waiter):
+        def wake(self) -> None:
+            assert not self.granted, "granted twice"
+            grants.append((clock.now, self))
+            super().wake()
+
+    waiters: list[Waiter] = []
+    left: set[int] = set()
+    for gap, level, tokens, previous_leaves in arrivals:
+        clock.run_until(clock.now + gap)
+        waiter = Recorded(level, 1.0, tokens if tpm else 0.0, clock.now)
+        waiters.append(waiter)
+        limiter.enqueue(key, waiter)
+        if previous_leaves and len(waiters) > 1 and limiter.withdraw(key, waiters[-2]):
+            left.add(id(waiters[-2]))  # a caller that gave up while queued takes no permit
+    clock.run_all()
+    stayed = [w for w in waiters if id(w) not in left]
+    assert all(w.granted for w in stayed) and limiter.held() == (0, 0)  # nobody starves or is forgotten
+    assert len(grants) == len(stayed)
+    for level in ("critical", "high", "normal", "low"):  # first come, first served within a class
+        assert [w for _, w in grants if w.priority == level] == [w for w in stayed if w.priority == level]
+    if rpm:  # never more than the burst plus the rate, over any stretch of time
+        per_second, whole_burst = rpm / 60.0, max(burst, 60.0 / rpm) * rpm / 60.0
+        times = [at for at, _ in grants]
+        for i, start in enumerate(times):
+            for j in range(i, len(times)):
+                assert j - i + 1 <= whole_burst + per_second * (times[j] - start) + 1e-6
+
+
+# -- the caller's own timeout ------------------------------------------------------------------------------
+
+def _limiter() -> Any:
+    from llmshim.policies.ratelimit import RateLimitPolicy
+    from llmshim.runtime import STATE
+
+    return next(p.limiter for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy))
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx", "aiohttp-sock_read"])
+def test_a_stalled_server_costs_at_most_max_attempts_read_timeouts(server: FakeLLMServer, retrying: Any,
+                                                                   library: str) -> None:
+    """A read timeout is a transport error before a response: retried, each attempt held to the
+    caller's own timeout, never more than LLMSHIM_RETRY_MAX_ATTEMPTS of them; the caller gets its
+    library's own timeout error."""
+    server.inject(Fault(delay=1.5), times=None)
+    url = server.openai_base_url + "/chat/completions"
+    started = time.monotonic()
+    if library == "requests":
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(url, json=BODY, timeout=0.3)
+    elif library == "httpx":
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=BODY, timeout=0.3)
+    else:
+        async def go() -> None:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=0.3)) as session:
+                await session.post(url, json=BODY)
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(go())
+    elapsed = time.monotonic() - started
+    assert len(server.received) == 3  # the default 3 attempts, each given up after 0.3 s of silence
+    gaps = [b.at - a.at for a, b in zip(server.received, server.received[1:], strict=False)]
+    assert all(gap >= 0.3 for gap in gaps) and elapsed >= 0.9
+    assert elapsed < 3 * (0.3 + 0.02) + 30  # generous: never the server's 1.5 s per attempt, never a hang
+
+
+def test_an_aiohttp_total_timeout_covers_retries_and_the_queue(server: FakeLLMServer, retrying: Any) -> None:
+    """aiohttp's ``total`` covers the whole call, llmshim's retries and rate-limit wait included: a
+    stalled server is tried once, and a task queued behind a spent limit leaves the queue when the
+    total runs out, taking no permit.
+
+    The bug: the total fired during the first attempt (aiohttp turns its cancellation into
+    TimeoutError and un-cancels the task), llmshim retried that TimeoutError, and the retry queued
+    for the spent permit with nothing left to interrupt it: the 0.3 s call took the whole
+    LLMSHIM_QUEUE_TIMEOUT and came back as llmshim's 429 instead of aiohttp's TimeoutError."""
+    retrying(rpm="1", queue_timeout="20")  # one request a minute: the first call spends it
+    url = server.openai_base_url + "/chat/completions"
+    server.inject(Fault(delay=1.5))
+
+    async def call(total: float) -> int:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total)) as session, \
+                session.post(url, json=BODY) as response:
+            return response.status
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(call(0.3))  # the stalled attempt: the total ends it
+    assert len(server.received) == 1 and llmshim.stats()["retries"] == 0  # no retry after the deadline
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(call(0.3))  # queued behind the spent permit
+    assert time.monotonic() - started < 30 and _limiter().held() == (0, 0)
+    assert len(server.received) == 1

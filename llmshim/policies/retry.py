@@ -178,6 +178,8 @@ class RetryPolicy:
             body_error=body_error, transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
             rand=self._rand(), time_left=call.timeout, body_delay=body_delay)
+        if decision.retry and call.expired is not None and call.expired():
+            return Decision(False, 0.0, "the caller's timeout ran out")
         if decision.retry and not self.budget.withdraw(_origin(call), monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision
