@@ -203,6 +203,26 @@ def test_a_retry_after_of_an_hour_goes_back_at_once_and_blocks_the_key_at_most_a
     assert time.monotonic() - started < 30  # bounded by the queue timeout, never the hour
 
 
+@pytest.mark.parametrize("library", ["requests", "httpx", "aiohttp"])
+def test_a_retry_after_sent_twice_is_read_alike_by_every_library(server: FakeLLMServer, retrying: Any,
+                                                                 library: str) -> None:
+    """A proxy that repeats ``retry-after: 3600``: requests and httpx join the two into ``3600, 3600``,
+    which was ignored (no floor: retried after the backoff, the key not blocked), while aiohttp's
+    first value handed the 429 back at once. Now the first value counts for every library."""
+    server.inject(Fault(status=429, headers=(("retry-after", "3600"), ("retry-after", "3600"))), times=None)
+    url = server.openai_base_url + "/chat/completions"
+    if library == "requests":
+        status = requests.post(url, json=BODY, timeout=5).status_code
+    elif library == "httpx":
+        status = httpx.post(url, json=BODY, timeout=5).status_code
+    else:
+        async def go() -> int:
+            async with aiohttp.ClientSession() as session, session.post(url, json=BODY) as response:
+                return response.status
+        status = asyncio.run(go())
+    assert status == 429 and len(server.received) == 1 and llmshim.stats()["retries"] == 0
+
+
 # -- rate limits: a reservation above the burst ---------------------------------------------------------
 
 def test_a_reservation_above_the_burst_gives_back_only_what_it_took(installed: Callable[..., object],

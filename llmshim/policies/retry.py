@@ -76,8 +76,9 @@ def server_delay(headers: Mapping[str, str] | None, now: float | None = None) ->
 
 def _seconds(raw: str, scale: float) -> float | None:
     """A non-negative number of seconds (``inf`` allowed) from a header's text, or None (``nan``,
-    not a number, non-ASCII digits)."""
-    text = raw.strip()
+    not a number, non-ASCII digits). A header sent twice reaches us joined (``5, 5`` from requests
+    and httpx; aiohttp gives the first): its first value counts, whatever the library."""
+    text = raw.split(",", 1)[0].strip()
     if not text.isascii():
         return None
     try:
