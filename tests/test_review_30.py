@@ -408,3 +408,19 @@ def test_an_aiohttp_total_timeout_covers_retries_and_the_queue(server: FakeLLMSe
         asyncio.run(call(0.3))  # queued behind the spent permit
     assert time.monotonic() - started < 30 and _limiter().held() == (0, 0)
     assert len(server.received) == 1
+
+
+@pytest.mark.parametrize("server_limit", [1, 3, 5])
+def test_a_servers_limit_below_one_request_per_burst_is_held(server_limit: int) -> None:
+    """OpenAI's free tier says ``x-ratelimit-limit-requests: 3``. Tightening lowered the rate but
+    kept the 10 s burst, shorter than one request's 20 s interval: each request was charged as a
+    whole burst, so the key granted one every 10 s (6 a minute) against the server's 3."""
+    from llmshim.dialects import ServerLimits
+    from llmshim.policies.scheduler import Key, Waiter
+    from llmshim.values import Limits
+
+    key = Key(Limits(rpm=60), burst=10.0)
+    key.learn(ServerLimits(requests_limit=server_limit), 0.0)
+    granted = [at / 4 for at in range(0, 4 * 600) if key.try_take(at / 4, Waiter("normal", 1.0, 0.0, at / 4)) <= 0]
+    assert len(granted) <= 1 + server_limit * 10  # 10 minutes: the limit, plus one request of burst
+    assert len(granted) >= server_limit * 10  # and not slower than the server allows
