@@ -352,6 +352,9 @@ class Call:
     # The caller's read timeout in seconds (None: none known): no wait llmshim makes between
     # attempts (a backoff, a server's retry-after) is as long as the silence the caller tolerates.
     timeout: float | None = None
+    # Whether the caller's deadline for the whole call has passed (aiohttp's total timeout fired:
+    # its next step raises TimeoutError at once), so no retry or queue wait is started for it.
+    expired: Callable[[], bool] | None = dataclasses.field(default=None, repr=False, compare=False)
     # Why the cache must neither look up nor store this call, set by the adapter: a test double or a
     # recorder answers it, not the network (llmshim.adapters._doubles). None: the real network.
     cache_bypass: str | None = None

@@ -20,7 +20,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-__all__ = ["Dim", "Gcra", "at_most", "gcra_take", "take"]
+__all__ = ["Dim", "Gcra", "at_most", "charged", "gcra_take", "take"]
+
+
+def charged(cost: float, rate: float, burst: float) -> float:
+    """What taking ``cost`` really charges: at most one whole burst. A give-back is measured
+    against this, not the cost asked for, or returning a big reservation would erase the charges
+    of every other call (and a reservation above the burst would free more than it took)."""
+    return min(cost, burst * rate)
 
 
 def gcra_take(tat: float, now: float, rate: float, burst: float, cost: float,
@@ -30,7 +37,7 @@ def gcra_take(tat: float, now: float, rate: float, burst: float, cost: float,
     ``rate`` per second, ``burst`` seconds of tolerance, ``reserve`` the share of the burst kept
     free (0 to 1). Taking is the caller's choice: it stores the new ``tat`` only if every
     dimension's wait is 0."""
-    cost = min(cost, burst * rate)
+    cost = charged(cost, rate, burst)
     new_tat = max(tat, now) + cost / rate
     # The reserve narrows the tolerance, but one call always fits an idle bucket.
     tolerance = max(burst * (1.0 - reserve), cost / rate)
@@ -85,6 +92,17 @@ class Gcra:
 
     def give_back(self, cost: float) -> None:
         self.tat -= cost / self.rate
+
+    def tighten(self, per_minute: float) -> None:
+        """Slow to ``per_minute`` (a server's own lower limit), keeping one unit fitting an idle
+        bucket: a burst shorter than one unit's interval would charge each unit as a whole burst,
+        one per burst however slow the rate (3 a minute came out as 6 with a 10 s burst)."""
+        self.rate = per_minute / 60.0
+        self.burst = max(self.burst, 1.0 / self.rate)
+
+    def charged(self, cost: float) -> float:
+        """What taking ``cost`` charged this bucket (at most one whole burst)."""
+        return charged(cost, self.rate, self.burst)
 
     def at_most(self, now: float, available: float) -> None:
         """Offer at most ``available`` units now (then the usual pace): never loosens."""

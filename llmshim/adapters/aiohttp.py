@@ -194,6 +194,8 @@ async def _middleware(request: Any, handler: Any) -> Any:
     call.replay = _replayer(request)
     session_timeout = getattr(getattr(request, "_session", None), "timeout", None)
     call.timeout = getattr(session_timeout, "sock_read", None) or getattr(session_timeout, "total", None)
+    timer = getattr(request, "_timer", None)  # the session's or the request's total timeout
+    call.expired = lambda: getattr(timer, "_cancelled", False) is True
     import asyncio
 
     import aiohttp

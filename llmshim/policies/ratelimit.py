@@ -170,7 +170,8 @@ class RateLimitPolicy:
             usage = call.response.tokens if call.response else None  # reported, else estimated
             if usage is None or usage.input_tokens is None or key.tokens is None:
                 return
-            limiter.give_back(key, waiter.tokens - (usage.input_tokens + (usage.output_tokens or 0)))
+            used = usage.input_tokens + (usage.output_tokens or 0)
+            limiter.give_back(key, key.tokens.charged(waiter.tokens) - used)  # what was taken, not asked
 
         reply.tap.subscribe(OnEnd(reconcile))
 

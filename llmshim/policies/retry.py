@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import email.utils
 import math
 import random
@@ -66,6 +67,8 @@ def server_delay(headers: Mapping[str, str] | None, now: float | None = None) ->
         return seconds
     try:
         parsed = email.utils.parsedate_to_datetime(raw)
+        if parsed.tzinfo is None:  # asctime form or "-0000": an HTTP date is always GMT, not local time
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, parsed.timestamp() - (wall() if now is None else now))
     except (TypeError, ValueError, OverflowError, IndexError):
         return None  # neither seconds nor a date: ignore it, as servers' clients do
@@ -73,8 +76,9 @@ def server_delay(headers: Mapping[str, str] | None, now: float | None = None) ->
 
 def _seconds(raw: str, scale: float) -> float | None:
     """A non-negative number of seconds (``inf`` allowed) from a header's text, or None (``nan``,
-    not a number, non-ASCII digits)."""
-    text = raw.strip()
+    not a number, non-ASCII digits). A header sent twice reaches us joined (``5, 5`` from requests
+    and httpx; aiohttp gives the first): its first value counts, whatever the library."""
+    text = raw.split(",", 1)[0].strip()
     if not text.isascii():
         return None
     try:
@@ -175,6 +179,8 @@ class RetryPolicy:
             body_error=body_error, transport_error=transport,
             sdk_attempt=call.request.header("x-stainless-retry-count") is not None, mode=self.mode,
             rand=self._rand(), time_left=call.timeout, body_delay=body_delay)
+        if decision.retry and call.expired is not None and call.expired():
+            return Decision(False, 0.0, "the caller's timeout ran out")
         if decision.retry and not self.budget.withdraw(_origin(call), monotonic()):
             return Decision(False, 0.0, "retry budget exhausted")
         return decision

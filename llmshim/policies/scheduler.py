@@ -164,7 +164,7 @@ class Key:
                 continue
             if limit is not None and 0 < limit / 60.0 < bucket.rate:
                 bucket.tat = max(bucket.tat, 0.0)
-                bucket.rate = limit / 60.0
+                bucket.tighten(limit)
             if remaining is not None:
                 bucket.at_most(now, remaining)
 

@@ -339,6 +339,14 @@ class FakeLLMServer:
             self._recent.append(now)
             return True, limit - len(self._recent), 0.0, 0.0
 
+    def _per_minute(self) -> int:
+        """The limit the headers state, per minute as the real APIs state it: a limit of 10 in a
+        1 s window is 600 a minute (a client that believes the headers must not slow to 10)."""
+        if self.rpm_limit is None:
+            return 10000
+        window = 60.0 if self.rpm_style == "bucket" else self.rpm_window
+        return max(1, round(self.rpm_limit * 60.0 / window))
+
     def _take_from_bucket(self, now: float, limit: int) -> tuple[bool, int, float, float]:
         rate = limit / 60.0
         level = float(limit) if self.bucket_level is None else self.bucket_level
@@ -357,7 +365,7 @@ class FakeLLMServer:
         openai_route = not path.startswith("/api/") and received.method == "POST" and not gemini
         allowed, remaining, wait, reset = self._rate()
         limit_headers = [
-            ("x-ratelimit-limit-requests", str(self.rpm_limit or 10000)),
+            ("x-ratelimit-limit-requests", str(self._per_minute())),
             ("x-ratelimit-remaining-requests", str(remaining)),
             ("x-ratelimit-reset-requests", _duration(reset)),
             ("x-ratelimit-limit-tokens", "2000000"),
@@ -389,7 +397,7 @@ class FakeLLMServer:
         allowed, remaining, wait, reset = self._rate()
         request_id = f"req_{len(self.received)}"
         headers = [("request-id", request_id),
-                   *anthropic_wire.limit_headers(self.rpm_limit or 10000, remaining, reset, wall())]
+                   *anthropic_wire.limit_headers(self._per_minute(), remaining, reset, wall())]
         json_type = ("Content-Type", "application/json")
         if not allowed:
             return Answer(429, [json_type, ("retry-after", str(max(1, math.ceil(wait)))), *headers],
