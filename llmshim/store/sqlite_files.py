@@ -47,6 +47,7 @@ import stat
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -176,6 +177,18 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def _close_slots(slots: list[_Slot]) -> None:
+    """Close the connections of a ``Connections`` nobody holds any more (this process's; a fork
+    parent's are kept, as ``close`` keeps them)."""
+    for slot in slots:
+        if slot.pid == os.getpid():
+            with suppress(sqlite3.Error):
+                slot.conn.close()
+        else:
+            _INHERITED.append(slot.conn)
+    slots.clear()
+
+
 # -- connections -----------------------------------------------------------------------------------
 class _Slot:
     """One thread's connection and how many uses of it are in progress."""
@@ -207,7 +220,11 @@ class Connections:
         self._local = threading.local()
         self._lock = threading.RLock()  # re-entrant: see Pipeline._lock (a collected reply may close us)
         self._set_up_lock = threading.RLock()  # first-time set-up, one thread of this process at a time
-        self._slots: list[_Slot] = []
+        self._slots: list[_Slot] = []  # changed in place: the finalizer below holds this list
+        # A store dropped without close() (a script's own SQLiteStore) closes its connections when
+        # it is collected: Python 3.13 warns (ResourceWarning) of a connection collected open, an
+        # error under `-W error`. Not at exit: writes still queued then must find them open.
+        weakref.finalize(self, _close_slots, self._slots).atexit = False
 
     @contextmanager
     def use(self) -> Iterator[sqlite3.Connection]:
@@ -240,7 +257,7 @@ class Connections:
         slot.uses = 1
         with self._lock:
             ended = [s for s in self._slots if s.pid != slot.pid or (s.uses == 0 and not s.thread.is_alive())]
-            self._slots = [s for s in self._slots if s not in ended] + [slot]
+            self._slots[:] = [s for s in self._slots if s not in ended] + [slot]
         self._local.slot = slot
         for old in ended:
             if old.pid == slot.pid:
@@ -276,7 +293,8 @@ class Connections:
     def close(self) -> None:
         """Close every connection of this process: idle ones now, busy ones when their use ends."""
         with self._lock:
-            slots, self._slots = self._slots, []
+            slots = list(self._slots)
+            self._slots.clear()
             idle = []
             for slot in slots:
                 slot.doomed = True
