@@ -198,6 +198,9 @@ def _streams(module: Any) -> tuple[type, type]:
                 raise
             self._feed.done()
 
+        def __getattr__(self, name: str) -> Any:
+            return _forwarded(self, name)
+
         def close(self) -> None:
             try:
                 self._inner.close()
@@ -221,6 +224,9 @@ def _streams(module: Any) -> tuple[type, type]:
                 raise
             self._feed.done()
 
+        def __getattr__(self, name: str) -> Any:
+            return _forwarded(self, name)
+
         async def aclose(self) -> None:
             try:
                 await self._inner.aclose()
@@ -229,6 +235,16 @@ def _streams(module: Any) -> tuple[type, type]:
 
     _stream_classes[module.__name__] = (TapSyncStream, TapAsyncStream)
     return TapSyncStream, TapAsyncStream
+
+
+def _forwarded(stream: Any, name: str) -> Any:
+    """An attribute the tap stream lacks is the wrapped stream's: the library reads its own stream's
+    attributes through ``response.stream`` (httpx2's ``Response.elapsed`` is ``stream.elapsed``,
+    set by the client's ``BoundSyncStream`` when the body closes). Only for names not found on the
+    tap stream itself, so no read pays for it."""
+    if name in ("_inner", "_feed"):  # not set yet: never look for them in themselves
+        raise AttributeError(name)
+    return getattr(stream._inner, name)
 
 
 def _reply(response: Any, stream_class: type, is_async: bool) -> Reply:
