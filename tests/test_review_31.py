@@ -313,3 +313,48 @@ def test_a_sqlite_rate_limit_holds_across_workers(tmp_path: Path) -> None:
 def test_no_waiting_with_a_shared_budget_still_lets_the_burst_through(tmp_path: Path) -> None:
     answers, upstream = _limited_run(tmp_path, "0")
     assert 1 <= upstream <= 3, answers
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.timeout(240)
+def test_celery_tasks_share_the_cache_and_task_retries_stay_bounded(server: FakeLLMServer, redis_server: Any,
+                                                                     tmp_path: Path, pool: str) -> None:
+    """A celery worker under ``llmshim run`` (prefork: children forked after the tasks were
+    imported). Repeated questions go upstream once. Against an upstream that always answers 500,
+    each task is tried 3 times by celery (``self.retry``) and each try up to 3 times by llmshim,
+    within llmshim's retry budget of each worker process (10 a minute at least): llmshim cannot tell
+    a task's retry from a new request, so the attempts multiply up to that budget
+    (9 + 11 measured with the threads pool: one process)."""
+    celery = pytest.importorskip("celery")
+    (tmp_path / "tasks.py").write_text(CELERY_APP)
+    env = _env(server, tmp_path, BROKER=redis_server.url, LLMSHIM_CACHE="on", LLMSHIM_RETRY_MODE="auto",
+               LLMSHIM_RETRY_MAX_DELAY="0")
+    command = [sys.executable, "-m", "llmshim", "run", "--", sys.executable, "-m", "celery", "-A", "tasks", "worker",
+               "--pool", pool, "-c", "2", "--loglevel", "warning", "--without-heartbeat", "--without-gossip",
+               "--without-mingle"]
+    log = tmp_path / "celery.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    client = celery.Celery("tasks", broker=redis_server.url, backend=redis_server.url)
+    try:
+        answers = [client.send_task("tasks.ask", [q]).get(timeout=60) for q in ["a", "b", "a", "b", "a"]]
+        server.inject(Fault(status=500), times=None)
+        failures = []
+        for q in ["x", "y", "z"]:
+            with pytest.raises(Exception) as failed:
+                client.send_task("tasks.ask", [q]).get(timeout=60)
+            failures.append(str(failed.value))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        client.close()
+    assert code == 0, log.read_text()
+    assert [a["text"] for a in answers] == ["Echo: a", "Echo: b"] * 2 + ["Echo: a"]
+    assert all(a["installed"] for a in answers) and [a["cache"] for a in answers][2:] == ["hit"] * 3
+    assert _asked(server)[:2] in (["a", "b"], ["b", "a"])
+    assert failures == ["upstream 500"] * 3
+    failed_attempts = len(server.received) - 2
+    processes = 2 if pool == "prefork" else 1
+    # 3 tasks x 3 celery tries, + llmshim's retries within each process's budget: 10 a minute, + 0.1
+    # per request made (at most 14 requests here: 1.4)
+    assert 9 <= failed_attempts <= 9 + 12 * processes
