@@ -40,6 +40,7 @@ class Stats:
         self._path: str | None = None
         self._written = 0.0
         self.reset()
+        self._written_counts = dict(self._counts)  # what this process last wrote (nothing yet: zeros)
 
     def reset(self) -> None:
         with self._lock:
@@ -131,7 +132,17 @@ class Stats:
         self._path = path
         if path is not None and not self._at_exit:
             self._at_exit = True  # once per process: every install() calls this
-            atexit.register(self.write)
+            atexit.register(self.write_if_changed)
+
+    def write_if_changed(self) -> None:
+        """The write at exit, only when this process counted something since its last write: the
+        master of a pre-fork server (gunicorn, celery, uvicorn --workers) makes no call, or made them
+        before forking and wrote them then, and ends after its workers; its unchanged counters
+        written last would replace the snapshot a worker wrote."""
+        with self._lock:
+            changed = self._counts != self._written_counts
+        if changed:
+            self.write()
 
     def write(self) -> None:
         """Atomically, readable by this user only (the file names the models and the volumes);
@@ -141,12 +152,14 @@ class Stats:
             return
         try:
             self._written = monotonic()
+            snapshot = self.snapshot()
             tmp = f"{path}.{os.getpid()}.tmp"
             with suppress(FileNotFoundError):
                 os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
             with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
-                json.dump(self.snapshot(), handle)
+                json.dump(snapshot, handle)
             os.replace(tmp, path)
+            self._written_counts = {name: snapshot[name] for name in _FIELDS}
         except OSError:
             pass  # a stats file we cannot write never affects a call
         finally:
