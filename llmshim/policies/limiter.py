@@ -220,6 +220,7 @@ class Limiter:
                 with self._lock:
                     waiter = key.next_waiter()
                     if waiter is None or key.full():  # full: woken by a release, not by time
+                        key.tell_impatient()
                         break
                     dims = key.store_dims(waiter)
                 answer = None
@@ -237,6 +238,8 @@ class Limiter:
                 if wait is None:  # it left while the store was asked
                     continue
                 if wait > 0:
+                    with self._lock:
+                        key.tell_impatient()
                     if wait != float("inf"):
                         soonest = wait if soonest is None else min(soonest, wait)
                     break

@@ -43,7 +43,11 @@ from .scheduler import Key, Waiter
 if TYPE_CHECKING:
     from ..store.base import LimitStore
 
-__all__ = ["PRIORITIES", "RateLimitPolicy", "parse_limits", "priority", "resolve_priority"]
+__all__ = ["PRIORITIES", "STORE_ANSWER_WAIT", "RateLimitPolicy", "parse_limits", "priority", "resolve_priority"]
+
+#: The longest a caller that will not wait (``LLMSHIM_QUEUE_TIMEOUT=0``) waits for a shared budget's
+#: answer (the store's own timeouts are shorter: a store that fails is answered locally).
+STORE_ANSWER_WAIT = 5.0
 
 
 class RateLimitPolicy:
@@ -88,8 +92,18 @@ class RateLimitPolicy:
         info = call.info  # characters / 4 of the prompt, and its max-tokens field (or the default)
         tokens_in, tokens_out = max(1, info.input_chars // 4), info.max_output_tokens or self.default_output_tokens
         call.facts.priority = level
-        waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock())
+        waiter = Waiter(level, 1.0, float(tokens_in + tokens_out) if limits.tpm else 0.0, self.limiter.clock(),
+                        impatient=self.queue_timeout <= 0)
         return self.limiter.key(name, limits, concurrency), waiter
+
+    def _patience(self, key: Key, waiter: Waiter) -> float:
+        """How long the caller waits for its turn: the queue timeout. One that will not wait
+        (``LLMSHIM_QUEUE_TIMEOUT=0``) still waits for the answer of a shared budget, asked on the
+        store thread after the enqueue (at most ``STORE_ANSWER_WAIT``): the first pass that looks
+        at it wakes it, granted or not."""
+        if waiter.impatient and key.shared is not None and not waiter.granted:
+            return STORE_ANSWER_WAIT
+        return self.queue_timeout
 
     def _waited(self, call: Call, waiter: Waiter) -> None:
         waited = max(0.0, self.limiter.clock() - waiter.enqueued)
@@ -182,10 +196,11 @@ class RateLimitPolicy:
         key, waiter = planned
         waiter.event = threading.Event()
         key = self.limiter.enqueue(key, waiter)
+        patience = self._patience(key, waiter)
         cancellation = call.cancellation  # a trio task gone: leave the queue now, not at our turn
         stop_waking = cancellation.wake_with(waiter.event.set) if cancellation is not None else None
         try:
-            granted = waiter.event.wait(self.queue_timeout)
+            waiter.event.wait(patience)
         except BaseException:  # Ctrl-C while queued: leave the queue, or give back what was granted
             self._abandon(key, waiter)
             raise
@@ -195,7 +210,7 @@ class RateLimitPolicy:
         if cancellation is not None and cancellation.cancelled:
             self._abandon(key, waiter)
             raise Abandoned("the caller went away while its call was queued")
-        if not granted and self.limiter.withdraw(key, waiter):
+        if not waiter.granted and self.limiter.withdraw(key, waiter):
             return self._timed_out(call)
         self._waited(call, waiter)
         try:
@@ -219,13 +234,14 @@ class RateLimitPolicy:
         waiter.future = (loop, future)
         key = self.limiter.enqueue(key, waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.queue_timeout)
+            await asyncio.wait_for(asyncio.shield(future), self._patience(key, waiter))
         except asyncio.TimeoutError:
-            if self.limiter.withdraw(key, waiter):
-                return self._timed_out(call)
+            pass
         except BaseException:  # cancelled while waiting (or right after the grant): nothing stays held
             self._abandon(key, waiter)
             raise
+        if not waiter.granted and self.limiter.withdraw(key, waiter):
+            return self._timed_out(call)
         self._waited(call, waiter)
         try:
             reply = await anext(call)

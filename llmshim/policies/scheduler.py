@@ -49,9 +49,12 @@ class Waiter:
     holds_slot: bool = False
     event: threading.Event | None = None
     future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+    # A caller that will not wait (LLMSHIM_QUEUE_TIMEOUT=0) is woken by the first pass that looks at
+    # it, granted or not: with a shared budget that pass runs on the store thread, after the enqueue.
+    impatient: bool = False
 
-    def wake(self) -> None:
-        self.granted = True
+    def wake(self, granted: bool = True) -> None:
+        self.granted = self.granted or granted
         if self.event is not None:
             self.event.set()
         if self.future is not None:
@@ -178,6 +181,13 @@ class Key:
             if self.passed_over[lower] >= SHARE_EVERY.get(lower, 10) - 1:
                 return self.queues[lower][0]
         return self.queues[top][0]
+
+    def tell_impatient(self) -> None:
+        """Nobody more is granted now: wake the waiters that will not wait, so they leave at once."""
+        for queue in self.queues.values():
+            for waiter in queue:
+                if waiter.impatient:
+                    waiter.wake(granted=False)
 
     def first(self, waiter: Waiter) -> bool:
         """Whether ``waiter`` still heads its class's queue (it may have left meanwhile)."""
