@@ -4,6 +4,7 @@ what reaches it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -486,7 +487,7 @@ def test_a_damaged_description_is_listed_shown_and_served_never_a_traceback(serv
     import sqlite3
 
     _post(server)
-    with sqlite3.connect(cached) as conn:
+    with contextlib.closing(sqlite3.connect(cached)) as conn, conn:
         (meta,) = conn.execute("SELECT meta FROM entries").fetchone()
         damaged = '{"provider": "ollama", "url": "http://h/api/ch\x00 garbage, ' + meta[meta.index('"status"'):]
         conn.execute("UPDATE entries SET meta = ?", (damaged,))

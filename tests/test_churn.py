@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import gc
 import json
 import os
@@ -217,8 +218,10 @@ def test_reinstall_while_a_call_is_in_flight_then_the_next_call_uses_the_new_set
             assert answer.json()["choices"][0]["message"]["content"] == "Echo: after"
     finally:
         llmshim.uninstall()
-    rows = {name: sqlite3.connect(tmp_path / name).execute("SELECT count(*) FROM entries").fetchone()[0]
-            for name in ("a.sqlite3", "b.sqlite3")}
+    rows = {}
+    for name in ("a.sqlite3", "b.sqlite3"):
+        with contextlib.closing(sqlite3.connect(tmp_path / name)) as conn:
+            rows[name] = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
     assert rows == {"a.sqlite3": 1, "b.sqlite3": 1}
 
 

@@ -11,6 +11,7 @@ by a fixed moment (Redis' own ``TIME`` otherwise) and every other byte as shippe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -122,11 +123,11 @@ def test_the_sqlite_store_agrees(case: Case, tmp_path: Path) -> None:
     path = str(tmp_path / "limits.sqlite3")
     store = SQLiteLimitStore(path)
     store.give_back("warm", "r", 0.0)  # creates the file and its table
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         state = {**case.tats, **({"block": case.block} if case.block else {})}
         conn.executemany("INSERT INTO buckets (name, dim, tat) VALUES ('k', ?, ?)", state.items())
     wait = store.try_take("k", case.now, [dataclasses.astuple(dim) for dim in case.dims], case.level)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         tats = dict(conn.execute("SELECT dim, tat FROM buckets WHERE name = 'k' AND dim != 'block'").fetchall())
     store.close()
     assert _same(Answer(wait, tats), expected(case))

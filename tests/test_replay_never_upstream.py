@@ -11,6 +11,7 @@ bundled server, which must see nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -52,7 +53,7 @@ def _table_gone(tmp_path: Path) -> dict[str, str]:
     store = SQLiteStore(str(path))
     assert store.salt
     store.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                   if name != "settings"]
         assert tables

@@ -377,7 +377,7 @@ def _ask(url: str, content: str = "warm") -> Any:
 
 
 def _stored_bodies(path: Path) -> list[bytes]:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return [bytes(row[0]) for row in db.execute("SELECT body FROM entries")] if _has_entries(db) else []
 
 

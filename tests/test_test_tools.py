@@ -462,6 +462,7 @@ def test_a_recorder_sees_every_request_with_a_warm_cache(pytester: pytest.Pytest
     assert replayed.ret == 0, "\n".join(replayed.outlines[-30:])
 
 
+@pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning")  # betamax's own, Python >= 3.12
 def test_a_betamax_recording_sees_every_request_with_a_warm_cache(server: FakeLLMServer, cached: Path) -> None:
     import betamax
     import requests

@@ -40,7 +40,10 @@ def test_plain():
 
 
 def _can_build_offline() -> bool:
-    """setuptools builds wheels by itself from 70.1 on, with the ``wheel`` package before that."""
+    """setuptools builds wheels by itself from 70.1 on, with the ``wheel`` package before that (and
+    Python 3.12's virtual environments come without it: pip fetches it then)."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
     import setuptools
 
     major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
