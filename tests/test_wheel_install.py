@@ -78,6 +78,10 @@ def test_pytest_starts_under_llmshim_installed_from_a_wheel(tmp_path: Path) -> N
     assert installed.returncode == 0, installed.stdout + installed.stderr
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path, env)
     venv_site = Path(purelib.stdout.strip())
+    if sys.prefix != sys.base_prefix:  # this interpreter is itself a virtualenv: its packages are not the system's
+        import sysconfig
+
+        (venv_site / "_outer_env.pth").write_text(sysconfig.get_path("purelib") + "\n")  # after the wheel's own
     assert (venv_site / "llmshim" / "__init__.py").exists()
 
     project = tmp_path / "project"
@@ -87,7 +91,8 @@ def test_pytest_starts_under_llmshim_installed_from_a_wheel(tmp_path: Path) -> N
         filterwarnings = ["error"]
         """))
     (project / "tests" / "test_project.py").write_text(f"VENV = {str(venv)!r}\n" + PROJECT_TEST)
-    pytest_command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    # (the project is not async: pytest-asyncio, if present, stays out of it and of its warnings)
+    pytest_command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio", "tests"]
     env = {**env, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}  # pip above kept the machine's own cache
 
     under_run = _run([str(venv / "bin" / "llmshim"), "run", "--", *pytest_command], project, env)
