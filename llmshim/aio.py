@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
-from .aio_pool import AsyncPool
+from .aio_pool import AsyncPool, WaitTimeout
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
@@ -155,7 +155,10 @@ async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: 
 
 async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
     """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after)."""
-    return await asyncio.wait_for(aw, timeout)
+    try:
+        return await asyncio.wait_for(aw, timeout)
+    except asyncio.TimeoutError:
+        raise WaitTimeout(f"not done within {timeout:g}s") from None
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

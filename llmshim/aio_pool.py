@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -97,7 +98,7 @@ class AsyncPool:
                 return await waiting
             return await asyncio.wait_for(waiting, self.timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(
+            raise WaitTimeout(
                 f"{getattr(fn, '__qualname__', fn)!s} did not finish within {self.timeout:g}s "
                 "(LLMSHIM_ASYNC_TIMEOUT); if it had started it keeps running in its thread and holds its "
                 "slot until it ends"
@@ -128,6 +129,16 @@ class AsyncPool:
 
 
 _worker = threading.local()  # .pool: the AsyncPool whose thread this is, while it runs a call
+
+
+WaitTimeout: type[TimeoutError]
+if sys.version_info >= (3, 11):
+    WaitTimeout = TimeoutError  # asyncio.TimeoutError is TimeoutError
+else:  # pragma: no cover - Python 3.10: asyncio's own class; the error is both, however it is caught
+    class _WaitTimeout(asyncio.TimeoutError, TimeoutError):
+        pass
+
+    WaitTimeout = _WaitTimeout
 
 
 def _cancel_requested() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -24,17 +25,22 @@ def test_demo_sees_every_library_and_dialect_with_tokens_counted(monkeypatch: py
     order = text.split("order the server saw: ")[1].split("\n")[0].split(", ")
     assert len(order) == 5 and order.index("critical") <= 1
     assert text.count("| cache hit |") == 1 and "same question again" in text
+    gemini = importlib.util.find_spec("google") is not None and importlib.util.find_spec("google.genai") is not None
     for seen in (f"{OPENAI_LIBRARY} | openai chat", f"{OPENAI_LIBRARY} | openai embeddings", "requests | ollama chat",
                  "requests | ollama text_completion", "aiohttp | llama_cpp text_completion",
                  "httpx | ollama embeddings", "httpx | ollama chat", "| anthropic chat",
                  "| gcp.gemini generate_content"):
+        if seen == "| gcp.gemini generate_content" and not gemini:
+            assert "skipped google-genai SDK" in text  # no google-genai for Python 3.10: said so, not failed
+            continue
         assert seen in text, seen
     assert "tokens in=None" not in text
-    assert text.count("| ok") == 13
-    assert text.count("outcome=ok") == 19  # one span per call: 13 above, the retried one, 5 prioritised
+    assert text.count("| ok") == (13 if gemini else 12)
+    assert text.count("outcome=ok") == (19 if gemini else 18)  # a span per call: above, the retry, 5 prioritised
     assert "  demo: OpenAI SDK chat (" in text and "\n    chat gpt-4o-mini (" in text  # nested under the app span
     assert "(estimated: " in text  # the stream sent without usage
-    assert "total_calls        19" in text and "cache_hits         1" in text and "retries            1" in text
+    assert f"total_calls        {19 if gemini else 18}" in text
+    assert "cache_hits         1" in text and "retries            1" in text
 
 
 @pytest.mark.parametrize("script", ["call_hooks.py", "local_llm_client.py"])

@@ -8,6 +8,7 @@ shown), and against ``tiktoken`` itself for texts in many alphabets."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import re
@@ -253,6 +254,8 @@ def test_the_limiter_is_reconciled_with_the_estimate(server: FakeLLMServer,
     assert 500 < reserved < 500 + 2 * len(PROSE)  # max_tokens plus the prompt's reservation
 
 
+@pytest.mark.skipif(importlib.util.find_spec("genai_prices") is None,
+                    reason="genai-prices (the `cost` extra) installs on Python >= 3.11 only")
 def test_an_estimated_call_to_a_priced_provider_has_an_estimated_cost(records: list[llmshim.CallRecord]) -> None:
     import responses as responses_library
 
