@@ -7,10 +7,10 @@ holds a bounded number of keys (a real server, real requests)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import test_scheduler
 from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
@@ -20,16 +20,10 @@ from llmshim.policies.scheduler import RELEARN_AFTER, Key, Waiter
 from llmshim.values import Limits
 
 
-class Clock:
+class Clock(test_scheduler.Clock):
     def __init__(self) -> None:
+        super().__init__()
         self.now = 1000.0
-        self.wakeups: list[tuple[float, Callable[[], None]]] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
-        self.wakeups.append((self.now + delay, fn))
 
     def advance(self, seconds: float) -> None:
         """Move on, firing every wake-up that falls due on the way, in order."""

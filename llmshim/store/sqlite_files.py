@@ -178,8 +178,9 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
 
 
 def _close_slots(slots: list[_Slot]) -> None:
-    """Close the connections of a ``Connections`` nobody holds any more (this process's; a fork
-    parent's are kept, as ``close`` keeps them)."""
+    """Close these slots' connections: this process's; a fork parent's are kept (closing them in
+    the child would end the parent's transactions). Used by ``close`` and when a ``Connections``
+    nobody closed is collected."""
     for slot in slots:
         if slot.pid == os.getpid():
             with suppress(sqlite3.Error):
@@ -300,9 +301,4 @@ class Connections:
                 slot.doomed = True
                 if slot.uses == 0:
                     idle.append(slot)
-        for slot in idle:
-            if slot.pid == os.getpid():
-                with suppress(sqlite3.Error):
-                    slot.conn.close()
-            else:
-                _INHERITED.append(slot.conn)
+        _close_slots(idle)
