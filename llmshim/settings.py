@@ -194,7 +194,7 @@ class Settings:
     queue_timeout: float = setting(
         duration("0", MAX_WAIT), "60", "seconds or 90s/5m, from 0 to 30d",
         "How long a call may wait for a permit before it gets a 429 (seconds, `90s`, `5m`); 0 to 30d. `0`: never "
-        "wait.")
+        "wait (with a shared `LLMSHIM_RATELIMIT_STORE`, a call still waits for the store's answer, at most 5 s).")
     max_concurrency: int | None = setting(
         count(1, 10**6, none=True), "", "a whole number from 1 to 10^6, or empty/none",
         "Calls in flight to a local server at most; halved on 503, regrown on success; 1 to 10^6. Empty or `none`: "
