@@ -74,6 +74,7 @@ class Limiter:
         self._pump_queued = False
         self._pump_keys: set[Key] = set()  # keys a queued pass must look at (shared store)
         self._pump_all = False  # ... or every key (the timer's pass)
+        self._impatient = False  # a waiter that will not wait was ever queued (LLMSHIM_QUEUE_TIMEOUT=0)
         _LIMITERS.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -118,6 +119,7 @@ class Limiter:
         with self._lock:
             key = self._live(key)
             key.queues[waiter.priority].append(waiter)
+            self._impatient = self._impatient or waiter.impatient
         self.pump(key)
         return key
 
@@ -220,7 +222,8 @@ class Limiter:
                 with self._lock:
                     waiter = key.next_waiter()
                     if waiter is None or key.full():  # full: woken by a release, not by time
-                        key.tell_impatient()
+                        if self._impatient:
+                            key.tell_impatient()
                         break
                     dims = key.store_dims(waiter)
                 answer = None
@@ -238,8 +241,9 @@ class Limiter:
                 if wait is None:  # it left while the store was asked
                     continue
                 if wait > 0:
-                    with self._lock:
-                        key.tell_impatient()
+                    if self._impatient:  # else a scan of every waiter queued, for nothing, at each pass
+                        with self._lock:
+                            key.tell_impatient()
                     if wait != float("inf"):
                         soonest = wait if soonest is None else min(soonest, wait)
                     break
