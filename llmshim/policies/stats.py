@@ -12,24 +12,31 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
+import sys
 import threading
+import time
 from contextlib import suppress
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: writes are atomic, but concurrent writers may drop a section
+    fcntl = None  # type: ignore[assignment]
 
 from .. import redact
 from ..call import Call
 from ..clocks import monotonic, wall
+from . import stats_merge
+from .stats_merge import FIELDS as _FIELDS
+from .stats_merge import MODEL_FIELDS as _MODEL_FIELDS
 
 __all__ = ["STATS", "Stats"]
 
-_FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
-           "throttled_calls", "retries", "store_errors", "input_tokens", "output_tokens", "tokens_saved",
-           "estimated_input_tokens", "estimated_output_tokens")
-
+log = logging.getLogger("llmshim")
 
 _OUTCOME_FIELDS: dict[str | None, str] = {"ok": "completed", "aborted": "aborted"}  # any other outcome counts as failed
-_MODEL_FIELDS = ("calls", "input_tokens", "output_tokens", "tokens_saved", "estimated_tokens")
 
 
 class Stats:
@@ -39,7 +46,9 @@ class Stats:
         self._at_exit = False
         self._path: str | None = None
         self._written = 0.0
+        self._flush_at_exit_of_child = False
         self.reset()
+        self._process_started = self._started  # this process's section key, with its pid (reset keeps it)
         self._written_counts = dict(self._counts)  # what this process last wrote (nothing yet: zeros)
 
     def reset(self) -> None:
@@ -114,19 +123,18 @@ class Stats:
         if self._path is not None and monotonic() - self._written >= 1.0:
             self.write()
 
-    def snapshot(self) -> dict[str, Any]:
+
+    def section(self) -> stats_merge.Section:
+        """This process's section of the stats file: its counters with the latency sums (a program's
+        average is weighted by the calls each process timed)."""
         with self._lock:
-            counts = dict(self._counts)
-            looked_up = counts["cache_hits"] + counts["cache_misses"]
-            return {
-                **counts,
-                **self._money,
-                "average_latency_s": self._latency_total / self._latency_count if self._latency_count else None,
-                "cache_hit_rate": counts["cache_hits"] / looked_up if looked_up else None,
-                "by_model": {redact.scrub_text(k): dict(v) for k, v in sorted(self._models.items())},
-                "since": self._started,
-                "pid": os.getpid(),
-            }
+            return {**self._counts, **self._money, "latency_count": self._latency_count,
+                    "latency_total_s": self._latency_total,
+                    "by_model": {redact.scrub_text(k): dict(v) for k, v in sorted(self._models.items())},
+                    "since": self._started, "processes": 1}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**stats_merge.derive(self.section()), "pid": os.getpid()}
 
     def write_to(self, path: str | None) -> None:
         self._path = path
@@ -137,33 +145,135 @@ class Stats:
     def write_if_changed(self) -> None:
         """The write at exit, only when this process counted something since its last write: the
         master of a pre-fork server (gunicorn, celery, uvicorn --workers) makes no call, or made them
-        before forking and wrote them then, and ends after its workers; its unchanged counters
-        written last would replace the snapshot a worker wrote."""
+        before forking and wrote them then, and ends after its workers; rewriting its unchanged
+        section would only cost a lock. At exit the lock is waited for longer: it is the last write."""
         with self._lock:
             changed = self._counts != self._written_counts
         if changed:
-            self.write()
+            self.write(lock_wait_s=EXIT_LOCK_WAIT_S)
 
-    def write(self) -> None:
-        """Atomically, readable by this user only (the file names the models and the volumes);
-        one writer at a time: a thread that finds another writing skips, the next end writes."""
+    def write(self, lock_wait_s: float | None = None) -> None:
+        """This process's section into the file, the other processes' sections kept: read, merge and
+        replace under an exclusive lock on ``<file>.lock``, atomically (a temporary file renamed),
+        readable by this user only (the file names the models and the volumes). Bounded: a writer
+        that does not get the lock within ``CALL_LOCK_WAIT_S`` skips (the next call end or the exit
+        writes); a thread that finds another of its process writing skips at once. Fails open."""
         path = self._path
         if path is None or not self._writing.acquire(blocking=False):
             return
         try:
             self._written = monotonic()
-            snapshot = self.snapshot()
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
-            with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
-                json.dump(snapshot, handle)
-            os.replace(tmp, path)
-            self._written_counts = {name: snapshot[name] for name in _FIELDS}
-        except OSError:
-            pass  # a stats file we cannot write never affects a call
+            mine = self.section()
+            self._flush_child_at_exit()
+            if _write_section(path, stats_merge.section_key(os.getpid(), self._process_started), mine,
+                              CALL_LOCK_WAIT_S if lock_wait_s is None else lock_wait_s):
+                self._written_counts = {name: mine[name] for name in _FIELDS}
+        except Exception:  # a stats file we cannot write never affects a call
+            log.debug("llmshim: could not write the stats file %s", path, exc_info=True)
         finally:
             self._writing.release()
 
+    def _flush_child_at_exit(self) -> None:
+        """A ``multiprocessing`` child started by fork ends with ``os._exit``: no ``atexit`` there, but
+        multiprocessing's own finalizers run (they are cleared as the child starts, so this is
+        registered by the child's first write)."""
+        if self._flush_at_exit_of_child:
+            return
+        self._flush_at_exit_of_child = True
+        multiprocessing = sys.modules.get("multiprocessing")
+        if multiprocessing is not None and multiprocessing.parent_process() is not None:
+            import multiprocessing.util
+
+            multiprocessing.util.Finalize(None, self.write_if_changed, exitpriority=0)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child is another process: its own locks (another thread may have held the
+        parent's), its own section counting only its own calls (the parent's are in the parent's
+        section: inherited counters would be counted twice), its own exit flush."""
+        self._lock = threading.RLock()
+        self._writing = threading.Lock()
+        self.reset()
+        self._process_started = self._started
+        self._written = 0.0
+        self._written_counts = dict(self._counts)
+        self._flush_at_exit_of_child = False
+
+
+#: How long a write inside a call waits for another process's write to end (a rewrite takes about a
+#: millisecond; the call is delayed by at most this much, at most once a second).
+CALL_LOCK_WAIT_S = 0.05
+#: How long the write at exit waits: the last chance to count the process's calls.
+EXIT_LOCK_WAIT_S = 2.0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process, alive
+        return True
+    return True
+
+
+def _locked(fd: int, wait_s: float) -> bool:
+    """An exclusive ``flock`` on ``fd`` within ``wait_s``, polled (a blocking flock has no timeout)."""
+    deadline = monotonic() + wait_s
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.01)
+
+
+def _read_sections(path: str) -> tuple[dict[str, stats_merge.Section], stats_merge.Section]:
+    """What the file holds. Missing: nothing yet. Unreadable, corrupt, truncated or not ours: a
+    warning, and the file starts afresh (this process's write replaces it)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = json.loads(handle.read())
+        sections, exited, _ = stats_merge.parse(raw)
+        return sections, exited
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.warning("llmshim: the stats file %s is not a readable llmshim stats file (%s); starting it afresh",
+                    path, redact.scrub_text(str(exc))[:200])
+    return {}, stats_merge.empty()
+
+
+def _write_section(path: str, key: str, section: stats_merge.Section, lock_wait_s: float) -> bool:
+    """Read, merge (sections of processes that are gone fold into ``exited``), replace. False when
+    the lock was not had in time."""
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with suppress(OSError):
+            if os.fstat(lock).st_mode & 0o077:
+                os.fchmod(lock, 0o600)
+        if fcntl is not None and not _locked(lock, lock_wait_s):
+            return False
+        sections, exited = _read_sections(path)
+        sections, exited = stats_merge.fold_exited({**sections, key: section}, exited, _alive)
+        document = stats_merge.document(sections, exited, os.getpid())
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
+        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
+            json.dump(document, handle)
+        os.replace(tmp, path)
+        return True
+    finally:
+        os.close(lock)  # closing releases the flock
+
 
 STATS = Stats()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=STATS.after_fork_in_child)
