@@ -28,10 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run real client calls against the bundled LLM server and show what llmshim saw")
     sub.add_parser("status", help="install llmshim from LLMSHIM_* settings and print what it patches")
-    stats = sub.add_parser("stats", help="print the stats snapshot a process wrote to LLMSHIM_STATS_FILE")
+    stats = sub.add_parser("stats", help="print the totals of every process that writes to LLMSHIM_STATS_FILE")
     stats.add_argument("--file", default=None, help="snapshot path (default: $LLMSHIM_STATS_FILE; when unset, the "
                        "snapshot `llmshim demo` wrote, announced as such)")
-    stats.add_argument("--json", action="store_true", help="print the raw JSON")
+    stats.add_argument("--json", action="store_true", help="print the totals, the sections and the exited aggregate "
+                       "as JSON")
+    stats.add_argument("--processes", action="store_true", help="also list each process's section (pid, start, "
+                       "calls, whether it still runs)")
     cache = sub.add_parser("cache", help="inspect and maintain the response cache (LLMSHIM_CACHE_PATH)")
     cache.add_argument("--path", default=None, help="cache file (default: LLMSHIM_CACHE_PATH, else the XDG default); "
                        "given before the subcommand: llmshim cache --path F stats")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(llmshim.status(), indent=2))
         return 0
     if args.command == "stats":
-        return _print_stats(args.file, args.json)
+        return _print_stats(args.file, args.json, args.processes)
     if args.command == "cache":
         return _cache(args)
     from .testing.__main__ import serve
@@ -204,7 +207,57 @@ def stats_source(given: str | None, variable: str | None, demo_path: str, demo_e
     return StatsSource(demo_path, "demo" if demo_exists else None)
 
 
-def _print_stats(path: str | None, raw: bool) -> int:
+def stats_view(document: object) -> tuple[dict[str, object], list[tuple[str, dict[str, object]]]]:
+    """What ``llmshim stats`` shows of a file's JSON: the totals (``--json`` prints them, with the
+    sections), and the sections to list with ``--processes`` (key, section; the exited aggregate
+    last). A file of llmshim before sections is one process's snapshot, shown as it is. Raises
+    ValueError for JSON that is not an llmshim stats file."""
+    from .policies import stats_merge
+
+    sections, exited, legacy = stats_merge.parse(document)
+    if legacy:
+        assert isinstance(document, dict)
+        return dict(document), [(f"{document.get('pid')}:{document.get('since')}", exited)]
+    assert isinstance(document, dict)
+    total = stats_merge.totals(sections, exited)
+    shown: dict[str, object] = {**stats_merge.derive(total), "pid": document.get("pid"),
+                                "process_count": total["processes"], "processes": sections, "exited": exited}
+    listed = [*sections.items(), *([("exited", exited)] if exited["processes"] else [])]
+    return shown, listed
+
+
+def _running(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _process_lines(listed: list[tuple[str, dict[str, object]]]) -> list[str]:
+    import time
+
+    lines = ["  processes:"]
+    for key, section in listed:
+        since = section.get("since")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, float) else "-"
+        if key == "exited":
+            where = f"exited   ({section['processes']} processes, folded)"
+        else:
+            head = key.split(":", 1)[0]
+            pid = int(head) if head.isdigit() else 0
+            state = "running" if pid > 0 and _running(pid) else "exited"
+            where = f"pid {pid:<7} {state}"
+        lines.append(f"    {where:<36} since {started} calls={section['total_calls']} "
+                     f"completed={section['completed']} failed={section['failed']}")
+    return lines
+
+
+def _print_stats(path: str | None, raw: bool, processes: bool = False) -> int:
     import os
     import time
 
@@ -222,21 +275,34 @@ def _print_stats(path: str | None, raw: bool) -> int:
               "or pass --file", file=sys.stderr)
         return 1
     try:
-        with open(source.path) as handle:
-            snapshot = json.load(handle)
+        with open(source.path, "rb") as handle:
+            content = handle.read()
         written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(source.path)))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         print(f"llmshim: no stats snapshot at {source.path} (from {source.origin}: {exc}); set LLMSHIM_STATS_FILE "
               "in the process to watch, or run `llmshim demo`", file=sys.stderr)
         return 1
+    try:
+        document = json.loads(content)
+        shown, listed = stats_view(document)
+    except (ValueError, RecursionError) as exc:
+        print(f"llmshim: {source.path} (from {source.origin}) is not a readable llmshim stats file: "
+              f"{str(exc)[:200]}. The next write of a process with LLMSHIM_STATS_FILE set replaces it",
+              file=sys.stderr)
+        return 1
     if source.origin == "demo":
         print(f"llmshim: showing the snapshot `llmshim demo` wrote at {written} ({source.path}, pid "
-              f"{snapshot.get('pid')}), not your program's: --file and LLMSHIM_STATS_FILE are unset",
+              f"{shown.get('pid')}), not your program's: --file and LLMSHIM_STATS_FILE are unset",
               file=sys.stderr if raw else sys.stdout)
     if raw:
-        print(json.dumps(snapshot, indent=2))
+        print(json.dumps(shown, indent=2))
         return 0
-    print(format_stats(snapshot, source=f"{source.path} (pid {snapshot.get('pid')}, written {written})"))
+    count = shown.get("process_count")
+    origin = (f"pid {shown.get('pid')}, written {written}" if count is None else
+              f"{count} process{'' if count == 1 else 'es'}, written {written} by pid {shown.get('pid')}")
+    print(format_stats(shown, source=f"{source.path} ({origin})"))
+    if processes:
+        print("\n".join(_process_lines(listed)))
     return 0
 
 

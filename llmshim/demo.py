@@ -10,6 +10,7 @@ command that installs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -251,9 +252,13 @@ def run(out: TextIO, chunk_delay: float = 0.005) -> int:
     on("call_failed", seen.append)
     failures = 0
     stats(reset=True)
+    stats_file = os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE
+    if stats_file == DEMO_STATS_FILE:  # the demo's own file shows this run: earlier demos' sections go
+        with contextlib.suppress(OSError):
+            os.unlink(DEMO_STATS_FILE)
     with FakeLLMServer(chunk_delay=chunk_delay) as server:
         cache_dir = tempfile.mkdtemp(prefix="llmshim-demo-")  # a fresh cache: the first call is a miss
-        install(tracer_provider=tracer_provider, stats_file=os.environ.get("LLMSHIM_STATS_FILE") or DEMO_STATS_FILE,
+        install(tracer_provider=tracer_provider, stats_file=stats_file,
                 cache=os.environ.get("LLMSHIM_CACHE", "on"), retry_mode="auto",
                 cache_path=os.environ.get("LLMSHIM_CACHE_PATH") or os.path.join(cache_dir, "cache.sqlite3"))
         try:
