@@ -229,6 +229,8 @@ def stats_view(document: object) -> tuple[dict[str, object], list[tuple[str, dic
 def _running(pid: int) -> bool:
     import os
 
+    if os.name == "nt":  # os.kill would end the process
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -335,3 +335,36 @@ def test_llmshim_stats_shows_every_gunicorn_worker(server: FakeLLMServer, tmp_pa
     assert all(a["status"] == 200 for a in answers)
     shown = _cli_json(tmp_path / "stats.json")
     assert shown["total_calls"] == 6 == len(server.received) and shown["process_count"] == 2
+
+
+def test_a_fork_while_another_thread_writes_leaves_the_child_no_held_lock(tmp_path: Path) -> None:
+    """The flock belongs to the open file, which a forked child shares: the child lets go of its
+    copy at once, or every writer would skip for as long as the child lives."""
+    from conftest import run_python
+
+    out = run_python(f"""
+import fcntl, os
+from llmshim.policies.stats import Stats
+stats = Stats()
+lock = os.open({str(tmp_path / "s.json.lock")!r}, os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+stats._lock_fd = lock  # the moment a thread of this process is inside write()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    stats.after_fork_in_child()
+    os.write(write, b"x")
+    os.read(read, 1)  # alive until the parent has tried the lock
+    os._exit(0)
+os.read(read, 1)
+os.close(lock)  # the parent's write ends
+other = os.open({str(tmp_path / "s.json.lock")!r}, os.O_RDWR)
+try:
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held by the child")
+os.write(write, b"x")
+os.waitpid(pid, 0)
+""")
+    assert out.strip() == "free"

@@ -47,6 +47,7 @@ class Stats:
         self._path: str | None = None
         self._written = 0.0
         self._flush_at_exit_of_child = False
+        self._lock_fd: int | None = None  # the lock file's descriptor while this process writes
         self.reset()
         self._process_started = self._started  # this process's section key, with its pid (reset keeps it)
         self._written_counts = dict(self._counts)  # what this process last wrote (nothing yet: zeros)
@@ -165,9 +166,17 @@ class Stats:
             self._written = monotonic()
             mine = self.section()
             self._flush_child_at_exit()
-            if _write_section(path, stats_merge.section_key(os.getpid(), self._process_started), mine,
-                              CALL_LOCK_WAIT_S if lock_wait_s is None else lock_wait_s):
-                self._written_counts = {name: mine[name] for name in _FIELDS}
+            self._lock_fd = lock = _open_lock(path)
+            try:
+                if _write_section(path, lock, stats_merge.section_key(os.getpid(), self._process_started), mine,
+                                  CALL_LOCK_WAIT_S if lock_wait_s is None else lock_wait_s):
+                    self._written_counts = {name: mine[name] for name in _FIELDS}
+            finally:
+                if fcntl is not None:
+                    with suppress(OSError):
+                        fcntl.flock(lock, fcntl.LOCK_UN)  # before forgetting it: a fork now leaves no held lock
+                self._lock_fd = None
+                os.close(lock)
         except Exception:  # a stats file we cannot write never affects a call
             log.debug("llmshim: could not write the stats file %s", path, exc_info=True)
         finally:
@@ -190,6 +199,10 @@ class Stats:
         """A forked child is another process: its own locks (another thread may have held the
         parent's), its own section counting only its own calls (the parent's are in the parent's
         section: inherited counters would be counted twice), its own exit flush."""
+        if self._lock_fd is not None:  # forked while another thread wrote: the flock is on the open file
+            with suppress(OSError):   # the child shares; its copy would hold it for the child's lifetime
+                os.close(self._lock_fd)
+            self._lock_fd = None
         self._lock = threading.RLock()
         self._writing = threading.Lock()
         self.reset()
@@ -207,6 +220,10 @@ EXIT_LOCK_WAIT_S = 2.0
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie not yet reaped does). On Windows ``os.kill`` would
+    end it: every process counts as alive there, nothing is folded."""
+    if os.name == "nt":
+        return True
     if pid <= 0:
         return False
     try:
@@ -250,28 +267,31 @@ def _read_sections(path: str) -> tuple[dict[str, stats_merge.Section], stats_mer
     return {}, stats_merge.empty()
 
 
-def _write_section(path: str, key: str, section: stats_merge.Section, lock_wait_s: float) -> bool:
+def _open_lock(path: str) -> int:
+    """``<file>.lock``, the file writers ``flock`` (the stats file itself is replaced by each write:
+    a lock on it would lock a file that is gone). Private, like the stats file."""
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    with suppress(OSError):
+        if os.fstat(lock).st_mode & 0o077:
+            os.fchmod(lock, 0o600)
+    return lock
+
+
+def _write_section(path: str, lock: int, key: str, section: stats_merge.Section, lock_wait_s: float) -> bool:
     """Read, merge (sections of processes that are gone fold into ``exited``), replace. False when
     the lock was not had in time."""
-    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        with suppress(OSError):
-            if os.fstat(lock).st_mode & 0o077:
-                os.fchmod(lock, 0o600)
-        if fcntl is not None and not _locked(lock, lock_wait_s):
-            return False
-        sections, exited = _read_sections(path)
-        sections, exited = stats_merge.fold_exited({**sections, key: section}, exited, _alive)
-        document = stats_merge.document(sections, exited, os.getpid())
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
-        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
-            json.dump(document, handle)
-        os.replace(tmp, path)
-        return True
-    finally:
-        os.close(lock)  # closing releases the flock
+    if fcntl is not None and not _locked(lock, lock_wait_s):
+        return False
+    sections, exited = _read_sections(path)
+    sections, exited = stats_merge.fold_exited({**sections, key: section}, exited, _alive)
+    document = stats_merge.document(sections, exited, os.getpid())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a crash may have another mode: start afresh at 0600
+    with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as handle:
+        json.dump(document, handle)
+    os.replace(tmp, path)
+    return True
 
 
 STATS = Stats()
