@@ -349,14 +349,15 @@ stats = Stats()
 lock = os.open({str(tmp_path / "s.json.lock")!r}, os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock, fcntl.LOCK_EX)
 stats._lock_fd = lock  # the moment a thread of this process is inside write()
-read, write = os.pipe()
+ready_r, ready_w = os.pipe()  # child -> parent: it ran its after-fork handling
+done_r, done_w = os.pipe()  # parent -> child: the lock was tried, the child may end
 pid = os.fork()
 if pid == 0:
     stats.after_fork_in_child()
-    os.write(write, b"x")
-    os.read(read, 1)  # alive until the parent has tried the lock
+    os.write(ready_w, b"x")
+    os.read(done_r, 1)  # alive until the parent has tried the lock
     os._exit(0)
-os.read(read, 1)
+os.read(ready_r, 1)
 os.close(lock)  # the parent's write ends
 other = os.open({str(tmp_path / "s.json.lock")!r}, os.O_RDWR)
 try:
@@ -364,7 +365,7 @@ try:
     print("free")
 except BlockingIOError:
     print("held by the child")
-os.write(write, b"x")
+os.write(done_w, b"x")
 os.waitpid(pid, 0)
 """)
     assert out.strip() == "free"
