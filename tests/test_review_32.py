@@ -232,6 +232,26 @@ def test_a_write_that_cannot_get_the_lock_in_time_skips(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["store_errors"] == 1
 
 
+def test_a_write_inside_a_call_never_sleeps_for_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write at a call's end runs in the caller's thread (an event loop's, in an asyncio
+    program): with another process holding the lock it skips at once, it never sleeps."""
+    import fcntl
+
+    from llmshim.policies import stats as stats_module
+
+    slept: list[float] = []  # recorded, not raised: the writer fails open, it would swallow an exception
+    monkeypatch.setattr(stats_module.time, "sleep", slept.append)
+    path = tmp_path / "stats.json"
+    stats = Stats()
+    stats.write_to(str(path))
+    stats.add(store_errors=1)
+    with open(f"{path}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stats.write()  # what call_ended calls
+        assert not path.exists()
+    assert slept == []
+
+
 def test_an_old_single_process_snapshot_is_read_and_kept_by_the_next_writer(tmp_path: Path) -> None:
     legacy = {"total_calls": 7, "completed": 6, "failed": 1, "average_latency_s": 0.5, "pid": 1, "since": 10.0,
               "by_model": {"openai/gpt-4o": {"calls": 7, "input_tokens": 3, "output_tokens": 4}}}

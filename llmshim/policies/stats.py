@@ -212,9 +212,11 @@ class Stats:
         self._flush_at_exit_of_child = False
 
 
-#: How long a write inside a call waits for another process's write to end (a rewrite takes about a
-#: millisecond; the call is delayed by at most this much, at most once a second).
-CALL_LOCK_WAIT_S = 0.05
+#: How long a write inside a call waits for another process's write to end: not at all. The write
+#: runs in the caller's thread, an event loop's thread in an asyncio program, which must never sleep
+#: for a stats file; a write that finds the lock taken skips (a rewrite holds it about a millisecond,
+#: so it is rare), and the next call end a second later, or the exit, writes.
+CALL_LOCK_WAIT_S = 0.0
 #: How long the write at exit waits: the last chance to count the process's calls.
 EXIT_LOCK_WAIT_S = 2.0
 
