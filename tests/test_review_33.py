@@ -158,3 +158,77 @@ def test_sentry_openai_integration_sees_hits_as_the_calls_they_replay() -> None:
         assert ok == [["chat m", "ok", False, 3, 4]] * 2 + [streamed] * 2 + [plain] * 3 + [streamed] * 2
         assert [s[0] for s in out["spans"] if s[1] != "ok"] == ["chat m"]  # the final failure, only it
         assert out["errors"] == ["InternalServerError"]  # the 429 llmshim retried is not an error
+
+
+LANGFUSE = COMMON + """
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exports = []
+class Collector(BaseHTTPRequestHandler):  # langfuse's OTLP endpoint: records what it was sent
+    def do_POST(self):
+        size = len(self.rfile.read(int(self.headers["Content-Length"])))
+        exports.append([self.path, self.headers["Content-Type"], size])
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *args):
+        pass
+collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+threading.Thread(target=collector.serve_forever, daemon=True).start()
+import os
+os.environ["LANGFUSE_HOST"] = "http://127.0.0.1:%d" % collector.server_address[1]
+exporter = InMemorySpanExporter()  # the program's own tracing: langfuse adds its processor to it
+provider = TracerProvider(); provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+llmshim.install(**CACHE)
+from langfuse import get_client
+from langfuse.openai import AsyncOpenAI, OpenAI
+out = {}
+c = OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0)
+out["sync"] = [c.chat.completions.create(model="m", messages=ask("a b c")).choices[0].message.content
+               for _ in range(2)]
+out["stream"] = [[chunk(x) for x in c.chat.completions.create(model="m", messages=ask("s"), **STREAM)]
+                 for _ in range(2)]
+async def go():
+    a = AsyncOpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0)
+    s = await a.chat.completions.create(model="m", messages=ask("as"), **STREAM)
+    streamed = [chunk(x) async for x in s]
+    await a.close()
+    return streamed
+out["astream"] = asyncio.run(go())
+c.close()
+get_client().flush()
+by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
+out["spans"] = [[s.name, by_id[s.parent.span_id].name if s.parent and s.parent.span_id in by_id else None,
+                 json.loads(s.attributes.get("langfuse.observation.usage_details", "{}")).get("completion_tokens")]
+                for s in by_id.values()]
+get_client().shutdown()
+llmshim.uninstall()
+out.update(seen=seen, exports=sorted(set((p, t) for p, t, n in exports if n > 0)), attempts=len(server.received))
+server.stop(); collector.shutdown(); collector.server_close()
+print(json.dumps(out))
+"""
+
+
+def test_langfuse_openai_drop_in_records_hits_like_misses() -> None:
+    """langfuse's ``from langfuse.openai import OpenAI`` (it wraps the SDK's methods and exports by
+    OTLP over requests) with llmshim's cache on: same answers, langfuse's generation spans with the
+    same usage for a hit, llmshim's span for each call, and langfuse's own export
+    (protobuf over requests, through llmshim's patched adapter) delivered untouched."""
+    pytest.importorskip("langfuse")
+    out = run_clean(LANGFUSE, env={"LANGFUSE_PUBLIC_KEY": "pk-lf-test", "LANGFUSE_SECRET_KEY": "sk-lf-test",
+                                   "LANGFUSE_TRACING_ENABLED": "true"})
+    stream = ["", "Echo:", " s", None, ["usage", 2]]
+    assert out["sync"] == ["Echo: a b c"] * 2
+    assert out["stream"] == [stream] * 2
+    assert out["astream"] == ["", "Echo:", " as", None, ["usage", 2]]
+    assert out["seen"] == [[False, 4], [True, 4], [False, 2], [True, 2], [False, 2]]
+    assert out["attempts"] == 3
+    generations = [s for s in out["spans"] if s[0] == "OpenAI-generation"]
+    assert [g[2] for g in generations] == [4, 4, 2, 2, 2]  # a hit's usage is the miss's
+    # llmshim's own span per call too; beside langfuse's, not under it: langfuse starts its generation
+    # without making it the current span, so nothing below the SDK can nest under it
+    assert [s[:2] for s in out["spans"] if s[0] == "chat m"] == [["chat m", None]] * 5
+    assert out["exports"] == [["/api/public/otel/v1/traces", "application/x-protobuf"]]
