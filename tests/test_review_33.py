@@ -232,3 +232,143 @@ def test_langfuse_openai_drop_in_records_hits_like_misses() -> None:
     # without making it the current span, so nothing below the SDK can nest under it
     assert [s[:2] for s in out["spans"] if s[0] == "chat m"] == [["chat m", None]] * 5
     assert out["exports"] == [["/api/public/otel/v1/traces", "application/x-protobuf"]]
+
+
+# ---- in this process: tools that patch nothing themselves -------------------------------------------
+
+import asyncio  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import llmshim  # noqa: E402
+from llmshim.testing import FakeLLMServer, Fault  # noqa: E402
+
+
+def test_langchain_openai_invoke_stream_async_and_batch_replay_the_same_messages(
+        server: FakeLLMServer, installed_cached: Callable[..., object], records: list[llmshim.CallRecord]) -> None:
+    """langchain-openai's ChatOpenAI (the OpenAI SDK underneath) through every entry point, each
+    twice: the second is a cache hit whose message is the first's, content, usage and metadata."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    installed_cached(retry_mode="auto")
+    llm = langchain_openai.ChatOpenAI(base_url=server.openai_base_url, api_key="k", model="m", max_retries=0,
+                                      stream_usage=True)
+
+    def whole(message: Any) -> list[Any]:
+        return [message.content, message.usage_metadata, message.response_metadata.get("finish_reason")]
+
+    def joined(chunks: list[Any]) -> list[Any]:
+        return [[c.content for c in chunks], whole(sum(chunks[1:], chunks[0]))]
+
+    async def asynchronous() -> list[Any]:
+        plain = [whole(await llm.ainvoke("async one")) for _ in range(2)]
+        streams = [joined([c async for c in llm.astream("astream one")]) for _ in range(2)]
+        return plain + streams
+
+    invoked = [llm.invoke("hello there") for _ in range(2)]
+    assert invoked[0].response_metadata == invoked[1].response_metadata  # id, model, usage: all replayed
+    assert whole(invoked[0]) == whole(invoked[1]) == \
+        ["Echo: hello there", {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5,
+                               "input_token_details": {}, "output_token_details": {}}, "stop"]
+    streamed = [joined(list(llm.stream("streamed one"))) for _ in range(2)]
+    assert streamed[0] == streamed[1]
+    assert streamed[0][0] == ["", "Echo:", " streamed", " one", "", "", ""]  # no chunk lost or doubled
+    assert streamed[0][1][1]["output_tokens"] == 3
+    a_plain, a_plain_hit, a_stream, a_stream_hit = asyncio.run(asynchronous())
+    assert a_plain == a_plain_hit and a_plain[0] == "Echo: async one"
+    assert a_stream == a_stream_hit and a_stream[0] == ["", "Echo:", " astream", " one", "", "", ""]
+    batch = llm.batch(["b1", "b2", "b3", "b1", "b2"], config={"max_concurrency": 5})  # threads
+    assert [m.content for m in batch] == ["Echo: b1", "Echo: b2", "Echo: b3", "Echo: b1", "Echo: b2"]
+    done = [r for r in records if r.event != "call_started"]
+    assert [r.cache_hit for r in done][:8] == [False, True] * 4
+    assert len(server.received) == 4 + 3  # one per distinct request: the batch's twins coalesced or hit
+    assert len(done) == 8 + 5 and {r.event for r in done} == {"call_completed"}
+
+
+@pytest.mark.parametrize("mode, sdk_retries, per_call", [("auto", 2, 3), ("llmshim", 0, 3), ("off", 1, 2)])
+def test_langchain_with_retry_over_the_sdk_and_llmshim_bounds_attempts_and_keeps_the_exception(
+        server: FakeLLMServer, installed: Callable[..., object], mode: str, sdk_retries: int, per_call: int) -> None:
+    """langchain's ``with_retry`` (tenacity) around ChatOpenAI around the SDK's retries, with
+    llmshim's: an upstream that always answers 429 sees (langchain's tries) x (the SDK's or
+    llmshim's attempts, never both), and langchain's retry predicate still gets the SDK's
+    RateLimitError."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    import openai
+
+    installed(retry_mode=mode, retry_max_delay="0")
+    # the delay each retrier waits for: the SDK takes 1 ms as asked (0 would be its own backoff, seconds);
+    # llmshim, with no wait allowed (LLMSHIM_RETRY_MAX_DELAY=0), retries at once when asked for none
+    server.inject(Fault(status=429, headers={"retry-after-ms": "0" if mode == "llmshim" else "1"}), times=None)
+    llm = langchain_openai.ChatOpenAI(base_url=server.openai_base_url, api_key="k", model="m",
+                                      max_retries=sdk_retries)
+    retried = llm.with_retry(retry_if_exception_type=(openai.RateLimitError,), stop_after_attempt=2,
+                             wait_exponential_jitter=False)
+    with pytest.raises(openai.RateLimitError):
+        retried.invoke("always limited")
+    assert len(server.received) == 2 * per_call
+
+
+def _always_limited(server: FakeLLMServer) -> None:
+    server.inject(Fault(status=429, headers={"retry-after-ms": "0"}), times=None)
+
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "limited"}], "stream": False}
+
+
+def _tenacity_httpx(server: FakeLLMServer) -> type[BaseException]:
+    import httpx
+    import tenacity
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(2), reraise=True,
+                    retry=tenacity.retry_if_exception_type(httpx.HTTPStatusError))
+    def call() -> None:
+        httpx.post(server.openai_base_url + "/chat/completions", json=BODY).raise_for_status()
+
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        call()
+    assert caught.value.response.status_code == 429
+    return httpx.HTTPStatusError
+
+
+def _backoff_requests(server: FakeLLMServer) -> type[BaseException]:
+    backoff = pytest.importorskip("backoff")
+    import requests
+
+    @backoff.on_exception(backoff.constant, requests.HTTPError, max_tries=2, interval=0, jitter=None)
+    def call() -> None:
+        requests.post(server.url + "/api/chat", json=BODY, timeout=5).raise_for_status()
+
+    with pytest.raises(requests.HTTPError) as caught:
+        call()
+    assert caught.value.response is not None and caught.value.response.status_code == 429
+    return requests.HTTPError
+
+
+def _tenacity_openai(server: FakeLLMServer) -> type[BaseException]:
+    import openai
+    import tenacity
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(2), reraise=True,
+                    retry=tenacity.retry_if_exception_type(openai.RateLimitError))
+    def call() -> None:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as client:
+            client.chat.completions.create(model="m", messages=BODY["messages"])  # type: ignore[arg-type]
+
+    with pytest.raises(openai.RateLimitError):
+        call()
+    return openai.RateLimitError
+
+
+@pytest.mark.parametrize("wrapper, per_try", [
+    (_tenacity_httpx, 3),  # raw httpx: llmshim's 3 attempts under each of the user's 2 tries
+    (_backoff_requests, 3),
+    (_tenacity_openai, 1),  # the SDK marks its attempts: llmshim defers to it, even at max_retries=0
+])
+def test_user_retry_wrappers_multiply_by_a_bounded_factor_and_see_the_library_exception(
+        server: FakeLLMServer, installed: Callable[..., object], records: list[llmshim.CallRecord],
+        wrapper: Callable[[FakeLLMServer], type[BaseException]], per_try: int) -> None:
+    installed(retry_mode="auto", retry_max_delay="0")
+    _always_limited(server)
+    wrapper(server)
+    assert len(server.received) == 2 * per_try
+    failed = [r for r in records if r.event == "call_failed"]
+    assert [(r.status, r.outcome) for r in failed] == [(429, "error")] * 2  # one failed call per user try
