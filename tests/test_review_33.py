@@ -261,7 +261,9 @@ def test_langchain_openai_invoke_stream_async_and_batch_replay_the_same_messages
 
     async def asynchronous() -> list[Any]:
         plain = [whole(await llm.ainvoke("async one")) for _ in range(2)]
-        streams = [joined([c async for c in llm.astream("astream one")]) for _ in range(2)]
+        streams = []
+        for _ in range(2):
+            streams.append(joined([c async for c in llm.astream("astream one")]))
         return plain + streams
 
     invoked = [llm.invoke("hello there") for _ in range(2)]
@@ -372,3 +374,72 @@ def test_user_retry_wrappers_multiply_by_a_bounded_factor_and_see_the_library_ex
     assert len(server.received) == 2 * per_try
     failed = [r for r in records if r.event == "call_failed"]
     assert [(r.status, r.outcome) for r in failed] == [(429, "error")] * 2  # one failed call per user try
+
+
+OTEL_UNINSTALL = COMMON + """
+import httpx, requests, requests.adapters, aiohttp, aiohttp.client
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+exporter = InMemorySpanExporter()
+provider = TracerProvider(); provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+OWNERS = [httpx.Client, httpx.AsyncClient, httpx.HTTPTransport, httpx.AsyncHTTPTransport,
+          requests.Session, requests.adapters.HTTPAdapter, aiohttp.client.ClientSession]
+def snapshot():  # every attribute of every class either tool patches, by identity
+    return {f"{o.__name__}.{k}": id(v) for o in OWNERS for k, v in vars(o).items()}
+def otel_on():
+    HTTPXClientInstrumentor().instrument(); RequestsInstrumentor().instrument()
+def otel_off():
+    HTTPXClientInstrumentor().uninstrument(); RequestsInstrumentor().uninstrument()
+BODY = {"model": "m", "messages": [{"role": "user", "content": "a"}], "stream": False}
+def step(name):  # one call per library; which spans and llmshim records it made
+    exporter.clear(); seen.clear()
+    answers = [requests.post(server.url + "/api/chat", json=BODY, timeout=5).json()["message"]["content"],
+               httpx.post(server.url + "/api/chat", json=BODY).json()["message"]["content"]]
+    async def go():
+        async with httpx.AsyncClient() as c:
+            return (await c.post(server.url + "/api/chat", json=BODY)).json()["message"]["content"]
+    answers.append(asyncio.run(go()))
+    assert answers == ["Echo: a"] * 3, answers
+    spans = sorted(s.instrumentation_scope.name.rsplit(".", 1)[-1] for s in exporter.get_finished_spans())
+    return [name, spans, len(seen)]
+genuine = snapshot()
+steps = []
+otel_on(); llmshim.install()
+steps.append(step("both, otel first"))
+llmshim.uninstall()  # while OTel is instrumented: OTel goes on alone
+steps.append(step("otel alone"))
+otel_off()
+steps.append(step("neither"))
+steps.append(["restored", snapshot() == genuine])
+llmshim.install(); otel_on()  # each again, the other order
+steps.append(step("both, llmshim first"))
+otel_off()  # OTel out from under llmshim: llmshim goes on alone
+steps.append(step("llmshim alone"))
+llmshim.uninstall()
+steps.append(["restored", snapshot() == genuine])
+server.stop()
+print(json.dumps(steps))
+"""
+
+
+def test_opentelemetry_uninstrument_and_uninstall_in_either_order_restore_every_attribute() -> None:
+    """OpenTelemetry's httpx and requests instrumentations and llmshim, each taken out while the other
+    stays (test_install.py takes both out together): the one left keeps working alone, plain calls
+    work after both, every attribute of the patched classes is the genuine one again, and both go
+    back in, in the other order."""
+    steps = run_clean(OTEL_UNINSTALL, env={"LLMSHIM_CACHE": "off"})
+    both = ["httpx", "httpx", "llmshim", "llmshim", "llmshim", "requests"]  # 3 HTTP spans, 3 GenAI spans
+    assert steps == [
+        ["both, otel first", both, 3],
+        ["otel alone", ["httpx", "httpx", "requests"], 0],
+        ["neither", [], 0],
+        ["restored", True],
+        ["both, llmshim first", both, 3],
+        ["llmshim alone", ["llmshim", "llmshim", "llmshim"], 3],
+        ["restored", True],
+    ]
