@@ -25,7 +25,8 @@ def run_clean(code: str, env: dict[str, str] | None = None) -> dict:  # type: ig
     """Run ``code`` in a fresh interpreter under ``-W error``; its last stdout line is JSON. Fails
     on a non-zero exit or anything on stderr (warnings, unraisable exceptions)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSHIM_", "OTEL_", "SENTRY_"))}
-    full_env.update({"PYTHONPATH": str(ROOT), "LLMSHIM_RETRY_MAX_DELAY": "0", "LANGFUSE_TRACING_ENABLED": "false"})
+    full_env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                     "LLMSHIM_RETRY_MAX_DELAY": "0", "LANGFUSE_TRACING_ENABLED": "false"})
     full_env.update(env or {})
     done = subprocess.run([sys.executable, "-W", "error", "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=full_env, timeout=90)
@@ -441,5 +442,69 @@ def test_opentelemetry_uninstrument_and_uninstall_in_either_order_restore_every_
         ["restored", True],
         ["both, llmshim first", both, 3],
         ["llmshim alone", ["llmshim", "llmshim", "llmshim"], 3],
+        ["restored", True],
+    ]
+
+
+OTEL_AIOHTTP = COMMON + """
+import aiohttp, aiohttp.client
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+exporter = InMemorySpanExporter()
+provider = TracerProvider(); provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+def snapshot():
+    return {k: id(v) for k, v in vars(aiohttp.client.ClientSession).items()}
+BODY = {"model": "m", "messages": [{"role": "user", "content": "a b"}]}  # Ollama streams by default
+def step(name):
+    exporter.clear(); seen.clear()
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(server.url + "/api/chat", json=dict(BODY, stream=False)) as r:
+                plain = (await r.json())["message"]["content"]
+            async with s.post(server.url + "/api/chat", json=BODY) as r:
+                lines = [json.loads(line)["message"]["content"] async for line in r.content if line.strip()]
+        return plain, lines
+    answers = asyncio.run(go())
+    spans = sorted(s.instrumentation_scope.name.rsplit(".", 1)[-1] for s in exporter.get_finished_spans())
+    return [name, answers, spans, len(seen)]
+genuine = snapshot()
+steps = []
+AioHttpClientInstrumentor().instrument(); llmshim.install()
+steps.append(step("both, otel first"))
+llmshim.uninstall()
+steps.append(step("otel alone"))
+AioHttpClientInstrumentor().uninstrument()
+steps.append(["restored", snapshot() == genuine])
+llmshim.install(); AioHttpClientInstrumentor().instrument()
+steps.append(step("both, llmshim first"))
+AioHttpClientInstrumentor().uninstrument()
+steps.append(step("llmshim alone"))
+llmshim.uninstall()
+steps.append(["restored", snapshot() == genuine])
+server.stop()
+print(json.dumps(steps))
+"""
+
+
+def test_opentelemetry_aiohttp_client_instrumentation_in_both_orders() -> None:
+    """The same for OpenTelemetry's aiohttp-client instrumentation (trace hooks on every session),
+    plain and streamed NDJSON reads. Skipped in CI: its latest release (0.66b1) pins
+    opentelemetry-instrumentation 0.66b1 against the 0.66b2 the other instrumentations need."""
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry.instrumentation.aiohttp_client") is None:
+        pytest.skip("opentelemetry-instrumentation-aiohttp-client is not installed (its pins conflict)")
+    steps = run_clean(OTEL_AIOHTTP, env={"LLMSHIM_CACHE": "off"})
+    answers = ["Echo: a b", ["Echo:", " a", " b", ""]]
+    assert steps == [
+        ["both, otel first", answers, ["aiohttp_client", "aiohttp_client", "llmshim", "llmshim"], 2],
+        ["otel alone", answers, ["aiohttp_client", "aiohttp_client"], 0],
+        ["restored", True],
+        ["both, llmshim first", answers, ["aiohttp_client", "aiohttp_client", "llmshim", "llmshim"], 2],
+        ["llmshim alone", answers, ["llmshim", "llmshim"], 2],
         ["restored", True],
     ]
