@@ -319,7 +319,7 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "limited"}], "str
 
 def _tenacity_httpx(server: FakeLLMServer) -> type[BaseException]:
     import httpx
-    import tenacity
+    tenacity = pytest.importorskip("tenacity")
 
     @tenacity.retry(stop=tenacity.stop_after_attempt(2), reraise=True,
                     retry=tenacity.retry_if_exception_type(httpx.HTTPStatusError))
@@ -348,7 +348,7 @@ def _backoff_requests(server: FakeLLMServer) -> type[BaseException]:
 
 def _tenacity_openai(server: FakeLLMServer) -> type[BaseException]:
     import openai
-    import tenacity
+    tenacity = pytest.importorskip("tenacity")
 
     @tenacity.retry(stop=tenacity.stop_after_attempt(2), reraise=True,
                     retry=tenacity.retry_if_exception_type(openai.RateLimitError))
@@ -508,3 +508,43 @@ def test_opentelemetry_aiohttp_client_instrumentation_in_both_orders() -> None:
         ["llmshim alone", answers, ["llmshim", "llmshim"], 2],
         ["restored", True],
     ]
+
+
+@pytest.mark.parametrize("then", ["uninstall-again", "install-and-uninstall"])
+def test_a_wrapper_left_under_another_tool_is_removed_once_that_tool_is_gone(server: FakeLLMServer, then: str) -> None:
+    """``responses`` (mock.patch of ``HTTPAdapter.send``) started after install(): uninstall() leaves
+    llmshim's replacement under it, as promised, and the mock's stop() puts that replacement back.
+    Found: it then stayed for good; no later uninstall() ever restored the genuine method, and each
+    install/uninstall round under the mock added one more inert wrapper. Now the next uninstall(),
+    or install() then uninstall(), peels it off: the genuine method is back."""
+    responses = pytest.importorskip("responses")
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    genuine = vars(HTTPAdapter)["send"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "a"}], "stream": False}
+
+    def call() -> str:
+        return str(requests.post(server.url + "/api/chat", json=body, timeout=5).json()["message"]["content"])
+
+    llmshim.install()
+    mock = responses.RequestsMock(assert_all_requests_are_fired=False)
+    mock.start()
+    try:
+        mock.add(responses.POST, server.url + "/api/chat", json={"message": {"content": "mocked"}})
+        llmshim.uninstall()  # under the mock: llmshim's replacement stays beneath it
+        assert vars(HTTPAdapter)["send"] is not genuine
+        assert call() == "mocked"
+        llmshim.install()  # another round under the mock
+        llmshim.uninstall()
+        assert call() == "mocked"
+    finally:
+        mock.stop()
+        mock.reset()
+    assert call() == "Echo: a"  # whatever is left is a pass-through
+    if then == "install-and-uninstall":
+        llmshim.install()
+        assert call() == "Echo: a"
+    llmshim.uninstall()
+    assert vars(HTTPAdapter)["send"] is genuine
+    assert call() == "Echo: a" and len(server.received) == 2 + (then == "install-and-uninstall")
