@@ -128,6 +128,23 @@ server.reset()
 llmshim.install(**dict(CACHE, cache_path=tempfile.mkdtemp() + "/c.sqlite3"))  # sentry first
 phases["sentry-first"] = calls()
 llmshim.uninstall()
+def wire():  # what the SDK got and what the server got, plain and streamed, under sentry
+    def headers(h):  # the date header is the clock's
+        return sorted(kv for kv in h.items() if kv[0] != "date")
+    with sentry_sdk.start_transaction(name="t"), \\
+            openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as c:
+        r = c.chat.completions.with_raw_response.create(model="m", messages=ask("q"))
+        got = [r.http_response.content.decode(), headers(r.headers), r.http_response.http_version]
+        with c.chat.completions.with_streaming_response.create(model="m", messages=ask("q"), stream=True) as s:
+            got += [[b.decode() for b in s.iter_bytes()], headers(s.headers)]
+    sent = [[[h for h in r.headers if h[0].lower() not in ("sentry-trace", "baggage")], r.body.decode()]
+            for r in server.received]  # sentry's trace headers carry new ids every call
+    server.reset()
+    return got, sent
+without = wire()
+llmshim.install(cache="off", retry_mode="off")  # every feature off
+phases["features-off"] = [wire() == without, without == wire()]
+llmshim.uninstall()
 server.stop()
 print(json.dumps(phases))
 """
@@ -159,6 +176,7 @@ def test_sentry_openai_integration_sees_hits_as_the_calls_they_replay() -> None:
         assert ok == [["chat m", "ok", False, 3, 4]] * 2 + [streamed] * 2 + [plain] * 3 + [streamed] * 2
         assert [s[0] for s in out["spans"] if s[1] != "ok"] == ["chat m"]  # the final failure, only it
         assert out["errors"] == ["InternalServerError"]  # the 429 llmshim retried is not an error
+    assert phases["features-off"] == [True, True]  # byte for byte what the SDK and the server saw
 
 
 LANGFUSE = COMMON + """
