@@ -566,3 +566,74 @@ def test_a_wrapper_left_under_another_tool_is_removed_once_that_tool_is_gone(ser
     llmshim.uninstall()
     assert vars(HTTPAdapter)["send"] is genuine
     assert call() == "Echo: a" and len(server.received) == 2 + (then == "install-and-uninstall")
+
+
+STREAMED = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}], "stream": True}
+
+
+def _cut_stream_errors(server: FakeLLMServer) -> dict[str, str]:
+    """The exception each library raises for a stream cut after two pieces (a TCP reset)."""
+    import aiohttp
+    import httpx
+    import openai
+    import requests
+
+    def sdk() -> None:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as c:
+            list(c.chat.completions.create(model="m", messages=STREAMED["messages"], stream=True))
+
+    def raw_httpx() -> None:
+        with httpx.stream("POST", server.openai_base_url + "/chat/completions", json=STREAMED) as r:
+            list(r.iter_lines())
+
+    def raw_requests() -> None:
+        with requests.post(server.openai_base_url + "/chat/completions", json=STREAMED, stream=True, timeout=5) as r:
+            list(r.iter_lines())
+
+    def raw_aiohttp() -> None:
+        async def go() -> None:
+            async with aiohttp.ClientSession() as s, s.post(server.openai_base_url + "/chat/completions",
+                                                            json=STREAMED) as r:
+                async for _ in r.content:
+                    pass
+        asyncio.run(go())
+
+    errors = {}
+    for name, read in [("openai", sdk), ("httpx", raw_httpx), ("requests", raw_requests), ("aiohttp", raw_aiohttp)]:
+        server.inject(Fault(reset="after_chunks", after_chunks=2))
+        try:
+            read()
+            errors[name] = "no error"
+        except Exception as e:  # the type is what is compared
+            errors[name] = f"{type(e).__module__}.{type(e).__qualname__}"
+    return errors
+
+
+def test_a_stream_cut_midway_raises_what_the_library_raises_and_a_user_retry_gets_it_whole(
+        server: FakeLLMServer, installed_cached: Callable[..., object], records: list[llmshim.CallRecord]) -> None:
+    """What a user's ``retry_if_exception_type`` is written against: the same exception type with
+    and without llmshim for a stream cut mid-way (llmshim never replays it), and tenacity retrying
+    the whole read gets the whole answer once, no chunk doubled; the cut answer was not stored."""
+    import openai
+    tenacity = pytest.importorskip("tenacity")
+
+    without = _cut_stream_errors(server)
+    installed_cached(retry_mode="auto", retry_max_delay="0")
+    assert _cut_stream_errors(server) == without
+    assert without["openai"] == "openai.APIConnectionError"
+    server.reset()
+    server.inject(Fault(reset="after_chunks", after_chunks=2))
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(3), reraise=True,
+                    retry=tenacity.retry_if_exception_type(openai.APIConnectionError))
+    def read_whole() -> list[str | None]:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0) as c:
+            return [x.choices[0].delta.content for x in
+                    c.chat.completions.create(model="m", messages=STREAMED["messages"], stream=True) if x.choices]
+
+    whole = ["", "Echo:", " one", " two", " three", " four", None]
+    assert read_whole() == whole
+    assert read_whole() == whole  # a hit: the whole answer of the second try, not the cut one
+    assert len(server.received) == 2
+    done = [(r.event, r.cache_hit) for r in records[-3:] if r.event != "call_started"]
+    assert done == [("call_completed", False), ("call_completed", True)]
