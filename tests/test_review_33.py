@@ -528,43 +528,72 @@ def test_opentelemetry_aiohttp_client_instrumentation_in_both_orders() -> None:
     ]
 
 
-@pytest.mark.parametrize("then", ["uninstall-again", "install-and-uninstall"])
-def test_a_wrapper_left_under_another_tool_is_removed_once_that_tool_is_gone(server: FakeLLMServer, then: str) -> None:
-    """``responses`` (mock.patch of ``HTTPAdapter.send``) started after install(): uninstall() leaves
-    llmshim's replacement under it, as promised, and the mock's stop() puts that replacement back.
-    Found: it then stayed for good; no later uninstall() ever restored the genuine method, and each
-    install/uninstall round under the mock added one more inert wrapper. Now the next uninstall(),
-    or install() then uninstall(), peels it off: the genuine method is back."""
-    responses = pytest.importorskip("responses")
-    import requests
-    from requests.adapters import HTTPAdapter
+class _Responses:
+    """``responses``: mock.patch of ``requests.adapters.HTTPAdapter.send``; calls through requests."""
 
-    genuine = vars(HTTPAdapter)["send"]
+    def __init__(self, server: FakeLLMServer) -> None:
+        import requests
+
+        responses = pytest.importorskip("responses")
+        self.owner, self.attribute, self.url = requests.adapters.HTTPAdapter, "send", server.url + "/api/chat"
+        self.mock = responses.RequestsMock(assert_all_requests_are_fired=False)
+        self.mock.add(responses.POST, self.url, json={"message": {"content": "mocked"}})
+        self.post = lambda body: requests.post(self.url, json=body, timeout=5).json()
+
+    def start(self) -> None:
+        self.mock.start()
+
+    def stop(self) -> None:
+        self.mock.stop()
+
+
+class _MockHttpx(_Responses):
+    """``unittest.mock.patch.object`` of ``httpx.Client._send_single_request``; calls through httpx."""
+
+    def __init__(self, server: FakeLLMServer) -> None:
+        from unittest import mock
+
+        import httpx
+
+        self.owner, self.attribute, self.url = httpx.Client, "_send_single_request", server.url + "/api/chat"
+        self.mock = mock.patch.object(httpx.Client, "_send_single_request", new=lambda client, request: httpx.Response(
+            200, json={"message": {"content": "mocked"}}, request=request))
+        self.post = lambda body: httpx.post(self.url, json=body).json()
+
+
+@pytest.mark.parametrize("then", ["uninstall-again", "install-and-uninstall"])
+@pytest.mark.parametrize("tool", [_Responses, _MockHttpx])
+def test_a_wrapper_left_under_another_tool_is_removed_once_that_tool_is_gone(
+        server: FakeLLMServer, tool: type[_Responses], then: str) -> None:
+    """Another tool patching llmshim's own attribute after install() (``responses``, a mock):
+    uninstall() leaves llmshim's replacement under it, as promised, and the tool's stop() puts
+    that replacement back. Found: it then stayed for good; no later uninstall() ever restored the
+    genuine method. Now the next uninstall(), or install() then uninstall(), peels it off."""
+    other = tool(server)
+    genuine = vars(other.owner)[other.attribute]
     body = {"model": "m", "messages": [{"role": "user", "content": "a"}], "stream": False}
 
     def call() -> str:
-        return str(requests.post(server.url + "/api/chat", json=body, timeout=5).json()["message"]["content"])
+        return str(other.post(body)["message"]["content"])
 
     llmshim.install()
-    mock = responses.RequestsMock(assert_all_requests_are_fired=False)
-    mock.start()
+    other.start()
     try:
-        mock.add(responses.POST, server.url + "/api/chat", json={"message": {"content": "mocked"}})
-        llmshim.uninstall()  # under the mock: llmshim's replacement stays beneath it
-        assert vars(HTTPAdapter)["send"] is not genuine
+        llmshim.uninstall()  # under the other tool: llmshim's replacement stays beneath it
+        assert vars(other.owner)[other.attribute] is not genuine
         assert call() == "mocked"
-        llmshim.install()  # another round under the mock
+        llmshim.install()  # another round under the other tool
         llmshim.uninstall()
         assert call() == "mocked"
     finally:
-        mock.stop()
-        mock.reset()
-    assert call() == "Echo: a"  # whatever is left is a pass-through
+        other.stop()
+    assert vars(other.owner)[other.attribute] is not genuine  # llmshim's, put back by the tool
+    assert call() == "Echo: a"  # a pass-through
     if then == "install-and-uninstall":
         llmshim.install()
         assert call() == "Echo: a"
     llmshim.uninstall()
-    assert vars(HTTPAdapter)["send"] is genuine
+    assert vars(other.owner)[other.attribute] is genuine
     assert call() == "Echo: a" and len(server.received) == 2 + (then == "install-and-uninstall")
 
 
