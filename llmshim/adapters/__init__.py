@@ -17,7 +17,9 @@ wrapt itself (and the ``importlib.metadata`` and ``inspect`` it imports, most of
 would cost a process) is imported only when one of these libraries is: until then a small finder
 (``_Watch``) waits for their names, and hands the first one's import to wrapt's hooks.
 Only what llmshim put there is ever removed: ``remove_all`` restores an attribute only while our
-replacement is still the outermost one.
+replacement is still the outermost one. A replacement left under another tool's wrapper is
+remembered (``_left``): once that tool is gone and has put it back (a mock's stop()), the next
+install() wraps what it replaced and the next uninstall() restores that, so none stays for good.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ PATCHES: tuple[Patch, ...] = (
 
 _lock = threading.RLock()
 _applied: dict[Patch, tuple[Any, Any]] = {}  # patch -> (original or _MISSING, replacement)
+_left: dict[Patch, list[tuple[Any, Any]]] = {}  # uninstalled under another tool's wrapper: (original, replacement)
 _hooked: set[str] = set()
 _wanted = False  # install() called and not uninstalled: hooks patch modules as they are imported
 
@@ -89,7 +92,7 @@ def _apply(patch: Patch, module: Any) -> None:
     applied = _applied.get(patch)
     if applied is not None and vars(owner).get(patch.attribute, _MISSING) is applied[1]:
         return
-    original = vars(owner).get(patch.attribute, _MISSING)
+    original = _peel(patch, vars(owner).get(patch.attribute, _MISSING))
     current = getattr(owner, patch.attribute, None) if original is _MISSING else original
     replacement = patch.build(module, current)
     setattr(owner, patch.attribute, replacement)
@@ -203,8 +206,26 @@ def apply_all() -> None:
                 _on_import(module)
 
 
+def _peel(patch: Patch, value: Any) -> Any:
+    """``value`` without the replacements of ours that were left under another tool's wrapper and
+    are outermost again (that tool is gone): what each of them had replaced, in their stead."""
+    left = _left.get(patch, [])
+    while (found := next((entry for entry in left if entry[1] is value), None)) is not None:
+        left.remove(found)
+        value = found[0]
+    return value
+
+
+def _restore(patch: Patch, owner: Any, value: Any) -> None:
+    if value is _MISSING:
+        delattr(owner, patch.attribute)
+    else:
+        setattr(owner, patch.attribute, value)
+
+
 def remove_all() -> list[str]:
-    """Undo every patch whose replacement is still outermost; report the ones left in place."""
+    """Undo every patch whose replacement is still outermost; report the ones left in place.
+    Replacements left in place by an earlier call that are outermost again go too."""
     global _wanted
     left: list[str] = []
     with _lock:
@@ -212,13 +233,16 @@ def remove_all() -> list[str]:
         for patch, (original, replacement) in list(_applied.items()):
             owner = _owner(patch, sys.modules[patch.module])
             if vars(owner).get(patch.attribute, _MISSING) is replacement:
-                if original is _MISSING:
-                    delattr(owner, patch.attribute)
-                else:
-                    setattr(owner, patch.attribute, original)
+                _restore(patch, owner, _peel(patch, original))
             else:  # wrapped again by someone else: stays, as a pass-through (STATE.active is off)
                 left.append(f"{patch.module}.{patch.owner}.{patch.attribute}")
+                _left.setdefault(patch, []).append((original, replacement))
             del _applied[patch]
+        for patch in list(_left):
+            owner = _owner(patch, sys.modules[patch.module])
+            current = vars(owner).get(patch.attribute, _MISSING)
+            if (peeled := _peel(patch, current)) is not current:
+                _restore(patch, owner, peeled)
     return left
 
 
