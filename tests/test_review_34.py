@@ -134,14 +134,19 @@ class Reframed:
     """A FakeLLMServer whose streamed answers are rewritten by ``reframe`` (settings per test)."""
 
     def __init__(self) -> None:
-        self.newline, self.cuts, self.extras = b"\n", (), False
+        self.newline, self.extras = b"\n", False
+        self.every_byte = False  # each byte its own HTTP chunk (one write and flush each)
+        self.open_end = False  # the last line without its line end
         self.server = FakeLLMServer(responder=self._answer)
 
     def _answer(self, received: Received) -> Answer | None:
         answer = answer_for(received.method, received.path.split("?")[0], received.json())
         if answer.chunks is None:
             return None
-        answer.chunks = reframe(b"".join(answer.chunks), self.newline, self.cuts, self.extras)
+        body = b"".join(reframe(b"".join(answer.chunks), self.newline, (), self.extras))
+        body = body.rstrip(b"\r\n") if self.open_end else body
+        # Never a 0-byte piece on the wire: in chunked encoding it ends the body.
+        answer.chunks = [body[i:i + 1] for i in range(len(body))] if self.every_byte else [body]
         return answer
 
 
@@ -208,3 +213,29 @@ def test_unescaped_unicode_line_separators_keep_usage_and_cache(
     pieces = len(f"Echo: {prompt}".split(" "))  # the bundled server's usage: a token per piece
     assert (done[0].input_tokens, done[0].output_tokens) == (len(prompt.split()), pieces), done[0]
     assert done[1].saved_output_tokens == pieces
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("shape", ["every_byte", "open_end"])
+def test_a_stream_split_at_every_byte_or_ending_without_a_newline(
+        route: str, shape: str, reframed: Reframed, installed: Callable[..., object],
+        records: list[llmshim.CallRecord], tmp_path: Any) -> None:
+    """Each byte its own chunk on the wire (inside every UTF-8 character, of 1 to 4 bytes), or the
+    last line without its line end: the same bytes, usage and cache entry as a plain stream."""
+    setattr(reframed, shape, True)
+    reframed.newline = b"\r\n"
+    prompt = f"é ж 漢 😀 {UNICODE_LINE_ENDS}"
+    plain, miss, hit = _three_ways(reframed, route, prompt, installed, records, tmp_path)
+    assert plain == miss == hit and plain.endswith(b"\r\n") != (shape == "open_end")
+    done = [r for r in records if r.event == "call_completed"]
+    assert [r.cache_hit for r in done] == [False, True]
+    assert done[0].output_tokens == len(f"Echo: {prompt}".split(" ")), done[0]
+
+
+def test_a_5mb_single_event(reframed: Reframed, installed: Callable[..., object],
+                            records: list[llmshim.CallRecord], tmp_path: Any) -> None:
+    prompt = "ж" * 2_500_000 + "\u2028"  # one 5 MB word: one 5 MB delta event
+    plain, miss, hit = _three_ways(reframed, "chat", prompt, installed, records, tmp_path)
+    assert plain == miss == hit and len(plain) > 5_000_000
+    done = [r for r in records if r.event == "call_completed"]
+    assert [r.cache_hit for r in done] == [False, True] and done[0].output_tokens == 2
