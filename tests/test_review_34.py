@@ -18,14 +18,19 @@ already pin is not repeated here. This file adds:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import itertools
 import json
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -239,3 +244,208 @@ def test_a_5mb_single_event(reframed: Reframed, installed: Callable[..., object]
     assert plain == miss == hit and len(plain) > 5_000_000
     done = [r for r in records if r.event == "call_completed"]
     assert [r.cache_hit for r in done] == [False, True] and done[0].output_tokens == 2
+
+
+# -- abandonment: a pool of two connections, fifty streams left early, then one more call ------------
+
+PROMPT = [{"role": "user", "content": "one two three"}]
+STREAM = {"model": "m", "messages": PROMPT, "stream": True}
+POOL = 2
+ABANDONED = 50
+
+
+def _httpx_client(module: Any = httpx) -> Any:
+    return module.Client(limits=module.Limits(max_connections=POOL, max_keepalive_connections=POOL),
+                         timeout=module.Timeout(10, pool=2))
+
+
+def _openai(server: FakeLLMServer) -> Any:
+    import httpx2
+    import openai
+
+    return openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0,
+                         http_client=openai.DefaultHttpx2Client(
+                             limits=httpx2.Limits(max_connections=POOL, max_keepalive_connections=POOL),
+                             timeout=httpx2.Timeout(10, pool=2)))
+
+
+def _requests_session() -> requests.Session:
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL, pool_block=True))
+    return session
+
+
+def _first_chunk_then(leave: str, stream: Any, first: Callable[[], Any]) -> None:
+    """Read the first chunk, then leave the stream: ``drop`` (the reference goes, collected as a
+    program's garbage is), ``close``, or ``with`` (its context exited)."""
+    if leave == "with":
+        with stream:
+            first()
+        return
+    first()
+    if leave == "close":
+        stream.close()
+
+
+def _sync_scenario(name: str, server: FakeLLMServer,
+                   stack: contextlib.ExitStack) -> tuple[Callable[[str], None], Callable[[], Any]]:
+    """(abandon one stream by ``leave``, the call after) for ``name``, over a pool of two of its own."""
+    url = server.openai_base_url + "/chat/completions"
+    whole = {**STREAM, "stream": False}
+    if name == "httpx":
+        hx = stack.enter_context(_httpx_client())
+
+        def httpx_stream(leave: str) -> None:
+            if leave == "with":  # httpx's own context: client.stream()
+                with hx.stream("POST", url, json=STREAM) as response:
+                    next(response.iter_lines())
+                return
+            response = hx.send(hx.build_request("POST", url, json=STREAM), stream=True)
+            _first_chunk_then(leave, response, lambda: next(response.iter_lines()))
+
+        return httpx_stream, lambda: hx.post(url, json=whole).json()
+    if name.startswith("openai"):
+        oa = stack.enter_context(_openai(server))
+
+        def openai_stream(leave: str) -> None:
+            stream = oa.chat.completions.create(model="m", messages=PROMPT, stream=True)
+            _first_chunk_then(leave, stream, lambda: next(iter(stream)))
+
+        def openai_streaming_response(leave: str) -> None:
+            manager = oa.chat.completions.with_streaming_response.create(model="m", messages=PROMPT, stream=True)
+            if leave == "with":
+                with manager as response:
+                    next(response.iter_lines())
+                return
+            response = manager.__enter__()
+            _first_chunk_then(leave, response, lambda: next(response.iter_bytes()))
+
+        return (openai_stream if name == "openai" else openai_streaming_response,
+                lambda: oa.chat.completions.create(model="m", messages=PROMPT).model_dump())
+    if name == "ollama":
+        import ollama
+
+        ol = ollama.Client(host=server.url, limits=httpx.Limits(max_connections=POOL, max_keepalive_connections=POOL),
+                           timeout=httpx.Timeout(10, pool=2))
+        stack.callback(ol._client.close)
+
+        def ollama_stream(leave: str) -> None:
+            chunks = ol.chat(model="m", messages=PROMPT, stream=True)
+            next(chunks)
+            if leave == "close":
+                chunks.close()
+
+        return ollama_stream, lambda: ol.chat(model="m", messages=PROMPT).model_dump()
+    rq = stack.enter_context(_requests_session())
+
+    def requests_stream(leave: str) -> None:
+        response = rq.post(url, json=STREAM, stream=True, timeout=10)
+        read = (lambda: response.raw.read(10)) if name == "requests-raw" else lambda: next(response.iter_content(7))
+        _first_chunk_then(leave, response, read)
+
+    return requests_stream, lambda: rq.post(url, json=whole, timeout=10).json()
+
+
+@pytest.fixture
+def young_garbage_only() -> Iterator[None]:
+    """Everything alive now is left out of collections until the test ends: a ``gc.collect()``
+    after each dropped stream then costs what the test allocated, not the whole test session."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _outcome(abandon: Callable[[str], None], after: Callable[[], Any], leave: str, times: int = ABANDONED) -> str:
+    """What the program saw: ``ok``, or the first exception's type and when."""
+    for attempt in range(times):
+        try:
+            abandon(leave)
+        except Exception as exc:
+            return f"{type(exc).__name__} at {attempt}"
+        if leave == "drop":
+            gc.collect()  # the moment a program's garbage is collected: a stream in a cycle goes then
+    try:
+        after()
+    except Exception as exc:
+        return f"{type(exc).__name__} after"
+    return "ok"
+
+
+SYNC_CASES = [("httpx", "drop"), ("httpx", "with"), ("openai", "drop"), ("openai", "close"),
+              ("openai-streaming-response", "with"), ("ollama", "drop"), ("requests-iter_content", "drop"),
+              ("requests-iter_content", "with"), ("requests-raw", "close")]
+
+
+@pytest.mark.parametrize(("name", "leave"), SYNC_CASES, ids=[f"{n}-{leave}" for n, leave in SYNC_CASES])
+def test_fifty_abandoned_streams_on_a_pool_of_two_then_one_more_call(
+        name: str, leave: str, server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any,
+        records: list[llmshim.CallRecord], young_garbage_only: None) -> None:
+    """The same prompt each time (with the cache on: each abandoned leader must land before the
+    next identical call, which never waits on its own thread), the same outcome as without llmshim
+    (there, a few more streams than the pool holds show the program's own release works)."""
+    with contextlib.ExitStack() as stack:
+        without = _outcome(*_sync_scenario(name, server, stack), leave, times=POOL + 3)
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    received = len(server.received)
+    with contextlib.ExitStack() as stack:
+        with_shim = _outcome(*_sync_scenario(name, server, stack), leave)
+    assert with_shim == without == "ok"
+    assert len(server.received) - received == ABANDONED + 1  # nothing abandoned was stored
+    ended = [r for r in records if r.event != "call_started"]
+    assert len(ended) == ABANDONED + 1 and {r.outcome for r in ended[:-1]} == {"aborted"}
+
+
+# -- aiohttp: a response dropped unread is collected, and its call ends ------------------------------
+
+async def _aiohttp_dropped(url: str) -> weakref.ref[Any]:
+    """Opens a stream, reads its first line, drops the response (no close, no release): a weak
+    reference to it."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        response = await session.post(url, json=STREAM)
+        assert (await response.content.readline()).startswith(b"data: ")
+        gone = weakref.ref(response)
+        del response
+        gc.collect()
+    return gone
+
+
+@pytest.mark.parametrize("mode", ["without", "features-off", "cache"])
+def test_a_dropped_aiohttp_response_is_collected_and_its_call_ends(
+        mode: str, server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any,
+        records: list[llmshim.CallRecord]) -> None:
+    """Before the fix the call kept its adapter's closures over aiohttp's ClientRequest, which holds
+    its ClientResponse; the tap (reachable from its collection watch) held the call: a dropped
+    response was never collected (memory), its call never ended (no hook, no span)."""
+    if mode != "without":
+        installed(**({"cache": "on", "cache_path": str(tmp_path / "c.sqlite3")} if mode == "cache" else {}))
+    gone = asyncio.run(_aiohttp_dropped(server.openai_base_url + "/chat/completions"))
+    gc.collect()
+    assert gone() is None
+    if mode != "without":
+        assert [r.event for r in records] == ["call_started", "call_failed"]
+        assert records[-1].outcome == "aborted"
+
+
+def test_an_identical_aiohttp_call_after_a_dropped_one_does_not_wait_for_it(
+        server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any) -> None:
+    """The dropped leader's flight lands when its response is collected: the next identical call
+    (another task, another loop) goes upstream at once instead of waiting the coalescing bound
+    (30 s, beyond the session's 5 s total timeout)."""
+    import aiohttp
+
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"), cache_coalesce_timeout="30")
+    url = server.openai_base_url + "/chat/completions"
+    asyncio.run(_aiohttp_dropped(url))
+
+    async def again() -> bytes:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.post(url, json=STREAM) as response:
+            return await response.read()
+
+    assert asyncio.run(again()).endswith(b"data: [DONE]\n\n")
+    assert len(server.received) == 2
