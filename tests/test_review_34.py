@@ -24,6 +24,7 @@ import gc
 import itertools
 import json
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 
 import llmshim
 from llmshim.dialects._framing import NdjsonReader, SseReader
-from llmshim.testing import FakeLLMServer
+from llmshim.testing import FakeLLMServer, Fault
 from llmshim.testing.responses import Answer, answer_for
 from llmshim.testing.server import Received
 
@@ -448,4 +449,150 @@ def test_an_identical_aiohttp_call_after_a_dropped_one_does_not_wait_for_it(
             return await response.read()
 
     assert asyncio.run(again()).endswith(b"data: [DONE]\n\n")
+    assert len(server.received) == 2
+
+
+# -- cuts: a clean close, a truncated chunk, a stall past the read timeout -----------------------------
+
+READ_TIMEOUT = 0.15
+
+
+def _cut_readers() -> dict[str, Callable[[FakeLLMServer], Any]]:
+    """name -> a program that reads one whole stream its library's way and returns what it got."""
+    import aiohttp
+    import httpx2
+    import ollama
+    import openai
+
+    def openai_sdk(server: FakeLLMServer) -> Any:
+        with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0,
+                           timeout=httpx2.Timeout(10, read=READ_TIMEOUT)) as client:
+            return [c.model_dump() for c in client.chat.completions.create(model="m", messages=PROMPT, stream=True)]
+
+    def ollama_client(server: FakeLLMServer) -> Any:
+        client = ollama.Client(host=server.url, timeout=httpx.Timeout(10, read=READ_TIMEOUT))
+        try:
+            return [c.model_dump() for c in client.chat(model="m", messages=PROMPT, stream=True)]
+        finally:
+            client._client.close()
+
+    def httpx_lines(server: FakeLLMServer) -> Any:
+        with httpx.Client(timeout=httpx.Timeout(10, read=READ_TIMEOUT)) as client, client.stream(
+                "POST", server.url + "/api/generate", json={"model": "m", "prompt": "one two three"}) as response:
+            return list(response.iter_lines())
+
+    def requests_lines(server: FakeLLMServer) -> Any:
+        with requests.post(server.openai_base_url + "/chat/completions", json=STREAM, stream=True,
+                           timeout=(10, READ_TIMEOUT)) as response:
+            return list(response.iter_lines())
+
+    def aiohttp_any(server: FakeLLMServer) -> Any:
+        async def read() -> Any:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=READ_TIMEOUT)) as session, \
+                    session.post(server.openai_base_url + "/chat/completions", json=STREAM) as response:
+                return [piece async for piece in response.content.iter_any()]
+        return asyncio.run(read())
+
+    return {"openai": openai_sdk, "ollama": ollama_client, "httpx": httpx_lines, "requests": requests_lines,
+            "aiohttp": aiohttp_any}
+
+
+def _failure(program: Callable[[FakeLLMServer], Any], server: FakeLLMServer) -> tuple[str, str]:
+    try:
+        program(server)
+    except Exception as exc:
+        return type(exc).__qualname__, str(exc)
+    return "ok", ""
+
+
+#: Every reader for a clean close; a truncated chunk and a stall for each HTTP parser (h11, urllib3, aiohttp).
+CUTS = [(reader, "close") for reader in ("openai", "ollama", "httpx", "requests", "aiohttp")] + [
+    (reader, cut) for cut in ("truncated_chunk", "stall") for reader in ("httpx", "requests", "aiohttp")]
+
+
+@pytest.mark.parametrize(("reader", "cut"), CUTS, ids=[f"{r}-{c}" for r, c in CUTS])
+def test_a_cut_stream_raises_as_without_llmshim_is_not_cached_and_not_ok(
+        reader: str, cut: str, server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any,
+        records: list[llmshim.CallRecord]) -> None:
+    program = _cut_readers()[reader]
+    fault = Fault(cut=cut, after_chunks=2)  # type: ignore[arg-type]
+    server.inject(fault)
+    without = _failure(program, server)
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    server.inject(fault)
+    assert _failure(program, server) == without and without[0] != "ok"
+    received = len(server.received)
+    assert _failure(program, server) == ("ok", "")  # the next identical call: a miss, upstream
+    assert len(server.received) == received + 1
+    ended = [r for r in records if r.event != "call_started"]
+    assert [r.outcome != "ok" for r in ended] == [True, False] and ended[0].cache_hit is False
+
+
+# -- a follower coalesced on a leader that is then abandoned ---------------------------------------
+
+@pytest.fixture
+def coalescing(installed: Callable[..., object], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The cache on, a follower waiting up to 30 s; the event is set once a follower starts waiting."""
+    from llmshim.singleflight import Flights
+
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"), cache_coalesce_timeout="30")
+    waiting = threading.Event()
+    wait, await_landing = Flights.wait, Flights.await_landing
+
+    def observed_wait(self: Flights, flight: Any) -> bool:
+        waiting.set()
+        return wait(self, flight)
+
+    async def observed_await_landing(self: Flights, flight: Any) -> bool:
+        waiting.set()
+        return await await_landing(self, flight)
+
+    monkeypatch.setattr(Flights, "wait", observed_wait)
+    monkeypatch.setattr(Flights, "await_landing", observed_await_landing)
+    return waiting
+
+
+@pytest.mark.parametrize("leave", ["close", "drop"])
+def test_a_follower_goes_upstream_as_soon_as_its_leader_is_abandoned(
+        leave: str, server: FakeLLMServer, coalescing: threading.Event, young_garbage_only: None) -> None:
+    url = server.openai_base_url + "/chat/completions"
+    got: list[bytes] = []
+    with httpx.Client(timeout=10) as client:
+        response = client.send(client.build_request("POST", url, json=STREAM), stream=True)  # leads
+        lines = response.iter_lines()  # kept: a discarded iterator would end the body (httpx: StreamConsumed)
+        next(lines)
+        follower = threading.Thread(target=lambda: got.append(httpx.post(url, json=STREAM, timeout=10).content))
+        follower.start()
+        assert coalescing.wait(10)
+        if leave == "close":
+            response.close()
+        del response, lines
+        gc.collect()
+        follower.join(10)  # a hang detector: released at once, not after the 30 s bound
+        assert not follower.is_alive()
+    assert got[0].endswith(b"data: [DONE]\n\n") and len(server.received) == 2
+
+
+def test_an_aiohttp_follower_goes_upstream_as_soon_as_its_leader_task_drops_its_response(
+        server: FakeLLMServer, coalescing: threading.Event, young_garbage_only: None) -> None:
+    import aiohttp
+
+    url = server.openai_base_url + "/chat/completions"
+
+    async def main() -> bytes:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async def follow() -> bytes:
+                async with session.post(url, json=STREAM) as response:
+                    return await response.read()
+
+            response = await session.post(url, json=STREAM)  # this task leads
+            await response.content.readline()
+            follower = asyncio.ensure_future(follow())  # another task: it may wait for this one
+            while not (coalescing.is_set() or follower.done()):
+                await asyncio.sleep(0)  # yields until the follower waits (or, wrongly, is done)
+            del response  # dropped: no close, no release
+            gc.collect()
+            return await asyncio.wait_for(follower, 5)  # not the 30 s bound
+
+    assert asyncio.run(main()).endswith(b"data: [DONE]\n\n")
     assert len(server.received) == 2
