@@ -596,3 +596,174 @@ def test_an_aiohttp_follower_goes_upstream_as_soon_as_its_leader_task_drops_its_
 
     assert asyncio.run(main()).endswith(b"data: [DONE]\n\n")
     assert len(server.received) == 2
+
+
+# -- an asyncio task cancelled mid-stream ---------------------------------------------------------
+
+def _async_client(library: str, server: FakeLLMServer) -> tuple[Any, Callable[[asyncio.Event], Any],
+                                                                  Callable[[], Any]]:
+    """(the client, a stream that sets the event after its first chunk and then reads on, a whole call)
+    over a pool of one connection."""
+    import aiohttp
+    import httpx2
+    import openai
+
+    url = server.openai_base_url + "/chat/completions"
+    if library == "openai":
+        client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0,
+                                    http_client=openai.DefaultAsyncHttpx2Client(
+                                        limits=httpx2.Limits(max_connections=1), timeout=httpx2.Timeout(10, pool=2)))
+
+        async def openai_stream(first: asyncio.Event) -> None:
+            async for _chunk in await client.chat.completions.create(model="m", messages=PROMPT, stream=True):
+                first.set()
+
+        return client, openai_stream, lambda: client.chat.completions.create(model="m", messages=PROMPT)
+    if library == "httpx":
+        hx = httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=httpx.Timeout(10, pool=2))
+
+        async def httpx_stream(first: asyncio.Event) -> None:
+            async with hx.stream("POST", url, json=STREAM) as response:
+                async for _line in response.aiter_lines():
+                    first.set()
+
+        async def whole() -> Any:
+            return (await hx.post(url, json={**STREAM, "stream": False})).json()
+
+        return hx, httpx_stream, whole
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=aiohttp.ClientTimeout(total=10))
+
+    async def aiohttp_stream(first: asyncio.Event) -> None:
+        async with session.post(url, json=STREAM) as response:
+            async for _piece in response.content.iter_any():
+                first.set()
+
+    async def aiohttp_whole() -> Any:
+        async with session.post(url, json={**STREAM, "stream": False}) as response:
+            return await response.json()
+
+    return session, aiohttp_stream, aiohttp_whole
+
+
+async def _cancelled_mid_stream(library: str, server: FakeLLMServer) -> list[dict[str, Any]]:
+    """Cancels a task blocked in the middle of a stream (the server stalls after two pieces), then
+    makes one whole call on the same pool of one: the loop's unhandled-error reports."""
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reports.append(context))
+    client, stream, whole = _async_client(library, server)
+    try:
+        first = asyncio.Event()
+        server.inject(Fault(cut="stall", after_chunks=2))
+        task = asyncio.ensure_future(stream(first))
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await asyncio.wait_for(whole(), 5)) is not None  # the connection came back to the pool
+    finally:
+        await (client.close() if library != "httpx" else client.aclose())
+    del task
+    gc.collect()
+    return reports
+
+
+async def _whole_stream(library: str, server: FakeLLMServer) -> None:
+    client, stream, _ = _async_client(library, server)
+    try:
+        await stream(asyncio.Event())
+    finally:
+        await (client.close() if library != "httpx" else client.aclose())
+
+
+@pytest.mark.parametrize("library", ["openai", "httpx", "aiohttp"])
+def test_a_task_cancelled_mid_stream_is_aborted_and_releases_its_connection(
+        library: str, server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any,
+        records: list[llmshim.CallRecord]) -> None:
+    assert asyncio.run(_cancelled_mid_stream(library, server)) == []
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    assert asyncio.run(_cancelled_mid_stream(library, server)) == []
+    ended = [r for r in records if r.event != "call_started"]
+    assert [r.outcome for r in ended] == ["aborted", "ok"]
+    received = len(server.received)
+    asyncio.run(_whole_stream(library, server))
+    assert len(server.received) == received + 1  # the cancelled stream was not stored: a miss
+
+
+# -- nothing accumulates over many abandoned streams ---------------------------------------------------
+
+def _client_side(server: FakeLLMServer) -> tuple[int, int]:
+    """(open descriptors, threads) of this process but the in-process server's: its sockets
+    (local port: the server's) and its threads end on their own time after a client hangs up."""
+    import os
+
+    port = f"{server.port:04X}"
+    server_inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[1].rsplit(":", 1)[1] == port:
+                    server_inodes.add(fields[9])
+    descriptors = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            descriptors += not (target.startswith("socket:[") and target[8:-1] in server_inodes)
+    threads = sum(1 for t in threading.enumerate() if not t.name.startswith("llmshim-fake-llm")
+                  and "process_request_thread" not in t.name)
+    return descriptors, threads
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_two_hundred_abandoned_streams_leave_no_descriptor_thread_or_tap_behind(
+        server: FakeLLMServer, installed: Callable[..., object], tmp_path: Any, young_garbage_only: None) -> None:
+    """Half dropped unread, half closed after the first chunk, the cache on: between the 100th and
+    the 200th, no descriptor, thread or watched response more (the first hundred open what is
+    kept for good: the cache file's connection, the pool's sockets)."""
+    import aiohttp
+
+    from llmshim import tap
+
+    installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"))
+    url = server.openai_base_url + "/chat/completions"
+
+    async def abandon(session: aiohttp.ClientSession, index: int) -> None:
+        response = await session.post(url, json=STREAM)
+        await response.content.readline()
+        if index % 2:
+            response.close()
+
+    async def close(session: aiohttp.ClientSession) -> None:
+        await session.close()
+        await asyncio.sleep(0)  # the transports' connection_lost: their sockets close then
+
+    def hundred(loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
+        """Fifty streams of each library on fresh pools, then the pools closed: what is left open."""
+        session = loop.run_until_complete(_session())
+        with _httpx_client() as client:
+            for index in range(50):
+                response = client.send(client.build_request("POST", url, json=STREAM), stream=True)
+                lines = response.iter_lines()
+                next(lines)
+                if index % 2:
+                    response.close()
+                del response, lines
+                loop.run_until_complete(abandon(session, index))
+                gc.collect()
+        loop.run_until_complete(close(session))
+        return _client_side(server)
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert hundred(loop) == hundred(loop)
+        assert not tap._WATCHED
+    finally:
+        loop.close()
+    assert len(server.received) == 200
+
+
+async def _session() -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=POOL), timeout=aiohttp.ClientTimeout(total=10))
