@@ -97,7 +97,7 @@ _TEXTS = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(UNICODE
 _NEWLINES = st.sampled_from(["\n", "\r\n", "\r"])
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.one_of(st.none(), st.sampled_from(["delta", "done"])), st.lists(_TEXTS, min_size=1,
                                                                                                max_size=3)),
                 min_size=1, max_size=4),
@@ -120,7 +120,7 @@ def test_sse_reader_yields_each_event_whole_however_it_is_framed_and_split(
     assert [[json.loads(d) for d in data.split("\n")] for _, data in seen] == [datas for _, datas in events]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(_TEXTS, min_size=1, max_size=5), st.sampled_from(["\n", "\r\n"]),
        st.lists(st.integers(0, 10_000), max_size=6), st.booleans())
 def test_ndjson_reader_yields_each_object_however_it_is_split(values: list[str], newline: str, cuts: list[int],
@@ -201,15 +201,16 @@ def _three_ways(reframed: Reframed, route: str, prompt: str, installed: Callable
     return plain, miss, hit
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+LINE_ENDS = [("responses", b"\n"), ("responses", b"\r\n"), ("responses", b"\r"), ("chat", b"\r"),
+             ("ollama", b"\r\n")]
+
+
+@pytest.mark.parametrize(("route", "newline"), LINE_ENDS, ids=[f"{r}-{n!r}" for r, n in LINE_ENDS])
 def test_unescaped_unicode_line_separators_keep_usage_and_cache(
         route: str, newline: bytes, reframed: Reframed, installed: Callable[..., object],
         records: list[llmshim.CallRecord], tmp_path: Any) -> None:
     """Before the fix the readers split lines as ``str.splitlines`` does (U+2028 too): the event
     carrying the text broke, and with it the usage and the end of the stream (not cached)."""
-    if route == "ollama" and newline == b"\r":
-        pytest.skip("NDJSON has no bare-CR line end")
     reframed.newline, reframed.extras = newline, True
     prompt = f"a{UNICODE_LINE_ENDS}b é 漢字 😀 {UNICODE_LINE_ENDS}"
     plain, miss, hit = _three_ways(reframed, route, prompt, installed, records, tmp_path)
@@ -221,8 +222,10 @@ def test_unescaped_unicode_line_separators_keep_usage_and_cache(
     assert done[1].saved_output_tokens == pieces
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-@pytest.mark.parametrize("shape", ["every_byte", "open_end"])
+SHAPES = [("every_byte", "responses"), ("every_byte", "ollama"), ("open_end", "chat"), ("open_end", "ollama")]
+
+
+@pytest.mark.parametrize(("shape", "route"), SHAPES, ids=[f"{s}-{r}" for s, r in SHAPES])
 def test_a_stream_split_at_every_byte_or_ending_without_a_newline(
         route: str, shape: str, reframed: Reframed, installed: Callable[..., object],
         records: list[llmshim.CallRecord], tmp_path: Any) -> None:
@@ -375,9 +378,9 @@ def _outcome(abandon: Callable[[str], None], after: Callable[[], Any], leave: st
     return "ok"
 
 
-SYNC_CASES = [("httpx", "drop"), ("httpx", "with"), ("openai", "drop"), ("openai", "close"),
-              ("openai-streaming-response", "with"), ("ollama", "drop"), ("requests-iter_content", "drop"),
-              ("requests-iter_content", "with"), ("requests-raw", "close")]
+#: Each client once, each way of leaving at least once (CI time: the file runs in under 25 s).
+SYNC_CASES = [("httpx", "drop"), ("openai", "close"), ("openai-streaming-response", "with"), ("ollama", "drop"),
+              ("requests-iter_content", "drop"), ("requests-raw", "close")]
 
 
 @pytest.mark.parametrize(("name", "leave"), SYNC_CASES, ids=[f"{n}-{leave}" for n, leave in SYNC_CASES])
@@ -409,10 +412,17 @@ async def _aiohttp_dropped(url: str) -> weakref.ref[Any]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         response = await session.post(url, json=STREAM)
         assert (await response.content.readline()).startswith(b"data: ")
+        await _body_arrived(response)
         gone = weakref.ref(response)
         del response
-        gc.collect()
     return gone
+
+
+async def _body_arrived(response: Any) -> None:
+    """Until the whole body is in the response's buffer: before, aiohttp's connection holds the
+    response (its end-of-body callback), with or without llmshim, and a collection cannot take it."""
+    while not response.content.is_eof():
+        await asyncio.sleep(0)  # a yield to the loop, which reads the socket
 
 
 @pytest.mark.parametrize("mode", ["without", "features-off", "cache"])
@@ -441,7 +451,9 @@ def test_an_identical_aiohttp_call_after_a_dropped_one_does_not_wait_for_it(
 
     installed(cache="on", cache_path=str(tmp_path / "c.sqlite3"), cache_coalesce_timeout="30")
     url = server.openai_base_url + "/chat/completions"
-    asyncio.run(_aiohttp_dropped(url))
+    gone = asyncio.run(_aiohttp_dropped(url))
+    gc.collect()
+    assert gone() is None
 
     async def again() -> bytes:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
@@ -587,6 +599,7 @@ def test_an_aiohttp_follower_goes_upstream_as_soon_as_its_leader_task_drops_its_
 
             response = await session.post(url, json=STREAM)  # this task leads
             await response.content.readline()
+            await _body_arrived(response)
             follower = asyncio.ensure_future(follow())  # another task: it may wait for this one
             while not (coalescing.is_set() or follower.done()):
                 await asyncio.sleep(0)  # yields until the follower waits (or, wrongly, is done)
@@ -733,6 +746,8 @@ def test_two_hundred_abandoned_streams_leave_no_descriptor_thread_or_tap_behind(
         await response.content.readline()
         if index % 2:
             response.close()
+        else:
+            await _body_arrived(response)
 
     async def close(session: aiohttp.ClientSession) -> None:
         await session.close()
@@ -752,6 +767,7 @@ def test_two_hundred_abandoned_streams_leave_no_descriptor_thread_or_tap_behind(
                 loop.run_until_complete(abandon(session, index))
                 gc.collect()
         loop.run_until_complete(close(session))
+        gc.collect()
         return _client_side(server)
 
     loop = asyncio.new_event_loop()
