@@ -37,9 +37,6 @@ def loads_object(text: str | bytes) -> Any:
         return None
 
 
-_LINE_END = re.compile("\r\n|\r|\n")
-
-
 class _Lines:
     """Splits decoded text into lines on \\n, \\r\\n or \\r, keeping the unfinished tail.
 
@@ -57,7 +54,9 @@ class _Lines:
         keep_cr = text.endswith("\r") and not final
         if keep_cr:
             text = text[:-1]
-        lines = text.split("\n") if "\r" not in text else _LINE_END.split(text)
+        if "\r" in text:  # \r\n, then a bare \r (a trailing one was kept above): each a \n
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
         self._tail = lines.pop()  # what follows the last line end: "" or an unfinished line
         if final and self._tail:
             lines.append(self._tail)
