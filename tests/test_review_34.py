@@ -61,16 +61,13 @@ def pieces(raw: bytes, cuts: tuple[int, ...] | list[int]) -> list[bytes]:
     return [raw[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def reframe(body: bytes, newline: bytes = b"\n", cuts: tuple[int, ...] = (), extras: bool = False) -> list[bytes]:
+def reframe(body: bytes, newline: bytes = b"\n", extras: bool = False) -> bytes:
     """``body`` (a stream the bundled server wrote) written as another server would: JSON unescaped,
-    ``newline`` as the line end, comment and ``event:`` lines added to SSE when ``extras``, and the
-    bytes split at ``cuts`` (0-byte pieces where two cuts coincide)."""
+    ``newline`` as the line end, and comment lines (one before each ``data:`` line) when ``extras``."""
     lines = [_unescaped(line) for line in body.split(b"\n")]
-    sse = any(line.startswith(b"data:") for line in lines)
-    if extras and sse:
+    if extras and any(line.startswith(b"data:") for line in lines):
         lines = [b": keep-alive", *[(b": ping\n" + line if line.startswith(b"data:") else line) for line in lines]]
-    text = newline.join(line for part in lines for line in part.split(b"\n"))
-    return pieces(text, cuts)
+    return newline.join(line for part in lines for line in part.split(b"\n"))
 
 
 def _reference_sse(text: str) -> list[tuple[str | None, str]]:
@@ -149,7 +146,7 @@ class Reframed:
         answer = answer_for(received.method, received.path.split("?")[0], received.json())
         if answer.chunks is None:
             return None
-        body = b"".join(reframe(b"".join(answer.chunks), self.newline, (), self.extras))
+        body = reframe(b"".join(answer.chunks), self.newline, self.extras)
         body = body.rstrip(b"\r\n") if self.open_end else body
         # Never a 0-byte piece on the wire: in chunked encoding it ends the body.
         answer.chunks = [body[i:i + 1] for i in range(len(body))] if self.every_byte else [body]
@@ -163,8 +160,8 @@ def reframed() -> Iterator[Reframed]:
         yield fake
 
 
-#: (path, request body, how the usage reads in the hook record): the stream shapes whose usage or
-#: end marker sits in an event that carries the answer's text.
+#: (path, request body) of three stream shapes: Responses (usage and end in the event that repeats
+#: the whole text), Ollama NDJSON, Chat Completions SSE with a usage chunk.
 ROUTES = {
     "responses": ("/v1/responses", {"model": "gpt-4o", "stream": True}),
     "ollama": ("/api/generate", {"model": "llama3.2"}),
@@ -185,7 +182,7 @@ def _stream_bytes(url: str, body: dict[str, Any]) -> bytes:
 
 
 def _three_ways(reframed: Reframed, route: str, prompt: str, installed: Callable[..., object],
-                records: list[llmshim.CallRecord], tmp_path: Any) -> tuple[bytes, bytes, bytes]:
+                tmp_path: Any) -> tuple[bytes, bytes, bytes]:
     """(without llmshim, a miss, a hit) of one streamed call; asserts the hit went nowhere."""
     path, body = _prompted(route, prompt)
     url = reframed.server.url + path
@@ -213,7 +210,7 @@ def test_unescaped_unicode_line_separators_keep_usage_and_cache(
     carrying the text broke, and with it the usage and the end of the stream (not cached)."""
     reframed.newline, reframed.extras = newline, True
     prompt = f"a{UNICODE_LINE_ENDS}b é 漢字 😀 {UNICODE_LINE_ENDS}"
-    plain, miss, hit = _three_ways(reframed, route, prompt, installed, records, tmp_path)
+    plain, miss, hit = _three_ways(reframed, route, prompt, installed, tmp_path)
     assert plain == miss == hit and "\u2028".encode() in plain
     done = [r for r in records if r.event == "call_completed"]
     assert [r.cache_hit for r in done] == [False, True]
@@ -234,7 +231,7 @@ def test_a_stream_split_at_every_byte_or_ending_without_a_newline(
     setattr(reframed, shape, True)
     reframed.newline = b"\r\n"
     prompt = f"é ж 漢 😀 {UNICODE_LINE_ENDS}"
-    plain, miss, hit = _three_ways(reframed, route, prompt, installed, records, tmp_path)
+    plain, miss, hit = _three_ways(reframed, route, prompt, installed, tmp_path)
     assert plain == miss == hit and plain.endswith(b"\r\n") != (shape == "open_end")
     done = [r for r in records if r.event == "call_completed"]
     assert [r.cache_hit for r in done] == [False, True]
@@ -244,7 +241,7 @@ def test_a_stream_split_at_every_byte_or_ending_without_a_newline(
 def test_a_5mb_single_event(reframed: Reframed, installed: Callable[..., object],
                             records: list[llmshim.CallRecord], tmp_path: Any) -> None:
     prompt = "ж" * 2_500_000 + "\u2028"  # one 5 MB word: one 5 MB delta event
-    plain, miss, hit = _three_ways(reframed, "chat", prompt, installed, records, tmp_path)
+    plain, miss, hit = _three_ways(reframed, "chat", prompt, installed, tmp_path)
     assert plain == miss == hit and len(plain) > 5_000_000
     done = [r for r in records if r.event == "call_completed"]
     assert [r.cache_hit for r in done] == [False, True] and done[0].output_tokens == 2
