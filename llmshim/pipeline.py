@@ -247,8 +247,8 @@ def _unbind(call: Call) -> None:
     """The chain is done with the adapter's closures: drop them. They hold the library's request,
     and aiohttp's request holds its response; the tap's observers hold the call, and the tap is
     reachable from its collection watch: a response the caller dropped unread would never be
-    collected, its call never ended, its connection never released, an identical call coalesced
-    on it kept waiting."""
+    collected (memory), its call never ended (no hook, no span), and an identical call coalesced
+    on it waited the whole bound."""
     call.send = call.replay = call.expired = None
 
 
