@@ -222,6 +222,8 @@ class Pipeline:
         except BaseException:
             pipeline._leave()
             raise
+        finally:
+            _unbind(call)
         return pipeline._held_until_end(reply)
 
     async def arun(self, call: Call, asend: AsyncHandler) -> Reply:
@@ -236,7 +238,18 @@ class Pipeline:
         except BaseException:
             pipeline._leave()
             raise
+        finally:
+            _unbind(call)
         return pipeline._held_until_end(reply)
+
+
+def _unbind(call: Call) -> None:
+    """The chain is done with the adapter's closures: drop them. They hold the library's request,
+    and aiohttp's request holds its response; the tap's observers hold the call, and the tap is
+    reachable from its collection watch: a response the caller dropped unread would never be
+    collected (memory), its call never ended (no hook, no span), and an identical call coalesced
+    on it waited the whole bound."""
+    call.send = call.replay = call.expired = None
 
 
 def _pass_through(call: Call, send: Handler) -> Reply:

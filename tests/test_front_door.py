@@ -117,7 +117,8 @@ def test_the_cut_at_the_first_double_dash_is_pure() -> None:
 SERVER_FLAGS = {"host": "--host", "port": "--port", "chunk_delay": "--chunk-delay", "rpm_limit": "--rpm",
                 "rpm_window": "--rpm-window", "rpm_style": "--rpm-style", "compress": "--gzip"}
 FAULT_KEYS = {"status": "status=", "headers": "header=", "body": "body=", "reset": "reset=",
-              "after_chunks": "after_chunks=", "delay": "delay=", "chunk_delay": "chunk_delay=", "path": "path="}
+              "after_chunks": "after_chunks=", "delay": "delay=", "chunk_delay": "chunk_delay=", "path": "path=",
+              "cut": "cut="}
 
 
 @pytest.mark.parametrize("command", [["-m", "llmshim", "serve", "--help"],

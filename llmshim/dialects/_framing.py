@@ -38,7 +38,11 @@ def loads_object(text: str | bytes) -> Any:
 
 
 class _Lines:
-    """Splits decoded text into lines on \\n, \\r\\n or \\r, keeping the unfinished tail."""
+    """Splits decoded text into lines on \\n, \\r\\n or \\r, keeping the unfinished tail.
+
+    Only on those: ``str.splitlines`` also splits on U+2028, U+2029 and U+0085, which
+    a JSON string may hold unescaped (llama.cpp, most non-Python servers): one event would become
+    two broken lines, and its usage or end marker would be lost."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -50,13 +54,16 @@ class _Lines:
         keep_cr = text.endswith("\r") and not final
         if keep_cr:
             text = text[:-1]
-        lines = text.splitlines(keepends=True)
-        self._tail = ""
-        if lines and not lines[-1].endswith(("\n", "\r")) and not final:
-            self._tail = lines.pop()
+        if "\r" in text:  # \r\n, then a bare \r (a trailing one was kept above): each a \n
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        self._tail = lines.pop()  # what follows the last line end: "" or an unfinished line
+        if final and self._tail:
+            lines.append(self._tail)
+            self._tail = ""
         if keep_cr:
             self._tail += "\r"
-        return [line.rstrip("\r\n") for line in lines]
+        return lines
 
 
 class SseReader:

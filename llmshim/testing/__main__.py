@@ -37,6 +37,8 @@ fault SPEC: comma-separated key=value pairs, or just a status (--fault 503):
   body=TEXT       the error message in the dialect's error shape
   header=NAME:VALUE  add a response header (repeatable), e.g. header=retry-after-ms:1500
   reset=before_headers|after_chunks  close with a TCP reset (after_chunks=N streamed pieces first)
+  cut=close|truncated_chunk|stall  end a stream cleanly after after_chunks=N pieces: a close without the
+                  last chunk, half a chunk then a close, or silence until the client hangs up
   delay=SECONDS   wait before answering;  chunk_delay=SECONDS  between streamed pieces
 Faults apply in the order given: --fault status=429,times=2 --fault 500"""
 
@@ -47,6 +49,7 @@ SERVE_PARSER: dict[str, Any] = {
 
 _NUMBERS = {"delay": float, "chunk_delay": float, "after_chunks": int, "status": int}
 _RESETS = ("before_headers", "after_chunks")
+_CUTS = ("close", "truncated_chunk", "stall")
 
 
 def parse_fault(spec: str) -> tuple[Fault, int | None]:
@@ -77,12 +80,16 @@ def parse_fault(spec: str) -> tuple[Fault, int | None]:
             if value not in _RESETS:
                 raise ValueError(f"reset={value}: one of {', '.join(_RESETS)}")
             fields["reset"] = value
+        elif key == "cut":
+            if value not in _CUTS:
+                raise ValueError(f"cut={value}: one of {', '.join(_CUTS)}")
+            fields["cut"] = value
         elif key in _NUMBERS:
             fields[key] = _NUMBERS[key](value)
         else:
             raise ValueError(f"unknown fault key {key!r}")
-    if "status" not in fields and "reset" not in fields and "delay" not in fields and "chunk_delay" not in fields:
-        raise ValueError(f"{spec!r} does nothing: give status, reset, delay or chunk_delay")
+    if not fields.keys() & {"status", "reset", "cut", "delay", "chunk_delay"}:
+        raise ValueError(f"{spec!r} does nothing: give status, reset, cut, delay or chunk_delay")
     return Fault(headers=tuple(headers), **fields), times
 
 

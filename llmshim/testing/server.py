@@ -65,6 +65,10 @@ class Fault:
     error shape; 503 uses llama.cpp's "Loading model" or Ollama's "server busy" per ``body``).
     ``reset``: ``"before_headers"`` closes the connection with a TCP reset after reading the
     request; ``"after_chunks"`` sends the headers and ``after_chunks`` pieces, then resets.
+    ``cut`` (a streamed answer; after ``after_chunks`` pieces), a clean close instead of a reset:
+    ``"close"`` ends the connection without the final chunk; ``"truncated_chunk"`` first sends
+    the size line of one more piece and only half of its bytes; ``"stall"`` sends nothing more
+    until the client hangs up (its read timeout), then closes.
     ``delay``: seconds to wait before answering. ``chunk_delay``: seconds between streamed pieces.
     ``path``: only requests whose path contains this string take the fault.
     """
@@ -74,6 +78,7 @@ class Fault:
     body: bytes | str | dict[str, Any] | None = None
     reset: Literal["before_headers", "after_chunks"] | None = None
     after_chunks: int = 0
+    cut: Literal["close", "truncated_chunk", "stall"] | None = None
     delay: float = 0.0
     chunk_delay: float | None = None
     path: str | None = None
@@ -164,10 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
             return
         chunk_delay = fault.chunk_delay if fault and fault.chunk_delay is not None else owner.chunk_delay
-        reset_after = fault.after_chunks if fault and fault.reset == "after_chunks" else None
-        self._write(answer, chunk_delay, reset_after)
+        reset_after = fault.after_chunks if fault and (fault.reset == "after_chunks" or fault.cut) else None
+        self._write(answer, chunk_delay, reset_after, fault.cut if fault else None)
 
-    def _write(self, answer: Answer, chunk_delay: float, reset_after: int | None) -> None:
+    def _write(self, answer: Answer, chunk_delay: float, reset_after: int | None, cut: str | None = None) -> None:
         self.send_response(answer.status)
         names = {k.lower() for k, _ in answer.headers}
         for key, value in answer.headers:
@@ -195,17 +200,40 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         for index, piece in enumerate(answer.chunks or ()):
             if reset_after is not None and index >= reset_after:
-                self._reset()
+                if cut == "truncated_chunk":
+                    self.wfile.write(b"%x\r\n%s" % (len(piece), piece[: len(piece) // 2]))
+                elif cut == "stall":
+                    self._until_the_client_leaves()
+                self._reset() if cut is None else self._close()
                 return
             if chunk_delay:
                 time.sleep(chunk_delay)
             self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.wfile.flush()
         if reset_after is not None:
-            self._reset()
+            self._reset() if cut is None else self._close()
             return
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _until_the_client_leaves(self) -> None:
+        self.wfile.flush()
+        self.connection.settimeout(60)
+        try:
+            while self.connection.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        """A clean end of the connection (FIN) in the middle of a chunked body."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client left first
+            pass
+        self.connection.close()
 
     def _reset(self) -> None:
         """Close with RST (SO_LINGER 0): the client sees a reset, not a clean end of stream."""
