@@ -23,6 +23,14 @@ from collections.abc import Iterable, Mapping
 __all__ = ["Dim", "Gcra", "at_most", "charged", "gcra_take", "take"]
 
 
+#: Seconds beyond the burst a ``tat`` may lie ahead before it counts as written before the clock
+#: went back. Not just float rounding (~1e-7 s on epoch seconds): processes sharing a budget may
+#: use different bursts for a moment (one has learned a server's lower limit, whose burst stretches
+#: to one request's interval, up to a minute), and one's full bucket must not look stale to the
+#: other. A smaller step back is waited out, at most about this long.
+STEP_MARGIN = 60.0
+
+
 def charged(cost: float, rate: float, burst: float) -> float:
     """What taking ``cost`` really charges: at most one whole burst. A give-back is measured
     against this, not the cost asked for, or returning a big reservation would erase the charges
@@ -38,6 +46,11 @@ def gcra_take(tat: float, now: float, rate: float, burst: float, cost: float,
     free (0 to 1). Taking is the caller's choice: it stores the new ``tat`` only if every
     dimension's wait is 0."""
     cost = charged(cost, rate, burst)
+    if tat > now + burst + STEP_MARGIN:
+        # A take that fits leaves tat at most ``burst`` ahead of its now, so one further ahead
+        # means the clock went back since (a shared store keeps wall-clock times: an NTP step, a VM
+        # resumed): forgotten, as after a quiet spell, not hours of waiting for the clock.
+        tat = now
     new_tat = max(tat, now) + cost / rate
     # The reserve narrows the tolerance, but one call always fits an idle bucket.
     tolerance = max(burst * (1.0 - reserve), cost / rate)
@@ -59,8 +72,12 @@ def take(tats: Mapping[str, float], blocked_until: float, now: float, dims: Iter
     """Every dimension at once: (seconds to wait, the new ``tat`` per dimension). Pure.
 
     Wait 0 means all fit: store the new tats. Otherwise store nothing and come back after the
-    wait. A block (after a 429) adds its remaining time, at most ``max_block`` seconds."""
-    wait = min(max(0.0, blocked_until - now), max_block)
+    wait. A block (after a 429) adds its remaining time. The stores never write one more than
+    ``max_block`` seconds ahead, so one further ahead is stale (the clock went back since): it is
+    over, or every take would wait ``max_block`` again until the clock caught up; a server that
+    still refuses says so with its next 429."""
+    left = blocked_until - now
+    wait = left if 0.0 < left <= max_block else 0.0
     news: dict[str, float] = {}
     for dim in dims:
         news[dim.name], dim_wait = gcra_take(tats.get(dim.name, 0.0), now, dim.rate, dim.burst, dim.cost, reserve)

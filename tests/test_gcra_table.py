@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from llmshim.gcra import Dim, take
+from llmshim.gcra import STEP_MARGIN, Dim, take
 from llmshim.policies.scheduler import Key, Waiter
 from llmshim.store import limits_redis as redis_store
 from llmshim.store.limits_sqlite import MAX_BLOCK, RESERVES, SQLiteLimitStore
@@ -57,7 +57,16 @@ CASES = [
          (Dim("r", 1.0, 10.0, 1.0), Dim("t", 100.0, 10.0, 300.0)), {"r": 101.0, "t": 109.0}),
     Case("a block adds its remaining time", 100.0, (Dim("r", 1.0, 10.0, 1.0),), block=104.5),
     Case("a block in the past is over", 100.0, (Dim("r", 1.0, 10.0, 1.0),), block=99.0),
-    Case("an absurd block is capped at MAX_BLOCK", 100.0, (Dim("r", 1.0, 10.0, 1.0),), block=1e9),
+    Case("a block further ahead than MAX_BLOCK is stale (the clock went back): over", 100.0,
+         (Dim("r", 1.0, 10.0, 1.0),), block=1e9),
+    Case("a block exactly MAX_BLOCK ahead holds", 100.0, (Dim("r", 1.0, 10.0, 1.0),), block=100.0 + MAX_BLOCK),
+    Case("clock stepped back an hour: a tat an hour ahead is forgotten", EPOCH,
+         (Dim("r", 1.0, 10.0, 1.0),), {"r": EPOCH + 3600.0}),
+    Case("clock stepped back: two dimensions forgotten", EPOCH,
+         (Dim("r", 1.0, 10.0, 1.0), Dim("t", 100.0, 10.0, 300.0)), {"r": EPOCH + 3600.0, "t": EPOCH + 7200.0}),
+    Case("a tat within the margin past the burst is waited out", EPOCH, (Dim("r", 1.0, 10.0, 1.0),),
+         {"r": EPOCH + 40.0}),
+    Case("a full bucket within the margin is no step back", EPOCH, (Dim("r", 1.0, 10.0, 1.0),), {"r": EPOCH + 10.9}),
     Case("epoch seconds: a high rate's tiny interval is kept", EPOCH, (Dim("r", 1e5, 1.0, 1.0),), {"r": EPOCH}),
     Case("epoch seconds: tokens at 500k/s", EPOCH + 0.25, (Dim("t", 500_000.0, 10.0, 1234.0),), {"t": EPOCH + 3.0}),
     Case("epoch seconds: full, wait under a millisecond", EPOCH, (Dim("r", 2000.0, 1.0, 1.0),),
@@ -96,7 +105,14 @@ def test_the_table_means_what_its_names_say() -> None:
     short = answers["two dimensions: tokens short, nothing taken"]
     assert short.wait == pytest.approx(2.0) and short.tats == {"r": 101.0, "t": 109.0}
     assert answers["a block adds its remaining time"].wait == 4.5
-    assert answers["an absurd block is capped at MAX_BLOCK"].wait == MAX_BLOCK
+    stale = answers["a block further ahead than MAX_BLOCK is stale (the clock went back): over"]
+    assert stale == Answer(0.0, {"r": 101.0})
+    assert answers["a block exactly MAX_BLOCK ahead holds"].wait == MAX_BLOCK
+    # a wall clock stepped back an hour: the next call waits as after a spent burst, not an hour
+    assert answers["clock stepped back an hour: a tat an hour ahead is forgotten"] == Answer(0.0, {"r": EPOCH + 1.0})
+    assert answers["clock stepped back: two dimensions forgotten"] == Answer(0.0, {"r": EPOCH + 1.0, "t": EPOCH + 3.0})
+    assert answers["a full bucket within the margin is no step back"].wait == pytest.approx(1.9)
+    assert answers["a tat within the margin past the burst is waited out"].wait == pytest.approx(31.0)
     assert answers["epoch seconds: a high rate's tiny interval is kept"].tats["r"] > EPOCH
 
 
@@ -164,7 +180,7 @@ def test_the_redis_script_agrees(case: Case, redis_client: Any) -> None:
     args: list[Any] = [RESERVES[case.level], len(case.dims)]
     for dim in case.dims:
         args += [dim.name, repr(dim.rate), repr(dim.burst), repr(dim.cost)]
-    args += [MAX_BLOCK, repr(case.now)]  # as RedisLimitStore.try_take passes them, plus the fixed moment
+    args += [MAX_BLOCK, STEP_MARGIN, repr(case.now)]  # as RedisLimitStore.try_take passes them, plus the moment
     wait = float(redis_client.eval(script, 1, key, *args))
     stored = {k.decode(): float(v) for k, v in redis_client.hgetall(key).items() if k != b"block"}
     assert _same(Answer(wait, stored), expected(case)), (wait, stored, expected(case))

@@ -144,7 +144,7 @@ def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis
 
 
 @pytest.mark.parametrize("seconds", [99999.0, 1e300])
-def test_a_redis_block_is_capped_also_when_an_older_process_wrote_more(redis_server: RedisServer,
+def test_a_redis_block_is_capped_and_one_stored_further_ahead_is_over(redis_server: RedisServer,
                                                                       seconds: float) -> None:
     from llmshim.store.limits_redis import RedisLimitStore
     from llmshim.store.limits_sqlite import MAX_BLOCK
@@ -152,9 +152,13 @@ def test_a_redis_block_is_capped_also_when_an_older_process_wrote_more(redis_ser
     store = RedisLimitStore(redis_server.url, timeout=1.0)
     store.block_for("k", seconds)
     assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
-    # A block written without the cap (an earlier llmshim) is read capped.
+    # A block further ahead than any write makes (an earlier llmshim without the cap, or Redis'
+    # clock stepped back since) is over: read capped, it made every take wait MAX_BLOCK again, for
+    # as long as the stored time lay ahead (a year here). A new block replaces it.
     store.client.hset(store._key("k"), "block", str(time.time() + 86400 * 365))
-    assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
+    assert store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") == 0
+    store.block_for("k", 5.0)
+    assert 0 < store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= 5.0
 
 
 @pytest.mark.parametrize("redis_timeout", ["", "30s"])

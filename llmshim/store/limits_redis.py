@@ -20,6 +20,7 @@ from contextlib import suppress
 from typing import Any
 
 from ..clocks import wall
+from ..gcra import STEP_MARGIN
 from .limits_sqlite import MAX_BLOCK, RESERVES
 from .redis_client import Guarded
 
@@ -31,14 +32,17 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local reserve = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local block = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
-local wait = math.min(math.max(0, block - now), tonumber(ARGV[3 + n * 4]))
+local wait = block - now
+if wait <= 0 or wait > tonumber(ARGV[3 + n * 4]) then wait = 0 end  -- further ahead: stale (gcra.take)
 local news = {}
 for i = 0, n - 1 do
   local dim = ARGV[3 + i * 4]
   local rate = tonumber(ARGV[4 + i * 4])
   local burst = tonumber(ARGV[5 + i * 4])
   local cost = math.min(tonumber(ARGV[6 + i * 4]), burst * rate)
-  local tat = math.max(tonumber(redis.call('HGET', KEYS[1], dim) or '0'), now)
+  local tat = tonumber(redis.call('HGET', KEYS[1], dim) or '0')
+  if tat > now + burst + tonumber(ARGV[4 + n * 4]) then tat = now end  -- the clock went back (gcra.STEP_MARGIN)
+  tat = math.max(tat, now)
   local new = tat + cost / rate
   local tolerance = math.max(burst * (1 - reserve), cost / rate)
   wait = math.max(wait, new - tolerance - now)
@@ -57,7 +61,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local until_ = now + math.min(tonumber(ARGV[1]), tonumber(ARGV[2]))
 local current = tonumber(redis.call('HGET', KEYS[1], 'block') or '0')
-if until_ > current then redis.call('HSET', KEYS[1], 'block', tostring(until_)) end
+if until_ > current or current > now + tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'block', tostring(until_)) end
 redis.call('EXPIRE', KEYS[1], 3600)
 return 1
 """
@@ -109,7 +113,7 @@ class RedisLimitStore:
         args: list[Any] = [self._reserves.get(level, 0.2), len(dims)]
         for dim, rate, burst, cost in dims:
             args += [dim, rate, burst, cost]
-        args.append(self._max_block)
+        args += [self._max_block, STEP_MARGIN]
         wait = float(self.redis.run(lambda client: self.redis.script(_TAKE)(keys=[self._key(name)], args=args)))
         self._heartbeat()
         return max(0.0, wait)

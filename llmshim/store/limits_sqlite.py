@@ -6,7 +6,9 @@ the one clock all processes share. Lower priority classes keep a reserve of the 
 higher ones (critical 0%, high 10%, normal 20%, low 30%): across processes there is no shared
 queue, so the reserve is what lets a critical call in one process pass the low calls of another.
 A 429 block is a row too, so it pauses the key for every process; no block lasts more than
-``MAX_BLOCK`` seconds from now, whatever a server asked or an older process wrote.
+``MAX_BLOCK`` seconds from now, whatever a server asked or an older process wrote. A wall clock
+stepped back (NTP, a resumed VM) leaves times in the future: a bucket counts as spent at most one
+burst, a block further ahead than ``MAX_BLOCK`` as over (``gcra.take``).
 
 The file is private (0600), opened like every llmshim SQLite file (WAL, busy timeout, the
 retried switch to WAL: ``sqlite_files.py``); ``close()`` is safe while other threads take.
@@ -91,7 +93,12 @@ class SQLiteLimitStore:
         self.block(name, wall() + seconds)
 
     def block(self, name: str, until: float) -> None:
-        until = min(until, wall() + MAX_BLOCK)
+        """Block ``name`` until ``until`` (at most ``MAX_BLOCK`` from now), or longer if it already
+        is; a block stored further ahead than ``MAX_BLOCK`` is stale (the clock went back since it
+        was written: ``gcra.take`` treats it as over) and this one replaces it."""
+        latest = wall() + MAX_BLOCK
+        until = min(until, latest)
         with self._connections.use() as conn:
             conn.execute("INSERT INTO buckets (name, dim, tat) VALUES (?, 'block', ?) ON CONFLICT(name, dim) "
-                         "DO UPDATE SET tat = max(tat, excluded.tat)", (name, until))
+                         "DO UPDATE SET tat = max(CASE WHEN tat > ? THEN 0 ELSE tat END, excluded.tat)",
+                         (name, until, latest))
