@@ -163,9 +163,31 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 60
     return done.stdout
 
 
+_WORKER_REPORTS: list[dict[str, int]] = []  # pytest-xdist: each worker's cassette report, summed below
+
+
+def _cassette_report() -> dict[str, int] | None:
+    report: dict[str, int] | None = getattr(sys.modules.get("test_cassettes"), "REPORT", None)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)  # set in a pytest-xdist worker only
+    report = _cassette_report()
+    if output is not None and report:
+        output["llmshim_cassette_report"] = dict(report)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not installed
+def pytest_testnodedown(node: Any, error: Any) -> None:  # the controller, as a worker ends
+    report = getattr(node, "workeroutput", {}).get("llmshim_cassette_report")
+    if report:
+        _WORKER_REPORTS.append(report)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    module = sys.modules.get("test_cassettes")
-    report = getattr(module, "REPORT", None)
+    reports = [r for r in (_cassette_report(), *_WORKER_REPORTS) if r]
+    report = {name: sum(r.get(name, 0) for r in reports) for name in reports[0]} if reports else None
     if report and report.get("cassettes"):
         terminalreporter.write_line(
             "cassette replay: {cassettes} cassettes, {interactions} LLM interactions, {replays} replays "
