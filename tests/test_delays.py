@@ -92,17 +92,25 @@ def test_the_in_process_block_is_capped(pause: float) -> None:
     assert key.blocked_until == now[0] + MAX_BLOCK
 
 
-def test_the_sqlite_block_is_capped_also_when_an_older_process_wrote_more(tmp_path: Path) -> None:
+def test_the_sqlite_block_is_capped_and_one_stored_further_ahead_is_over(tmp_path: Path) -> None:
     store = SQLiteLimitStore(str(tmp_path / "limits.sqlite3"))
     store.block_for("k", 99999.0)
     wait = store.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal")
     assert 0 < wait <= MAX_BLOCK
-    # A row written without the cap (an earlier llmshim, a day-long block) is read capped.
+    store.close()
+    # A row further ahead than any write makes (an earlier llmshim without the cap, a day-long
+    # block; or the clock stepped back since) is over: read capped, it made every take wait
+    # MAX_BLOCK again for a day (tests/test_clock_steps.py). A new block replaces it.
     with sqlite3.connect(tmp_path / "limits.sqlite3", isolation_level=None) as conn:
         conn.execute("UPDATE buckets SET tat = ? WHERE name = 'k' AND dim = 'block'", (time.time() + 86400,))
     conn.close()
     reopened = SQLiteLimitStore(str(tmp_path / "limits.sqlite3"))
-    assert 0 < reopened.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= MAX_BLOCK
+    try:
+        assert reopened.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") == 0
+        reopened.block_for("k", 5.0)
+        assert 0 < reopened.try_take("k", time.time(), [("rpm", 1.0, 1.0, 1.0)], "normal") <= 5.0
+    finally:
+        reopened.close()
 
 
 @pytest.mark.parametrize("client", ["requests", "httpx", "openai"])
@@ -121,8 +129,8 @@ def test_no_retry_wait_outlasts_the_callers_timeout(server: FakeLLMServer, monke
         elif client == "httpx":
             status = httpx.post(url, json=BODY, timeout=2).status_code
         else:
-            sdk = openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0, timeout=2)
-            with pytest.raises(openai.InternalServerError):
+            with openai.OpenAI(base_url=server.openai_base_url, api_key="k", max_retries=0, timeout=2) as sdk, \
+                    pytest.raises(openai.InternalServerError):  # closed: its pooled socket is not left to the GC
                 sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}])
             status = 503
     finally:
