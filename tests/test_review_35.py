@@ -15,6 +15,9 @@ Bugs this file found (each test named below fails without its fix):
 - OpenAI dialect, Responses API: a gateway's ``{"error": {...}}`` (no ``type``) in a stream or a
   whole 200 body was not an error: the call reported ``ok``
   (``...[openai responses, gateway error line]``, ``...[openai responses, gateway whole body]``).
+- Gemini dialect: a stream asking ``candidateCount: 2`` was whole as soon as the first candidate
+  finished: the stream closed before the second one did was cached
+  (``test_a_gemini_stream_of_two_candidates_is_whole_only_when_both_have_finished``).
 - Gemini dialect: a ``finishReason`` that says generation failed (``MALFORMED_FUNCTION_CALL``,
   ``UNEXPECTED_TOOL_CALL``, ``MALFORMED_RESPONSE``, ``OTHER``...) was a complete answer, cached
   forever: a caller's retry got the same failure back
@@ -300,6 +303,27 @@ def test_gemini_finish_reasons_cache_a_verdict_but_not_a_failed_generation() -> 
             failed = reason in FAILURES
             assert (result.error is not None, result.finish_reasons) == (failed, [reason.lower()]), (path, reason)
             assert result.usage.input_tokens == 3 and result.usage.output_tokens == 2
+
+
+def test_a_gemini_stream_of_two_candidates_is_whole_only_when_both_have_finished() -> None:
+    body = {**BODIES[GEMINI_SSE], "generationConfig": {"temperature": 0, "candidateCount": 2}}
+
+    def pair(first: str | None, second: str | None) -> dict[str, Any]:
+        message = gemini("a", first)
+        message["candidates"].append({**gemini("b", second)["candidates"][0], "index": 1})
+        return message
+
+    first_done = pair("STOP", None)
+    first_done["candidates"][1].pop("finishReason", None)
+    second_only = gemini("c")
+    second_only["candidates"][0]["index"] = 1
+    cut = parse(GEMINI_SSE, body, gemini_sse(first_done, second_only), "text/event-stream")
+    assert (cut.done, cut.finish_reasons) == (False, ["stop"])  # candidate 1 never finished: not whole
+    ended_too = {**second_only, "candidates": [{**second_only["candidates"][0], "finishReason": "MAX_TOKENS"}]}
+    whole = parse(GEMINI_SSE, body, gemini_sse(first_done, second_only, ended_too), "text/event-stream")
+    assert (whole.done, whole.finish_reasons) == (True, ["stop", "max_tokens"])
+    single = parse(GEMINI_SSE, BODIES[GEMINI_SSE], gemini_sse(gemini("a", "STOP")), "text/event-stream")
+    assert single.done
 
 
 def test_a_malformed_function_call_is_not_cached_end_to_end(

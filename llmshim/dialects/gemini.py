@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
-from ._base import Dialect
+from ._base import Dialect, positive_int
 
 __all__ = ["GEMINI", "GeminiDialect", "retry_delay_seconds"]
 
@@ -101,6 +101,12 @@ _SHAPES = {
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _candidates(info: CallInfo) -> int:
+    """How many candidates the request asked for (``candidateCount``; 1 when it does not say)."""
+    params = info.param_source
+    return positive_int(params.get("candidateCount", params.get("candidate_count"))) or 1
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -239,7 +245,8 @@ class GeminiDialect(Dialect):
             reason = candidate.get("finishReason")
             if isinstance(reason, str):
                 into.finish_reasons.append(reason.lower())
-                into.done = True
+                # Each candidate finishes on its own: the answer is whole when all asked for have.
+                into.done = into.done or len(into.finish_reasons) >= _candidates(info)
                 if reason.upper() in _FAILED:
                     into.error = into.error or reason.lower()
             for part in _parts(candidate.get("content")):  # add_text keeps it only where it is wanted
