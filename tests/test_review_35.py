@@ -18,6 +18,8 @@ Bugs this file found (each test named below fails without its fix):
 - Gemini dialect: a stream asking ``candidateCount: 2`` was whole as soon as the first candidate
   finished: the stream closed before the second one did was cached
   (``test_a_gemini_stream_of_two_candidates_is_whole_only_when_both_have_finished``).
+- Framing: a Gemini answer past ``JsonBody``'s 8 MB parse limit (only its edges kept) lost its
+  ``usageMetadata``: no tokens, no cost (``test_a_gemini_answer_past_the_parse_limit_keeps_its_usage``).
 - Gemini dialect: a ``finishReason`` that says generation failed (``MALFORMED_FUNCTION_CALL``,
   ``UNEXPECTED_TOOL_CALL``, ``MALFORMED_RESPONSE``, ``OTHER``...) was a complete answer, cached
   forever: a caller's retry got the same failure back
@@ -284,6 +286,13 @@ def test_anthropic_usage_survives_an_error_event_and_counts_the_prompt_cache() -
             whole.usage.cache_write_tokens, whole.usage.output_tokens) == (None, True, ["tool_calls"], 14, 5, 2, 9)
 
 
+def test_a_complete_anthropic_stream_split_at_every_byte_reads_the_same() -> None:
+    raw = b"".join(COMPLETE["anthropic with thinking, tools, pings"][1]).replace(b"\n", b"\r\n")
+    whole = parse(MESSAGES, BODIES[MESSAGES], [raw], "text/event-stream")
+    split = parse(MESSAGES, BODIES[MESSAGES], [raw[i:i + 1] for i in range(len(raw))], "text/event-stream")
+    assert whole == split and split.done and split.usage.output_tokens == 9 and split.chunks == 14
+
+
 # -- Gemini: what a finishReason means -------------------------------------------------------------------
 
 #: The provider's verdict on this prompt (as OpenAI's ``content_filter`` and Anthropic's ``refusal``,
@@ -373,6 +382,17 @@ def test_a_2mb_gemini_array_candidate_is_cached_whole_and_replayed(
     assert first.content == second.content == raw and second.headers.get("x-llmshim-cache") == "hit"
     assert [(r.outcome, r.cache_hit, r.input_tokens, r.output_tokens) for r in ended(records)] == [
         ("ok", False, 3, 2), ("ok", True, None, None)]
+
+
+@pytest.mark.parametrize("path", [GEMINI_WHOLE, GEMINI_ARRAY])
+def test_a_gemini_answer_past_the_parse_limit_keeps_its_usage(path: str) -> None:
+    """Past JsonBody's 8 MB only the body's edges are kept (an image model's inline data gets
+    there): the usage at its end must still be read, and an array never counts as whole."""
+    message = gemini("x" * (9 * 1024 * 1024), "STOP")
+    raw = json.dumps([message] if path == GEMINI_ARRAY else message).encode()
+    result = parse(path, BODIES[path], [raw[i:i + 2**20] for i in range(0, len(raw), 2**20)], "application/json")
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (3, 2)
+    assert result.done is (path == GEMINI_WHOLE) and result.error is None
 
 
 # -- the anthropic SDK's stream helper over a hit --------------------------------------------------------
