@@ -152,13 +152,13 @@ _HEAD_FIELDS = frozenset({"id", "model", "object", "status"})
 _SCALAR = re.compile(rb'"(id|model|object|status|done|done_reason|finish_reason|prompt_eval_count|eval_count|'
                      rb'tokens_evaluated|tokens_predicted|stop|stop_type)"\s*:\s*'
                      rb'("(?:[^"\\]|\\.){0,256}"|-?\d{1,19}|true|false|null)')
-_OBJECTS = re.compile(rb'"(usage|timings)"\s*:\s*\{')
+_OBJECTS = re.compile(rb'"(usage|timings|usageMetadata)"\s*:\s*\{')  # usageMetadata: Gemini's
 
 
 def salvage(head: bytes, tail: bytes) -> dict[str, Any] | None:
     """What the dialects read of a whole JSON body, from its first and last bytes only: the
     identity fields' first occurrence in ``head``, the others' last occurrence and the ``usage``
-    / ``timings`` objects in ``tail``. None when nothing is found."""
+    / ``timings`` / ``usageMetadata`` objects in ``tail``. None when nothing is found."""
     found: dict[str, Any] = {}
     for match in _SCALAR.finditer(head):
         name = match.group(1).decode()

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
-from ._base import Dialect
+from ._base import Dialect, positive_int
 
 __all__ = ["GEMINI", "GeminiDialect", "retry_delay_seconds"]
 
@@ -65,6 +65,15 @@ PARAMS = {
     "outputDimensionality": "embeddings.dimension.count", "output_dimensionality": "embeddings.dimension.count",
 }
 _ROLES = {"model": "assistant"}
+#: Finish reasons that say the generation failed: no usable answer, and the same request asked
+#: again may well succeed (or the account, not the prompt, is the cause). Such an answer is the
+#: call's error, never cached. The others are complete answers: the model's end or a limit
+#: (``STOP``, ``MAX_TOKENS``, ``TOO_MANY_TOOL_CALLS``), or the provider's verdict on this prompt
+#: (``SAFETY``, ``RECITATION``, ``PROHIBITED_CONTENT``...), cached as OpenAI's ``content_filter``
+#: and Anthropic's ``refusal`` are.
+_FAILED = frozenset({"FINISH_REASON_UNSPECIFIED", "OTHER", "MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL",
+                     "MALFORMED_RESPONSE", "MISSING_THOUGHT_SIGNATURE", "IMAGE_OTHER", "NO_IMAGE",
+                     "PUP_LIMITED_DISABLED"})
 _RETRY_DELAY = re.compile(r"\s*(\d+(?:\.\d+)?)s\s*")
 
 
@@ -92,6 +101,12 @@ _SHAPES = {
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _candidates(info: CallInfo) -> int:
+    """How many candidates the request asked for (``candidateCount``; 1 when it does not say)."""
+    params = info.param_source
+    return positive_int(params.get("candidateCount", params.get("candidate_count"))) or 1
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -230,7 +245,10 @@ class GeminiDialect(Dialect):
             reason = candidate.get("finishReason")
             if isinstance(reason, str):
                 into.finish_reasons.append(reason.lower())
-                into.done = True
+                # Each candidate finishes on its own: the answer is whole when all asked for have.
+                into.done = into.done or len(into.finish_reasons) >= _candidates(info)
+                if reason.upper() in _FAILED:
+                    into.error = into.error or reason.lower()
             for part in _parts(candidate.get("content")):  # add_text keeps it only where it is wanted
                 if part["type"] == "tool_call":  # a function call's arguments: generated, for the tally
                     into.add_generated(json.dumps(part.get("arguments"), ensure_ascii=False))

@@ -167,8 +167,11 @@ class OpenAIDialect(Dialect):
         if info.endpoint == "responses":
             self._absorb_response(message, into)
             return
-        if "error" in message and "choices" not in message:
-            into.error = _error_type(message.get("error"))
+        error = message.get("error")
+        # An error object, alone or beside ``choices`` (OpenRouter's mid-stream error: ``error`` plus
+        # ``finish_reason: "error"``, then ``[DONE]``): a failed answer, never a complete one.
+        if error or ("error" in message and "choices" not in message):
+            into.error = _error_type(error)
             return
         if isinstance(message.get("model"), str):
             into.model = message["model"]
@@ -182,6 +185,8 @@ class OpenAIDialect(Dialect):
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 into.finish_reasons.append(reason)
+                if reason == "error":  # a gateway's failed generation, with or without an error object
+                    into.error = into.error or "error"
             if into.wants_text:
                 part = choice.get("message") or choice.get("delta")
                 if isinstance(part, dict):
@@ -200,6 +205,9 @@ class OpenAIDialect(Dialect):
         kind = message.get("type")
         if kind == "error":
             into.error = _error_type(message)
+            return
+        if kind is None and message.get("error") and "status" not in message:  # a gateway's {"error": ...}
+            into.error = _error_type(message["error"])
             return
         if kind == "response.output_text.delta":
             into.add_text(message.get("delta"))
