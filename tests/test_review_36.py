@@ -331,7 +331,7 @@ def test_an_interrupted_write_is_never_a_hit_for_the_next_process(server: FakeLL
     the next process finds the file intact (WAL recovery), misses, and stores the answer whole."""
     cache = tmp_path / "cache.sqlite3"
     for stop in (_interrupt, _kill):
-        code, lines, stderr = _run(_environment(server, cache, True, "sync", SCENARIOS="httpx:write"), stop)
+        code, _, stderr = _run(_environment(server, cache, True, "sync", SCENARIOS="httpx:write"), stop)
         assert code == (-signal.SIGINT if stop is _interrupt else -signal.SIGKILL), stderr
         assert not [text for text in _sound(cache) if "big" in text]
     import llmshim
@@ -389,3 +389,73 @@ def test_sys_exit_with_calls_in_flight_and_queued_on_other_threads(server: FakeL
         assert (code, lines) == (0, ["READY", "DONE 8"]), stderr
         _quiet(stderr, 0)
     assert len(_sound(tmp_path / "c.sqlite3")) >= 8
+
+
+# -- an interrupt inside one end-of-body observer, deterministically -------------------------------
+def _interrupt_at(where: Callable[[object, str, object], bool]) -> Callable[[], None]:
+    """Raise KeyboardInterrupt on this thread the first time ``where(frame, event, arg)`` holds:
+    what a Ctrl-C does there (a signal during a C call, SQLite's included, is raised just after it).
+    Returns how to stop watching."""
+    def profile(frame: object, event: str, arg: object) -> None:
+        if where(frame, event, arg):
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    return lambda: sys.setprofile(None)
+
+
+def _in(name: str, filename: str, caller: str | None = None) -> Callable[[object, str, object], bool]:
+    """Entering function ``name`` of ``filename`` (called from a function named ``caller``)."""
+    def where(frame: object, event: str, arg: object) -> bool:
+        code, back = frame.f_code, frame.f_back  # type: ignore[attr-defined]
+        return (event == "call" and code.co_name == name and code.co_filename.endswith(filename)
+                and (caller is None or (back is not None and back.f_code.co_name == caller)))
+    return where
+
+
+@pytest.mark.parametrize(("point", "library", "stored"), [
+    (_in("put", "cache_sqlite.py"), "requests", False),  # the answer's write: the call's report came after it
+    (_in("put", "cache_sqlite.py"), "httpx", False),
+    (_in("pump", "limiter.py", "release"), "httpx", True),  # came before the write, which still stores it
+], ids=["write-requests", "write-httpx", "slot-httpx"])
+def test_ctrl_c_in_one_end_of_body_observer_still_ends_the_others(
+        server: FakeLLMServer, installed_cached: Callable[..., object], records: list[object],
+        point: Callable[[object, str, object], bool], library: str, stored: bool) -> None:
+    """The end of a body runs several observers in turn (the limiter's slot, the cache's write and
+    landing, the call's report, the pipeline's leave). A Ctrl-C inside one of them reaches the
+    caller, and the others still run: the call is reported once, the identical call in flight
+    lands (an identical call is stored or served, not kept 30 s waiting on a flight that never
+    lands, and never stored again), the slot is free, and a retired pipeline closes."""
+    import requests
+
+    import llmshim
+    from llmshim.policies.cache import CachePolicy
+    from llmshim.policies.ratelimit import RateLimitPolicy
+    from llmshim.runtime import STATE
+
+    installed_cached(max_concurrency="2")
+    policies = STATE.pipeline.policies
+    flights = next(p for p in policies if isinstance(p, CachePolicy)).flights
+    limiter = next(p for p in policies if isinstance(p, RateLimitPolicy)).limiter
+    body = {"model": "gpt-fake", "messages": [{"role": "user", "content": f"interrupted {library}"}]}
+
+    def ask() -> tuple[str | None, str]:
+        url, auth = f"{server.url}/v1/chat/completions", {"Authorization": "Bearer sk-test"}
+        reply = requests.post(url, json=body, headers=auth, timeout=30) if library == "requests" else \
+            httpx.post(url, json=body, headers=auth, timeout=30)
+        return reply.headers.get("x-llmshim-cache"), reply.json()["choices"][0]["message"]["content"]
+
+    stop = _interrupt_at(point)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ask()
+    finally:
+        stop()
+    ended = [r for r in records if getattr(r, "event", "") != "call_started"]
+    assert (len(ended), flights.in_flight(), limiter.held()) == (1, 0, (0, 0))
+    pipeline = STATE.pipeline
+    answer = "Echo: interrupted " + library
+    assert [ask() for _ in range(2)] == [("hit" if stored else None, answer), ("hit", answer)]
+    llmshim.uninstall()
+    assert pipeline._closed
