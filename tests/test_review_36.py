@@ -459,3 +459,35 @@ def test_ctrl_c_in_one_end_of_body_observer_still_ends_the_others(
     assert [ask() for _ in range(2)] == [("hit" if stored else None, answer), ("hit", answer)]
     llmshim.uninstall()
     assert pipeline._closed
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("point", [_in("_patience", "ratelimit.py"), _in("_learn", "ratelimit.py")],
+                         ids=["granted-before-the-wait", "reply-before-the-release"])
+def test_ctrl_c_next_to_the_rate_limit_wait_leaves_no_slot_taken(
+        server: FakeLLMServer, installed: Callable[..., object],
+        point: Callable[[object, str, object], bool], asynchronous: bool) -> None:
+    """A Ctrl-C just after the enqueue granted a permit at once (before the wait), or just after
+    the reply came back (before its end was made to release the slot), leaves no slot taken: with
+    one slot, a leaked one would queue every later call until its queue timeout, for good."""
+    import asyncio
+
+    from llmshim.policies.ratelimit import RateLimitPolicy
+    from llmshim.runtime import STATE
+
+    installed(max_concurrency="1")
+    limiter = next(p for p in STATE.pipeline.policies if isinstance(p, RateLimitPolicy)).limiter
+    request = {"url": f"{server.url}/v1/chat/completions", "headers": {"Authorization": "Bearer sk-test"},
+               "json": {"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}]}}
+
+    async def ask() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await client.post(**request)
+
+    stop = _interrupt_at(point)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(ask()) if asynchronous else httpx.post(timeout=30, **request)
+    finally:
+        stop()
+    assert limiter.held() == (0, 0)
