@@ -154,6 +154,11 @@ class Tap:
         self._finish(error, completed)
 
     def _finish(self, error: BaseException | None, completed: bool) -> None:
+        # Every observer gets the end, once (``ended`` is already set): one interrupted by Ctrl-C
+        # or SystemExit (a signal during a cache write is raised right after it) must not skip
+        # the rest (a flight's landing, a slot's release, the call's report); the first such
+        # interruption goes on to the caller once all have run.
+        interrupted: BaseException | None = None
         for observer in self._observers:
             try:
                 if completed:
@@ -162,4 +167,8 @@ class Tap:
                     observer.on_abort(error)
             except Exception:
                 log.warning("llmshim: body observer failed at end of body", exc_info=True)
+            except BaseException as exc:
+                interrupted = interrupted or exc
         self._observers.clear()
+        if interrupted is not None:
+            raise interrupted

@@ -22,6 +22,7 @@ in ``knobs.py``; what the limiter reads from the wire it asks the call's dialect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import threading
@@ -164,8 +165,9 @@ class RateLimitPolicy:
 
     def _abandon(self, key: Key, waiter: Waiter) -> None:
         """The caller gave up while queued: leave the queue, or, if the permit was granted in the
-        meantime, release the concurrency slot it came with."""
+        meantime, release the concurrency slot it came with (once: a second call does nothing)."""
         if not self.limiter.withdraw(key, waiter) and waiter.holds_slot:
+            waiter.holds_slot = False
             self.limiter.release(key, None)
 
     def _hold(self, key: Key, waiter: Waiter, reply: Reply) -> None:
@@ -195,32 +197,31 @@ class RateLimitPolicy:
             return next(call)
         key, waiter = planned
         waiter.event = threading.Event()
-        key = self.limiter.enqueue(key, waiter)
-        patience = self._patience(key, waiter)
         cancellation = call.cancellation  # a trio task gone: leave the queue now, not at our turn
-        stop_waking = cancellation.wake_with(waiter.event.set) if cancellation is not None else None
+        handed = False  # the slot is the reply's now: its body's end releases it
+        # One guard from the enqueue (which may grant at once) to the release's subscription: a
+        # Ctrl-C anywhere in between, not only in the wait, leaves the queue or gives the slot back.
         try:
-            waiter.event.wait(patience)
-        except BaseException:  # Ctrl-C while queued: leave the queue, or give back what was granted
-            self._abandon(key, waiter)
-            raise
-        finally:
-            if stop_waking is not None:
-                stop_waking()
-        if cancellation is not None and cancellation.cancelled:
-            self._abandon(key, waiter)
-            raise Abandoned("the caller went away while its call was queued")
-        if not waiter.granted and self.limiter.withdraw(key, waiter):
-            return self._timed_out(call)
-        self._waited(call, waiter)
-        try:
+            key = self.limiter.enqueue(key, waiter)
+            stop_waking = cancellation.wake_with(waiter.event.set) if cancellation is not None else None
+            try:
+                waiter.event.wait(self._patience(key, waiter))
+            finally:
+                if stop_waking is not None:
+                    stop_waking()
+            if cancellation is not None and cancellation.cancelled:
+                raise Abandoned("the caller went away while its call was queued")
+            if not waiter.granted and self.limiter.withdraw(key, waiter):
+                return self._timed_out(call)
+            self._waited(call, waiter)
             reply = next(call)
+            self._learn(key, reply, call)
+            self._hold(key, waiter, reply)
+            handed = True
         except BaseException:
-            if waiter.holds_slot:
-                self.limiter.release(key, None)
+            if not handed:
+                self._abandon(key, waiter)
             raise
-        self._learn(key, reply, call)
-        self._hold(key, waiter, reply)
         self._reconcile(key, waiter, reply, call)
         return reply
 
@@ -232,25 +233,22 @@ class RateLimitPolicy:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         waiter.future = (loop, future)
-        key = self.limiter.enqueue(key, waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self._patience(key, waiter))
-        except asyncio.TimeoutError:
-            pass
-        except BaseException:  # cancelled while waiting (or right after the grant): nothing stays held
-            self._abandon(key, waiter)
-            raise
-        if not waiter.granted and self.limiter.withdraw(key, waiter):
-            return self._timed_out(call)
-        self._waited(call, waiter)
-        try:
+        handed = False
+        try:  # as in ``handle``: cancelled anywhere before the slot is the reply's, nothing stays held
+            key = self.limiter.enqueue(key, waiter)
+            with contextlib.suppress(asyncio.TimeoutError):  # not granted in time: withdrawn below
+                await asyncio.wait_for(asyncio.shield(future), self._patience(key, waiter))
+            if not waiter.granted and self.limiter.withdraw(key, waiter):
+                return self._timed_out(call)
+            self._waited(call, waiter)
             reply = await anext(call)
+            self._learn(key, reply, call)
+            self._hold(key, waiter, reply)
+            handed = True
         except BaseException:
-            if waiter.holds_slot:
-                self.limiter.release(key, None)
+            if not handed:
+                self._abandon(key, waiter)
             raise
-        self._learn(key, reply, call)
-        self._hold(key, waiter, reply)
         self._reconcile(key, waiter, reply, call)
         return reply
 
