@@ -226,22 +226,10 @@ def stats_view(document: object) -> tuple[dict[str, object], list[tuple[str, dic
     return shown, listed
 
 
-def _running(pid: int) -> bool:
-    import os
-
-    if os.name == "nt":  # os.kill would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
 def _process_lines(listed: list[tuple[str, dict[str, object]]]) -> list[str]:
     import time
+
+    from .policies.stats import alive  # the writer's own test: what it folds, this calls exited
 
     lines = ["  processes:"]
     for key, section in listed:
@@ -252,7 +240,7 @@ def _process_lines(listed: list[tuple[str, dict[str, object]]]) -> list[str]:
         else:
             head = key.split(":", 1)[0]
             pid = int(head) if head.isdigit() else 0
-            state = "running" if pid > 0 and _running(pid) else "exited"
+            state = "running" if alive(pid) else "exited"
             where = f"pid {pid:<7} {state}"
         lines.append(f"    {where:<36} since {started} calls={section['total_calls']} "
                      f"completed={section['completed']} failed={section['failed']}")

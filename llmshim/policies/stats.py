@@ -221,7 +221,7 @@ CALL_LOCK_WAIT_S = 0.0
 EXIT_LOCK_WAIT_S = 2.0
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie not yet reaped does). On Windows ``os.kill`` would
     end it: every process counts as alive there, nothing is folded."""
     if os.name == "nt":
@@ -285,7 +285,7 @@ def _write_section(path: str, lock: int, key: str, section: stats_merge.Section,
     if fcntl is not None and not _locked(lock, lock_wait_s):
         return False
     sections, exited = _read_sections(path)
-    sections, exited = stats_merge.fold_exited({**sections, key: section}, exited, _alive)
+    sections, exited = stats_merge.fold_exited({**sections, key: section}, exited, alive)
     document = stats_merge.document(sections, exited, os.getpid())
     tmp = f"{path}.{os.getpid()}.tmp"
     with suppress(FileNotFoundError):
