@@ -229,6 +229,7 @@ def stats_view(document: object) -> tuple[dict[str, object], list[tuple[str, dic
 def _process_lines(listed: list[tuple[str, dict[str, object]]]) -> list[str]:
     import time
 
+    from .policies import stats_merge
     from .policies.stats import alive  # the writer's own test: what it folds, this calls exited
 
     lines = ["  processes:"]
@@ -238,8 +239,7 @@ def _process_lines(listed: list[tuple[str, dict[str, object]]]) -> list[str]:
         if key == "exited":
             where = f"exited   ({section['processes']} processes, folded)"
         else:
-            head = key.split(":", 1)[0]
-            pid = int(head) if head.isdigit() else 0
+            pid = stats_merge.pid_of(key) or 0
             state = "running" if alive(pid) else "exited"
             where = f"pid {pid:<7} {state}"
         lines.append(f"    {where:<36} since {started} calls={section['total_calls']} "

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = ["FIELDS", "FORMAT", "MODEL_FIELDS", "MONEY", "Document", "NotStats", "Section", "derive", "document",
-           "empty", "fold_exited", "merge", "parse", "section_key", "totals"]
+           "empty", "fold_exited", "merge", "parse", "pid_of", "section_key", "totals"]
 
 FORMAT = "llmshim-stats/2"
 FIELDS = ("total_calls", "completed", "failed", "aborted", "cache_hits", "cache_misses", "cache_errors",
@@ -45,7 +45,7 @@ def section_key(pid: int, started: float) -> str:
     return f"{pid}:{started!r}"
 
 
-def _pid_of(key: str) -> int | None:
+def pid_of(key: str) -> int | None:
     head = key.split(":", 1)[0]
     return int(head) if head.isdigit() else None
 
@@ -103,7 +103,7 @@ def fold_exited(sections: Mapping[str, Section], exited: Section,
     kept: dict[str, Section] = {}
     gone = [exited]
     for key, section in sections.items():
-        pid = _pid_of(key)
+        pid = pid_of(key)
         if pid is not None and alive(pid):
             kept[key] = section
         else:
