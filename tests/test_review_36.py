@@ -38,7 +38,13 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 RETRY_AFTER, SLOW, CHUNK_DELAY = 8, 20.0, 0.1
 
 CHILD = r'''
-import asyncio, json, os, sys, threading, time
+import asyncio, json, os, signal, sys, threading, time
+
+# Ctrl-C as a program started from a terminal gets it: the test process (a pytest-xdist worker, a
+# thread some earlier test left with SIGINT blocked or ignored) hands its children its own signal
+# mask and ignored signals, under which the SIGINT sent below never arrives.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHIM = os.environ["SHIM"] == "1"
 if SHIM:
