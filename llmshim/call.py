@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from .dialects import Dialect
     from .tokens import TextTally
 
-__all__ = ["Call", "CallInfo", "HeaderItems", "OnEnd", "Reply", "ResponseInfo", "Tap", "TapObserver", "Usage",
-           "WireRequest"]
+__all__ = ["INCOMPLETE_STREAM", "Call", "CallInfo", "HeaderItems", "OnEnd", "Reply", "ResponseInfo", "Tap",
+           "TapObserver", "Usage", "WireRequest"]
 
 
 #: A request's headers as (name, value) strings, in sent order.
@@ -247,6 +247,10 @@ class Usage:
     cache_write_tokens: int | None = None  # of input_tokens, those written to it (Anthropic bills them higher)
 
 
+#: The error of a stream whose body ended cleanly before its answer did (no finish, no end marker).
+INCOMPLETE_STREAM = "incomplete_stream"
+
+
 @dataclasses.dataclass(slots=True)
 class ResponseInfo:
     """What a dialect read from a response body (streamed or whole)."""
@@ -254,6 +258,9 @@ class ResponseInfo:
     model: str | None = None
     id: str | None = None
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
+    # The indices of the choices (candidates) that finished, where the wire numbers them: a stream
+    # asking n choices is whole when n distinct ones have (a server may repeat a finish).
+    finished_choices: set[int] | None = None
     usage: Usage = dataclasses.field(default_factory=Usage)  # what the provider reported, nothing else
     done: bool = False  # the dialect's done marker was seen ([DONE], "done": true, "stop": true, ...)
     error: str | None = None  # an error event inside a 2xx body (mid-stream error)
@@ -271,6 +278,13 @@ class ResponseInfo:
         """Whether the answer's text is wanted (captured content, or a tally): dialects skip
         looking for it otherwise."""
         return self.output is not None or self.tally is not None
+
+    def finish_choice(self, index: Any, reason: str) -> None:
+        """A choice (candidate) numbered ``index`` finished for ``reason``."""
+        self.finish_reasons.append(reason)
+        if self.finished_choices is None:
+            self.finished_choices = set()
+        self.finished_choices.add(index if isinstance(index, int) and not isinstance(index, bool) else 0)
 
     def add_text(self, text: Any) -> None:
         """A piece of the answer's text: captured (when content is) and tallied."""

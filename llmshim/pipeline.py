@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from . import trio_calls
-from .call import Call, Reply
+from .call import INCOMPLETE_STREAM, Call, Reply
 from .clocks import monotonic
 from .context import in_call
 from .dialects import BodyParser
@@ -77,6 +77,8 @@ class ResponseTracker:
             call.outcome = "ok"  # status says success; the body could not be read for details
             return
         call.response = info = self._parser.finish()
+        if info.error is None and call.info.stream and not call.dialect.finished(call.info, info):
+            info.error = INCOMPLETE_STREAM  # the body ended cleanly, the answer did not: cut upstream
         call.outcome = "error" if info.error else "ok"
         estimate(call.info, info)
 

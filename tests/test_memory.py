@@ -79,7 +79,9 @@ def test_a_compression_bomb_is_inflated_in_bounded_pieces(encoding: str) -> None
 def _stream(size: int) -> Answer:
     event = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"' \
         + b"x" * 60_000 + b'"}}]}\n\n'
-    chunks = [event] * (size // len(event)) + [b"data: [DONE]\n\n"]
+    finish = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{},' \
+        b'"finish_reason":"stop"}]}\n\n'
+    chunks = [event] * (size // len(event)) + [finish, b"data: [DONE]\n\n"]
     return Answer(200, [("Content-Type", "text/event-stream")], chunks=chunks)
 
 

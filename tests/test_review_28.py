@@ -39,6 +39,9 @@ def sse_events(count: int) -> list[bytes]:
         chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
                  "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
         events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    finish = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+              "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    events.append(b"data: " + json.dumps(finish).encode() + b"\n\n")
     final = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
              "usage": {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": 3 + count}}
     events.append(b"data: " + json.dumps(final).encode() + b"\n\n")

@@ -262,8 +262,8 @@ def test_an_estimated_call_to_a_priced_provider_has_an_estimated_cost(records: l
     from llmshim.cost import price
 
     events = [{"id": "c", "object": "chat.completion.chunk", "model": "gpt-4-0613",
-               "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-              for piece in ("The", " sky", " is", " blue", ".")]
+               "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}]}
+              for piece, finish in (("The", None), (" sky", None), (" is", None), (" blue", None), (".", "stop"))]
     body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
     _exporter, reader, tracer_provider, meter_provider = _readers()
     with responses_library.RequestsMock() as mocked:

@@ -66,8 +66,8 @@ class BodyParser:
             event: str | None = None
             if isinstance(message, tuple):  # SSE: (event, data)
                 event, data = message
-                if data.strip() == "[DONE]":
-                    self.result.done = True
+                if data.strip() == "[DONE]":  # ends the stream; a gateway that lost its upstream sends it too
+                    self.result.done = self.dialect.finished(self.call_info, self.result)
                     continue
                 message = loads_object(data)
                 if message is None:

@@ -218,6 +218,11 @@ class GeminiDialect(Dialect):
     def retry_delay(self, status: int, body: bytes) -> float | None:
         return retry_delay_seconds(body) if status in self.quota_statuses else None
 
+    def finished(self, info: CallInfo, into: ResponseInfo) -> bool:
+        """Each candidate finishes on its own: the answer has ended when every one asked for has (a
+        blocked prompt or a whole body is done outright)."""
+        return into.done or len(into.finished_choices or ()) >= _candidates(info)
+
     def absorb(self, info: CallInfo, message: Any, event: str | None, into: ResponseInfo) -> None:
         if isinstance(message, list):  # a stream without alt=sse: one JSON array of responses
             for item in message:
@@ -244,9 +249,9 @@ class GeminiDialect(Dialect):
                 continue
             reason = candidate.get("finishReason")
             if isinstance(reason, str):
-                into.finish_reasons.append(reason.lower())
+                into.finish_choice(candidate.get("index"), reason.lower())
                 # Each candidate finishes on its own: the answer is whole when all asked for have.
-                into.done = into.done or len(into.finish_reasons) >= _candidates(info)
+                into.done = into.done or self.finished(info, into)
                 if reason.upper() in _FAILED:
                     into.error = into.error or reason.lower()
             for part in _parts(candidate.get("content")):  # add_text keeps it only where it is wanted

@@ -19,7 +19,7 @@ from typing import Any
 from ..call import CallInfo, ResponseInfo, WireRequest
 from . import _shapes as shapes
 from . import llamacpp
-from ._base import Dialect, ServerLimits
+from ._base import Dialect, ServerLimits, positive_int
 
 
 def _responses_input(value: Any) -> bool:
@@ -98,6 +98,16 @@ def _reset_seconds(raw: str | None) -> float | None:
     return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
+def _choices(info: CallInfo) -> int:
+    """How many choices an answer holds: ``n`` (1 when it does not say), times the prompts of a
+    text completion given several (a list of strings or of token lists; a list of token ids is one)."""
+    count = positive_int(info.param_source.get("n")) or 1
+    prompt = info.body.get("prompt") if info.endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        count *= len(prompt)
+    return count
+
+
 class OpenAIDialect(Dialect):
     name = "openai"
     suffixes = tuple(route[0] for route in _ROUTES)
@@ -121,6 +131,14 @@ class OpenAIDialect(Dialect):
             return self.call_info(operation=operation, endpoint=endpoint, model=model,
                                   stream=body.get("stream") is True, body=body)
         return None
+
+    def finished(self, info: CallInfo, into: ResponseInfo) -> bool:
+        """A Responses API answer ends at ``response.completed`` / ``response.incomplete`` (never at a
+        ``[DONE]`` a gateway adds); a chat or text completion when each of its choices has finished:
+        ``n`` of them, for each prompt of a batched text completion."""
+        if info.endpoint == "responses":
+            return into.done
+        return len(into.finished_choices or ()) >= _choices(info)
 
     def prompt_extras(self, info: CallInfo) -> list[Any]:
         """Tool and function definitions and a response schema: the model reads them as tokens."""
@@ -184,7 +202,7 @@ class OpenAIDialect(Dialect):
                 continue
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
-                into.finish_reasons.append(reason)
+                into.finish_choice(choice.get("index"), reason)
                 if reason == "error":  # a gateway's failed generation, with or without an error object
                     into.error = into.error or "error"
             if into.wants_text:
