@@ -317,22 +317,6 @@ def test_every_max_tokens_field_is_read_as_the_limiter_read_it(body: dict[str, A
         assert info.max_output_tokens == expected
 
 
-@settings(max_examples=200, deadline=None)
-@given(body=BODIES)
-def test_input_chars_is_what_the_limiter_estimates_today(body: dict[str, Any]) -> None:
-    """The limiter's switch to ``info.input_chars`` changes no estimate. Skipped once the limiter
-    no longer has its own ``estimate_tokens`` (then this has done its job)."""
-    from llmshim.policies import ratelimit
-
-    estimate = getattr(ratelimit, "estimate_tokens", None)
-    if estimate is None:
-        pytest.skip("the limiter reads CallInfo now")
-    for path in ROUTES:
-        found = detect(_wire(path, body))
-        if found is not None:
-            assert max(1, found[1].input_chars // 4) == estimate(body, 1)[0]
-
-
 # -- adding a dialect: one new module, one registry line ---------------------------------------
 
 ACME = '''
