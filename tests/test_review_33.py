@@ -268,9 +268,15 @@ def test_langchain_openai_invoke_stream_async_and_batch_replay_the_same_messages
     """langchain-openai's ChatOpenAI (the OpenAI SDK underneath) through every entry point, each
     twice: the second is a cache hit whose message is the first's, content, usage and metadata."""
     langchain_openai = pytest.importorskip("langchain_openai")
+    import httpx
+
     installed_cached(retry_mode="auto")
+    # The test's own async client, closed on the loop that used it: by default langchain-openai
+    # shares one process-wide AsyncClient (an lru_cache per base URL), whose pooled keep-alive
+    # connection would outlive asyncio.run's closed loop until interpreter exit (an unclosed transport).
+    async_client = httpx.AsyncClient()
     llm = langchain_openai.ChatOpenAI(base_url=server.openai_base_url, api_key="k", model="m", max_retries=0,
-                                      stream_usage=True)
+                                      stream_usage=True, http_async_client=async_client)
 
     def whole(message: Any) -> list[Any]:
         return [message.content, message.usage_metadata, message.response_metadata.get("finish_reason")]
@@ -279,10 +285,11 @@ def test_langchain_openai_invoke_stream_async_and_batch_replay_the_same_messages
         return [[c.content for c in chunks], whole(sum(chunks[1:], chunks[0]))]
 
     async def asynchronous() -> list[Any]:
-        plain = [whole(await llm.ainvoke("async one")) for _ in range(2)]
-        streams = []
-        for _ in range(2):
-            streams.append(joined([c async for c in llm.astream("astream one")]))
+        async with async_client:
+            plain = [whole(await llm.ainvoke("async one")) for _ in range(2)]
+            streams = []
+            for _ in range(2):
+                streams.append(joined([c async for c in llm.astream("astream one")]))
         return plain + streams
 
     invoked = [llm.invoke("hello there") for _ in range(2)]
