@@ -20,7 +20,7 @@ from ..runtime import STATE, begin
 from ..tap import OnEnd, Tap
 from ._doubles import aiohttp_double, mark_bypass
 
-__all__ = ["middlewares", "to_wire"]
+__all__ = ["middlewares", "seam_active", "to_wire"]
 
 # id(StreamReader) -> tap. StreamReader has __slots__ and no weakref slot, so the tap lives here
 # until the body ends or the response is collected.
@@ -223,3 +223,11 @@ class _SessionMiddlewares:
 
 def middlewares(module: Any, original: Any) -> Any:
     return _SessionMiddlewares()
+
+
+def seam_active() -> bool:
+    """Whether llmshim sees the requests of aiohttp sessions now: installed, and its middleware
+    descriptor on ``ClientSession`` (not left out by ``LLMSHIM_LIBRARIES``, not removed)."""
+    import aiohttp.client
+
+    return STATE.active and isinstance(vars(aiohttp.client.ClientSession).get("_middlewares"), _SessionMiddlewares)
