@@ -18,7 +18,7 @@ from typing import Any
 from ..call import Call, Reply, WireRequest
 from ..runtime import STATE, begin
 from ..tap import OnEnd, Tap
-from ._doubles import aiohttp_double, mark_bypass
+from ._doubles import _mocked, aiohttp_double, bypass_reason, mark_bypass
 
 __all__ = ["middlewares", "seam_active", "to_wire"]
 
@@ -226,8 +226,12 @@ def middlewares(module: Any, original: Any) -> Any:
 
 
 def seam_active() -> bool:
-    """Whether llmshim sees the requests of aiohttp sessions now: installed, and its middleware
-    descriptor on ``ClientSession`` (not left out by ``LLMSHIM_LIBRARIES``, not removed)."""
+    """Whether llmshim sees the requests of aiohttp sessions now: installed, its middleware
+    descriptor on ``ClientSession`` (not left out by ``LLMSHIM_LIBRARIES``, not removed), and
+    ``ClientSession._request`` aiohttp's own: middlewares run inside it, so under a replacement
+    (aioresponses, vcrpy) no request reaches llmshim's."""
     import aiohttp.client
 
-    return STATE.active and isinstance(vars(aiohttp.client.ClientSession).get("_middlewares"), _SessionMiddlewares)
+    session = aiohttp.client.ClientSession
+    return (STATE.active and isinstance(vars(session).get("_middlewares"), _SessionMiddlewares)
+            and not bypass_reason(lambda: _mocked(session._request, "aiohttp")))

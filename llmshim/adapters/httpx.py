@@ -304,21 +304,23 @@ def sync_wrapper(module: Any, original: Any) -> Any:
 
 #: transport class -> whether it sends through an aiohttp session, worked out once per class.
 _THROUGH_AIOHTTP: dict[type, bool] = {}
-#: Packages whose ``AiohttpTransport`` sends an httpx request with aiohttp (LiteLLM's async calls).
-_AIOHTTP_TRANSPORT_PACKAGES = ("litellm", "httpx_aiohttp")
+#: Where an ``AiohttpTransport`` that sends an httpx request with aiohttp is defined: httpx-aiohttp,
+#: also vendored by the OpenAI SDK (``openai.DefaultAioHttpClient``), and LiteLLM's (``acompletion``).
+_AIOHTTP_TRANSPORT_MODULES = ("httpx_aiohttp", "litellm")
 
 
 def _through_aiohttp(client: Any, request: Any) -> bool:
     """Whether this request goes out through an aiohttp session that llmshim's aiohttp seam sees
-    (LiteLLM's ``acompletion`` and httpx-aiohttp's transport): then the call is that seam's, which
-    can verify what answers it, and this one passes it through. Left here, the transport (neither
-    httpx's own nor one llmshim can look through) would count as a test double: never cached."""
+    (``openai.DefaultAioHttpClient``, LiteLLM's ``acompletion``, httpx-aiohttp's client): then the
+    call is that seam's, which can verify what answers it, and this one passes it through. Left
+    here, the transport (neither httpx's own nor one llmshim can look through) would count as a
+    test double: never cached."""
     kind = type(getattr(client, "_transport", None))
     through = _THROUGH_AIOHTTP.get(kind)
     if through is None:
         through = _THROUGH_AIOHTTP[kind] = any(
-            cls.__name__ == "AiohttpTransport" and cls.__module__.partition(".")[0] in _AIOHTTP_TRANSPORT_PACKAGES
-            for cls in kind.__mro__)
+            cls.__name__ == "AiohttpTransport"
+            and not set(cls.__module__.split(".")).isdisjoint(_AIOHTTP_TRANSPORT_MODULES) for cls in kind.__mro__)
     if not through or type(client._transport_for_url(request.url)) is not kind:  # a mount decides otherwise
         return False
     from .aiohttp import seam_active
