@@ -14,9 +14,10 @@ What the hand-rolled versions got wrong, and this does not:
 - **Back-pressure**: at most ``LLMSHIM_ASYNC_WORKERS`` running plus ``LLMSHIM_ASYNC_QUEUE_SIZE``
   queued; further callers wait (asynchronously) for a slot, so memory stays flat however much is
   submitted.
-- **Timeouts**: ``LLMSHIM_ASYNC_TIMEOUT`` gives the awaiting task ``TimeoutError`` at once. A
-  running thread cannot be killed: it finishes in the background and keeps its slot until then
-  (``active`` and the slot count say so), so the bound stays true.
+- **Timeouts**: ``LLMSHIM_ASYNC_TIMEOUT`` gives the awaiting task ``TimeoutError`` at once,
+  counted from the call's start (waiting for a slot included). A running thread cannot be
+  killed: it finishes in the background and keeps its slot until then (``active`` and the slot
+  count say so), so the bound stays true.
 - **run_sync** works with and without a running event loop (Jupyter, async web frameworks): inside
   one it runs the coroutine on a loop of its own in a worker thread.
 """
@@ -144,7 +145,11 @@ async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: 
     Awaitables are given as arguments or, as the hand-rolled helpers took them, as one list."""
     if len(aws) == 1 and not inspect.isawaitable(aws[0]) and isinstance(aws[0], Iterable):
         aws = tuple(aws[0])
-    semaphore = asyncio.Semaphore(limit)
+    if limit < 1:
+        for aw in aws:  # refused: close them, or each is also a "never awaited" warning
+            if inspect.iscoroutine(aw):
+                aw.close()
+    semaphore = _semaphore(limit, "limit")
 
     async def one(aw: Awaitable[T]) -> T:
         async with semaphore:
@@ -154,10 +159,15 @@ async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: 
 
 
 async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
-    """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after)."""
+    """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after). A ``TimeoutError`` of
+    ``aw``'s own (a socket's, an inner pool timeout) comes back as it was raised, traceback and all:
+    only the time running out here is reported as this timeout."""
+    task = asyncio.ensure_future(aw)
     try:
-        return await asyncio.wait_for(aw, timeout)
+        return await asyncio.wait_for(task, timeout)
     except asyncio.TimeoutError:
+        if task.done() and not task.cancelled():
+            raise
         raise WaitTimeout(f"not done within {timeout:g}s") from None
 
 
@@ -182,11 +192,15 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
     values = list(items)
     show = sys.stderr.isatty() if progress is None else progress
     done = [0]
-    semaphore = asyncio.Semaphore(max_concurrency)
+    semaphore = _semaphore(max_concurrency, "max_concurrency")
     run = fn if asyncio.iscoroutinefunction(fn) else to_async(fn)
+
+    failed = [False]
 
     async def one(item: Any) -> Any:
         async with semaphore:
+            if failed[0]:  # set before the failing item gave its place up: no item starts after it
+                raise asyncio.CancelledError
             try:
                 result = await run(item)
                 if inspect.isawaitable(result):  # a sync callable handing back a coroutine (a lambda)
@@ -195,6 +209,7 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
             except Exception as exc:
                 if return_exceptions:
                     return exc
+                failed[0] = True
                 raise
             finally:
                 done[0] += 1
@@ -206,4 +221,20 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
                         sys.stderr.write("\n")
                     sys.stderr.flush()
 
-    return list(await asyncio.gather(*(one(item) for item in values)))
+    tasks = [asyncio.ensure_future(one(item)) for item in values]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # After a failure gather lets the other items run on, and the ones still waiting for the
+        # semaphore start later: LLM calls made (and billed) for a batch that has already failed.
+        # ``failed`` keeps them from starting; the cancel stops the ones in flight (a call no thread
+        # started never starts; a running thread ends in the background).
+        for task in tasks:
+            task.cancel()
+
+
+def _semaphore(limit: int, name: str) -> asyncio.Semaphore:
+    """``asyncio.Semaphore(limit)``, refusing a limit below 1 (0 would wait for ever, silently)."""
+    if limit < 1:
+        raise ValueError(f"{name} must be at least 1, not {limit!r}")
+    return asyncio.Semaphore(limit)

@@ -1,0 +1,552 @@
+"""Review 37: trying to break ``llmshim.aio`` (``aio.py``, ``aio_pool.py``) as real users would.
+
+Bugs found (each test fails without its fix):
+
+1. A pooled function raising its own ``TimeoutError`` (``socket.timeout`` is one) reached the caller
+   as ``TypeError: unsupported format string passed to NoneType.__format__`` with no pool timeout
+   set, and as the pool's "did not finish within Xs (LLMSHIM_ASYNC_TIMEOUT)" (traceback dropped) with
+   one: ``except asyncio.TimeoutError`` around the wait also caught the function's own error.
+   test_a_timeout_error_raised_by_the_function_without_a_pool_timeout,
+   test_a_timeout_error_raised_by_the_function_is_not_reported_as_the_pools.
+   ``run_with_timeout`` had the same confusion: test_run_with_timeout_keeps_the_awaitables_own_timeout_error.
+2. ``LLMSHIM_ASYNC_TIMEOUT`` did not cover waiting for a slot: with every thread stuck on a hung
+   upstream (each keeps its slot), a caller beyond the bound waited for ever.
+   test_the_pool_timeout_covers_waiting_for_a_slot.
+3. ``batch`` without ``return_exceptions``: after one item failed and batch raised, the items still
+   waiting for the semaphore started anyway (LLM calls made for a failed batch) while the loop ran on.
+   test_batch_failure_does_not_start_the_remaining_items.
+4. ``batch(max_concurrency=0)`` / ``gather_with_limit(limit=0)`` hung for ever (Semaphore(0)).
+   test_a_concurrency_of_zero_is_refused_not_a_hang.
+5. ``shutdown()`` left callers waiting for a slot waiting until a running call ended (for ever if it
+   hangs; with ``LLMSHIM_ASYNC_QUEUE_SIZE=0`` every waiter): README promises them RuntimeError.
+   test_shutdown_with_no_queue_gives_waiters_runtime_error_at_once.
+6. ``LLMSHIM_ASYNC_ENABLED=false`` (and the nested inline path) ran the function in the caller's own
+   context: a contextvar it set leaked back to the caller, unlike on a thread.
+   test_disabled_pool_does_not_leak_context_changes_back.
+
+By design (README), checked: nested ``run_sync`` runs inline with no pool timeout of its own; the
+awaiting task still gets TimeoutError at the outer call's timeout
+(test_nested_run_sync_is_bounded_by_the_outer_calls_timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import llmshim
+import llmshim.aio as aio
+from llmshim.knobs import current_priority
+from llmshim.testing import FakeLLMServer
+
+pytestmark = pytest.mark.timeout(10)
+
+_var: contextvars.ContextVar[str] = contextvars.ContextVar("review37", default="unset")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool() -> Iterator[None]:
+    aio.shutdown()
+    yield
+    aio.shutdown(wait=True)
+
+
+def _pool(workers: int = 1, queue_size: int = 0, timeout: float | None = None) -> aio.AsyncPool:
+    return aio.AsyncPool(workers=workers, queue_size=queue_size, timeout=timeout)
+
+
+def _llmshim_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("llmshim-aio"))
+
+
+# -- timeouts ------------------------------------------------------------------------------------------
+
+
+def test_a_timeout_error_raised_by_the_function_without_a_pool_timeout() -> None:
+    """socket.timeout is TimeoutError: a pooled function raising it must hand it back as is."""
+    pool = _pool(timeout=None)
+
+    def connect() -> None:
+        raise TimeoutError("connect timed out")
+
+    with pytest.raises(TimeoutError, match="connect timed out"):
+        asyncio.run(pool.run(connect))
+    pool.shutdown(wait=True)
+
+
+def test_a_timeout_error_raised_by_the_function_is_not_reported_as_the_pools() -> None:
+    pool = _pool(timeout=5)
+
+    def connect() -> None:
+        raise TimeoutError("connect timed out")
+
+    with pytest.raises(TimeoutError, match="connect timed out") as caught:
+        asyncio.run(pool.run(connect))
+    assert "connect" in "".join(__import__("traceback").format_tb(caught.value.__traceback__))
+    pool.shutdown(wait=True)
+
+
+def test_run_with_timeout_keeps_the_awaitables_own_timeout_error() -> None:
+    async def inner() -> None:
+        raise TimeoutError("upstream read timed out")
+
+    with pytest.raises(TimeoutError, match="upstream read timed out"):
+        asyncio.run(aio.run_with_timeout(inner(), 5))
+
+
+def test_the_pool_timeout_covers_waiting_for_a_slot() -> None:
+    """Every thread stuck on a hung upstream: a new caller must still get TimeoutError in time."""
+    pool = _pool(workers=1, queue_size=0, timeout=0.2)
+    release = threading.Event()
+
+    async def go() -> None:
+        with pytest.raises(TimeoutError):
+            await pool.run(release.wait, 10)  # times out, keeps running and holds the only slot
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.run(lambda: "late"), 3)
+        assert loop.time() - start < 1.5
+        assert pool.queue_depth == 0
+        release.set()
+        assert await pool.run(lambda: "next") == "next"
+
+    asyncio.run(go())
+    pool.shutdown(wait=True)
+
+
+def test_nested_run_sync_is_bounded_by_the_outer_calls_timeout() -> None:
+    """By design (README) the inner call runs inline without a pool timeout; the awaiting task still
+    gets TimeoutError at the outer call's timeout."""
+    p = aio.pool()
+    p.timeout = 0.2
+    release = threading.Event()
+
+    def outer() -> bool:
+        return aio.run_sync(aio.to_async(release.wait)(10))
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError, match="LLMSHIM_ASYNC_TIMEOUT"):
+            await aio.to_async(outer)()
+        assert loop.time() - start < 1.5
+
+    asyncio.run(go())
+    release.set()
+
+
+# -- cancellation --------------------------------------------------------------------------------------
+
+
+def test_wait_for_cancelling_a_running_call_keeps_its_slot_then_frees_it() -> None:
+    pool = _pool(workers=1, queue_size=0)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    async def go() -> str:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.run(blocking), 0.1)
+        assert started.is_set() and pool.active == 1
+        waiter = asyncio.create_task(pool.run(lambda: "after"))
+        while pool.queue_depth == 0:
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        release.set()
+        return await waiter
+
+    assert asyncio.run(go()) == "after"
+    pool.shutdown(wait=True)
+    assert pool.active == 0
+
+
+def test_taskgroup_cancel_never_starts_queued_calls() -> None:
+    pool = _pool(workers=1, queue_size=5)
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    class Boom(Exception):
+        pass
+
+    async def go() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(pool.run(blocking))
+            for i in range(20):
+                tg.create_task(pool.run(ran.append, i))
+            await asyncio.to_thread(started.wait, 10)
+            raise Boom
+
+    with pytest.raises(Exception) as caught:
+        asyncio.run(go())
+    assert type(caught.value).__name__ == "ExceptionGroup"
+    release.set()
+    pool.shutdown(wait=True)
+    assert ran == [] and pool.active == 0
+    assert pool._taken == 0 and pool.queue_depth == 0
+
+
+# -- bound ---------------------------------------------------------------------------------------------
+
+
+def test_a_thousand_submissions_stay_within_the_bound_in_threads_and_slots() -> None:
+    pool = _pool(workers=3, queue_size=7)
+    threads: set[int] = set()
+    gate = threading.Barrier(3)
+
+    def work(i: int) -> int:
+        if i < 3:
+            gate.wait(5)  # the first three really run at once
+        threads.add(threading.get_ident())
+        return i
+
+    async def go() -> list[int]:
+        return await asyncio.gather(*(pool.run(work, i) for i in range(1000)))
+
+    assert asyncio.run(go()) == list(range(1000))
+    assert pool.peak_taken <= 10 and len(threads) == 3
+    assert pool._taken == 0 and pool.queue_depth == 0 and pool.active == 0
+    pool.shutdown(wait=True)
+
+
+# -- exceptions ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_base_exceptions_in_the_worker_reach_the_caller_and_free_the_slot(exc: BaseException) -> None:
+    pool = _pool()
+
+    def die() -> None:
+        raise exc
+
+    with pytest.raises(type(exc)):
+        asyncio.run(pool.run(die))
+    assert asyncio.run(pool.run(lambda: "alive")) == "alive"
+    assert pool._taken == 0 and pool.active == 0
+    pool.shutdown(wait=True)
+
+
+def test_a_base_exception_subclass_keeps_its_type() -> None:
+    class Stop(BaseException):
+        pass
+
+    def die() -> None:
+        raise Stop("x")
+
+    with pytest.raises(Stop):
+        asyncio.run(aio.to_async(die)())
+    assert aio.pool()._taken == 0
+
+
+# -- contextvars ---------------------------------------------------------------------------------------
+
+
+def test_context_goes_in_but_not_back_out_and_calls_do_not_share_it() -> None:
+    barrier = threading.Barrier(2)
+
+    def set_and_read(value: str) -> tuple[str, str]:
+        seen = _var.get()
+        _var.set(value)
+        barrier.wait(5)  # both calls run at once: neither sees the other's value
+        return seen, _var.get()
+
+    async def go() -> Any:
+        _var.set("caller")
+        results = await asyncio.gather(aio.to_async(set_and_read)("a"), aio.to_async(set_and_read)("b"))
+        return results, _var.get()
+
+    results, after = asyncio.run(go())
+    assert results == [("caller", "a"), ("caller", "b")] and after == "caller"
+
+
+def test_disabled_pool_does_not_leak_context_changes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSHIM_ASYNC_ENABLED", "false")
+
+    def set_it() -> None:
+        _var.set("inside")
+
+    async def go() -> str:
+        _var.set("caller")
+        await aio.to_async(set_it)()
+        return _var.get()
+
+    assert asyncio.run(go()) == "caller"
+
+
+# -- run_sync ------------------------------------------------------------------------------------------
+
+
+def test_run_sync_inside_a_running_loop_keeps_context_and_exceptions() -> None:
+    async def inner() -> str:
+        if _var.get() == "boom":
+            raise LookupError("inner")
+        return _var.get()
+
+    async def cell() -> str:  # a notebook cell: a loop is running
+        _var.set("nb")
+        got = aio.run_sync(inner())
+        _var.set("boom")
+        with pytest.raises(LookupError, match="inner"):
+            aio.run_sync(inner())
+        return got
+
+    assert asyncio.run(cell()) == "nb"
+
+
+def test_nested_run_sync_in_every_thread_does_not_deadlock() -> None:
+    def outer(i: int) -> int:
+        return aio.run_sync(aio.to_async(lambda: i * 10)())
+
+    async def go() -> list[int]:
+        n = aio.pool().workers * 2
+        return await asyncio.gather(*(aio.to_async(outer)(i) for i in range(n)))
+
+    got = asyncio.run(go())
+    assert got == [i * 10 for i in range(len(got))]
+
+
+# -- batch and gather_with_limit -----------------------------------------------------------------------
+
+
+def test_batch_empty_generator_and_order() -> None:
+    assert asyncio.run(aio.batch(str, [], progress=False)) == []
+    assert asyncio.run(aio.batch(str, iter(()), progress=False)) == []
+    gate = threading.Barrier(4)
+
+    def slow_first(i: int) -> int:
+        if i < 4:
+            gate.wait(5)
+        return i
+
+    assert asyncio.run(aio.batch(slow_first, (i for i in range(50)), max_concurrency=4,
+                                 progress=False)) == list(range(50))
+
+
+def test_batch_failure_does_not_start_the_remaining_items() -> None:
+    """One item fails: batch raises, and the items not started yet are never called (each is a billed
+    LLM call) even though the event loop keeps running."""
+    called: list[int] = []
+    first_failed = threading.Event()
+
+    def call(i: int) -> int:
+        called.append(i)
+        if i == 0:
+            first_failed.set()
+            raise ValueError("item 0")
+        return i
+
+    async def go() -> None:
+        with pytest.raises(ValueError, match="item 0"):
+            await aio.batch(call, range(100), max_concurrency=1, progress=False)
+        for _ in range(200):  # the loop keeps running, as a web server's does
+            await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert called == [0]
+
+
+def test_batch_cancelled_from_outside_stops() -> None:
+    called: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def call(i: int) -> int:
+        called.append(i)
+        started.set()
+        release.wait(5)
+        return i
+
+    async def go() -> None:
+        task = asyncio.create_task(aio.batch(call, range(50), max_concurrency=2, progress=False))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    asyncio.run(go())
+    assert len(called) <= 2
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_concurrency_of_zero_is_refused_not_a_hang(limit: int) -> None:
+    with pytest.raises(ValueError):
+        asyncio.run(aio.batch(str, [1, 2], max_concurrency=limit, progress=False))
+
+    async def one() -> int:
+        return 1
+
+    with pytest.raises(ValueError):  # and no "never awaited" warning for the refused coroutine
+        asyncio.run(aio.gather_with_limit(one(), limit=limit))
+
+
+# -- shutdown ------------------------------------------------------------------------------------------
+
+
+def test_shutdown_while_calls_run_queue_and_wait() -> None:
+    p = aio.pool()
+    p2 = aio.AsyncPool(1, 1, None)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> str:
+        started.set()
+        release.wait(10)
+        return "ran"
+
+    async def go() -> list[Any]:
+        running = asyncio.create_task(p2.run(blocking))
+        await asyncio.to_thread(started.wait, 5)
+        queued = asyncio.create_task(p2.run(lambda: "queued"))
+        waiting = asyncio.create_task(p2.run(lambda: "waiting"))
+        while p2.queue_depth < 2:
+            await asyncio.sleep(0)
+        p2.shutdown()
+        results = await asyncio.gather(queued, waiting, return_exceptions=True)
+        release.set()
+        return [*results, await running]
+
+    queued, waiting, running = asyncio.run(go())
+    assert isinstance(queued, RuntimeError) and isinstance(waiting, RuntimeError) and running == "ran"
+    assert p2._taken == 0
+    p2.shutdown(wait=True)
+    del p
+
+
+def test_shutdown_with_no_queue_gives_waiters_runtime_error_at_once() -> None:
+    p = _pool(workers=1, queue_size=0)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    async def go() -> Any:
+        running = asyncio.create_task(p.run(blocking))
+        await asyncio.to_thread(started.wait, 5)
+        waiting = asyncio.create_task(p.run(lambda: "waiting"))
+        while p.queue_depth < 1:
+            await asyncio.sleep(0)
+        p.shutdown()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), 2)
+        except BaseException as exc:
+            return exc
+        finally:
+            release.set()
+            await running
+
+    got = asyncio.run(go())
+    assert isinstance(got, RuntimeError)
+    assert p._taken == 0
+    p.shutdown(wait=True)
+
+
+def test_a_call_after_shutdown_gets_a_new_pool() -> None:
+    first = aio.pool()
+    assert asyncio.run(aio.to_async(lambda: 1)()) == 1
+    aio.shutdown(wait=True)
+    assert asyncio.run(aio.to_async(lambda: 2)()) == 2
+    assert aio.pool() is not first
+
+
+# -- several loops and threads -------------------------------------------------------------------------
+
+
+def test_several_threads_each_with_its_own_loop_share_the_bound() -> None:
+    pool = _pool(workers=2, queue_size=2)
+    errors: list[BaseException] = []
+    results: list[list[int]] = []
+
+    async def many(k: int) -> list[int]:
+        return await asyncio.gather(*(pool.run(lambda i=i: k * 1000 + i) for i in range(200)))
+
+    def in_thread(k: int) -> None:
+        try:
+            results.append(asyncio.run(asyncio.wait_for(many(k), 8)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=in_thread, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(9)
+    assert not errors and len(results) == 6
+    assert sorted(r[0] // 1000 for r in results) == list(range(6))
+    assert pool.peak_taken <= 4 and pool._taken == 0
+    pool.shutdown(wait=True)
+
+
+# -- fork ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_the_pool_works_in_a_forked_child() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    async def parent() -> None:
+        running = asyncio.create_task(aio.to_async(blocking)())
+        await asyncio.to_thread(started.wait, 5)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ok = asyncio.run(asyncio.wait_for(aio.to_async(lambda: os.getpid())(), 5))
+                code = 0 if ok == os.getpid() else 2
+            finally:
+                os._exit(code)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        release.set()
+        await running
+        assert os.waitstatus_to_exitcode(status) == 0
+
+    asyncio.run(parent())
+
+
+# -- the real SDK and install() ------------------------------------------------------------------------
+
+
+def test_wrap_of_a_real_openai_client_with_install_and_priority(
+        installed: Callable[..., object], records: list[llmshim.CallRecord]) -> None:
+    import openai
+
+    installed()
+    seen: list[str | None] = []
+    with FakeLLMServer() as server:
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="test", max_retries=0)
+        completions = aio.wrap(client.chat.completions)
+
+        def ask(prompt: str) -> str:
+            seen.append(current_priority())
+            answer = client.chat.completions.create(model="gpt-4o-mini",
+                                                    messages=[{"role": "user", "content": prompt}])
+            return answer.choices[0].message.content or ""
+
+        async def go() -> list[str]:
+            with llmshim.priority("high"):
+                direct = await completions.create_async(model="gpt-4o-mini",
+                                                        messages=[{"role": "user", "content": "x"}])
+                more = await aio.batch(ask, ["a", "b", "c"], progress=False)
+            return [direct.choices[0].message.content or "", *more]
+
+        answers = asyncio.run(go())
+        client.close()
+    assert len(answers) == 4 and all(answers)
+    assert seen == ["high"] * 3
+    assert len(records) >= 4
