@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
-from .aio_pool import AsyncPool, WaitTimeout
+from .aio_pool import AsyncPool, WaitTimeout, blocked_loops
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
@@ -175,12 +175,20 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, with or without a running event loop in this thread (inside
     one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does)."""
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     context = contextvars.copy_context()
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync") as runner:
-        return runner.submit(context.run, asyncio.run, coro).result()
+    blocked_loops.add(loop)  # the pool passes over this loop's waiters while it cannot run them
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync") as runner:
+            return runner.submit(context.run, asyncio.run, coro).result()
+    finally:
+        blocked_loops.discard(loop)
+        with _pool_lock:
+            current = _pool
+        if current is not None:
+            current.serve_waiters()
 
 
 async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurrency: int = 8,

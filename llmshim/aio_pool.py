@@ -49,7 +49,7 @@ class AsyncPool:
         with self._lock:
             if self.closed:
                 raise _shut_down(name)
-            if self._taken < self.capacity and not self._waiting:
+            if self._taken < self.capacity and not any(self._servable(w) for w in self._waiting):
                 self._taken += 1
                 self.peak_taken = max(self.peak_taken, self._taken)
                 return 0.0
@@ -83,12 +83,33 @@ class AsyncPool:
         """Hand the slot to the first waiter whose loop is still open (_taken unchanged), or free it.
 
         A waiter leaves ``_waiting`` only here (woken) or itself (cancelled, under the lock), so a
-        slot is handed to exactly one waiter, and a waiter that was handed one passes it on."""
+        slot is handed to exactly one waiter, and a waiter that was handed one passes it on.
+
+        A waiter whose loop is blocked in ``run_sync`` is passed over (it stays first in line): a
+        slot handed to it would sit there unused while the coroutine run_sync waits for, on its own
+        loop, waits for a slot too: a deadlock once the pool is full."""
         with self._lock:
-            while self._waiting:
-                if self._waiting.pop(0).wake():
-                    return
-            self._taken -= 1
+            if not self._hand_over():
+                self._taken -= 1
+
+    def _servable(self, wakeup: Wakeup) -> bool:
+        return wakeup.loop not in blocked_loops
+
+    def _hand_over(self) -> bool:
+        """Under the lock: wake the first servable waiter whose loop is open; False if there is none."""
+        for wakeup in [w for w in self._waiting if self._servable(w)]:
+            self._waiting.remove(wakeup)
+            if wakeup.wake():
+                return True
+        return False
+
+    def serve_waiters(self) -> None:
+        """Hand the free slots to the waiters passed over while their loop was blocked (``run_sync``
+        calls this when it returns)."""
+        with self._lock:
+            while self._taken < self.capacity and self._hand_over():
+                self._taken += 1
+                self.peak_taken = max(self.peak_taken, self._taken)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in a pool thread once a slot is free. A call made from one of this pool's own
@@ -155,6 +176,10 @@ class AsyncPool:
             self._taken += sum(1 for wakeup in waiting if wakeup.wake())
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
+
+# Event loops blocked in ``llmshim.aio.run_sync`` now (it adds and discards them): their waiters are
+# passed over until it returns.
+blocked_loops: set[asyncio.AbstractEventLoop] = set()
 
 _worker = threading.local()  # .pool: the AsyncPool whose thread this is, while it runs a call
 

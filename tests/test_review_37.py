@@ -24,6 +24,11 @@ Bugs found (each test fails without its fix):
    context: a contextvar it set leaked back to the caller, unlike on a thread.
    test_disabled_pool_does_not_leak_context_changes_back.
 
+7. ``run_sync`` inside a running loop (a notebook) deadlocked once the pool was full: a freed slot
+   was handed to a task of the loop run_sync blocks, which cannot use it, while run_sync's own
+   coroutine waited for a slot behind it.
+   test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock.
+
 By design (README), checked: nested ``run_sync`` runs inline with no pool timeout of its own; the
 awaiting task still gets TimeoutError at the outer call's timeout
 (test_nested_run_sync_is_bounded_by_the_outer_calls_timeout).
@@ -316,6 +321,37 @@ def test_nested_run_sync_in_every_thread_does_not_deadlock() -> None:
 
     got = asyncio.run(go())
     assert got == [i * 10 for i in range(len(got))]
+
+
+def test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook loop has a task queued for the full pool, then a cell blocks in run_sync on a
+    coroutine that needs the pool too: the freed slot must go to the coroutine that can run."""
+    monkeypatch.setenv("LLMSHIM_ASYNC_WORKERS", "1")
+    monkeypatch.setenv("LLMSHIM_ASYNC_QUEUE_SIZE", "0")
+    p = aio.pool()
+    assert p.capacity == 1
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> str:
+        started.set()
+        release.wait(10)
+        return "a"
+
+    async def inner() -> str:
+        release.set()  # the running call ends; its slot must not go to the blocked loop's task
+        return await asyncio.wait_for(aio.to_async(lambda: "inner")(), 3)
+
+    async def cell() -> list[str]:
+        first = asyncio.create_task(aio.to_async(blocking)())
+        await asyncio.to_thread(started.wait, 5)
+        queued = asyncio.create_task(aio.to_async(lambda: "b")())
+        while p.queue_depth == 0:
+            await asyncio.sleep(0)
+        got = aio.run_sync(inner())
+        return [got, await first, await queued]
+
+    assert asyncio.run(cell()) == ["inner", "a", "b"]
+    assert p._taken == 0 and p.queue_depth == 0
 
 
 # -- batch and gather_with_limit -----------------------------------------------------------------------
