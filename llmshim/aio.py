@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook is registered before ours, so ours runs first
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -173,17 +174,44 @@ async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, with or without a running event loop in this thread (inside
-    one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does)."""
+    one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does;
+    Ctrl-C meanwhile cancels the coroutine and is raised at once)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     context = contextvars.copy_context()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+    gave_up = threading.Event()
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coro)
+        running.append((asyncio.get_running_loop(), task))
+        if gave_up.is_set():  # interrupted before ``running`` had the task: see below
+            task.cancel()
+        return await task
+
     blocked_loops.add(loop)  # the pool passes over this loop's waiters while it cannot run them
+    runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync")
+    outer, job = main(), None
     try:
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync") as runner:
-            return runner.submit(context.run, asyncio.run, coro).result()
+        job = runner.submit(context.run, asyncio.run, outer)
+        return job.result()
+    except BaseException:
+        # Ctrl-C (or an exception raised into this thread) while blocked: cancel the coroutine, as
+        # asyncio.run does, and do not wait for it (joining the runner made Ctrl-C wait for the
+        # whole coroutine, for ever if it hangs). ``main`` checks ``gave_up`` after it publishes its
+        # task and we read ``running`` after setting it, so one of the two cancels it.
+        gave_up.set()
+        if job is not None and job.cancel():  # no thread took it yet
+            outer.close()
+            coro.close()
+        elif running and not running[0][1].done():
+            with contextlib.suppress(RuntimeError):  # its loop has closed: it is over anyway
+                running[0][0].call_soon_threadsafe(running[0][1].cancel)
+        raise
     finally:
+        runner.shutdown(wait=False)
         blocked_loops.discard(loop)
         with _pool_lock:
             current = _pool

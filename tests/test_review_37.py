@@ -28,6 +28,10 @@ Bugs found (each test fails without its fix):
    was handed to a task of the loop run_sync blocks, which cannot use it, while run_sync's own
    coroutine waited for a slot behind it.
    test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock.
+8. Ctrl-C while ``run_sync`` blocked a running loop (Jupyter) was raised only when the whole
+   coroutine had ended (leaving the ``with ThreadPoolExecutor`` joined its thread), for ever if it
+   hangs; the coroutine was not cancelled.
+   test_ctrl_c_in_a_loop_blocked_in_run_sync_interrupts_and_cancels_the_coroutine.
 
 By design (README), checked: nested ``run_sync`` runs inline with no pool timeout of its own; the
 awaiting task still gets TimeoutError at the outer call's timeout
@@ -39,7 +43,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -309,6 +316,65 @@ def test_run_sync_inside_a_running_loop_keeps_context_and_exceptions() -> None:
         return got
 
     assert asyncio.run(cell()) == "nb"
+
+
+def _blocked_in_result(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in a concurrent future's ``result()`` now: the Python frame says it
+    is there, and the kernel that it sleeps (a signal landing just before the lock's system call is
+    noted but interrupts nothing: the test would wait for the whole coroutine)."""
+    assert thread.ident is not None
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None or frame.f_code.co_name != "wait" or frame.f_back is None:
+        return False
+    if frame.f_back.f_code.co_name != "result":
+        return False
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "S"
+    except OSError:  # no /proc: the frame is all we can tell
+        return True
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_ctrl_c_in_a_loop_blocked_in_run_sync_interrupts_and_cancels_the_coroutine() -> None:
+    """Jupyter's Ctrl-C is a KeyboardInterrupt in the blocked main thread: it must come at once and
+    cancel the coroutine (it waited for the whole coroutine, joining run_sync's thread)."""
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def long_running() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    main = threading.main_thread()
+
+    def press_ctrl_c() -> None:
+        started.wait(5)
+        seen = 0
+        while seen < 3:  # asleep in run_sync's result() three looks running (not waiting for the GIL)
+            seen = seen + 1 if _blocked_in_result(main) else 0
+            threading.Event().wait(0.002)
+        assert main.ident is not None
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    async def cell() -> None:
+        aio.run_sync(long_running())
+
+    loop = asyncio.new_event_loop()  # a loop without asyncio.run's own SIGINT handler, as Jupyter's
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(cell())
+    finally:
+        presser.join(5)
+        loop.close()
+    assert time.monotonic() - start < 2
+    assert cancelled.wait(2)
 
 
 def test_nested_run_sync_in_every_thread_does_not_deadlock() -> None:
