@@ -115,6 +115,14 @@ class _Wrapped:
                 return to_async(method)
         return getattr(obj, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``aclient.timeout = 5`` sets the client's (kept on the proxy, it changed nothing the
+        client's methods read)."""
+        setattr(object.__getattribute__(self, "_obj"), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(object.__getattribute__(self, "_obj"), name)
+
     def __dir__(self) -> list[str]:
         obj = object.__getattribute__(self, "_obj")
         names = [n for n in dir(obj) if not n.startswith("_")]

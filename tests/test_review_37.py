@@ -32,6 +32,9 @@ Bugs found (each test fails without its fix):
    coroutine had ended (leaving the ``with ThreadPoolExecutor`` joined its thread), for ever if it
    hangs; the coroutine was not cancelled.
    test_ctrl_c_in_a_loop_blocked_in_run_sync_interrupts_and_cancels_the_coroutine.
+9. ``wrap(client).timeout = 5`` set the attribute on the proxy only: the client's methods (the
+   ``_async`` ones included) went on reading the old value, while reading it back through the proxy
+   showed the new one. test_setting_an_attribute_through_wrap_reaches_the_client.
 
 By design (README), checked: nested ``run_sync`` runs inline with no pool timeout of its own; the
 awaiting task still gets TimeoutError at the outer call's timeout
@@ -209,6 +212,32 @@ def test_taskgroup_cancel_never_starts_queued_calls() -> None:
     pool.shutdown(wait=True)
     assert ran == [] and pool.active == 0
     assert pool._taken == 0 and pool.queue_depth == 0
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_ctrl_c_in_asyncio_run_never_starts_the_queued_calls() -> None:
+    pool = _pool(workers=1, queue_size=3)
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    async def go() -> None:
+        tasks = [asyncio.create_task(pool.run(blocking))]
+        tasks += [asyncio.create_task(pool.run(ran.append, i)) for i in range(10)]
+        await asyncio.to_thread(started.wait, 5)
+        while pool.queue_depth < 10:
+            await asyncio.sleep(0)
+        signal.raise_signal(signal.SIGINT)  # asyncio.run's handler cancels this task
+        await asyncio.gather(*tasks)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(go())
+    release.set()
+    pool.shutdown(wait=True)
+    assert ran == [] and pool._taken == 0 and pool.queue_depth == 0 and pool.active == 0
 
 
 # -- bound ---------------------------------------------------------------------------------------------
@@ -561,6 +590,9 @@ def test_a_call_after_shutdown_gets_a_new_pool() -> None:
     aio.shutdown(wait=True)
     assert asyncio.run(aio.to_async(lambda: 2)()) == 2
     assert aio.pool() is not first
+    with pytest.raises(RuntimeError, match="shut down"):  # a pool kept from before refuses, clearly
+        asyncio.run(first.run(lambda: 3))
+    assert first._taken == 0
 
 
 # -- several loops and threads -------------------------------------------------------------------------
@@ -622,6 +654,22 @@ def test_the_pool_works_in_a_forked_child() -> None:
 
 
 # -- the real SDK and install() ------------------------------------------------------------------------
+
+
+def test_setting_an_attribute_through_wrap_reaches_the_client() -> None:
+    class Client:
+        def __init__(self) -> None:
+            self.timeout = 60.0
+
+        def chat(self) -> float:
+            return self.timeout
+
+    client = Client()
+    aclient = aio.wrap(client)
+    aclient.timeout = 5.0  # as one does with an SDK client: it must not stay on the proxy alone
+    assert client.timeout == 5.0 and asyncio.run(aclient.chat_async()) == 5.0
+    del aclient.timeout
+    assert not hasattr(client, "timeout")
 
 
 def test_wrap_of_a_real_openai_client_with_install_and_priority(
