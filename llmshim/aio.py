@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
-from .aio_pool import AsyncPool, WaitTimeout, blocked_loops
+from .aio_pool import AsyncPool, WaitTimeout, loop_blocked
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
@@ -199,32 +199,27 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
             task.cancel()
         return await task
 
-    blocked_loops.add(loop)  # the pool passes over this loop's waiters while it cannot run them
     runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync")
     outer, job = main(), None
-    try:
-        job = runner.submit(context.run, asyncio.run, outer)
-        return job.result()
-    except BaseException:
-        # Ctrl-C (or an exception raised into this thread) while blocked: cancel the coroutine, as
-        # asyncio.run does, and do not wait for it (joining the runner made Ctrl-C wait for the
-        # whole coroutine, for ever if it hangs). ``main`` checks ``gave_up`` after it publishes its
-        # task and we read ``running`` after setting it, so one of the two cancels it.
-        gave_up.set()
-        if job is not None and job.cancel():  # no thread took it yet
-            outer.close()
-            coro.close()
-        elif running and not running[0][1].done():
-            with contextlib.suppress(RuntimeError):  # its loop has closed: it is over anyway
-                running[0][0].call_soon_threadsafe(running[0][1].cancel)
-        raise
-    finally:
-        runner.shutdown(wait=False)
-        blocked_loops.discard(loop)
-        with _pool_lock:
-            current = _pool
-        if current is not None:
-            current.serve_waiters()
+    with loop_blocked(loop):  # pools pass over this loop's waiters while it cannot run them
+        try:
+            job = runner.submit(context.run, asyncio.run, outer)
+            return job.result()
+        except BaseException:
+            # Ctrl-C (or an exception raised into this thread) while blocked: cancel the coroutine,
+            # as asyncio.run does, and do not wait for it (joining the runner made Ctrl-C wait for
+            # the whole coroutine, for ever if it hangs). ``main`` checks ``gave_up`` after it
+            # publishes its task and we read ``running`` after setting it: one of the two cancels it.
+            gave_up.set()
+            if job is not None and job.cancel():  # no thread took it yet
+                outer.close()
+                coro.close()
+            elif running and not running[0][1].done():
+                with contextlib.suppress(RuntimeError):  # its loop has closed: it is over anyway
+                    running[0][0].call_soon_threadsafe(running[0][1].cancel)
+            raise
+        finally:
+            runner.shutdown(wait=False)
 
 
 async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurrency: int = 8,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import sys
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .clocks import monotonic
@@ -35,6 +37,7 @@ class AsyncPool:
         self.peak_taken = 0
         self.closed = False
         self._instruments = _Instruments()
+        _pools.add(self)
 
     @property
     def queue_depth(self) -> int:
@@ -177,9 +180,22 @@ class AsyncPool:
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
-# Event loops blocked in ``llmshim.aio.run_sync`` now (it adds and discards them): their waiters are
-# passed over until it returns.
+# Event loops blocked in ``llmshim.aio.run_sync`` now: their waiters are passed over until it returns.
 blocked_loops: set[asyncio.AbstractEventLoop] = set()
+_pools: weakref.WeakSet[AsyncPool] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def loop_blocked(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """While ``loop`` is blocked (``run_sync``), pools pass its waiters over; then every pool, the
+    shared one or a program's own, hands its free slots to them."""
+    blocked_loops.add(loop)
+    try:
+        yield
+    finally:
+        blocked_loops.discard(loop)
+        for pool in list(_pools):
+            pool.serve_waiters()
 
 _worker = threading.local()  # .pool: the AsyncPool whose thread this is, while it runs a call
 

@@ -27,7 +27,9 @@ Bugs found (each test fails without its fix):
 7. ``run_sync`` inside a running loop (a notebook) deadlocked once the pool was full: a freed slot
    was handed to a task of the loop run_sync blocks, which cannot use it, while run_sync's own
    coroutine waited for a slot behind it.
-   test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock.
+   test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock, and for a pool of the
+   program's own (its passed-over waiter is served when run_sync returns):
+   test_a_programs_own_pool_serves_the_passed_over_waiter_after_run_sync.
 8. Ctrl-C while ``run_sync`` blocked a running loop (Jupyter) was raised only when the whole
    coroutine had ended (leaving the ``with ThreadPoolExecutor`` joined its thread), for ever if it
    hangs; the coroutine was not cancelled.
@@ -447,6 +449,35 @@ def test_run_sync_in_a_loop_whose_task_waits_for_a_slot_does_not_deadlock(monkey
 
     assert asyncio.run(cell()) == ["inner", "a", "b"]
     assert p._taken == 0 and p.queue_depth == 0
+
+
+def test_a_programs_own_pool_serves_the_passed_over_waiter_after_run_sync() -> None:
+    """A waiter of a loop blocked in run_sync is passed over; once run_sync returns, a pool of the
+    program's own (not the shared one) must hand it the slot that was freed meanwhile."""
+    own = _pool(workers=1, queue_size=0)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> str:
+        started.set()
+        release.wait(10)
+        return "a"
+
+    async def inner() -> None:
+        release.set()
+        while own.active or own._taken:  # the running call ended and its slot was freed, not handed
+            await asyncio.sleep(0)
+
+    async def cell() -> list[str]:
+        first = asyncio.create_task(own.run(blocking))
+        await asyncio.to_thread(started.wait, 5)
+        queued = asyncio.create_task(own.run(lambda: "b"))
+        while own.queue_depth == 0:
+            await asyncio.sleep(0)
+        aio.run_sync(asyncio.wait_for(inner(), 5))
+        return [await first, await asyncio.wait_for(queued, 3)]
+
+    assert asyncio.run(cell()) == ["a", "b"]
+    own.shutdown(wait=True)
 
 
 # -- batch and gather_with_limit -----------------------------------------------------------------------
