@@ -100,8 +100,13 @@ class AsyncPool:
 
     def _hand_over(self) -> bool:
         """Under the lock: wake the first servable waiter whose loop is open; False if there is none."""
-        for wakeup in [w for w in self._waiting if self._servable(w)]:
-            self._waiting.remove(wakeup)
+        i = 0
+        while i < len(self._waiting):  # the first waiter, as a rule: no copy of a long queue
+            wakeup = self._waiting[i]
+            if not self._servable(wakeup):
+                i += 1
+                continue
+            del self._waiting[i]
             if wakeup.wake():
                 return True
         return False
