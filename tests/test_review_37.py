@@ -684,6 +684,23 @@ def test_the_pool_works_in_a_forked_child() -> None:
     asyncio.run(parent())
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_child_forked_from_a_pooled_function_has_a_working_pool() -> None:
+    """multiprocessing's fork from inside a pooled call: the child's only thread was a pool thread."""
+    def fork_and_use() -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                got = asyncio.run(asyncio.wait_for(aio.to_async(threading.current_thread)(), 5))
+                code = 0 if got is not threading.current_thread() else 2  # on a thread, not inline
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    assert asyncio.run(aio.to_async(fork_and_use)()) == 0
+
+
 # -- the real SDK and install() ------------------------------------------------------------------------
 
 
