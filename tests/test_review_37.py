@@ -23,7 +23,6 @@ Bugs found (each test fails without its fix):
 6. ``LLMSHIM_ASYNC_ENABLED=false`` (and the nested inline path) ran the function in the caller's own
    context: a contextvar it set leaked back to the caller, unlike on a thread.
    test_disabled_pool_does_not_leak_context_changes_back.
-
 7. ``run_sync`` inside a running loop (a notebook) deadlocked once the pool was full: a freed slot
    was handed to a task of the loop run_sync blocks, which cannot use it, while run_sync's own
    coroutine waited for a slot behind it.
@@ -40,7 +39,14 @@ Bugs found (each test fails without its fix):
 
 By design (README), checked: nested ``run_sync`` runs inline with no pool timeout of its own; the
 awaiting task still gets TimeoutError at the outer call's timeout
-(test_nested_run_sync_is_bounded_by_the_outer_calls_timeout).
+(test_nested_run_sync_is_bounded_by_the_outer_calls_timeout). ``gather_with_limit`` keeps
+``asyncio.gather``'s rule (documented as such): after a failure the other awaitables run on.
+``wrap`` adds ``_async`` to the object's own methods only: an SDK's resource is wrapped itself
+(test_wrap_of_a_real_openai_client_with_install_and_priority).
+
+The other tests held as written: cancellation (wait_for, TaskGroup, Ctrl-C under asyncio.run), the
+bound under 1000 calls, BaseExceptions in the worker, context both ways, several loops and threads,
+fork (from the main thread and from a pooled call), a call after shutdown().
 """
 
 from __future__ import annotations
