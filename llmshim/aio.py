@@ -14,9 +14,10 @@ What the hand-rolled versions got wrong, and this does not:
 - **Back-pressure**: at most ``LLMSHIM_ASYNC_WORKERS`` running plus ``LLMSHIM_ASYNC_QUEUE_SIZE``
   queued; further callers wait (asynchronously) for a slot, so memory stays flat however much is
   submitted.
-- **Timeouts**: ``LLMSHIM_ASYNC_TIMEOUT`` gives the awaiting task ``TimeoutError`` at once. A
-  running thread cannot be killed: it finishes in the background and keeps its slot until then
-  (``active`` and the slot count say so), so the bound stays true.
+- **Timeouts**: ``LLMSHIM_ASYNC_TIMEOUT`` gives the awaiting task ``TimeoutError`` at once,
+  counted from the call's start (waiting for a slot included). A running thread cannot be
+  killed: it finishes in the background and keeps its slot until then (``active`` and the slot
+  count say so), so the bound stays true.
 - **run_sync** works with and without a running event loop (Jupyter, async web frameworks): inside
   one it runs the coroutine on a loop of its own in a worker thread.
 """
@@ -27,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook is registered before ours, so ours runs first
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -37,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import config
-from .aio_pool import AsyncPool, WaitTimeout
+from .aio_pool import AsyncPool, WaitTimeout, loop_blocked
 
 __all__ = ["AsyncPool", "asyncify", "batch", "gather_with_limit", "pool", "run_sync", "run_with_timeout",
            "shutdown", "to_async", "wrap"]
@@ -113,6 +115,14 @@ class _Wrapped:
                 return to_async(method)
         return getattr(obj, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``aclient.timeout = 5`` sets the client's (kept on the proxy, it changed nothing the
+        client's methods read)."""
+        setattr(object.__getattribute__(self, "_obj"), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(object.__getattribute__(self, "_obj"), name)
+
     def __dir__(self) -> list[str]:
         obj = object.__getattribute__(self, "_obj")
         names = [n for n in dir(obj) if not n.startswith("_")]
@@ -144,7 +154,11 @@ async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: 
     Awaitables are given as arguments or, as the hand-rolled helpers took them, as one list."""
     if len(aws) == 1 and not inspect.isawaitable(aws[0]) and isinstance(aws[0], Iterable):
         aws = tuple(aws[0])
-    semaphore = asyncio.Semaphore(limit)
+    if limit < 1:
+        for aw in aws:  # refused: close them, or each is also a "never awaited" warning
+            if inspect.iscoroutine(aw):
+                aw.close()
+    semaphore = _semaphore(limit, "limit")
 
     async def one(aw: Awaitable[T]) -> T:
         async with semaphore:
@@ -154,23 +168,58 @@ async def gather_with_limit(*aws: Awaitable[T] | Iterable[Awaitable[T]], limit: 
 
 
 async def run_with_timeout(aw: Awaitable[T], timeout: float) -> T:
-    """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after)."""
+    """Await ``aw`` for at most ``timeout`` seconds (``TimeoutError`` after). A ``TimeoutError`` of
+    ``aw``'s own (a socket's, an inner pool timeout) comes back as it was raised, traceback and all:
+    only the time running out here is reported as this timeout."""
+    task = asyncio.ensure_future(aw)
     try:
-        return await asyncio.wait_for(aw, timeout)
+        return await asyncio.wait_for(task, timeout)
     except asyncio.TimeoutError:
+        if task.done() and not task.cancelled():
+            raise
         raise WaitTimeout(f"not done within {timeout:g}s") from None
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, with or without a running event loop in this thread (inside
-    one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does)."""
+    one, on a loop of its own in a worker thread: this call blocks the caller, as sync code does;
+    Ctrl-C meanwhile cancels the coroutine and is raised at once)."""
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     context = contextvars.copy_context()
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync") as runner:
-        return runner.submit(context.run, asyncio.run, coro).result()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+    gave_up = threading.Event()
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coro)
+        running.append((asyncio.get_running_loop(), task))
+        if gave_up.is_set():  # interrupted before ``running`` had the task: see below
+            task.cancel()
+        return await task
+
+    runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmshim-run-sync")
+    outer, job = main(), None
+    with loop_blocked(loop):  # pools pass over this loop's waiters while it cannot run them
+        try:
+            job = runner.submit(context.run, asyncio.run, outer)
+            return job.result()
+        except BaseException:
+            # Ctrl-C (or an exception raised into this thread) while blocked: cancel the coroutine,
+            # as asyncio.run does, and do not wait for it (joining the runner made Ctrl-C wait for
+            # the whole coroutine, for ever if it hangs). ``main`` checks ``gave_up`` after it
+            # publishes its task and we read ``running`` after setting it: one of the two cancels it.
+            gave_up.set()
+            if job is not None and job.cancel():  # no thread took it yet
+                outer.close()
+                coro.close()
+            elif running and not running[0][1].done():
+                with contextlib.suppress(RuntimeError):  # its loop has closed: it is over anyway
+                    running[0][0].call_soon_threadsafe(running[0][1].cancel)
+            raise
+        finally:
+            runner.shutdown(wait=False)
 
 
 async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurrency: int = 8,
@@ -182,11 +231,15 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
     values = list(items)
     show = sys.stderr.isatty() if progress is None else progress
     done = [0]
-    semaphore = asyncio.Semaphore(max_concurrency)
+    semaphore = _semaphore(max_concurrency, "max_concurrency")
     run = fn if asyncio.iscoroutinefunction(fn) else to_async(fn)
+
+    failed = [False]
 
     async def one(item: Any) -> Any:
         async with semaphore:
+            if failed[0]:  # set before the failing item gave its place up: no item starts after it
+                raise asyncio.CancelledError
             try:
                 result = await run(item)
                 if inspect.isawaitable(result):  # a sync callable handing back a coroutine (a lambda)
@@ -195,6 +248,7 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
             except Exception as exc:
                 if return_exceptions:
                     return exc
+                failed[0] = True
                 raise
             finally:
                 done[0] += 1
@@ -206,4 +260,20 @@ async def batch(fn: Callable[[Any], Any], items: Iterable[Any], *, max_concurren
                         sys.stderr.write("\n")
                     sys.stderr.flush()
 
-    return list(await asyncio.gather(*(one(item) for item in values)))
+    tasks = [asyncio.ensure_future(one(item)) for item in values]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # After a failure gather lets the other items run on, and the ones still waiting for the
+        # semaphore start later: LLM calls made (and billed) for a batch that has already failed.
+        # ``failed`` keeps them from starting; the cancel stops the ones in flight (a call no thread
+        # started never starts; a running thread ends in the background).
+        for task in tasks:
+            task.cancel()
+
+
+def _semaphore(limit: int, name: str) -> asyncio.Semaphore:
+    """``asyncio.Semaphore(limit)``, refusing a limit below 1 (0 would wait for ever, silently)."""
+    if limit < 1:
+        raise ValueError(f"{name} must be at least 1, not {limit!r}")
+    return asyncio.Semaphore(limit)
