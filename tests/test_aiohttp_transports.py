@@ -115,3 +115,19 @@ def test_a_users_aioresponses_mock_still_answers_and_is_not_cached(server: FakeL
     # aioresponses replaces aiohttp's _request, inside which middlewares run: the httpx seam keeps
     # these calls, reports them, and does not cache them (a mocked answer never answers a later call)
     assert not server.received and [(r.library, r.cache_hit) for r in cached] == [("httpx2", None)] * 2
+
+
+def test_the_anthropic_sdks_aiohttp_client_is_cached_too(server: FakeLLMServer, cached: Ended) -> None:
+    """The Anthropic SDK vendors the same transport (``anthropic.DefaultAioHttpClient``)."""
+    anthropic = pytest.importorskip("anthropic", reason="anthropic is in the test extra")
+
+    async def ask() -> Any:
+        async with anthropic.AsyncAnthropic(base_url=server.url, api_key="sk-ant-test", max_retries=0,
+                                            http_client=anthropic.DefaultAioHttpClient()) as client:
+            message = await client.messages.create(model="claude-3-5-haiku-latest", max_tokens=32,
+                                                   messages=[{"role": "user", "content": "héllo"}])
+            return message.model_dump()
+
+    first, second = asyncio.run(ask()), asyncio.run(ask())
+    assert first == second and len(server.received) == 1
+    assert [(r.library, r.cache_hit) for r in cached] == [("aiohttp", False), ("aiohttp", True)]
