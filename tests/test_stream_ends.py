@@ -72,6 +72,8 @@ CUT: dict[str, tuple[str, dict[str, Any], list[bytes]]] = {
                                                             sse(choice_chunk(0, "Hel"), USAGE_CHUNK, done=True)),
     "chat, no finish_reason and no [DONE]": (CHAT, body(CHAT), sse(choice_chunk(0, "Hel"))),
     "chat, an empty 200 stream": (CHAT, body(CHAT), []),
+    "chat, finish_reason \"\" on every chunk, [DONE] mid-answer": (CHAT, body(CHAT), sse(
+        choice_chunk(0, "Hel", ""), choice_chunk(0, "lo", ""), done=True)),
     "chat, only keep-alive comments": (CHAT, body(CHAT), [b": keep-alive\n\n", b": keep-alive\n\n"]),
     "responses, [DONE] before response.completed": (RESPONSES, body(RESPONSES), sse(
         {"type": "response.created", "response": {"id": "r1", "model": "m", "status": "in_progress"}},
@@ -101,6 +103,12 @@ WHOLE: dict[str, tuple[str, dict[str, Any], list[bytes]]] = {
     "chat, finish then a usage chunk, [DONE]": (CHAT, body(CHAT, stream_options={"include_usage": True}), sse(
         choice_chunk(0, "Hel"), choice_chunk(0, "lo", "stop"), USAGE_CHUNK, done=True)),
     "chat, a tool call": (CHAT, body(CHAT), sse(choice_chunk(0), choice_chunk(0, None, "tool_calls"), done=True)),
+    "chat, finish_reason \"\" until the last chunk": (CHAT, body(CHAT), sse(
+        choice_chunk(0, "Hel", ""), choice_chunk(0, "lo", "stop"), done=True)),
+    "chat, Azure's prompt_filter_results chunk first": (CHAT, body(CHAT), sse(
+        {"id": "", "object": "", "model": "", "choices": [], "prompt_filter_results": [
+            {"prompt_index": 0, "content_filter_results": {}}]},
+        choice_chunk(0, "Hel"), choice_chunk(0, "lo", "stop"), done=True)),
     "completions of 2 prompts, both finished, [DONE]": (COMPLETIONS, body(COMPLETIONS, prompt=["a", "b"]), sse(
         choice_chunk(1, "y", "stop", kind="text"), choice_chunk(0, "x", "length", kind="text"), done=True)),
     "completions of one tokenised prompt, [DONE]": (COMPLETIONS, body(COMPLETIONS, prompt=[1, 2, 3]), sse(

@@ -201,7 +201,7 @@ class OpenAIDialect(Dialect):
             if not isinstance(choice, dict):
                 continue
             reason = choice.get("finish_reason")
-            if isinstance(reason, str):
+            if isinstance(reason, str) and reason:  # some servers send "" on every chunk before the last
                 into.finish_choice(choice.get("index"), reason)
                 if reason == "error":  # a gateway's failed generation, with or without an error object
                     into.error = into.error or "error"
