@@ -248,7 +248,7 @@ class GeminiDialect(Dialect):
             if not isinstance(candidate, dict):
                 continue
             reason = candidate.get("finishReason")
-            if isinstance(reason, str):
+            if isinstance(reason, str) and reason:  # an empty one finishes nothing
                 into.finish_choice(candidate.get("index"), reason.lower())
                 # Each candidate finishes on its own: the answer is whole when all asked for have.
                 into.done = into.done or self.finished(info, into)
