@@ -77,8 +77,11 @@ class ResponseTracker:
             call.outcome = "ok"  # status says success; the body could not be read for details
             return
         call.response = info = self._parser.finish()
-        if info.error is None and call.info.stream and not call.dialect.finished(call.info, info):
-            info.error = INCOMPLETE_STREAM  # the body ended cleanly, the answer did not: cut upstream
+        if info.error is None and call.info.stream and not info.done and not info.finish_reasons:
+            # The body ended cleanly, the answer did not (no end marker, nothing finished): cut
+            # upstream. One that finished some of its n choices is not called an error (servers
+            # that ignore n send one), only never stored (``done`` needs every choice).
+            info.error = INCOMPLETE_STREAM
         call.outcome = "error" if info.error else "ok"
         estimate(call.info, info)
 

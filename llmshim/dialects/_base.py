@@ -197,9 +197,8 @@ class Dialect:
 
     def finished(self, info: CallInfo, into: ResponseInfo) -> bool:
         """Whether the answer read so far has ended: every choice the request asked for has a
-        finish reason. It is whole (``into.done``, cacheable) when its end marker came too; a stream
-        that ended cleanly without either was cut mid-answer (``incomplete_stream``). Default: one
-        answer, ended at its done marker or its finish reason."""
+        finish reason. It is whole (``into.done``, cacheable) when its end marker came too. Default:
+        one answer, ended at its done marker or its finish reason."""
         return into.done or bool(into.finish_reasons)
 
     # -- what the server says about itself ---------------------------------------------------
