@@ -263,6 +263,9 @@ class ResponseInfo:
     finished_choices: set[int] | None = None
     usage: Usage = dataclasses.field(default_factory=Usage)  # what the provider reported, nothing else
     done: bool = False  # the dialect's done marker was seen ([DONE], "done": true, "stop": true, ...)
+    # ``data: [DONE]`` came, whether or not the answer was whole by then (``done`` needs every choice):
+    # a client may close at it (the OpenAI SDK does), and the call has ended all the same.
+    marker: bool = False
     error: str | None = None  # an error event inside a 2xx body (mid-stream error)
     output: list[str] | None = None  # the answer's text pieces, collected only when content is captured
     chunks: int = 0  # messages read (SSE events, NDJSON lines; 1 for a whole body)

@@ -87,9 +87,11 @@ class ResponseTracker:
 
     def on_abort(self, error: BaseException | None) -> None:
         parser = self._parser
-        if error is None and parser is not None and parser.result.done and not self._tap.opaque_body:
+        ended = parser is not None and (parser.result.done or parser.result.marker)
+        if error is None and ended and not self._tap.opaque_body:
             # Closed without an error after the done marker: SDKs stop reading at `[DONE]` and
-            # close, leaving only the chunked terminator unread. That call completed.
+            # close, leaving only the chunked terminator unread. That call ended (whole or not:
+            # on_complete judges it, as it would have had the client read the terminator).
             self.on_complete()
             return
         call = self._call

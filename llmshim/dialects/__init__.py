@@ -67,6 +67,7 @@ class BodyParser:
             if isinstance(message, tuple):  # SSE: (event, data)
                 event, data = message
                 if data.strip() == "[DONE]":  # ends the stream; a gateway that lost its upstream sends it too
+                    self.result.marker = True
                     self.result.done = self.dialect.finished(self.call_info, self.result)
                     continue
                 message = loads_object(data)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from ..call import CallInfo, ResponseInfo, WireRequest
 
-__all__ = ["NDJSON_TYPES", "PROMPT_FIELDS", "Dialect", "Framing", "ServerLimits", "positive_int"]
+__all__ = ["NDJSON_TYPES", "PROMPT_FIELDS", "Dialect", "Framing", "ServerLimits", "count", "positive_int"]
 
 Framing = Literal["sse", "ndjson", "json"]
 
@@ -53,6 +53,17 @@ class ServerLimits:
 def positive_int(value: Any) -> int | None:
     """``value`` if it is a positive integer (a JSON ``true`` is not one), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def count(value: Any) -> int | None:
+    """A count or an index as lenient servers read it: an integer, an integral float, or a
+    string of ASCII digits (vLLM's pydantic models read ``"n": "2"`` and ``2.0`` as 2, Google's
+    proto3 JSON reads ``"candidateCount": "2"`` so). None for anything else (a JSON ``true`` too)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _number(value: Any) -> float | None:

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..call import CallInfo, ResponseInfo
-from ._base import Dialect, positive_int
+from ._base import Dialect, count, positive_int
 
 __all__ = ["GEMINI", "GeminiDialect", "retry_delay_seconds"]
 
@@ -106,7 +106,7 @@ def _int(value: Any) -> int | None:
 def _candidates(info: CallInfo) -> int:
     """How many candidates the request asked for (``candidateCount``; 1 when it does not say)."""
     params = info.param_source
-    return positive_int(params.get("candidateCount", params.get("candidate_count"))) or 1
+    return positive_int(count(params.get("candidateCount", params.get("candidate_count")))) or 1
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -249,7 +249,7 @@ class GeminiDialect(Dialect):
                 continue
             reason = candidate.get("finishReason")
             if isinstance(reason, str) and reason:  # an empty one finishes nothing
-                into.finish_choice(candidate.get("index"), reason.lower())
+                into.finish_choice(count(candidate.get("index")), reason.lower())
                 # Each candidate finishes on its own: the answer is whole when all asked for have.
                 into.done = into.done or self.finished(info, into)
                 if reason.upper() in _FAILED:

@@ -19,7 +19,7 @@ from typing import Any
 from ..call import CallInfo, ResponseInfo, WireRequest
 from . import _shapes as shapes
 from . import llamacpp
-from ._base import Dialect, ServerLimits, positive_int
+from ._base import Dialect, ServerLimits, count, positive_int
 
 
 def _responses_input(value: Any) -> bool:
@@ -100,12 +100,13 @@ def _reset_seconds(raw: str | None) -> float | None:
 
 def _choices(info: CallInfo) -> int:
     """How many choices an answer holds: ``n`` (1 when it does not say), times the prompts of a
-    text completion given several (a list of strings or of token lists; a list of token ids is one)."""
-    count = positive_int(info.param_source.get("n")) or 1
+    text completion given several (a list of strings or of token lists). A list holding a token id
+    is one prompt: a list of token ids, or llama.cpp's mixed ``["text", 13, "text"]``."""
+    choices = positive_int(count(info.param_source.get("n"))) or 1
     prompt = info.body.get("prompt") if info.endpoint == "completions" else None
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        count *= len(prompt)
-    return count
+    if isinstance(prompt, list) and not any(isinstance(item, int) for item in prompt):
+        choices *= len(prompt) or 1
+    return choices
 
 
 class OpenAIDialect(Dialect):
@@ -202,7 +203,7 @@ class OpenAIDialect(Dialect):
                 continue
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:  # some servers send "" on every chunk before the last
-                into.finish_choice(choice.get("index"), reason)
+                into.finish_choice(count(choice.get("index")), reason)
                 if reason == "error":  # a gateway's failed generation, with or without an error object
                     into.error = into.error or "error"
             if into.wants_text:
