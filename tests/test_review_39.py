@@ -10,7 +10,10 @@ Bugs found and fixed:
    against the README ("on failure error.type with status ERROR"). Fixed in ``telemetry.finish``:
    status ERROR (and the scrubbed exception event when there is an exception) whenever the span
    carries ``error.type``; an early close by the user has no error.type and stays UNSET.
-   ``test_stream_cut_midway`` (and ``test_user_closes_stream_early_is_not_an_error``).
+   Without the fix these fail: ``test_stream_cut_midway``, ``test_stream_cut_cleanly[close]`` and
+   ``[truncated_chunk]``, ``test_async_stream_cut_midway``, ``test_stream_stalls_into_a_timeout``,
+   ``test_requests_ollama_stream_cut``; ``test_user_closes_stream_early_is_not_an_error`` and
+   ``test_stream_dropped_unread_is_not_an_error`` pin that an abandoned stream stays UNSET.
 
 What held (no change): span name/kind/attributes for OpenAI chat (sync, stream), embeddings,
 Responses (+stream), Ollama chat (+stream), Anthropic messages, Gemini generateContent (+SSE);
@@ -441,6 +444,59 @@ def test_no_content_by_default(server: FakeLLMServer, otel: Otel) -> None:
     span, attributes = _one(otel)
     assert "PROMPT-TEXT" not in json.dumps(attributes, default=str)
     assert not [e for e in span.events if e.name.startswith("gen_ai")]
+
+
+def test_async_stream_cut_midway(server: FakeLLMServer, otel: Otel) -> None:
+    import asyncio
+
+    server.inject(Fault(reset="after_chunks", after_chunks=2))
+
+    async def go() -> None:
+        async with openai.AsyncOpenAI(base_url=server.openai_base_url, api_key=KEY, max_retries=0) as client:
+            async for _chunk in await client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
+                pass
+
+    with pytest.raises(openai.APIConnectionError):
+        asyncio.run(go())
+    span, attributes = _one(otel)
+    assert span.status.status_code is StatusCode.ERROR and attributes["error.type"]
+    assert [e.name for e in span.events] == ["exception"]
+
+
+def test_stream_stalls_into_a_timeout(server: FakeLLMServer, otel: Otel) -> None:
+    server.inject(Fault(cut="stall", after_chunks=1))
+    with openai.OpenAI(base_url=server.openai_base_url, api_key=KEY, max_retries=0, timeout=0.3) as client, \
+            pytest.raises(openai.APITimeoutError):
+        for _chunk in client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
+            pass
+    span, attributes = _one(otel)
+    assert span.status.status_code is StatusCode.ERROR
+    assert attributes["error.type"] == "ReadTimeout"
+
+
+def test_requests_ollama_stream_cut(server: FakeLLMServer, otel: Otel) -> None:
+    import requests
+
+    server.inject(Fault(reset="after_chunks", after_chunks=2))
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        response = requests.post(server.url + "/api/chat", json={"model": "llama3.2", "messages": MSG},
+                                 stream=True, timeout=5)
+        for _line in response.iter_lines():
+            pass
+    span, attributes = _one(otel)
+    assert span.status.status_code is StatusCode.ERROR and attributes["error.type"]
+
+
+def test_stream_dropped_unread_is_not_an_error(server: FakeLLMServer, otel: Otel) -> None:
+    import gc
+
+    with _client(server) as client:
+        stream = client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+        del stream
+        gc.collect()
+    span, attributes = _one(otel)
+    assert attributes["llmshim.outcome"] == "aborted"
+    assert "error.type" not in attributes and span.status.status_code is StatusCode.UNSET
 
 
 # -- cache hits ----------------------------------------------------------------------------------
