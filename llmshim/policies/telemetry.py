@@ -212,8 +212,8 @@ class Telemetry:
                 span.set_attributes(attributes)
                 if self.capture_span or self.capture_event:
                     self._content(span, call)
-                if call.outcome == "error":
-                    if call.error is not None:
+                if "error.type" in attributes:  # the conventions: error.type set <=> status ERROR
+                    if call.error is not None:  # a stream cut mid-way (aborted) is a failure too
                         record_exception(span, call.error)
                     description = (f"{type(call.error).__name__}: {redact.scrub_text(str(call.error))}"
                                    if call.error else attributes.get("error.type"))
