@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
+from llmshim.store.background import drain
 from llmshim.testing import FakeLLMServer
 
 if os.environ.get("CI"):
@@ -137,6 +138,7 @@ def test_redis_going_away_fails_open_and_comes_back(server: FakeLLMServer, redis
         redis_server.start()  # same port, empty (no persistence): llmshim must resume using it
         assert [ask(i) for i in range(8, 11)] == [200] * 3
         client = redis.Redis.from_url(redis_server.url)
+        assert drain(10.0)  # entries are written behind the calls: wait for the writer, not a time
         assert len(client.keys("llmshim:cache:[0-9a-f]*")) == 3  # the cache is used again
         assert client.keys("{llmshim:rl:*")  # and so is the shared budget
     finally:
@@ -193,6 +195,7 @@ def test_a_redis_slower_than_its_timeout_costs_the_write_not_the_call(server: Fa
             admin.client_unpause()
         assert status == 200 and cache is None and answer["message"]["role"] == "assistant"
         if redis_timeout:
+            assert drain(10.0)
             assert len(admin.keys("llmshim:cache:[0-9a-f]*")) == 2  # the write waited for Redis and landed
             assert llmshim.stats()["store_errors"] == errors_before
             assert ask(1)[:2] == (200, "hit")

@@ -236,10 +236,12 @@ def test_every_store_operation_works_on_the_cluster(empty_cluster: Cluster) -> N
 def test_resharding_mid_run_moves_keys_and_every_answer_is_still_a_hit(server: FakeLLMServer,
                                                                        empty_cluster: Cluster) -> None:
     import llmshim
+    from llmshim.store.background import drain
 
     llmshim.install(cache="on", cache_url=empty_cluster.url, redis_timeout="10s")  # see above
     try:
         assert [_ask(server, i) for i in range(6)] == [(200, None)] * 6
+        assert drain(10.0)  # the entries are written behind the calls: wait for the writer, not a time
         assert sum(len(v) for v in empty_cluster.keys("llmshim:cache:[0-9a-f]*").values()) == 6  # before the moves
         slots = {(int(empty_cluster.node(i).cluster("KEYSLOT", key)), i) for i in range(3)
                  for key in empty_cluster.node(i).keys("llmshim:cache:[0-9a-f]*")}
