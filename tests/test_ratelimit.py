@@ -271,9 +271,9 @@ def test_tokens_per_minute_with_reconciliation(server: FakeLLMServer, monkeypatc
 def test_processes_share_one_budget_through_sqlite(server: FakeLLMServer, tmp_path: Any) -> None:
     """4 processes x 8 threads plus one asyncio process x 32 tasks, against a server that allows 10
     requests a second: with the shared store no 429 reaches any caller and the rate stays within
-    90-100% of the configured 8/s; without llmshim the same load gets 429s. The configured rate
-    leaves the server 20 % headroom: the server counts arrivals, and on a loaded machine requests
-    granted evenly can arrive bunched (at 9/s, 10 % headroom, one CI run saw a 429)."""
+    90-100% of the configured 6/s; without llmshim the same load gets 429s. The configured rate
+    leaves the server 40 % headroom: the server counts arrivals, and on a loaded machine requests
+    granted evenly can arrive bunched (CI runs saw a 429 at 9/s and at 8/s)."""
     import json
     import os
     import subprocess
@@ -285,7 +285,7 @@ def test_processes_share_one_budget_through_sqlite(server: FakeLLMServer, tmp_pa
     setup = f"""
 import asyncio, json, threading, aiohttp, requests, llmshim
 if {{use}}:
-    llmshim.install(rpm="480", ratelimit_burst="0.1", ratelimit_store="sqlite:///{tmp_path}/limits.sqlite3",
+    llmshim.install(rpm="360", ratelimit_burst="0.1", ratelimit_store="sqlite:///{tmp_path}/limits.sqlite3",
                     retry_mode="off", cache="off")
 url = {server.url!r} + "/v1/chat/completions"
 body = {{"model": "m", "messages": []}}
@@ -326,7 +326,7 @@ print(json.dumps(asyncio.run(main())))
     for start in times:
         assert sum(1 for t in times if start <= t < start + 1.0) <= 10
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert 0.9 * 8 <= rate <= 10, rate  # 90% of the 8/s configured, at most the server's 10/s
+    assert 0.9 * 6 <= rate <= 10, rate  # 90% of the 6/s configured, at most the server's 10/s
 
 
 def test_shared_store_reserves_headroom_for_higher_classes_and_blocks(tmp_path: Any) -> None:
