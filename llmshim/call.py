@@ -282,12 +282,13 @@ class ResponseInfo:
         looking for it otherwise."""
         return self.output is not None or self.tally is not None
 
-    def finish_choice(self, index: Any, reason: str) -> None:
-        """A choice (candidate) numbered ``index`` finished for ``reason``."""
+    def finish_choice(self, index: int | None, reason: str) -> None:
+        """A choice (candidate) numbered ``index`` (None: the wire did not number it, the first)
+        finished for ``reason``."""
         self.finish_reasons.append(reason)
         if self.finished_choices is None:
             self.finished_choices = set()
-        self.finished_choices.add(index if isinstance(index, int) and not isinstance(index, bool) else 0)
+        self.finished_choices.add(0 if index is None else index)
 
     def add_text(self, text: Any) -> None:
         """A piece of the answer's text: captured (when content is) and tallied."""
